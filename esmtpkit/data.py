@@ -1,0 +1,176 @@
+"""Message content byte paths: dot-unstuffing DATA, splitting headers, counting BDAT (RFC 5321 §4.5.2, RFC 3030).
+
+Pure core. Every decoder is O(n) in its input, holds back at most a few bytes across chunk splits, and never
+treats a bare CR or bare LF as a line end, so only ``CRLF.CRLF`` ends DATA (the SMTP smuggling rule).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["DotDecoder", "HeaderSplitter", "CountedReader", "dot_stuff", "has_bare_newline", "HeaderEvent"]
+
+_MARK: Final = b"\r\n."
+
+
+def has_bare_newline(data: bytes) -> bool:
+    """True if ``data`` holds a CR not followed by LF or an LF not preceded by CR."""
+    pairs = data.count(b"\r\n")
+    return data.count(b"\n") != pairs or data.count(b"\r") != pairs
+
+
+class DotDecoder:
+    """Undo dot-stuffing and find the end-of-data marker of a DATA stream.
+
+    ``feed(data)`` returns the decoded content bytes that are certain, holding back up to four bytes that might
+    begin the marker. Once the marker is seen, ``done`` is True, ``rest`` holds the bytes that followed it
+    (pipelined commands), and ``bare_newline`` tells whether a bare CR or LF was present anywhere. The content
+    returned ends with the CRLF that precedes the terminating dot, as RFC 5321 §4.1.1.4 defines it.
+    """
+
+    __slots__ = ("_tail", "_skip", "done", "rest", "bare_newline")
+
+    def __init__(self, at_line_start: bool = True) -> None:
+        # The tail always starts at a line boundary when ``_skip`` is 2: a virtual CRLF that is never emitted.
+        self._tail = b"\r\n" if at_line_start else b""
+        self._skip = 2 if at_line_start else 0
+        self.done = False
+        self.rest = b""
+        self.bare_newline = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Consume ``data``; return decoded content (possibly empty)."""
+        if self.done:
+            self.rest += data
+            return b""
+        buf = self._tail + data if self._tail else data
+        start = self._skip
+        pos = 0
+        hold = len(buf)
+        out: list[bytes] = []
+        find = buf.find
+        while True:
+            i = find(_MARK, pos)
+            if i < 0:
+                break
+            j = i + 3
+            if j >= len(buf) or (buf[j] == 13 and j + 1 >= len(buf)):
+                hold = i  # "\r\n." or "\r\n.\r" at the very end: wait for more
+                break
+            if buf[j] == 13 and buf[j + 1] == 10:
+                out.append(buf[start: i + 2])
+                self._finish(buf[: j + 2], buf[j + 2:])
+                return b"".join(out)
+            out.append(buf[start: i + 2])  # RFC 5321 §4.5.2: drop the leading dot
+            start = pos = j
+        if hold == len(buf):
+            if buf.endswith(b"\r\n"):
+                hold -= 2
+            elif buf.endswith(b"\r"):
+                hold -= 1
+        if hold > start:
+            out.append(buf[start:hold])
+            self._skip = 0
+        else:
+            self._skip = start - hold
+        self._check(buf[:hold])
+        self._tail = buf[hold:]
+        return b"".join(out) if len(out) != 1 else out[0]
+
+    def _check(self, consumed: bytes) -> None:
+        if not self.bare_newline and has_bare_newline(consumed):
+            self.bare_newline = True
+
+    def _finish(self, consumed: bytes, rest: bytes) -> None:
+        self._check(consumed)
+        self.done = True
+        self.rest = rest
+        self._tail = b""
+
+
+def dot_stuff(content: bytes) -> bytes:
+    """Encode content for DATA: double leading dots and append the terminator (the client side of §4.5.2)."""
+    if content and not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    stuffed = content.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
+
+
+_HEADER: Final = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEvent:
+    """One complete header: ``name`` as sent, ``value`` unfolded (CRLF before continuation whitespace removed)."""
+
+    name: str
+    value: str
+
+
+class HeaderSplitter:
+    """Turn header lines (CRLF removed, dots already unstuffed) into complete, unfolded headers.
+
+    ``line(raw)`` returns ``(headers, done, body)``: headers completed by this line, whether the header section
+    ended, and, when a line that is not a header ended it, that line (with CRLF) as the first body bytes.
+    """
+
+    __slots__ = ("_name", "_parts", "size")
+
+    def __init__(self) -> None:
+        self._name: bytes | None = None
+        self._parts: list[bytes] = []
+        self.size = 0
+
+    def _flush(self) -> list[HeaderEvent]:
+        if self._name is None:
+            return []
+        value = b"".join(self._parts).strip(b" \t")
+        event = HeaderEvent(self._name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        self._name, self._parts = None, []
+        return [event]
+
+    def line(self, raw: bytes) -> tuple[list[HeaderEvent], bool, bytes]:
+        """Feed one line; see the class docstring."""
+        self.size += len(raw) + 2
+        if not raw:
+            return self._flush(), True, b""
+        if raw[0] in (32, 9) and self._name is not None:
+            self._parts.append(raw)
+            return [], False, b""
+        match = _HEADER.match(raw)
+        if match is None:
+            return self._flush(), True, raw + b"\r\n"
+        done = self._flush()
+        self._name = match.group(1)
+        self._parts = [raw[match.end():]]
+        return done, False, b""
+
+    def finish(self) -> list[HeaderEvent]:
+        """End of data reached inside the headers: return the last pending header."""
+        return self._flush()
+
+
+class CountedReader:
+    """Read exactly ``count`` raw bytes (a BDAT chunk, RFC 3030 §2): no unstuffing, no line semantics."""
+
+    __slots__ = ("remaining",)
+
+    def __init__(self, count: int) -> None:
+        self.remaining = count
+
+    @property
+    def done(self) -> bool:
+        """True once all ``count`` bytes were read."""
+        return self.remaining == 0
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]:
+        """Return ``(chunk_bytes, rest)``: the part of ``data`` that belongs to the chunk, and what follows it."""
+        take = min(self.remaining, len(data))
+        self.remaining -= take
+        if take == len(data):
+            return data, b""
+        return data[:take], data[take:]

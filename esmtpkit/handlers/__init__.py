@@ -1,0 +1,5 @@
+"""Handlers to use or subclass: `MessageHandler` gives every verb its default reply."""
+
+from .base import MessageHandler
+
+__all__ = ["MessageHandler"]

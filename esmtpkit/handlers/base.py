@@ -1,0 +1,104 @@
+"""`MessageHandler`: the default reply for every verb, word for word from Apache2::Protocol::ESMTP.
+
+Subclass it and override the verbs you care about; everything else keeps the defaults below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from zope.interface import implementer
+
+from ..address import Address
+from ..interfaces import IMessageHandler
+from ..reply import Reply
+from ..session import Session
+
+__all__ = ["MessageHandler"]
+
+
+@implementer(IMessageHandler)
+class MessageHandler:
+    """Carries on an SMTP conversation and keeps nothing; override verbs to make it do something."""
+
+    #: None: headers to header()/eoh(), then raw chunks; True: all content raw; False: one body() call per line.
+    chunk_mode: bool | None = None
+    #: Largest chunk passed to body(), in bytes.
+    chunk_size: int = 65536
+    #: Set true to close the connection after the current reply.
+    disconnect: bool = False
+    #: The connection, set by connect().
+    session: Session | None = None
+
+    def connect(self, session: Session) -> Any:
+        """Keep the session; greet with ``220 ESMTP Mail Server``."""
+        self.session = session
+        return Reply.of(220, "ESMTP Mail Server")
+
+    def helo(self, domain: str) -> Any:
+        """``250 OK``."""
+        return Reply.of(250, "OK")
+
+    def ehlo(self, domain: str) -> Any:
+        """``250 <client>, pleased to meet you`` and the ``HELP`` keyword."""
+        return Reply.of(250, f"{domain}, pleased to meet you", "HELP")
+
+    def mail(self, sender: Address, params: Mapping[str, Any]) -> Any:
+        """``250 <sender>, sender ok``."""
+        return Reply.of(250, f"<{sender}>, sender ok", enhanced="2.1.0")
+
+    def rcpt(self, recipient: Address, params: Mapping[str, Any]) -> Any:
+        """``250 <recipient>, recipient ok``."""
+        return Reply.of(250, f"<{recipient}>, recipient ok", enhanced="2.1.5")
+
+    def data(self) -> Any:
+        """``354 Enter mail, end with "." on a line by itself``."""
+        return Reply.of(354, 'Enter mail, end with "." on a line by itself')
+
+    def header(self, name: str, value: str) -> Any:
+        """Ignore the header."""
+        return None
+
+    def eoh(self) -> Any:
+        """Nothing to do at the end of the headers."""
+        return None
+
+    def body(self, chunk: bytes) -> Any:
+        """Ignore the content."""
+        return None
+
+    def eom(self) -> Any:
+        """``250 Message accepted for delivery``."""
+        return Reply.of(250, "Message accepted for delivery", enhanced="2.0.0")
+
+    def abort(self, reason: str) -> Any:
+        """Nothing was kept, so nothing to drop."""
+        return None
+
+    def expn(self, argument: str) -> Any:
+        """``502 Sorry we don't allow this operation``."""
+        return Reply.of(502, "Sorry we don't allow this operation", enhanced="5.5.1")
+
+    def vrfy(self, argument: str) -> Any:
+        """``252 Cannot VRFY user; try RCPT to attempt delivery``."""
+        return Reply.of(252, "Cannot VRFY user; try RCPT to attempt delivery", enhanced="2.5.2")
+
+    def noop(self) -> Any:
+        """``250 OK``."""
+        return Reply.of(250, "OK")
+
+    def rset(self) -> Any:
+        """``250 OK``."""
+        return Reply.of(250, "OK")
+
+    def help(self, topic: str | None) -> Any:
+        """``214 This is SMTP::Proxy 1.0``."""
+        return Reply.of(214, "This is SMTP::Proxy 1.0")
+
+    def quit(self) -> Any:
+        """``221 Closing connection``."""
+        return Reply.of(221, "Closing connection", enhanced="2.0.0")
+
+    def unknown(self, command: str) -> Any:
+        """``500 Command unrecognized: <line>``."""
+        return Reply.of(500, f"Command unrecognized: {command}", enhanced="5.5.2")

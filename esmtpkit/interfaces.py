@@ -1,0 +1,121 @@
+"""The handler contract: `IMessageHandler` decides the reply to every SMTP verb on one connection.
+
+Verbs are the Pythonic names of Apache2::Protocol::ESMTP's methods (CONNECT, HELO, ... QUIT, UNKNOWN). A verb that
+answers the client may return a `Reply`, a ``(code, *lines)`` tuple, a Deferred or a coroutine of either, or raise
+`SMTPReply`; any other exception becomes ``451 4.3.0`` and is logged, and the session goes on. ``header``, ``eoh``
+and ``body`` answer nothing; they may return a Deferred, during which the connection is paused (backpressure).
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+__all__ = ["IMessageHandler"]
+
+
+class IMessageHandler(Interface):
+    """Decides the reply to every SMTP verb on one connection. One provider is made per connection."""
+
+    chunk_mode = Attribute(
+        "How message content reaches body(). None (the default): header lines are parsed and given to header()/eoh(),"
+        " then the rest arrives in raw chunks of at most chunk_size bytes. True: the whole message, headers included,"
+        " arrives raw through body() (header() and eoh() are not called). False: headers as for None, then one body()"
+        " call per line, CRLF included. Read when DATA or the first BDAT is accepted."
+    )
+    chunk_size = Attribute("The largest chunk passed to body(), in bytes (default 65536). Read at DATA/BDAT time.")
+    disconnect = Attribute(
+        "When set true, the connection is closed once the reply being written is sent (after the current operation)."
+        " By default the connection closes only after QUIT."
+    )
+
+    def connect(session):  # type: ignore[no-untyped-def]
+        """A client connected; ``session`` (an `esmtpkit.session.Session`) describes it for the connection's life.
+
+        Default: ``220 ESMTP Mail Server``. The protocol puts the server's hostname before the text, as RFC 5321
+        §4.3.1 requires. A 421 reply closes the connection; a 554 reply refuses service: every later command but
+        QUIT gets 503.
+        """
+
+    def helo(domain):  # type: ignore[no-untyped-def]
+        """HELO ``domain`` (RFC 5321 §4.1.1.1): the name the client claims. Default: ``250 OK``.
+
+        The protocol puts the server's hostname before the first text line. A positive reply resets any transaction.
+        """
+
+    def ehlo(domain):  # type: ignore[no-untyped-def]
+        """EHLO ``domain``. Default: ``250 <domain>, pleased to meet you`` and ``HELP``.
+
+        The protocol puts the server's hostname before the first line and appends the ESMTP keywords it offers
+        (PIPELINING, SIZE, ...) after the handler's lines; extra lines a handler returns are extra keywords.
+        """
+
+    def mail(sender, params):  # type: ignore[no-untyped-def]
+        """MAIL FROM (RFC 5321 §4.1.1.2). ``sender`` is an `Address` (``""`` for ``<>``), ``params`` a dict of ESMTP
+        parameters with parsed values (``SIZE`` an int, ``BODY`` a str, ``SMTPUTF8`` True). Default:
+        ``250 <sender>, sender ok``. A positive reply opens the transaction.
+        """
+
+    def rcpt(recipient, params):  # type: ignore[no-untyped-def]
+        """RCPT TO (RFC 5321 §4.1.1.3). ``recipient`` is an `Address`; ``params`` as for mail(). Default:
+        ``250 <recipient>, recipient ok``. Only recipients answered positively are added to the envelope.
+        """
+
+    def data():  # type: ignore[no-untyped-def]
+        """DATA, after at least one recipient. Default: ``354 Enter mail, end with "." on a line by itself``.
+
+        A 354 reply starts the message; any other reply leaves the transaction open.
+        """
+
+    def header(name, value):  # type: ignore[no-untyped-def]
+        """One message header, unfolded; ``value`` has surrounding whitespace stripped. No reply is sent.
+
+        Called in order, before eoh(), unless chunk_mode is True. May return a Deferred (the client is paused).
+        """
+
+    def eoh():  # type: ignore[no-untyped-def]
+        """The end of the headers: the empty line, or the first line that is not a header. No reply is sent."""
+
+    def body(chunk):  # type: ignore[no-untyped-def]
+        """A chunk of message content (``bytes``, dot-unstuffed, CRLF line ends kept). No reply is sent.
+
+        The content handed to body() ends with the CRLF that precedes the final dot. May return a Deferred: the
+        connection is paused until it fires, so a slow store never makes the server buffer the message.
+        """
+
+    def eom():  # type: ignore[no-untyped-def]
+        """The end of the message (``.`` alone on a line, or BDAT LAST). Default: ``250 Message accepted for delivery``.
+
+        A 2xx reply here promises the client the message is safe with the handler: only give it once it is.
+        """
+
+    def abort(reason):  # type: ignore[no-untyped-def]
+        """The transaction was dropped before eom() was asked (RSET, HELO/EHLO, QUIT, connection lost, timeout,
+        size limit, bad content, a failure in header()/body()). Discard anything kept for it. ``reason`` is a
+        short text for logs. No reply is sent; the return value is ignored. Not called after eom().
+        """
+
+    def expn(argument):  # type: ignore[no-untyped-def]
+        """EXPN ``argument`` (RFC 5321 §4.1.1.7). Default: ``502 Sorry we don't allow this operation``."""
+
+    def vrfy(argument):  # type: ignore[no-untyped-def]
+        """VRFY ``argument`` (RFC 5321 §4.1.1.6). Default: ``252 Cannot VRFY user; try RCPT to attempt delivery``."""
+
+    def noop():  # type: ignore[no-untyped-def]
+        """NOOP. Default: ``250 OK``."""
+
+    def rset():  # type: ignore[no-untyped-def]
+        """RSET: the transaction (if any) was already aborted. Default: ``250 OK``. The protocol resets the envelope
+        whatever the reply is (RFC 5321 §4.1.1.5).
+        """
+
+    def help(topic):  # type: ignore[no-untyped-def]
+        """HELP [topic]; ``topic`` is None without an argument. Default: ``214 This is SMTP::Proxy 1.0``."""
+
+    def quit():  # type: ignore[no-untyped-def]
+        """QUIT. Default: ``221 Closing connection``. The connection is closed after this reply, whatever it is."""
+
+    def unknown(command):  # type: ignore[no-untyped-def]
+        """A command line esmtpkit does not implement (or an extension verb that is not enabled), as received.
+
+        Default: ``500 Command unrecognized: <line>``. A handler may implement its own verbs here.
+        """

@@ -1,0 +1,66 @@
+"""`Policy`: every limit and switch of an esmtpkit server in one frozen value (built by tap, or by tests directly)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+__all__ = ["Policy"]
+
+
+def _fqdn() -> str:
+    return socket.getfqdn() or "localhost"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Limits and switches. Defaults follow RFC 5321 and Postfix's smtpd where the RFC leaves a choice.
+
+    Timeouts are in seconds (RFC 5321 §4.5.3.2: 5 minutes waiting for a command, 3 minutes per data block,
+    10 minutes for the reply to the final dot is the client's side; the server's data block timer applies).
+    """
+
+    hostname: str = field(default_factory=_fqdn)
+    #: Largest message accepted, in bytes (SIZE, RFC 1870); 0 means no limit (not advertised with a value).
+    max_message_size: int = 32 * 1024 * 1024
+    #: Most recipients per message; beyond, RCPT gets 452 4.5.3 (RFC 5321 §4.5.3.1.8 asks for at least 100).
+    max_recipients: int = 1000
+    #: Base command line limit, CRLF included (RFC 5321 §4.5.3.1.4); extensions add their allowance.
+    max_command_length: int = 512
+    #: Longest header line in message content, CRLF included (RFC 5321 §4.5.3.1.6).
+    max_line_length: int = 1000
+    #: Largest header section, in bytes (like Postfix's header_size_limit).
+    max_header_size: int = 102400
+    #: Seconds to wait for the next command line (RFC 5321 §4.5.3.2.7).
+    command_timeout: float = 300.0
+    #: Seconds to wait for the next data block while a message arrives (RFC 5321 §4.5.3.2.5).
+    data_timeout: float = 180.0
+    #: Errors (replies >= 400) after which the connection is closed with 421 (Postfix smtpd_hard_error_limit).
+    error_limit: int = 20
+    #: What a bare CR or LF in message content gets: "reject" (550 5.5.2 after the final dot) or "allow".
+    bare_newline: Literal["reject", "allow"] = "reject"
+    #: Default chunk size handed to body() when the handler does not set chunk_size.
+    chunk_size: int = 65536
+    #: ESMTP extensions to advertise.
+    pipelining: bool = True
+    enhanced_status_codes: bool = True
+    eightbitmime: bool = True
+    smtputf8: bool = True
+    #: Extra keyword arguments kept for extensions configured elsewhere (TLS, AUTH, ...).
+    extras: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.bare_newline not in ("reject", "allow"):
+            raise ValueError("bare_newline must be 'reject' or 'allow'")
+        for name in ("max_message_size", "max_recipients", "error_limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.max_command_length < 512:
+            raise ValueError("max_command_length below 512 breaks RFC 5321 §4.5.3.1.4")
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+
+    def with_(self, **changes: Any) -> "Policy":
+        """A copy with some fields changed."""
+        return replace(self, **changes)

@@ -1,0 +1,61 @@
+"""What the handler can see of its connection: addresses, greeting, TLS/AUTH state and the envelope so far."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .address import Address
+
+__all__ = ["Session", "Envelope"]
+
+
+@dataclass
+class Envelope:
+    """The mail transaction so far: reverse-path, accepted recipients, and their ESMTP parameters (parsed)."""
+
+    sender: Address | None = None
+    mail_params: dict[str, Any] = field(default_factory=dict)
+    recipients: list[Address] = field(default_factory=list)
+    rcpt_params: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Session:
+    """One connection as the protocol knows it; the handler gets it in ``connect`` and may keep it.
+
+    ``peer``/``host`` are Twisted `IAddress` values (``peer.host`` is the client IP). ``helo`` is the name the
+    client gave, ``esmtp`` whether it used EHLO (or LHLO). ``tls`` is set after STARTTLS or on an implicit-TLS
+    listener, ``tls_info`` then names protocol and cipher. ``authenticated`` is the identity from AUTH.
+    ``transport`` is the connection (the seed's input/output handle) for handlers that need it.
+    """
+
+    hostname: str
+    peer: Any = None
+    host: Any = None
+    helo: str | None = None
+    esmtp: bool = False
+    lmtp: bool = False
+    tls: bool = False
+    tls_info: dict[str, str] = field(default_factory=dict)
+    authenticated: str | None = None
+    auth_mechanism: str | None = None
+    envelope: Envelope = field(default_factory=Envelope)
+    transport: Any = field(default=None, repr=False)
+    transactions: int = 0
+
+    @property
+    def peer_ip(self) -> str:
+        """The client's IP address as text ('' when the transport has none, e.g. a UNIX socket)."""
+        return str(getattr(self.peer, "host", "") or "")
+
+    @property
+    def with_protocol(self) -> str:
+        """The RFC 3848 ``with`` keyword for trace headers: SMTP, ESMTP, ESMTPS, ESMTPSA, LMTP, ..."""
+        if self.lmtp:
+            base = "LMTP"
+        elif not self.esmtp:
+            return "SMTP"
+        else:
+            base = "ESMTP"
+        return base + ("S" if self.tls else "") + ("A" if self.authenticated else "")
