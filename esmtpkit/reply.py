@@ -108,7 +108,7 @@ class Reply:
         return "".join(out).encode("utf-8", "surrogateescape")
 
     def __str__(self) -> str:
-        return self.render(True).decode("utf-8", "replace").rstrip("\r\n")
+        return self.render(self.enhanced is not None).decode("utf-8", "replace").rstrip("\r\n")
 
 
 class SMTPReply(Exception):
