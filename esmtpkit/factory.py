@@ -23,6 +23,7 @@ class ESMTPFactory(Factory):
     """
 
     protocol = ESMTPProtocol
+    noisy = False
     log = Logger()
 
     def __init__(self, handler_factory: Callable[[], Any], policy: Policy | None = None,

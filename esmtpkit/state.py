@@ -103,6 +103,18 @@ def refusal(phase: Phase, verb: Verb) -> str:
     return _REFUSALS.get((verb, phase), "Bad sequence of commands")
 
 
+def rulebook_markdown() -> str:
+    """The rule book as a Markdown table (rows: verbs, columns: phases), generated so the docs cannot drift."""
+    phases = [p for p in Phase if p not in (Phase.DATA, Phase.CLOSED)]
+    verbs = [v for v in Verb if any((p, v) in ADVANCE for p in phases)]
+    lines = ["| verb | " + " | ".join(p.value for p in phases) + " |",
+             "|---|" + "---|" * len(phases)]
+    for verb in verbs:
+        cells = [ADVANCE[p, verb].value if (p, verb) in ADVANCE else "503" for p in phases]
+        lines.append(f"| {verb.value} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def in_transaction(phase: Phase) -> bool:
     """True while a mail transaction is open (MAIL accepted, no end of data or RSET yet)."""
     return phase in _TRANSACTION or phase is Phase.DATA

@@ -1,0 +1,174 @@
+"""``twistd esmtpkit``: command-line options turned into a service (listeners, policy, handler).
+
+The plugin in ``twisted/plugins/esmtpkit_plugin.py`` only points here; everything testable lives in this module.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.python import reflect, usage
+
+from .factory import ESMTPFactory
+from .interfaces import IMessageHandler
+from .policy import Policy
+
+__all__ = ["Options", "makeService", "DEFAULT_LISTEN", "DEFAULT_HANDLER"]
+
+DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
+DEFAULT_HANDLER = "esmtpkit.handlers.maildir.Maildir"
+
+
+def _positive_int(name: str) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} takes a whole number, not {value!r}") from None
+        if number < 0:
+            raise usage.UsageError(f"--{name} must not be negative")
+        return number
+
+    return parse
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise usage.UsageError(f"a timeout takes seconds, not {value!r}") from None
+    if number <= 0:
+        raise usage.UsageError("a timeout must be positive")
+    return number
+
+
+class Options(usage.Options):
+    """Options of ``twistd esmtpkit``."""
+
+    synopsis = "[options]"
+    longdesc = ("Run an ESMTP server whose every verb is decided by a handler class (default: deliver to a Maildir). "
+                "--listen takes any Twisted endpoint string and may be repeated.")
+
+    optParameters = [
+        ["handler", None, DEFAULT_HANDLER, "Handler class, as module.Class, providing IMessageHandler."],
+        ["hostname", None, None, "Name the server gives in its greeting and trace headers (default: this host's FQDN)."],
+        ["max-message-size", None, Policy.max_message_size, "Largest message in bytes (SIZE); 0 for no limit.",
+         _positive_int("max-message-size")],
+        ["max-recipients", None, Policy.max_recipients, "Most recipients per message.", _positive_int("max-recipients")],
+        ["timeout", None, Policy.command_timeout, "Seconds to wait for a command before closing with 421.", _seconds],
+        ["data-timeout", None, Policy.data_timeout, "Seconds to wait for the next piece of a message.", _seconds],
+        ["error-limit", None, Policy.error_limit, "Errors after which the connection is closed; 0 for none.",
+         _positive_int("error-limit")],
+        ["bare-newline", None, Policy.bare_newline, "What a bare CR or LF in a message gets: reject or allow."],
+        ["maildir", None, "Maildir", "Maildir folder for the Maildir handler (created if missing)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["handler-options"] = {}
+
+    def opt_listen(self, description: str) -> None:
+        """Endpoint to listen on, e.g. tcp:25, ssl:465:privateKey=k.pem:certKey=c.pem, unix:/run/smtp.sock,
+        systemd:domain=INET6:name=smtp. Repeat for several. Default: tcp:2525:interface=127.0.0.1."""
+        self["listen"].append(description)
+
+    def opt_handler_option(self, pair: str) -> None:
+        """A keyword argument for the handler class, as key=value (repeatable)."""
+        key, eq, value = pair.partition("=")
+        if not eq or not key.isidentifier():
+            raise usage.UsageError(f"--handler-option takes key=value, not {pair!r}")
+        self["handler-options"][key] = value
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        if self["bare-newline"] not in ("reject", "allow"):
+            raise usage.UsageError("--bare-newline takes reject or allow")
+        self["handler-class"] = load_handler(self["handler"])
+        self["handler-factory"] = handler_factory(self["handler-class"], self)
+        self["policy"] = build_policy(self)
+
+
+def load_handler(name: str) -> Any:
+    """Import ``module.Class`` and check that it makes IMessageHandler providers; UsageError otherwise."""
+    if "." not in name:
+        raise usage.UsageError(f"--handler takes module.Class, not {name!r}")
+    try:
+        found = reflect.namedAny(name)
+    except (reflect.ModuleNotFound, reflect.ObjectNotFound, reflect.InvalidName, AttributeError, ImportError) as e:
+        raise usage.UsageError(f"cannot import handler {name!r}: {e}") from None
+    if isinstance(found, type) and IMessageHandler.implementedBy(found):
+        return found
+    if isinstance(found, type) or not callable(found):
+        raise usage.UsageError(f"handler {name!r} does not provide {IMessageHandler.__name__}")
+    return found
+
+
+def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
+    """A zero-argument callable making one handler per connection, with the options that handler accepts."""
+    kwargs: dict[str, Any] = dict(options["handler-options"])
+    accepts = _parameters(cls)
+    if "path" in accepts and "path" not in kwargs:
+        kwargs["path"] = options["maildir"]
+    unknown = [k for k in kwargs if accepts is not None and k not in accepts]
+    if unknown:
+        raise usage.UsageError(f"handler {options['handler']} takes no option(s) {', '.join(sorted(unknown))}")
+
+    def make() -> Any:
+        handler = cls(**kwargs)
+        if not IMessageHandler.providedBy(handler):
+            raise TypeError(f"{handler!r} does not provide IMessageHandler")
+        return handler
+
+    try:
+        sample = make()
+    except TypeError as e:
+        raise usage.UsageError(f"cannot build handler {options['handler']}: {e}") from None
+    close = getattr(sample, "close", None)
+    if callable(close):
+        close()
+    return make
+
+
+def _parameters(cls: Any) -> set[str] | None:
+    """Keyword parameters a handler class takes; None when it takes any (**kwargs) or cannot be inspected."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    return {name for name, p in signature.parameters.items()
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def build_policy(options: usage.Options) -> Policy:
+    """The Policy described by the options."""
+    kwargs: dict[str, Any] = dict(
+        max_message_size=options["max-message-size"],
+        max_recipients=options["max-recipients"],
+        command_timeout=options["timeout"],
+        data_timeout=options["data-timeout"],
+        error_limit=options["error-limit"],
+        bare_newline=options["bare-newline"],
+    )
+    if options["hostname"]:
+        kwargs["hostname"] = options["hostname"]
+    return Policy(**kwargs)
+
+
+def makeService(options: usage.Options, reactor: Any = None) -> IService:
+    """One listening service per ``--listen``, all serving the same factory."""
+    factory = ESMTPFactory(options["handler-factory"], policy=options["policy"], clock=reactor)
+    top = MultiService()
+    for description in options["listen"]:
+        svc = strports.service(description, factory, reactor=reactor)
+        svc.setServiceParent(top)
+    return top
+
+
+__all__ += ["load_handler", "handler_factory", "build_policy"]

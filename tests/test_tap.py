@@ -1,0 +1,106 @@
+"""``twistd esmtpkit`` options and service, against a MemoryReactor (no sockets)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from twisted.internet.testing import MemoryReactor
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from esmtpkit import tap
+from esmtpkit.factory import ESMTPFactory
+from esmtpkit.handlers.base import MessageHandler
+
+
+class OptionsTests(SynchronousTestCase):
+    """Parsing the command line into a policy and a handler factory."""
+
+    def parse(self, *argv: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self) -> None:
+        """Without options: one loopback listener on 2525 and the Maildir handler."""
+        with tempfile.TemporaryDirectory() as tmp:
+            options = self.parse("--maildir", os.path.join(tmp, "md"))
+            self.assertEqual(options["listen"], ["tcp:2525:interface=127.0.0.1"])
+            self.assertEqual(options["handler"], "esmtpkit.handlers.maildir.Maildir")
+            handler = options["handler-factory"]()
+            self.assertEqual(type(handler).__name__, "Maildir")
+
+    def test_policy_options(self) -> None:
+        """Limits and timeouts reach the Policy."""
+        options = self.parse("--handler", "esmtpkit.handlers.base.MessageHandler", "--hostname", "mx.example",
+                             "--max-message-size", "1000", "--max-recipients", "5", "--timeout", "30",
+                             "--data-timeout", "60", "--error-limit", "3", "--bare-newline", "allow")
+        policy = options["policy"]
+        self.assertEqual((policy.hostname, policy.max_message_size, policy.max_recipients, policy.command_timeout,
+                          policy.data_timeout, policy.error_limit, policy.bare_newline),
+                         ("mx.example", 1000, 5, 30.0, 60.0, 3, "allow"))
+
+    def test_repeated_listen(self) -> None:
+        """--listen may be given several times."""
+        options = self.parse("--handler", "esmtpkit.handlers.base.MessageHandler", "--listen", "tcp:2525",
+                             "--listen", "unix:/tmp/x.sock")
+        self.assertEqual(options["listen"], ["tcp:2525", "unix:/tmp/x.sock"])
+
+    def test_handler_not_importable(self) -> None:
+        """An unknown module or class is a usage error naming it."""
+        error = self.assertRaises(usage.UsageError, self.parse, "--handler", "no_such_module.Thing")
+        self.assertIn("no_such_module.Thing", str(error))
+
+    def test_handler_not_a_handler(self) -> None:
+        """A class that does not implement IMessageHandler is a usage error."""
+        error = self.assertRaises(usage.UsageError, self.parse, "--handler", "esmtpkit.policy.Policy")
+        self.assertIn("does not provide IMessageHandler", str(error))
+
+    def test_handler_without_dot(self) -> None:
+        """A bare name is a usage error."""
+        self.assertRaises(usage.UsageError, self.parse, "--handler", "Maildir")
+
+    def test_bad_numbers(self) -> None:
+        """Non-numeric or negative limits are usage errors."""
+        for argv in (["--max-message-size", "big"], ["--max-recipients", "-1"], ["--timeout", "0"],
+                     ["--bare-newline", "maybe"]):
+            self.assertRaises(usage.UsageError, self.parse, "--handler", "esmtpkit.handlers.base.MessageHandler",
+                              *argv)
+
+    def test_handler_option(self) -> None:
+        """--handler-option key=value become keyword arguments; unknown keywords are refused."""
+        options = self.parse("--handler", "tests.test_tap.Configurable", "--handler-option", "greeting=Hi there")
+        self.assertEqual(options["handler-factory"]().greeting, "Hi there")
+        self.assertRaises(usage.UsageError, self.parse, "--handler", "tests.test_tap.Configurable",
+                          "--handler-option", "nope=1")
+        self.assertRaises(usage.UsageError, self.parse, "--handler", "tests.test_tap.Configurable",
+                          "--handler-option", "novalue")
+
+
+class Configurable(MessageHandler):
+    """A handler with one setting, for --handler-option."""
+
+    def __init__(self, greeting: str = "Hello") -> None:
+        self.greeting = greeting
+
+
+class ServiceTests(SynchronousTestCase):
+    """makeService listens on every endpoint with one factory."""
+
+    def test_listens_on_each_endpoint(self) -> None:
+        reactor = MemoryReactor()
+        options = tap.Options()
+        options.parseOptions(["--handler", "esmtpkit.handlers.base.MessageHandler", "--listen",
+                              "tcp:2525:interface=127.0.0.1", "--listen", "tcp:2526", "--hostname", "mx.test"])
+        service = tap.makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        ports = [(port, iface) for port, _, _, iface in reactor.tcpServers]
+        self.assertEqual(ports, [(2525, "127.0.0.1"), (2526, "")])
+        factories = {id(f) for _, f, _, _ in reactor.tcpServers}
+        self.assertEqual(len(factories), 1)
+        factory = reactor.tcpServers[0][1]
+        self.assertIsInstance(factory, ESMTPFactory)
+        self.assertEqual(factory.policy.hostname, "mx.test")
+        self.assertIs(factory.clock, reactor)

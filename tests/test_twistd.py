@@ -1,0 +1,150 @@
+"""The installed ``twistd esmtpkit``: run as a real process from a temporary directory, not from the checkout."""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import re
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+#: The console script installed beside this interpreter, as a user would run it.
+TWISTD_N = [str(Path(sys.executable).parent / "twistd")]
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment without the checkout on sys.path, so only the installed package is found."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def test_twistd_help_lists_plugin(tmp_path: Path) -> None:
+    """`twistd --help` run outside the checkout lists esmtpkit (the plugin was installed)."""
+    out = subprocess.run(TWISTD_N + ["--help"], cwd=tmp_path, env=_clean_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^\s+esmtpkit\s", out.stdout, re.M), out.stdout
+
+
+def test_bad_handler_exits_1(tmp_path: Path) -> None:
+    """A handler that cannot be imported is a clear usage error with exit status 1."""
+    out = subprocess.run(TWISTD_N + ["-n", "--pidfile=", "esmtpkit", "--handler", "nowhere.Nothing"], cwd=tmp_path,
+                         env=_clean_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "cannot import handler 'nowhere.Nothing'" in out.stdout + out.stderr
+
+
+class Server:
+    """A `twistd -n esmtpkit` process on a free loopback port; its log goes to a file."""
+
+    def __init__(self, cwd: Path, *args: str) -> None:
+        self.log = cwd / "twistd.log"
+        self.process = subprocess.Popen(
+            TWISTD_N + ["-n", "--pidfile=", "--logfile", str(self.log), "esmtpkit",
+                        "--listen", "tcp:0:interface=127.0.0.1", "--hostname", "mx.test", *args],
+            cwd=cwd, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.port = self._wait_port()
+
+    def _wait_port(self) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.log.exists():
+                match = re.search(r"starting on (\d+)", self.log.read_text())
+                if match:
+                    return int(match.group(1))
+            if self.process.poll() is not None:
+                raise AssertionError(f"twistd exited: {self.process.stdout.read() if self.process.stdout else ''}")
+            time.sleep(0.05)
+        raise AssertionError("twistd did not start listening")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def workdir():
+    path = Path(tempfile.mkdtemp(prefix="esmtpkit-twistd-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+MESSAGES = [
+    b"From: a@example.com\r\nTo: b@example.com\r\nSubject: one\r\n\r\nplain body\r\n",
+    b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\n .space\r\nend\r\n",
+    "Subject: 8bit\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    "Grüße aus Köln, ½ € ✓\r\n".encode("utf-8"),
+]
+
+
+def test_maildir_delivery_end_to_end(workdir: Path) -> None:
+    """smtplib sends three messages; each lands in new/ byte-exact after the added trace headers."""
+    maildir = workdir / "Maildir"
+    server = Server(workdir, "--maildir", str(maildir))
+    try:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+            code, _ = client.ehlo("client.test")
+            assert code == 250
+            for i, message in enumerate(MESSAGES):
+                refused = client.sendmail(f"sender{i}@example.com", ["rcpt@example.com"], message)
+                assert refused == {}
+    finally:
+        server.stop()
+    files = sorted((maildir / "new").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) == 3
+    assert list((maildir / "tmp").iterdir()) == []
+    bodies = sorted(f.read_bytes() for f in files)
+    for message in MESSAGES:
+        matching = [b for b in bodies if b.endswith(message)]
+        assert len(matching) == 1, message
+        trace = matching[0][: -len(message)]
+        assert trace.startswith(b"Return-Path: <sender"), trace
+        assert b"Received: from client.test" in trace
+        assert b"by mx.test" in trace
+    assert len(mailbox.Maildir(str(maildir), create=False)) == 3
+
+
+def test_connection_cut_mid_data_leaves_nothing(workdir: Path) -> None:
+    """A client that disappears in the middle of DATA leaves tmp/ and new/ empty."""
+    import socket
+
+    maildir = workdir / "Maildir"
+    server = Server(workdir, "--maildir", str(maildir))
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        sock.sendall(b"HELO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        for expected in (b"250", b"250", b"250", b"354"):
+            assert reader.readline().startswith(expected)
+        sock.sendall(b"Subject: cut\r\n\r\n" + b"x" * 100000)
+        time.sleep(0.2)
+        sock.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and list((maildir / "tmp").iterdir()):
+            time.sleep(0.05)
+        # A second, complete message proves the server is still fine.
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+            client.sendmail("a@example.com", ["b@example.com"], b"Subject: ok\r\n\r\nfine\r\n")
+    finally:
+        server.stop()
+    assert list((maildir / "tmp").iterdir()) == []
+    delivered = list((maildir / "new").iterdir())
+    assert len(delivered) == 1
+    assert delivered[0].read_bytes().endswith(b"Subject: ok\r\n\r\nfine\r\n")
