@@ -64,6 +64,7 @@ class Options(usage.Options):
          _positive_int("error-limit")],
         ["bare-newline", None, Policy.bare_newline, "What a bare CR or LF in a message gets: reject or allow."],
         ["maildir", None, "Maildir", "Maildir folder for the Maildir handler (created if missing)."],
+        ["workers", None, "1", "Worker processes sharing the listening sockets: a number, or auto for one per CPU."],
     ]
 
     def __init__(self) -> None:
@@ -86,11 +87,27 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        self["workers"] = parse_workers(self["workers"])
         if self["bare-newline"] not in ("reject", "allow"):
             raise usage.UsageError("--bare-newline takes reject or allow")
         self["handler-class"] = load_handler(self["handler"])
         self["handler-factory"] = handler_factory(self["handler-class"], self)
         self["policy"] = build_policy(self)
+
+
+def parse_workers(value: str) -> int:
+    """``--workers``: a positive number, or ``auto`` for the number of CPUs this process may use."""
+    if value == "auto":
+        import os
+
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        number = int(value)
+    except ValueError:
+        raise usage.UsageError(f"--workers takes a number or auto, not {value!r}") from None
+    if number < 1:
+        raise usage.UsageError("--workers must be at least 1")
+    return number
 
 
 def load_handler(name: str) -> Any:
@@ -162,7 +179,11 @@ def build_policy(options: usage.Options) -> Policy:
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
-    """One listening service per ``--listen``, all serving the same factory."""
+    """One listening service per ``--listen``, all serving the same factory (or a supervisor of N workers)."""
+    if options["workers"] > 1:
+        from .workers import supervise
+
+        return supervise(options, reactor=reactor)
     factory = ESMTPFactory(options["handler-factory"], policy=options["policy"], clock=reactor)
     top = MultiService()
     for description in options["listen"]:
