@@ -72,6 +72,13 @@ class Options(usage.Options):
         self["listen"] = []
         self["handler-options"] = {}
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse, keeping the raw arguments (``self["argv"]``) so a supervisor can pass them on to workers."""
+        import sys
+
+        self["argv"] = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:25, ssl:465:privateKey=k.pem:certKey=c.pem, unix:/run/smtp.sock,
         systemd:domain=INET6:name=smtp. Repeat for several. Default: tcp:2525:interface=127.0.0.1."""
