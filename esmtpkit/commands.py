@@ -103,9 +103,9 @@ def parse_params(text: str, utf8: bool = False) -> dict[str, str | None]:
 def parse_mail_rcpt(argument: str, prefix: str, *, allow_null: bool, allow_postmaster: bool,
                     utf8_allowed: bool) -> tuple[Address, dict[str, str | None]]:
     """Parse ``FROM:<path> params`` or ``TO:<path> params``; whitespace after the colon is tolerated."""
-    if argument[: len(prefix)].upper() != prefix:
-        raise CommandError(Reply(501, (f"Syntax: {'MAIL FROM:<address>' if prefix == 'FROM:' else 'RCPT TO:<address>'}",), "5.5.4"))
     rest = argument[len(prefix):].lstrip(" ")
+    if argument[: len(prefix)].upper() != prefix or not rest:  # an empty path is not <> (RFC 5321 §4.1.2)
+        raise CommandError(Reply(501, (f"Syntax: {'MAIL FROM:<address>' if prefix == 'FROM:' else 'RCPT TO:<address>'}",), "5.5.4"))
     if rest.startswith("<"):
         end = _path_end(rest)
         if end < 0:

@@ -102,8 +102,8 @@ class Reply:
         last = len(self.lines) - 1
         out = []
         for i, line in enumerate(self.lines):
-            sep = " " if i == last else "-"
             body = (prefix + line).rstrip(" ") if line or prefix else ""
+            sep = "-" if i != last else (" " if body else "")  # RFC 5321 §4.2: SP only before a textstring
             out.append(f"{self.code}{sep}{body}\r\n")
         return "".join(out).encode("utf-8", "surrogateescape")
 

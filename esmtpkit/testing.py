@@ -26,7 +26,7 @@ from .session import Session
 
 __all__ = ["Conversation", "RecordingHandler", "LoopbackServer", "serve", "parse_replies"]
 
-_REPLY_LINE = re.compile(rb"(\d{3})([ -])(.*)")
+_REPLY_LINE = re.compile(rb"(\d{3})([ -]|$)(.*)")
 
 
 def parse_replies(data: bytes) -> list[Reply]:
@@ -38,7 +38,7 @@ def parse_replies(data: bytes) -> list[Reply]:
         if match is None:
             raise ValueError(f"not an SMTP reply line: {raw!r}")
         lines.append(match.group(3).decode("utf-8", "surrogateescape"))
-        if match.group(2) == b" ":
+        if match.group(2) != b"-":
             replies.append(Reply(int(match.group(1)), tuple(lines)))
             lines = []
     return replies
@@ -120,7 +120,7 @@ def _advance(data: bytes, start: int, count: int) -> int:
     done = 0
     while done < count:
         end = data.index(b"\r\n", pos)
-        if data[pos + 3: pos + 4] == b" ":
+        if data[pos + 3: pos + 4] != b"-":
             done += 1
         pos = end + 2
     return pos
