@@ -1,0 +1,58 @@
+"""`Debug`: write each message to the log and accept it, like ``python -m smtpd -n -c DebuggingServer`` did."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from .base import MessageHandler
+
+__all__ = ["Debug"]
+
+
+class Debug(MessageHandler):
+    """Log every message (envelope and content) through `twisted.logger` at info level, then answer 250.
+
+    Content is decoded as UTF-8 with undecodable bytes replaced, and CRLF shown as a newline. The whole message is
+    held in memory until the final dot (bounded by ``Policy.max_message_size``). A 250 means "logged", not "kept".
+    """
+
+    chunk_mode = True
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+
+    def data(self) -> Any:
+        """Start a new message."""
+        self._chunks = []
+        return super().data()
+
+    def body(self, chunk: bytes) -> None:
+        """Keep the chunk until the end of the message."""
+        self._chunks.append(chunk)
+
+    def eom(self) -> Any:
+        """Log the envelope and the content, then ``250 Message accepted for delivery``."""
+        session = self.session
+        envelope = session.envelope if session is not None else None
+        sender = str(envelope.sender) if envelope is not None and envelope.sender is not None else ""
+        recipients = [str(r) for r in envelope.recipients] if envelope is not None else []
+        content = b"".join(self._chunks).replace(b"\r\n", b"\n").decode("utf-8", "replace")
+        self._chunks = []
+        self.log.info(
+            "---------- MESSAGE FOLLOWS ----------\n"
+            "X-Peer: {peer}\nX-Mail-From: <{sender}>\nX-Rcpt-To: {rcpt_list}\n\n{content}"
+            "------------ END MESSAGE ------------",
+            peer=session.peer_ip if session is not None else "",
+            sender=sender,
+            recipients=recipients,
+            rcpt_list=", ".join(f"<{r}>" for r in recipients),
+            content=content if content.endswith("\n") or not content else content + "\n",
+        )
+        return super().eom()
+
+    def abort(self, reason: str) -> None:
+        """Drop the partial message."""
+        self._chunks = []

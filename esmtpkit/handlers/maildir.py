@@ -1,0 +1,159 @@
+"""`Maildir`: deliver each message into a Maildir, safely: tmp/, fsync, rename into new/, fsync new/, then 250.
+
+The delivery protocol is the one the Maildir format defines (cr.yp.to/proto/maildir.html): a file is written under
+a unique name in ``tmp/`` and only a complete, synced file is renamed into ``new/``, so a reader never sees half a
+message. The content streams to disk chunk by chunk (``chunk_mode = True``): memory use stays flat whatever the size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import socket
+import time
+from typing import Any, BinaryIO
+
+from twisted.logger import Logger
+
+from ..reply import Reply, SMTPReply
+from .base import MessageHandler
+from .trace import received_header, return_path_header
+
+__all__ = ["Maildir", "unique_name"]
+
+#: What a client gets when the message could not be stored: try again later (RFC 3463 4.3.0).
+STORE_FAILED = Reply(451, ("Requested action aborted: error in local storage, try again later",), "4.3.0")
+
+_deliveries = itertools.count(1)
+
+
+def _escaped_hostname() -> str:
+    """This host's name with ``/`` and ``:`` escaped as the Maildir format asks (they are special in file names)."""
+    return socket.gethostname().replace("/", r"\057").replace(":", r"\072") or "localhost"
+
+
+def unique_name(now: float | None = None) -> str:
+    """A new Maildir file name: ``<seconds>.M<microseconds>P<pid>Q<delivery>R<random>.<hostname>``."""
+    now = time.time() if now is None else now
+    seconds = int(now)
+    micro = int((now - seconds) * 1_000_000)
+    return f"{seconds}.M{micro}P{os.getpid()}Q{next(_deliveries)}R{secrets.token_hex(4)}.{_escaped_hostname()}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Maildir(MessageHandler):
+    """Deliver every message to the Maildir at ``path`` (created, mode 0700, if missing).
+
+    The stored file is ``Return-Path:`` and ``Received:`` trace fields followed by exactly the bytes the client
+    sent (dot-unstuffed). A 250 after the final dot means the file is in ``new/`` and synced to disk; any error
+    answers 451 4.3.0 and leaves nothing behind in ``tmp/`` or ``new/``.
+    """
+
+    chunk_mode = True
+    log = Logger()
+
+    def __init__(self, path: str = "Maildir") -> None:
+        self.path = os.path.abspath(os.path.expanduser(str(path)))
+        self._file: BinaryIO | None = None
+        self._name = ""
+        try:
+            self._prepare()
+        except OSError as e:
+            self.log.warn("Maildir {path} is not usable yet: {error}", path=self.path, error=e)
+
+    def _prepare(self) -> None:
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
+
+    @property
+    def tmp_path(self) -> str:
+        """The file being written for the current message ('' outside DATA)."""
+        return os.path.join(self.path, "tmp", self._name) if self._name else ""
+
+    def data(self) -> Any:
+        """Open a new file in tmp/ and write the trace fields; 451 4.3.0 when the Maildir cannot take it."""
+        self._discard()
+        session = self.session
+        name = unique_name()
+        try:
+            self._prepare()
+            fd = os.open(os.path.join(self.path, "tmp", name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._name = name
+            self._file = os.fdopen(fd, "wb")
+            if session is not None:
+                trace_id = name.split(".")[1]
+                self._file.write(return_path_header(session.envelope.sender or ""))
+                self._file.write(received_header(session, id=trace_id))
+        except OSError as e:
+            self._failed("open", e)
+            return STORE_FAILED
+        return super().data()
+
+    def body(self, chunk: bytes) -> None:
+        """Append a chunk to the file in tmp/ (a plain synchronous write)."""
+        if self._file is None:
+            raise SMTPReply(STORE_FAILED)
+        try:
+            self._file.write(chunk)
+        except OSError as e:
+            self._failed("write", e)
+            raise SMTPReply(STORE_FAILED) from None
+
+    def eom(self) -> Any:
+        """Flush and fsync the file, rename it into new/, fsync new/; only then answer 250."""
+        file, name = self._file, self._name
+        if file is None:
+            return STORE_FAILED
+        tmp = self.tmp_path
+        final = os.path.join(self.path, "new", name)
+        renamed = False
+        try:
+            file.flush()
+            os.fsync(file.fileno())
+            file.close()
+            os.rename(tmp, final)
+            renamed = True
+            _fsync_dir(os.path.dirname(final))
+        except OSError as e:
+            if renamed:
+                _unlink(final)
+            self._failed("deliver", e)
+            return STORE_FAILED
+        self._file, self._name = None, ""
+        return Reply(250, (f"Ok: queued as {name}",), "2.0.0")
+
+    def abort(self, reason: str) -> None:
+        """Close and remove the unfinished file: nothing partial stays in tmp/ and nothing reaches new/."""
+        self._discard()
+
+    def _failed(self, step: str, error: OSError) -> None:
+        self.log.error("Maildir {path}: {step} failed: {error}", path=self.path, step=step, error=error)
+        self._discard()
+
+    def _discard(self) -> None:
+        file, tmp = self._file, self.tmp_path
+        self._file, self._name = None, ""
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
+        if tmp:
+            _unlink(tmp)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        Maildir.log.error("cannot remove {path}: {error}", path=path, error=e)
