@@ -1,0 +1,214 @@
+"""Tests for `esmtpkit.data`: dot-unstuffing, end-of-data detection, header splitting (RFC 5321 §4.5.2)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from esmtpkit.data import CountedReader, DotDecoder, HeaderEvent, HeaderSplitter, dot_stuff, has_bare_newline
+
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
+
+#: Content made mostly of the bytes that matter to the decoder, so the interesting cases come up often.
+CONTENT = st.one_of(
+    st.binary(max_size=80),
+    st.lists(st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"..", b"a", b"\r\n.\r\n"]),
+             max_size=30).map(b"".join),
+)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    """``data`` cut at the given offsets (any order, repeats allowed: empty pieces are fed too)."""
+    points = sorted(min(c, len(data)) for c in cuts)
+    pieces, last = [], 0
+    for point in points:
+        pieces.append(data[last:point])
+        last = point
+    pieces.append(data[last:])
+    return pieces
+
+
+def decode(pieces: list[bytes]) -> tuple[bytes, DotDecoder]:
+    decoder = DotDecoder()
+    out = b"".join(decoder.feed(piece) for piece in pieces)
+    return out, decoder
+
+
+def terminated(content: bytes) -> bytes:
+    """Content as the receiver sees it: CRLF-terminated unless empty (RFC 5321 §4.1.1.4)."""
+    return content if not content or content.endswith(b"\r\n") else content + b"\r\n"
+
+
+class DotStuffTests(SynchronousTestCase):
+    def test_examples(self) -> None:
+        self.assertEqual(dot_stuff(b""), b".\r\n")
+        self.assertEqual(dot_stuff(b"a"), b"a\r\n.\r\n")
+        self.assertEqual(dot_stuff(b"a\r\n"), b"a\r\n.\r\n")
+        self.assertEqual(dot_stuff(b".a\r\n.\r\n..\r\n"), b"..a\r\n..\r\n...\r\n.\r\n")
+
+    def test_bare_newlines_not_stuffed(self) -> None:
+        """Only a dot at the start of a CRLF line is doubled; bare LF/CR do not start lines."""
+        self.assertEqual(dot_stuff(b"a\n.\nb\r.\r"), b"a\n.\nb\r.\r\r\n.\r\n")
+
+
+class DotDecoderTests(SynchronousTestCase):
+    def test_simple(self) -> None:
+        out, decoder = decode([b"Hello\r\n.\r\n"])
+        self.assertEqual((out, decoder.done, decoder.rest, decoder.bare_newline), (b"Hello\r\n", True, b"", False))
+
+    def test_empty_message(self) -> None:
+        """A dot right after DATA: empty content."""
+        out, decoder = decode([b".\r\nQUIT\r\n"])
+        self.assertEqual((out, decoder.done, decoder.rest), (b"", True, b"QUIT\r\n"))
+
+    def test_unstuffing(self) -> None:
+        out, decoder = decode([b"..a\r\n...\r\nb.\r\n.b\r\n.\r\n"])
+        self.assertEqual(out, b".a\r\n..\r\nb.\r\nb\r\n")
+
+    def test_rest_kept(self) -> None:
+        out, decoder = decode([b"a\r\n.\r\nMAIL FROM:<a@b>\r\n", b"RCPT", b".\r\n"])
+        self.assertEqual((out, decoder.rest), (b"a\r\n", b"MAIL FROM:<a@b>\r\nRCPT.\r\n"))
+        self.assertEqual(decoder.feed(b"more"), b"")
+        self.assertEqual(decoder.rest, b"MAIL FROM:<a@b>\r\nRCPT.\r\nmore")
+
+    def test_holds_back_little(self) -> None:
+        """Only bytes that may begin the marker are held back, so content streams out as it comes."""
+        decoder = DotDecoder()
+        self.assertEqual(decoder.feed(b"abc"), b"abc")
+        self.assertEqual(decoder.feed(b"def\r"), b"def")
+        self.assertEqual(decoder.feed(b"\n"), b"")
+        self.assertEqual(decoder.feed(b"."), b"")
+        self.assertEqual(decoder.feed(b"\r"), b"")
+        self.assertFalse(decoder.done)
+        self.assertEqual(decoder.feed(b"\n"), b"\r\n")
+        self.assertTrue(decoder.done)
+
+    def test_dot_line_not_ending(self) -> None:
+        """``.\\rX`` and ``.x`` are content lines whose dot is dropped, not the end."""
+        out, decoder = decode([b"a\r\n.\rX\r\n.x\r\n.\r\n"])
+        self.assertEqual((out, decoder.done), (b"a\r\n\rX\r\nx\r\n", True))
+        self.assertTrue(decoder.bare_newline)
+
+    def test_only_crlf_dot_crlf_ends(self) -> None:
+        """SMTP smuggling: bare LF / bare CR around a dot never end DATA."""
+        for sneaky in (b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\n.\r", b"x\r\r\n.\r\r\n"):
+            for start in (b"", b"x", b"x\r\n"):
+                data = start + sneaky + b"MAIL FROM:<evil@example>\r\n"
+                out, decoder = decode([data])
+                self.assertFalse(decoder.done, data)
+                out_bytewise, bytewise = decode([bytes([b]) for b in data])
+                self.assertFalse(bytewise.done, data)
+                self.assertEqual(out + decoder.feed(b"\r\n.\r\n"), out_bytewise + bytewise.feed(b"\r\n.\r\n"))
+                self.assertTrue(decoder.done)
+                self.assertTrue(decoder.bare_newline, data)
+
+    def test_bare_newline_flag(self) -> None:
+        self.assertFalse(decode([b"a\r\nb\r\n.\r\n"])[1].bare_newline)
+        self.assertTrue(decode([b"a\nb\r\n.\r\n"])[1].bare_newline)
+        self.assertTrue(decode([b"a\r", b"b\r\n.\r\n"])[1].bare_newline)
+        self.assertFalse(decode([b"a\r", b"\nb\r\n.\r\n"])[1].bare_newline)
+        self.assertFalse(decode([b"a\r\n.\r\n\n\r"])[1].bare_newline)  # after the end: not content
+
+    def test_linear(self) -> None:
+        """Feeding many small pieces keeps the held-back tail tiny (O(n) total work)."""
+        decoder = DotDecoder()
+        for _ in range(10000):
+            decoder.feed(b"\r\n..")
+            self.assertLessEqual(len(decoder._tail), 4)
+        self.assertFalse(decoder.done)
+
+    @SETTINGS
+    @given(content=CONTENT, tail=st.binary(max_size=30), cuts=st.lists(st.integers(0, 200), max_size=8))
+    def test_round_trip(self, content: bytes, tail: bytes, cuts: list[int]) -> None:
+        """For any content and any split: decode(dot_stuff(content) + tail) is the content; the tail comes back."""
+        out, decoder = decode(split(dot_stuff(content) + tail, cuts))
+        self.assertTrue(decoder.done)
+        self.assertEqual(out, terminated(content))
+        self.assertEqual(decoder.rest, tail)
+        self.assertEqual(decoder.bare_newline, has_bare_newline(terminated(content)))
+
+    @SETTINGS
+    @given(data=CONTENT, cuts=st.lists(st.integers(0, 200), max_size=8))
+    def test_split_invariant(self, data: bytes, cuts: list[int]) -> None:
+        """Any bytes, stuffed or not: the outcome does not depend on how they were split."""
+        whole, one = decode([data])
+        pieces, other = decode(split(data, cuts))
+        self.assertEqual((whole, one.done, one.rest, one.bare_newline),
+                         (pieces, other.done, other.rest, other.bare_newline))
+        if one.done:
+            self.assertIn(b"\r\n.\r\n", b"\r\n" + data)
+
+
+class HasBareNewlineTests(SynchronousTestCase):
+    def test_examples(self) -> None:
+        self.assertFalse(has_bare_newline(b""))
+        self.assertFalse(has_bare_newline(b"a\r\nb\r\n"))
+        for data in (b"\n", b"\r", b"a\nb", b"\r\r\n", b"\r\n\n", b"\n\r"):
+            self.assertTrue(has_bare_newline(data), data)
+
+
+class HeaderSplitterTests(SynchronousTestCase):
+    def feed(self, lines: list[bytes]) -> tuple[list[HeaderEvent], bool, bytes]:
+        splitter = HeaderSplitter()
+        events: list[HeaderEvent] = []
+        for line in lines:
+            got, done, body = splitter.line(line)
+            events.extend(got)
+            if done:
+                return events, True, body
+        return events + splitter.finish(), False, b""
+
+    def test_blank_line_ends(self) -> None:
+        events, done, body = self.feed([b"Subject: Hello", b"From:  a@b  ", b"", b"body"])
+        self.assertEqual(events, [HeaderEvent("Subject", "Hello"), HeaderEvent("From", "a@b")])
+        self.assertEqual((done, body), (True, b""))
+
+    def test_folded(self) -> None:
+        """RFC 5322 §2.2.3: unfolding removes the CRLF before the continuation whitespace."""
+        events, _, _ = self.feed([b"Subject: a", b"  b", b"\tc", b"X: y", b""])
+        self.assertEqual(events, [HeaderEvent("Subject", "a  b\tc"), HeaderEvent("X", "y")])
+
+    def test_non_header_ends(self) -> None:
+        """The first line that is not a header ends the headers and is the first body line."""
+        events, done, body = self.feed([b"A: 1", b"no colon here", b"B: 2"])
+        self.assertEqual((events, done, body), ([HeaderEvent("A", "1")], True, b"no colon here\r\n"))
+
+    def test_first_line_not_header(self) -> None:
+        self.assertEqual(self.feed([b"Hello there"]), ([], True, b"Hello there\r\n"))
+        self.assertEqual(self.feed([b" folded first"]), ([], True, b" folded first\r\n"))
+
+    def test_name_rules(self) -> None:
+        """RFC 5322 §3.6.8 field names: printable ASCII but colon; whitespace before the colon tolerated."""
+        events, done, _ = self.feed([b"X-Odd_Name!: 1", b"Spaced : 2", b""])
+        self.assertEqual(events, [HeaderEvent("X-Odd_Name!", "1"), HeaderEvent("Spaced", "2")])
+        self.assertEqual(self.feed([b": no name"])[1:], (True, b": no name\r\n"))
+
+    def test_finish(self) -> None:
+        """End of data inside the headers: the last header is still delivered."""
+        events, done, _ = self.feed([b"A: 1", b"B: 2"])
+        self.assertEqual((events, done), ([HeaderEvent("A", "1"), HeaderEvent("B", "2")], False))
+
+    def test_non_utf8_kept(self) -> None:
+        events, _, _ = self.feed([b"Subject: \xff\xfe", b""])
+        self.assertEqual(events[0].value.encode("utf-8", "surrogateescape"), b"\xff\xfe")
+
+    def test_size(self) -> None:
+        splitter = HeaderSplitter()
+        splitter.line(b"A: 1")
+        splitter.line(b"")
+        self.assertEqual(splitter.size, 8)
+
+
+class CountedReaderTests(SynchronousTestCase):
+    def test_exact(self) -> None:
+        reader = CountedReader(5)
+        self.assertEqual(reader.feed(b"abc"), (b"abc", b""))
+        self.assertFalse(reader.done)
+        self.assertEqual(reader.feed(b"de\r\n.\r\nQUIT"), (b"de", b"\r\n.\r\nQUIT"))
+        self.assertTrue(reader.done)
+        self.assertEqual(reader.feed(b"x"), (b"", b"x"))
+
+    def test_zero(self) -> None:
+        reader = CountedReader(0)
+        self.assertTrue(reader.done)
+        self.assertEqual(reader.feed(b"NOOP\r\n"), (b"", b"NOOP\r\n"))
