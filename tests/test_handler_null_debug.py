@@ -1,0 +1,100 @@
+"""The Null (accept and discard) and Debug (log each message) handlers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.logger import LogLevel, Logger, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from esmtpkit.handlers import Debug, Null
+from esmtpkit.interfaces import IMessageHandler
+from esmtpkit.policy import Policy
+from esmtpkit.testing import Conversation
+
+
+class Base(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.talks: list[Conversation] = []
+
+    def talk(self, handler: Any) -> Conversation:
+        talk = Conversation(handler, Policy(hostname="mx.test"))
+        self.talks.append(talk)
+        return talk
+
+    def tearDown(self) -> None:
+        for talk in self.talks:
+            talk.protocol.connectionLost(Failure(ConnectionDone()))
+            self.assertEqual(talk.clock.getDelayedCalls(), [])
+
+
+class NullTests(Base):
+    def test_provides_interface(self) -> None:
+        self.assertTrue(verifyObject(IMessageHandler, Null()))
+
+    def test_accepts_and_discards(self) -> None:
+        """Every message gets ``250 2.0.0 Ok: discarded``; the content reaches body() raw and is dropped."""
+        talk = self.talk(Null())
+        talk.write(b"EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+        talk.replies()
+        talk.write(b"Subject: x\r\n\r\n" + b"0123456789" * 10000 + b"\r\n.\r\n")
+        self.assertEqual(talk.transport.value().split(b"\r\n")[-2], b"250 2.0.0 Ok: discarded")
+        self.assertEqual(talk.message("", ["b@y.test"], b"again\r\n").code, 250)
+
+    def test_keeps_no_state(self) -> None:
+        """Nothing is kept on the handler between messages."""
+        handler = Null()
+        before = dict(vars(handler))
+        talk = self.talk(handler)
+        talk.message("a@x.test", ["b@y.test"], b"x" * 5000 + b"\r\n")
+        self.assertEqual(set(vars(handler)) - set(before), {"session"})
+        self.assertTrue(Null.chunk_mode)
+
+
+class DebugTests(Base):
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[dict[str, Any]] = []
+        self.handler = Debug()
+        self.handler.log = Logger(namespace="esmtpkit.debug", observer=self.events.append)
+
+    def test_provides_interface(self) -> None:
+        self.assertTrue(verifyObject(IMessageHandler, Debug()))
+
+    def test_logs_envelope_and_content(self) -> None:
+        """One info event per message: envelope and content, undecodable bytes replaced, braces kept as text."""
+        talk = self.talk(self.handler)
+        reply = talk.message("alice@example.com", ["bob@example.net", "carol@example.net"],
+                             b"Subject: {not a field}\r\n\r\ncaf\xc3\xa9 \xff\r\n")
+        self.assertEqual((reply.code, reply.text), (250, "Message accepted for delivery"))
+        [event] = self.events
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(formatEvent(event), (
+            "---------- MESSAGE FOLLOWS ----------\n"
+            "X-Peer: 127.0.0.1\n"
+            "X-Mail-From: <alice@example.com>\n"
+            "X-Rcpt-To: <bob@example.net>, <carol@example.net>\n"
+            "\n"
+            "Subject: {not a field}\n"
+            "\n"
+            "caf\u00e9 \ufffd\n"
+            "------------ END MESSAGE ------------"))
+        self.assertEqual(event["recipients"], ["bob@example.net", "carol@example.net"])
+
+    def test_each_message_separately(self) -> None:
+        talk = self.talk(self.handler)
+        talk.message("a@x.test", ["b@y.test"], b"one\r\n")
+        talk.message("a@x.test", ["b@y.test"], b"two\r\n")
+        self.assertEqual([e["content"] for e in self.events], ["one\n", "two\n"])
+
+    def test_aborted_message_not_logged(self) -> None:
+        """A message cut mid-DATA is not logged, and does not leak into the next one."""
+        talk = self.talk(self.handler)
+        talk.write(b"EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nhalf")
+        talk.protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.events, [])
+        self.talk(self.handler).message("a@x.test", ["b@y.test"], b"whole\r\n")
+        self.assertEqual([e["content"] for e in self.events], ["whole\n"])
