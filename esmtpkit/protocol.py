@@ -44,10 +44,17 @@ TOO_MANY_RECIPIENTS = Reply(452, ("Too many recipients",), "4.5.3")
 NO_SERVICE = Reply(503, ("No service: send QUIT",), "5.5.1")
 
 
+def _slices(data: bytes, size: int) -> list[bytes]:
+    """``data`` cut into pieces of at most ``size`` bytes (none for empty data)."""
+    if len(data) <= size:
+        return [data] if data else []
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
 class _Message:
     """State of one message's content while it arrives."""
 
-    __slots__ = ("decoder", "headers", "size", "error", "chunk", "lines", "partial")
+    __slots__ = ("decoder", "headers", "size", "error", "chunk", "lines", "partial", "ended")
 
     def __init__(self, chunk: int, lines: bool) -> None:
         self.decoder: DotDecoder | None = None
@@ -57,6 +64,7 @@ class _Message:
         self.chunk = chunk
         self.lines = lines
         self.partial = b""
+        self.ended = False  # eom() was called: the handler owns the outcome, abort() must not follow
 
 
 class ESMTPProtocol(LineReceiver):
@@ -78,6 +86,7 @@ class ESMTPProtocol(LineReceiver):
         self._waiting = False
         self._reprocess = False
         self._skipping_line = False
+        self._skip_cr = False
         self._message: _Message | None = None
         self._timer: IDelayedCall | None = None
         self._command_limit = max(line_limit(v, self.policy.max_command_length) for v in Verb)
@@ -122,11 +131,11 @@ class ESMTPProtocol(LineReceiver):
     def dataReceived(self, data: bytes) -> None:
         if self.phase is Phase.CLOSED:
             return
-        self._reset_timer()
         super().dataReceived(data)
         while self._reprocess and not self.paused and self.phase is not Phase.CLOSED:
             self._reprocess = False
             super().dataReceived(b"")
+        self._reset_timer()
 
     # ---- the step queue: handler calls in order, pausing while one is pending ----------------------------------
 
@@ -253,7 +262,7 @@ class ESMTPProtocol(LineReceiver):
         return self.policy.data_timeout if self._message is not None else self.policy.command_timeout
 
     def _reset_timer(self) -> None:
-        if self.clock is None or self._waiting:
+        if self.clock is None or self._waiting or self.phase is Phase.CLOSED:
             return
         seconds = self._timeout_for()
         if self._timer is not None and self._timer.active():
@@ -329,7 +338,7 @@ class ESMTPProtocol(LineReceiver):
         try:
             return handler(command)
         except CommandError as e:
-            self.send(e.reply)
+            self.send(e.reply, plain=verb in (Verb.HELO, Verb.EHLO))  # RFC 2034 §3: no enhanced code there
             return None
 
     def _effective_verb(self, command: Command) -> Verb:
@@ -484,10 +493,12 @@ class ESMTPProtocol(LineReceiver):
         """Tell the handler a transaction in progress was dropped (no-op outside a transaction)."""
         if not state.in_transaction(self.phase):
             return
+        ended = self._message is not None and self._message.ended
         self._message = None
         self.session.envelope = Envelope()
         self.phase = Phase.GREETED
-        self._abort_now(reason)
+        if not ended:
+            self._abort_now(reason)
 
     def _abort_now(self, reason: str) -> None:
         try:
@@ -536,6 +547,8 @@ class ESMTPProtocol(LineReceiver):
         if (b"\r" in line or b"\n" in line) and self.policy.bare_newline == "reject":
             self._fail_message(BARE_NEWLINE)
         events, done, body = message.headers.line(line)
+        if not body:
+            self._message_size(message, len(line) + 2)  # a non-header line is counted as body below
         if message.headers.size > self.policy.max_header_size:
             self._fail_message(HEADER_TOO_BIG)
         if message.error is not None:
@@ -586,18 +599,19 @@ class ESMTPProtocol(LineReceiver):
     def _body_steps(self, message: _Message, data: bytes) -> list[_Step]:
         if not data or not self._message_size(message, len(data)) or message.error is not None:
             return []
-        if message.lines:
-            data = message.partial + data
-            cut = data.rfind(b"\r\n") + 2
-            if cut == 1:
-                message.partial = b"" if len(data) >= message.chunk else data
-                return [self._quiet_step("body", (data,))] if len(data) >= message.chunk else []
-            message.partial = data[cut:]
-            return [self._quiet_step("body", (line + b"\r\n",)) for line in data[: cut - 2].split(b"\r\n")]
         size = message.chunk
-        if len(data) <= size:
-            return [self._quiet_step("body", (data,))]
-        return [self._quiet_step("body", (data[i:i + size],)) for i in range(0, len(data), size)]
+        if message.lines:
+            # One call per line; a line longer than chunk_size still arrives in chunk_size pieces.
+            data = message.partial + data
+            cut = data.rfind(b"\r\n") + 2 if b"\r\n" in data else 0
+            lines = [line + b"\r\n" for line in data[: cut - 2].split(b"\r\n")] if cut else []
+            rest = data[cut:]
+            whole = len(rest) - len(rest) % size
+            message.partial = rest[whole:]
+            pieces = [piece for line in lines + [rest[:whole]] for piece in _slices(line, size)]
+        else:
+            pieces = _slices(data, size)
+        return [self._quiet_step("body", (piece,)) for piece in pieces]
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.phase is Phase.CLOSED:
@@ -625,12 +639,15 @@ class ESMTPProtocol(LineReceiver):
 
     def _skip_line(self, data: bytes) -> None:
         """Discard an over-long command line up to its CRLF, then answer 500 5.5.2 and read commands again."""
+        if self._skip_cr:
+            data = b"\r" + data
         end = data.find(b"\r\n")
         if end < 0:
-            if data.endswith(b"\r"):
-                self._buffer = b"\r" + self._buffer
+            # A CR at the end may begin the CRLF; keep it here (not in _buffer, which raw mode would loop on).
+            self._skip_cr = data.endswith(b"\r")
             return
         self._skipping_line = False
+        self._skip_cr = False
         self.setLineMode()
         self._buffer = data[end + 2:] + self._buffer
         self._reprocess = True
@@ -657,6 +674,7 @@ class ESMTPProtocol(LineReceiver):
                 self._finish_transaction()
                 self.send(reply)
 
+            message.ended = True
             return self._call(self.handler.eom, (), then)
 
         return step
