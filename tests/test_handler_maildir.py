@@ -6,7 +6,9 @@ import errno
 import mailbox
 import os
 import re
+import shutil
 import stat
+import tempfile
 from typing import Any
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -32,10 +34,16 @@ TRACE = re.compile(
 
 class Base(SynchronousTestCase):
     def setUp(self) -> None:
-        self.root = self.mktemp()
+        self.root = os.path.join(self.scratch(), "Maildir")
         self.handler = Maildir(path=self.root)
         self.talks: list[Conversation] = []
         self.talk = self.conversation(self.handler)
+
+    def scratch(self) -> str:
+        """A fresh directory outside the working tree, removed after the test."""
+        path = tempfile.mkdtemp(prefix="esmtpkit-maildir-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
 
     def conversation(self, handler: Maildir, policy: Policy | None = None) -> Conversation:
         talk = Conversation(handler, policy or Policy(hostname="mx.test"))
@@ -252,7 +260,7 @@ class StorageErrorTests(Base):
 
     def test_maildir_cannot_be_created(self) -> None:
         """A path that cannot become a Maildir does not stop the server: messages get 451 until it is fixed."""
-        blocker = self.mktemp()
+        blocker = os.path.join(self.scratch(), "not-a-folder")
         with open(blocker, "w") as f:
             f.write("a file, not a folder")
         talk = self.conversation(Maildir(path=blocker))

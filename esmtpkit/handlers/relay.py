@@ -150,6 +150,7 @@ def _sender_classes() -> tuple[type, type]:
         def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:
             super().connectionLost(reason)
             self.factory.finish(UpstreamError(_unavailable(self.factory.where, reason.getErrorMessage())))
+            self.factory.file.close()  # only now: the file sender may read until the connection is gone
 
     class SenderFactory(smtp.ESMTPSenderFactory):
         """One message to send; ``done`` fires once with our client's Reply or fails with UpstreamError."""
@@ -302,12 +303,12 @@ class Relay(MessageHandler):
 
         def not_connected(failure: Failure) -> None:
             factory.finish(UpstreamError(_unavailable(factory.where, failure.getErrorMessage())))
+            spool.close()
 
         connecting.addErrback(not_connected)
 
         def answer(result: Reply | Failure) -> Reply:
             self._sending = False
-            spool.close()
             if isinstance(result, Failure):
                 if result.check(UpstreamError):
                     reply: Reply = result.value.reply
