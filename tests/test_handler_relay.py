@@ -459,3 +459,76 @@ def test_upstream_down_answers_4xx() -> Any:
         yield relay.stop()
     assert caught.value.smtp_code == 451
     assert caught.value.smtp_error.startswith(b"4.4.1 Upstream 127.0.0.1:")
+
+
+def _self_signed(directory: str) -> tuple[str, str]:
+    """A throw-away self-signed certificate for "localhost" (key and certificate PEM paths)."""
+    import datetime
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+@pytest_twisted.inlineCallbacks
+def test_relay_over_implicit_tls(tmp_path: Any) -> Any:
+    """``tls="implicit"``: the upstream connection is TLS from the first byte and its certificate is checked."""
+    from twisted.internet import reactor
+
+    key, cert = _self_signed(str(tmp_path))
+    store = MessageStore()
+    upstream = yield serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"),
+                           endpoint=f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    relay = yield serve(lambda: Relay(port=upstream.port, tls="implicit", tls_hostname="localhost", ca_file=cert,
+                                      timeout=10), reactor=reactor, policy=Policy(hostname="relay.test"))
+    try:
+        yield threads.deferToThread(_smtplib_send, relay.port, "alice@example.com", ["bob@example.net"], CONTENT)
+        message = yield store.next_message()
+    finally:
+        yield relay.stop()
+        yield upstream.stop()
+    assert message.data.endswith(b"\r\n" + CONTENT)
+
+
+@pytest_twisted.inlineCallbacks
+def test_relay_refuses_untrusted_upstream(tmp_path: Any) -> Any:
+    """An upstream certificate that is not trusted: the message is not sent, the client gets 451 4.4.1."""
+    from twisted.internet import reactor
+
+    key, cert = _self_signed(str(tmp_path))
+    store = MessageStore()
+    upstream = yield serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"),
+                           endpoint=f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    _, other_cert = _self_signed(str(other_dir))
+    relay = yield serve(lambda: Relay(port=upstream.port, tls="implicit", tls_hostname="localhost",
+                                      ca_file=other_cert, timeout=10),
+                        reactor=reactor, policy=Policy(hostname="relay.test"))
+    try:
+        with pytest.raises(smtplib.SMTPDataError) as caught:
+            yield threads.deferToThread(_smtplib_send, relay.port, "alice@example.com", ["bob@example.net"], CONTENT)
+    finally:
+        yield relay.stop()
+        yield upstream.stop()
+    assert caught.value.smtp_code == 451
+    assert store.messages == []
