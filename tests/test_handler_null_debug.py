@@ -98,3 +98,24 @@ class DebugTests(Base):
         self.assertEqual(self.events, [])
         self.talk(self.handler).message("a@x.test", ["b@y.test"], b"whole\r\n")
         self.assertEqual([e["content"] for e in self.events], ["whole\n"])
+
+
+class HandlersPageTests(SynchronousTestCase):
+    """The Python examples of docs/handlers.md run and build what they say."""
+
+    def test_examples_build_factories(self) -> None:
+        import re
+        from pathlib import Path
+
+        from esmtpkit.factory import ESMTPFactory
+
+        page = (Path(__file__).resolve().parent.parent / "docs" / "handlers.md").read_text()
+        blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+        self.assertEqual(len(blocks), 5)
+        for block in blocks:
+            namespace: dict[str, Any] = {}
+            exec(compile(block, "docs/handlers.md", "exec"), namespace)
+            factory = namespace["factory"]
+            self.assertIsInstance(factory, ESMTPFactory)
+            if "Maildir(" not in block:  # that one would create /var/mail/incoming
+                self.assertTrue(IMessageHandler.providedBy(factory.make_handler()))
