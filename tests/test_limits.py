@@ -1,0 +1,284 @@
+"""Limits: line lengths (RFC 5321 §4.5.3.1), message size (RFC 1870), recipients, timeouts, errors."""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from esmtpkit.testing import RecordingHandler
+
+from .test_protocol import ACCEPTED, EHLO_REPLY, GO_AHEAD, GREETING, ServerMixin
+
+START = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+START_REPLIES = b"250 2.1.0 <a@example.org>, sender ok\r\n250 2.1.5 <b@example.org>, recipient ok\r\n" + GO_AHEAD
+TOO_LONG = b"500 5.5.2 Line too long\r\n"
+TOO_BIG = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+TIMEOUT = b"421 4.4.2 Timeout exceeded, closing connection\r\n"
+KiB = 1024
+
+
+class CommandLineTests(ServerMixin, SynchronousTestCase):
+    """RFC 5321 §4.5.3.1.4: 512 octets per command line, CRLF included; longer gets 500 5.5.2, not a hang-up."""
+
+    def test_limit(self) -> None:
+        talk = self.ehlo()
+        longest = b"NOOP " + b"x" * 505  # 510 octets + CRLF = 512
+        self.assertEqual(self.exchange(talk, longest + b"\r\n"), b"250 2.0.0 OK\r\n")
+        self.assertEqual(self.exchange(talk, longest + b"x\r\n"), TOO_LONG)
+        self.assertFalse(talk.closed)
+        self.assertEqual(self.exchange(talk, b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
+        self.assertEqual(talk.handler.verbs.count("noop"), 2)
+
+    def test_before_ehlo(self) -> None:
+        talk = self.connect()
+        self.assertEqual(self.exchange(talk, b"HELO " + b"x" * 600 + b"\r\n"), b"500 Line too long\r\n")
+        self.assertEqual(talk.handler.verbs, ["connect"])
+
+    def test_extension_allowance(self) -> None:
+        """MAIL and RCPT get the room their extensions need (RFC 1870 §8, RFC 3461 §5)."""
+        talk = self.ehlo()
+        local = b"a" * 60
+        domain = b".".join([b"d" * 60] * 3)
+        mail = b"MAIL FROM:<" + local + b"@" + domain + b"> SIZE=100 BODY=8BITMIME SMTPUTF8" + b" " * 300
+        self.assertGreater(len(mail), 510)
+        self.assertTrue(self.exchange(talk, mail + b"\r\n").startswith(b"250 2.1.0"))
+        self.assertEqual(self.exchange(talk, b"NOOP " + b"x" * 600 + b"\r\n"), TOO_LONG)
+        self.assertEqual(self.exchange(talk, b"RCPT TO:<b@example.org>" + b" " * 900 + b"\r\n"),
+                         b"250 2.1.5 <b@example.org>, recipient ok\r\n")
+        self.assertEqual(self.exchange(talk, b"RCPT TO:<b@example.org>" + b" " * 1100 + b"\r\n"), TOO_LONG)
+
+    def test_policy_base(self) -> None:
+        talk = self.ehlo(max_command_length=1024)
+        self.assertEqual(self.exchange(talk, b"NOOP " + b"x" * 1017 + b"\r\n"), b"250 2.0.0 OK\r\n")
+        self.assertEqual(self.exchange(talk, b"NOOP " + b"x" * 1018 + b"\r\n"), TOO_LONG)
+
+    def test_endless_line(self) -> None:
+        """1 MB without CRLF, in 64 KiB pieces: the buffer stays bounded; the CRLF gives one 500 reply."""
+        talk = self.ehlo()
+        protocol = talk.protocol
+        for _ in range(16):
+            self.assertEqual(self.exchange(talk, b"x" * (64 * KiB)), b"")
+            self.assertLess(len(protocol._buffer), 16 * KiB)
+        self.assertEqual(self.exchange(talk, b"\r\nNOOP\r\n"), TOO_LONG + b"250 2.0.0 OK\r\n")
+        self.assertFalse(talk.closed)
+        self.assertEqual(talk.handler.verbs, ["connect", "ehlo", "noop"])
+
+    def test_endless_line_bytes(self) -> None:
+        """The same, fed in odd pieces, with the CRLF split between two reads."""
+        talk = self.ehlo()
+        for piece in (b"y" * 20000, b"y" * 3 + b"\r", b"\n", b"NOOP\r\n"):
+            talk.write(piece)
+            self.assertLess(len(talk.protocol._buffer), 16 * KiB)
+        self.assertEqual(talk.transport.value(), GREETING + EHLO_REPLY + TOO_LONG + b"250 2.0.0 OK\r\n")
+        talk.write(b"z" * 20000 + b"\r")
+        talk.write(b"\r")
+        talk.write(b"\r\nNOOP\r\n")
+        self.assertEqual(talk.transport.value()[-len(TOO_LONG) - 14:], TOO_LONG + b"250 2.0.0 OK\r\n")
+
+    def test_long_line_then_pipelined(self) -> None:
+        talk = self.ehlo()
+        self.assertEqual(self.exchange(talk, b"x" * 20000 + b"\r\nNOOP\r\nRSET\r\n"),
+                         TOO_LONG + b"250 2.0.0 OK\r\n250 2.0.0 OK\r\n")
+
+
+class HeaderLimitTests(ServerMixin, SynchronousTestCase):
+    """RFC 5321 §4.5.3.1.6: text lines of at most 1000 octets with CRLF, enforced on header lines."""
+
+    def test_longest_header_line(self) -> None:
+        talk = self.ehlo()
+        line = b"X: " + b"v" * 995  # 998 + CRLF
+        self.assertEqual(self.exchange(talk, START + line + b"\r\n\r\nbody\r\n.\r\n"), START_REPLIES + ACCEPTED)
+
+    def test_header_line_too_long(self) -> None:
+        """Refused after the final dot (never earlier: the client is not reading), abort() called."""
+        talk = self.ehlo()
+        self.assertEqual(self.exchange(talk, START), START_REPLIES)
+        line = b"X: " + b"v" * 996
+        self.assertEqual(self.exchange(talk, b"A: 1\r\n" + line + b"\r\n\r\n.body\r\n"), b"")
+        self.assertEqual(self.exchange(talk, b"..\r\n.\r\nNOOP\r\n"), TOO_LONG + b"250 2.0.0 OK\r\n")
+        self.assertEqual(talk.handler.verbs[-2:], ["abort", "noop"])
+        self.assertNotIn("eom", talk.handler.verbs)
+
+    def test_endless_header_line(self) -> None:
+        talk = self.ehlo()
+        self.exchange(talk, START + b"X: ")
+        for _ in range(16):
+            self.assertEqual(self.exchange(talk, b"v" * (64 * KiB)), b"")
+            self.assertLess(len(talk.protocol._buffer), 16 * KiB)
+        self.assertEqual(self.exchange(talk, b"\r\n.\r\n"), TOO_LONG)
+        self.assertEqual(talk.handler.verbs[-1], "abort")
+
+    def test_first_line_is_a_text_line(self) -> None:
+        """A first line that is not a header is read in header mode too, so the text line limit holds for it."""
+        talk = self.ehlo()
+        self.assertEqual(self.exchange(talk, START + b"x" * 999 + b"\r\n.\r\n"), START_REPLIES + TOO_LONG)
+        self.assertEqual(self.exchange(talk, START + b"x" * 998 + b"\r\n.\r\n"), START_REPLIES + ACCEPTED)
+
+    def test_header_section_too_big(self) -> None:
+        talk = self.ehlo(max_header_size=100)
+        wire = self.exchange(talk, START + b"X: 123456789\r\n" * 20 + b"\r\nbody\r\n.\r\nNOOP\r\n")
+        self.assertEqual(wire, START_REPLIES + b"552 5.3.4 Message header size exceeds limit\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(talk.handler.verbs[-2:], ["abort", "noop"])
+        self.assertLessEqual(talk.handler.verbs.count("header"), 7)
+
+
+class MessageSizeTests(ServerMixin, SynchronousTestCase):
+    """The size limit holds in raw mode: the rest is drained to the terminator, then 552 5.3.4 and abort()."""
+
+    def test_over_limit(self) -> None:
+        talk = self.ehlo(max_message_size=100)
+        self.assertEqual(self.exchange(talk, START + b"Subject: big\r\n\r\n"), START_REPLIES)
+        for _ in range(10):
+            self.assertEqual(self.exchange(talk, b"0123456789" * 10 + b"\r\n..\r\n"), b"")
+        self.assertEqual(self.exchange(talk, b".\r\nNOOP\r\n"), TOO_BIG + b"250 2.0.0 OK\r\n")
+        self.assertEqual(talk.handler.verbs[-2:], ["abort", "noop"])
+        self.assertNotIn("eom", talk.handler.verbs)
+        delivered = sum(len(c.args[0]) for c in talk.handler.calls if c.verb == "body")
+        self.assertLessEqual(delivered, 100)
+
+    def test_counts_whole_content(self) -> None:
+        """Headers count toward the size, whatever the chunk mode; exactly the limit is accepted."""
+        content = b"Subject: 0123456789\r\n\r\n" + b"x" * 75 + b"\r\n"
+        self.assertEqual(len(content), 100)
+        for mode in (None, True, False):
+            for limit, reply in ((100, ACCEPTED), (99, TOO_BIG)):
+                handler = RecordingHandler()
+                handler.chunk_mode = mode
+                talk = self.ehlo(handler, max_message_size=limit)
+                self.assertEqual(self.exchange(talk, START + content + b".\r\n"), START_REPLIES + reply, (mode, limit))
+                self.assertEqual(talk.handler.verbs[-1], "eom" if reply is ACCEPTED else "abort")
+
+    def test_headers_alone_over_limit(self) -> None:
+        talk = self.ehlo(max_message_size=50)
+        self.assertEqual(self.exchange(talk, START + b"X: 123456789\r\n" * 10 + b".\r\n"), START_REPLIES + TOO_BIG)
+        self.assertEqual(talk.handler.verbs[-1], "abort")
+
+    def test_unlimited(self) -> None:
+        talk = self.ehlo(max_message_size=0)
+        self.assertEqual(self.exchange(talk, START + b"\r\n" + b"x" * 100000 + b"\r\n.\r\n"), START_REPLIES + ACCEPTED)
+        self.assertEqual(len(talk.handler.messages[0]["body"]), 100002)
+
+
+class RecipientLimitTests(ServerMixin, SynchronousTestCase):
+    def test_max_recipients(self) -> None:
+        """RFC 5321 §4.5.3.1.10: 452 for recipients beyond the limit; the message still goes to the others."""
+        talk = self.ehlo(max_recipients=2)
+        wire = self.exchange(talk, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\n"
+                                   b"RCPT TO:<d@example.org>\r\nDATA\r\nHi\r\n.\r\n")
+        self.assertEqual(wire, b"250 2.1.0 <a@example.org>, sender ok\r\n250 2.1.5 <b@example.org>, recipient ok\r\n"
+                               b"250 2.1.5 <c@example.org>, recipient ok\r\n452 4.5.3 Too many recipients\r\n"
+                               + GO_AHEAD + ACCEPTED)
+        self.assertEqual(talk.handler.messages[0]["recipients"], ["b@example.org", "c@example.org"])
+        self.assertEqual(talk.handler.verbs.count("rcpt"), 2)
+
+
+class TimeoutTests(ServerMixin, SynchronousTestCase):
+    """Timeouts run on the injected clock: 421 4.4.2 and close; a transaction in progress is aborted."""
+
+    def test_command_timeout(self) -> None:
+        talk = self.connect(command_timeout=60)
+        talk.clock.advance(59)
+        self.assertFalse(talk.closed)
+        talk.clock.advance(1)
+        self.assertEqual(talk.transport.value(), GREETING + b"421 Timeout exceeded, closing connection\r\n")
+        self.assertTrue(talk.closed)
+        self.assertEqual(talk.clock.getDelayedCalls(), [])
+
+    def test_activity_restarts_timer(self) -> None:
+        talk = self.ehlo(command_timeout=60)
+        for _ in range(5):
+            talk.clock.advance(50)
+            self.exchange(talk, b"NOOP\r\n")
+        talk.clock.advance(50)
+        self.assertFalse(talk.closed)
+        talk.clock.advance(10)
+        self.assertTrue(talk.transport.value().endswith(TIMEOUT))
+
+    def test_timeout_mid_transaction(self) -> None:
+        talk = self.ehlo(command_timeout=60)
+        self.exchange(talk, b"MAIL FROM:<a@example.org>\r\n")
+        talk.clock.advance(60)
+        self.assertTrue(talk.transport.value().endswith(TIMEOUT))
+        self.assertEqual(talk.handler.verbs[-1], "abort")
+        self.assertTrue(talk.closed)
+
+    def test_data_timeout(self) -> None:
+        """While content arrives the data timeout applies, from the moment DATA is accepted."""
+        talk = self.ehlo(command_timeout=300, data_timeout=30)
+        self.assertEqual(self.exchange(talk, START), START_REPLIES)
+        talk.clock.advance(29)
+        self.exchange(talk, b"Subject: slow\r\n\r\nsome")
+        talk.clock.advance(29)
+        self.exchange(talk, b" content")
+        talk.clock.advance(29)
+        self.assertFalse(talk.closed)
+        talk.clock.advance(1)
+        self.assertTrue(talk.transport.value().endswith(b" recipient ok\r\n" + GO_AHEAD + TIMEOUT))
+        self.assertTrue(talk.closed)
+        self.assertEqual(talk.handler.verbs[-1], "abort")
+        self.assertNotIn("eom", talk.handler.verbs)
+        self.assertEqual(talk.clock.getDelayedCalls(), [])
+
+    def test_data_timeout_starts_at_go_ahead(self) -> None:
+        """DATA in the same read as the envelope: the data timeout, not the command timeout, runs after 354."""
+        talk = self.ehlo(command_timeout=300, data_timeout=30)
+        self.assertEqual(self.exchange(talk, START), START_REPLIES)
+        talk.clock.advance(30)
+        self.assertTrue(talk.transport.value().endswith(GO_AHEAD + TIMEOUT))
+        self.assertEqual(talk.handler.verbs[-1], "abort")
+
+    def test_command_timeout_again_after_data(self) -> None:
+        talk = self.ehlo(command_timeout=300, data_timeout=30)
+        self.exchange(talk, START + b"x\r\n.\r\n")
+        talk.clock.advance(299)
+        self.assertFalse(talk.closed)
+        talk.clock.advance(1)
+        self.assertTrue(talk.closed)
+        self.assertNotIn("abort", talk.handler.verbs)
+
+    def test_no_clock_no_timer(self) -> None:
+        from esmtpkit.protocol import ESMTPProtocol
+        from twisted.internet.testing import StringTransport
+
+        protocol = ESMTPProtocol(RecordingHandler())
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"QUIT\r\n")
+        self.assertIsNone(protocol._timer)
+
+
+class ErrorLimitTests(ServerMixin, SynchronousTestCase):
+    def test_error_limit(self) -> None:
+        talk = self.ehlo(error_limit=3)
+        wire = self.exchange(talk, b"FROB\r\nNOOP\r\nRCPT TO:<a@b>\r\nMAIL FROM:<a b@c>\r\nNOOP\r\n")
+        self.assertEqual(wire, b"500 5.5.2 Command unrecognized: FROB\r\n250 2.0.0 OK\r\n503 5.5.1 Need MAIL command\r\n"
+                               b"501 5.1.7 Bad address syntax: bad local part a b\r\n"
+                               b"421 4.7.0 Too many errors, closing connection\r\n")
+        self.assertTrue(talk.closed)
+        self.assertEqual(talk.clock.getDelayedCalls(), [])
+
+    def test_error_limit_mid_transaction_aborts(self) -> None:
+        talk = self.ehlo(error_limit=2)
+        self.exchange(talk, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<>\r\nRCPT TO:<>\r\n")
+        self.assertTrue(talk.closed)
+        self.assertEqual(talk.handler.verbs[-1], "abort")
+
+    def test_no_error_limit(self) -> None:
+        talk = self.ehlo(error_limit=0)
+        self.assertEqual(self.exchange(talk, b"FROB\r\n" * 50 + b"NOOP\r\n")[-14:], b"250 2.0.0 OK\r\n")
+        self.assertFalse(talk.closed)
+
+
+class CleanupTests(SynchronousTestCase):
+    def test_hang_up_twice(self) -> None:
+        """connectionLost after the server closed is harmless (the transport reports it after QUIT)."""
+        handler = RecordingHandler()
+        from .test_protocol import policy
+        from esmtpkit.testing import Conversation
+
+        talk = Conversation(handler, policy())
+        talk.write(b"QUIT\r\n")
+        talk.protocol.connectionLost(Failure(ConnectionDone()))
+        talk.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(handler.verbs, ["connect", "quit"])
+        self.assertEqual(talk.clock.getDelayedCalls(), [])
