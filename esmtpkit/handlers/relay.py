@@ -156,6 +156,7 @@ def _sender_classes() -> tuple[type, type]:
         """One message to send; ``done`` fires once with our client's Reply or fails with UpstreamError."""
 
         protocol = Sender
+        noisy = False
 
         def __init__(self, relay: "Relay", sender: str, recipients: list[str], file: Any, identity: str) -> None:
             self.done: Deferred[Reply] = Deferred()
