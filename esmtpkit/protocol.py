@@ -354,6 +354,11 @@ class ESMTPProtocol(LineReceiver):
                 after: Callable[[Reply], None] | None = None) -> "Deferred[Any] | None":
         def then(value: Any) -> None:
             reply = self._reply_from(value, method)
+            if self.phase is Phase.CLOSED:
+                # The client left while the handler worked: nobody to answer; a sender it accepted is dropped.
+                if reply.is_positive and verb is Verb.MAIL:
+                    self._abort_now("connection lost")
+                return
             if reply.is_positive:
                 self.phase = state.advance(self.phase, verb)
             if after is not None:

@@ -7,10 +7,12 @@ from typing import Any
 from hypothesis import given, strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit.reply import Reply
+from esmtpkit.state import Phase
 from esmtpkit.testing import Conversation, RecordingHandler
 
 from .test_protocol import (
@@ -202,3 +204,48 @@ class BackpressureTests(ServerMixin, SynchronousTestCase):
         pending.callback(None)
         self.assertEqual(talk.handler.verbs[-1], "abort")
         self.assertNotIn("eom", talk.handler.verbs)
+
+
+class GoneWhilePendingTests(ServerMixin, SynchronousTestCase):
+    """The client leaves while a handler result is pending: no error is logged, the transaction is dropped."""
+
+    def setUp(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def gone(self, verb: str, setup: bytes, result: Any) -> Conversation:
+        pending: Deferred[Any] = Deferred()
+        talk = self.ehlo(RecordingHandler({verb: lambda *args: pending}))
+        self.exchange(talk, setup)
+        self.assertEqual(talk.handler.verbs[-1], verb)
+        written = talk.transport.value()
+        talk.protocol.connectionLost(Failure(ConnectionDone()))
+        pending.callback(result)
+        self.assertEqual(talk.transport.value(), written)
+        self.assertEqual([e for e in self.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)], [])
+        return talk
+
+    def test_mail_accepted_after_loss(self) -> None:
+        """MAIL accepted by the handler after the client left: abort() tells it the transaction is gone."""
+        talk = self.gone("mail", b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n", (250, "ok"))
+        self.assertEqual(talk.handler.verbs[-2:], ["mail", "abort"])
+        self.assertEqual(talk.protocol.phase, Phase.CLOSED)
+
+    def test_mail_refused_after_loss(self) -> None:
+        talk = self.gone("mail", b"MAIL FROM:<a@example.org>\r\n", (550, "no"))
+        self.assertNotIn("abort", talk.handler.verbs)
+
+    def test_rcpt_and_data_after_loss(self) -> None:
+        for verb, setup in (("rcpt", b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"),
+                            ("data", ENVELOPE)):
+            for result in ((250, "ok"), (354, "go"), (550, "no")):
+                talk = self.gone(verb, setup, result)
+                self.assertEqual(talk.handler.verbs.count("abort"), 1, (verb, result))
+                self.assertEqual(talk.protocol.phase, Phase.CLOSED)
+
+    def test_other_verbs_after_loss(self) -> None:
+        for verb, line in (("noop", b"NOOP\r\n"), ("rset", b"RSET\r\n"), ("quit", b"QUIT\r\n"),
+                           ("help", b"HELP\r\n")):
+            talk = self.gone(verb, line, (250, "ok"))
+            self.assertNotIn("abort", talk.handler.verbs)
