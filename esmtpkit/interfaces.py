@@ -20,7 +20,8 @@ class IMessageHandler(Interface):
         "How message content reaches body(). None (the default): header lines are parsed and given to header()/eoh(),"
         " then the rest arrives in raw chunks of at most chunk_size bytes. True: the whole message, headers included,"
         " arrives raw through body() (header() and eoh() are not called). False: headers as for None, then one body()"
-        " call per line, CRLF included. Read when DATA or the first BDAT is accepted."
+        " call per line, CRLF included (a line longer than chunk_size arrives in chunk_size pieces). Read when DATA"
+        " or the first BDAT is accepted."
     )
     chunk_size = Attribute("The largest chunk passed to body(), in bytes (default 65536). Read at DATA/BDAT time.")
     disconnect = Attribute(

@@ -65,7 +65,8 @@ class Reply:
     def __post_init__(self) -> None:
         if not isinstance(self.code, int) or not 200 <= self.code <= 599:
             raise ValueError(f"SMTP reply code must be 200-599, not {self.code!r}")
-        lines = tuple(_UNSAFE.sub(" ", str(line)) for line in (self.lines or ("",)))
+        given = (self.lines,) if isinstance(self.lines, str) else (self.lines or ("",))  # Reply(250, "OK") too
+        lines = tuple(_UNSAFE.sub(" ", str(line)) for line in given)
         enhanced = self.enhanced
         if enhanced is None:
             match = _ENHANCED.match(lines[0])

@@ -83,6 +83,11 @@ class ReplyValueTests(SynchronousTestCase):
     def test_text(self) -> None:
         self.assertEqual(Reply.of(250, "a", "b").text, "a\nb")
 
+    def test_text_not_split_into_characters(self) -> None:
+        """``Reply(250, "OK")`` is one line, not a line per character."""
+        self.assertEqual(Reply(250, "OK"), Reply.of(250, "OK"))  # type: ignore[arg-type]
+        self.assertEqual(Reply(250, "OK").render(), b"250 OK\r\n")  # type: ignore[arg-type]
+
     def test_equality(self) -> None:
         self.assertEqual(Reply.of(250, "OK"), Reply(250, ("OK",)))
         self.assertNotEqual(Reply.of(250, "OK"), Reply.of(250, "OK", enhanced="2.0.0"))
