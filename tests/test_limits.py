@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.testing import RecordingHandler
+from esmtpkit.protocol import ESMTPProtocol
+from esmtpkit.testing import Conversation, RecordingHandler
 
-from .test_protocol import ACCEPTED, EHLO_REPLY, GO_AHEAD, GREETING, ServerMixin
+from .test_protocol import ACCEPTED, EHLO_REPLY, GO_AHEAD, GREETING, ServerMixin, policy
 
 START = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
 START_REPLIES = b"250 2.1.0 <a@example.org>, sender ok\r\n250 2.1.5 <b@example.org>, recipient ok\r\n" + GO_AHEAD
@@ -238,10 +240,7 @@ class TimeoutTests(ServerMixin, SynchronousTestCase):
         self.assertNotIn("abort", talk.handler.verbs)
 
     def test_no_clock_no_timer(self) -> None:
-        from esmtpkit.protocol import ESMTPProtocol
-        from twisted.internet.testing import StringTransport
-
-        protocol = ESMTPProtocol(RecordingHandler())
+        protocol = ESMTPProtocol(RecordingHandler(), policy())
         protocol.makeConnection(StringTransport())
         protocol.dataReceived(b"QUIT\r\n")
         self.assertIsNone(protocol._timer)
@@ -273,9 +272,6 @@ class CleanupTests(SynchronousTestCase):
     def test_hang_up_twice(self) -> None:
         """connectionLost after the server closed is harmless (the transport reports it after QUIT)."""
         handler = RecordingHandler()
-        from .test_protocol import policy
-        from esmtpkit.testing import Conversation
-
         talk = Conversation(handler, policy())
         talk.write(b"QUIT\r\n")
         talk.protocol.connectionLost(Failure(ConnectionDone()))
