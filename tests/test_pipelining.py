@@ -16,7 +16,8 @@ from esmtpkit.state import Phase
 from esmtpkit.testing import Conversation, RecordingHandler
 
 from .test_protocol import (
-    ACCEPTED, GO_AHEAD, SCENARIO, SCENARIO_CALLS, SCENARIO_WIRE, SETTINGS, ServerMixin, calls, policy, split,
+    ACCEPTED, GO_AHEAD, SCENARIO, SCENARIO_CALLS, SCENARIO_WIRE, SETTINGS, TOKENS, ServerMixin, calls, policy, replay,
+    split,
 )
 
 ENVELOPE = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n"
@@ -249,3 +250,28 @@ class GoneWhilePendingTests(ServerMixin, SynchronousTestCase):
                            ("help", b"HELP\r\n")):
             talk = self.gone(verb, line, (250, "ok"))
             self.assertNotIn("abort", talk.handler.verbs)
+
+
+class LateFuzzTests(SynchronousTestCase):
+    """Any client input with any verbs answering late gives what the synchronous handler gives."""
+
+    @SETTINGS
+    @given(tokens=st.lists(TOKENS, max_size=30), cuts=st.lists(st.integers(0, 20000), max_size=10),
+           late=st.sets(st.sampled_from(["connect", "ehlo", "helo", "mail", "rcpt", "data", "header", "eoh", "body",
+                                         "eom", "quit", "rset", "noop", "unknown", "abort"])),
+           mode=st.sampled_from([None, True, False]))
+    def test_any_input_late(self, tokens: list[bytes], cuts: list[int], late: set[str], mode: bool | None) -> None:
+        data = b"".join(tokens)
+        wire, expected = replay([data], chunk_mode=mode, chunk_size=5, max_message_size=2000)
+        handler = LateHandler(late)
+        handler.chunk_mode, handler.chunk_size = mode, 5
+        talk = Conversation(handler, policy(max_message_size=2000))
+        handler.fire_all()
+        for piece in split(data, cuts):
+            talk.write(piece)
+            handler.fire_all()
+        self.assertEqual(talk.transport.value(), wire)
+        talk.protocol.connectionLost(Failure(ConnectionDone()))
+        handler.fire_all()
+        self.assertEqual(calls(handler), calls(expected))
+        self.assertEqual(talk.clock.getDelayedCalls(), [])

@@ -17,7 +17,7 @@ from esmtpkit.commands import Verb
 from esmtpkit.policy import Policy
 from esmtpkit.reply import Reply
 from esmtpkit.state import ADVANCE, Phase
-from esmtpkit.testing import Call, Conversation, RecordingHandler
+from esmtpkit.testing import Call, Conversation, RecordingHandler, parse_replies
 
 HOST = "mx.test"
 GREETING = b"220 mx.test ESMTP Mail Server\r\n"
@@ -618,3 +618,33 @@ class BareNewlineTests(ServerMixin, SynchronousTestCase):
         wire, handler = replay([self.START + b"Subject: x\n.\nY\r\n\r\nbody\r\n.\r\n"], bare_newline="allow")
         self.assertTrue(wire.endswith(ACCEPTED))
         self.assertEqual(handler.messages[0]["headers"], [("Subject", "x\n.\nY")])
+
+
+#: Pieces of client input that exercise every path: commands, content, stray line ends, dots, long runs.
+TOKENS = st.sampled_from([
+    b"EHLO c\r\n", b"HELO c\r\n", b"MAIL FROM:<a@b>\r\n", b"MAIL FROM:<>\r\n", b"RCPT TO:<c@d>\r\n", b"DATA\r\n",
+    b"RSET\r\n", b"NOOP\r\n", b"QUIT\r\n", b"VRFY x\r\n", b"FROB\r\n", b"\r\n", b"\r", b"\n", b".", b"..",
+    b".\r\n", b"Subject: x\r\n", b" folded\r\n", b"body", b"\x00", b"\xff", b"x" * 700, b"y" * 1100,
+    b"MAIL FROM:<a@b> SIZE=99999999999\r\n", b"RCPT TO:<>\r\n", b"\r\n.\r\n",
+])
+
+
+class FuzzTests(SynchronousTestCase):
+    """Any client input: well-formed replies only, no error logged, and the same outcome at any split."""
+
+    @SETTINGS
+    @given(tokens=st.lists(TOKENS, max_size=30), cuts=st.lists(st.integers(0, 20000), max_size=10),
+           mode=st.sampled_from([None, True, False]))
+    def test_any_input(self, tokens: list[bytes], cuts: list[int], mode: bool | None) -> None:
+        data = b"".join(tokens)
+        wire, handler = replay([data], chunk_mode=mode, chunk_size=5, max_message_size=2000)
+        wire_split, handler_split = replay(split(data, cuts), chunk_mode=mode, chunk_size=5, max_message_size=2000)
+        self.assertEqual(wire, wire_split)
+        self.assertEqual(calls(handler), calls(handler_split))
+        replies = parse_replies(wire)
+        self.assertEqual(b"".join(r.render() for r in replies).count(b"\r\n"), wire.count(b"\r\n"))
+        self.assertNotIn(451, [r.code for r in replies])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        verbs = handler.verbs
+        self.assertLessEqual(verbs.count("eom"), verbs.count("data"))
+        self.assertLessEqual(verbs.count("abort") + verbs.count("eom"), verbs.count("mail"))  # one end per transaction
