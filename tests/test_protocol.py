@@ -648,3 +648,23 @@ class FuzzTests(SynchronousTestCase):
         verbs = handler.verbs
         self.assertLessEqual(verbs.count("eom"), verbs.count("data"))
         self.assertLessEqual(verbs.count("abort") + verbs.count("eom"), verbs.count("mail"))  # one end per transaction
+
+
+class ConversationTests(ServerMixin, SynchronousTestCase):
+    """`esmtpkit.testing.Conversation` reads replies back as values, multi-line and textless ones included."""
+
+    def test_send_and_replies(self) -> None:
+        talk = self.connect(RecordingHandler({"noop": (250,), "help": (214, "a", "b")}))
+        self.assertEqual(talk.greeting, Reply.of(220, "mx.test ESMTP Mail Server"))
+        self.assertEqual(talk.send("NOOP"), Reply.of(250))
+        self.assertEqual(talk.send("HELP"), Reply.of(214, "a", "b"))
+        self.assertEqual(talk.send("EHLO client.test").lines[-1], "ENHANCEDSTATUSCODES")
+        self.assertEqual(talk.send("NOOP"), Reply.of(250, enhanced="2.0.0"))
+        talk.write(b"NOOP\r\nHELP\r\n")
+        self.assertEqual(talk.replies(), [Reply.of(250, enhanced="2.0.0"), Reply.of(214, "a", "b", enhanced="2.0.0")])
+        self.assertEqual(talk.replies(), [])
+
+    def test_parse_replies(self) -> None:
+        self.assertEqual(parse_replies(b"250\r\n250-a\r\n250 b\r\n354 go\r\n250-incomplete\r\n"),
+                         [Reply.of(250), Reply.of(250, "a", "b"), Reply.of(354, "go")])
+        self.assertRaises(ValueError, parse_replies, b"hello\r\n")
