@@ -43,6 +43,18 @@ BARE_NEWLINE = Reply(550, ("Message contains a bare CR or LF (only CRLF ends a l
 TOO_MANY_RECIPIENTS = Reply(452, ("Too many recipients",), "4.5.3")
 NO_SERVICE = Reply(503, ("No service: send QUIT",), "5.5.1")
 
+#: Enhanced codes for handler replies that give none, where the verb makes the meaning clear (RFC 3463 §3.2).
+_VERB_ENHANCED = {
+    ("mail", 250): "2.1.0",
+    ("rcpt", 250): "2.1.5",
+    ("rcpt", 251): "2.1.5",
+    ("rcpt", 550): "5.1.1",
+    ("rcpt", 450): "4.2.0",
+    ("rcpt", 551): "5.1.6",
+    ("rcpt", 553): "5.1.3",
+    ("mail", 553): "5.1.7",
+}
+
 
 def _slices(data: bytes, size: int) -> list[bytes]:
     """``data`` cut into pieces of at most ``size`` bytes (none for empty data)."""
@@ -89,7 +101,7 @@ class ESMTPProtocol(LineReceiver):
         self._skip_cr = False
         self._message: _Message | None = None
         self._timer: IDelayedCall | None = None
-        self._command_limit = max(line_limit(v, self.policy.max_command_length) for v in Verb)
+        self._command_limit = max(line_limit(v, self.policy.max_command_length) for v in Verb if v is not Verb.AUTH)
 
     # ---- extensions -------------------------------------------------------------------------------------------
 
@@ -198,15 +210,19 @@ class ESMTPProtocol(LineReceiver):
     def _reply_from(self, value: Any, what: str) -> Reply:
         """Turn a handler result (value or Failure) into a Reply; unexpected errors become 451 4.3.0 and a log."""
         if isinstance(value, Failure):
-            if value.check(SMTPReply):
-                return value.value.reply
-            self.log.failure("handler {what} failed", value, what=what)
-            return HANDLER_ERROR
-        try:
-            return coerce(value)
-        except (TypeError, ValueError):
-            self.log.error("handler {what} returned {value!r}, not a reply", what=what, value=value)
-            return HANDLER_ERROR
+            if not value.check(SMTPReply):
+                self.log.failure("handler {what} failed", value, what=what)
+                return HANDLER_ERROR
+            reply = value.value.reply
+        else:
+            try:
+                reply = coerce(value)
+            except (TypeError, ValueError):
+                self.log.error("handler {what} returned {value!r}, not a reply", what=what, value=value)
+                return HANDLER_ERROR
+        if reply.enhanced is None and (what, reply.code) in _VERB_ENHANCED:
+            return Reply(reply.code, reply.lines, _VERB_ENHANCED[what, reply.code])
+        return reply
 
     def _quiet(self, value: Any, what: str) -> bool:
         """For header/eoh/body results: log a failure and return False, else True."""
@@ -324,7 +340,7 @@ class ESMTPProtocol(LineReceiver):
         except CommandError as e:
             self.send(e.reply)
             return None
-        if len(raw) > line_limit(command.verb, self.policy.max_command_length):
+        if len(raw) > line_limit(self._effective_verb(command), self.policy.max_command_length):
             self.send(LINE_TOO_LONG)
             return None
         if self._refused and command.verb is not Verb.QUIT:
@@ -500,7 +516,8 @@ class ESMTPProtocol(LineReceiver):
             return
         ended = self._message is not None and self._message.ended
         self._message = None
-        self.session.envelope = Envelope()
+        if not ended:
+            self.session.envelope = Envelope()
         self.phase = Phase.GREETED
         if not ended:
             self._abort_now(reason)

@@ -153,7 +153,7 @@ class ResultTests(ServerMixin, SynchronousTestCase):
         async def noop() -> Any:
             raise SMTPReply(421, "bye")
 
-        self.assertEqual(self.noop_answers(lambda: fail(SMTPReply(550, "nope"))), b"550 5.1.1 nope\r\n")
+        self.assertEqual(self.noop_answers(lambda: fail(SMTPReply(550, "nope"))), b"550 5.0.0 nope\r\n")
         self.assertEqual(self.noop_answers(noop), b"421 4.3.0 bye\r\n")
 
     def test_unexpected_exception(self) -> None:
@@ -243,7 +243,7 @@ class ResultTests(ServerMixin, SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_error_reply_from_handler_not_logged_as_failure(self) -> None:
-        self.assertEqual(self.noop_answers(lambda: (550, "no")), b"550 5.1.1 no\r\n")
+        self.assertEqual(self.noop_answers(lambda: (550, "no")), b"550 5.0.0 no\r\n")
         self.assertEqual([e for e in self.events if e.get("log_level") is not None
                           and e["log_level"].name in ("error", "critical")], [])
 

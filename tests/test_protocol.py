@@ -557,7 +557,7 @@ class DataTests(ServerMixin, SynchronousTestCase):
         wire = self.exchange(talk, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n"
                                    b"RCPT TO:<y@example.org>\r\n")
         self.assertEqual(wire, b"250 2.1.0 <a@example.org>, sender ok\r\n550 5.1.1 no such user\r\n"
-                               b"503 5.5.1 Need RCPT command\r\n250 2.0.0 ok\r\n")
+                               b"503 5.5.1 Need RCPT command\r\n250 2.1.5 ok\r\n")
         self.assertEqual(talk.protocol.session.envelope.recipients, ["y@example.org"])
 
     def test_sender_refused(self) -> None:
