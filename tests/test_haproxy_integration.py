@@ -1,0 +1,172 @@
+"""Integration: a real HAProxy (Debian's ``haproxy``, run in the foreground on loopback) in front of esmtpkit.
+
+smtplib connects from 127.0.0.2 to HAProxy, which opens its own connection from 127.0.0.1 to esmtpkit and sends
+a PROXY header (v2 with ``send-proxy-v2``, v1 with ``send-proxy``). The handler's ``connect`` and the trace
+header must name 127.0.0.2 and the client's own port; HAProxy's health checks (``check-send-proxy``, a tcp-check
+expecting 220 and sending QUIT) must pass: v2 checks send LOCAL (the socket's addresses are kept), v1 checks
+name the check's own socket.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, threads
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import deferLater
+
+from esmtpkit.factory import ESMTPFactory
+from esmtpkit.handlers.trace import received_header
+from esmtpkit.policy import Policy
+from esmtpkit.proxy import ProxyProtocolFactory
+from esmtpkit.session import Session
+from esmtpkit.testing import RecordingHandler
+
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
+CLIENT_IP = "127.0.0.2"
+MESSAGE = b"From: alice@example.org\r\nSubject: through HAProxy\r\n\r\nHello.\r\n..a leading dot\r\n"
+
+pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (Debian package haproxy)")
+
+CONFIG = """\
+global
+    log stderr format raw local0 info
+
+defaults
+    mode tcp
+    log global
+    option tcplog
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout check 5s
+
+frontend smtp_in
+    bind 127.0.0.1:{front}
+    default_backend esmtpkit
+
+backend esmtpkit
+    option tcp-check
+    tcp-check expect rstring ^220
+    tcp-check send QUIT\\r\\n
+    tcp-check expect rstring ^221|\\n221
+    server s1 127.0.0.1:{back} {send_proxy} check check-send-proxy inter 1s
+"""
+
+
+class PeerAtConnect(RecordingHandler):
+    """A RecordingHandler that also keeps session.peer and session.host as they were when connect() ran."""
+
+    def connect(self, session: Session) -> Any:
+        self.peer_at_connect = session.peer
+        self.host_at_connect = session.host
+        self.proxy_header = session.transport.header
+        return super().connect(session)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _can_bind_client_ip() -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((CLIENT_IP, 0))
+        except OSError:
+            return False
+    return True
+
+
+async def _until(condition: Callable[[], bool], what: str, proc: subprocess.Popen[bytes], log: Path,
+                 seconds: float = 30.0) -> None:
+    """Wait (polling the reactor's clock) until ``condition()`` holds; fail with HAProxy's log if it never does."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"haproxy exited with {proc.returncode} while waiting for {what}:\n{log.read_text()}")
+        await deferLater(reactor, 0.05, lambda: None)
+    pytest.fail(f"no {what} within {seconds} s; haproxy log:\n{log.read_text()}")
+
+
+async def _run(send_proxy: str, version: int) -> None:
+    if not _can_bind_client_ip():
+        pytest.skip(f"cannot bind a client socket to {CLIENT_IP}")
+    handlers: list[PeerAtConnect] = []
+
+    def make() -> PeerAtConnect:
+        handlers.append(PeerAtConnect())
+        return handlers[-1]
+
+    esmtp = ESMTPFactory(make, policy=Policy(hostname="mx.test"), clock=reactor)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(ProxyProtocolFactory(esmtp))
+    back = port.getHost().port
+    front = _free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="esmtpkit-haproxy-"))
+    config = workdir / "haproxy.cfg"
+    config.write_text(CONFIG.format(front=front, back=back, send_proxy=send_proxy))
+    log = workdir / "haproxy.log"
+    check = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    with log.open("wb") as out:
+        proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def checked() -> bool:
+            return any(h.verbs == ["connect", "quit"] for h in handlers)
+
+        await _until(checked, "health check", proc, log)
+
+        def client() -> dict[str, Any]:
+            with smtplib.SMTP("127.0.0.1", front, local_hostname="client.test", timeout=30,
+                              source_address=(CLIENT_IP, 0)) as smtp:
+                seen: dict[str, Any] = {"port": smtp.sock.getsockname()[1], "ehlo": smtp.ehlo()[0]}
+                seen["refused"] = smtp.sendmail("alice@example.org", ["bob@example.net"], MESSAGE)
+            return seen
+
+        seen = await threads.deferToThread(client)
+        await _until(lambda: any("mail" in h.verbs and "quit" in h.verbs for h in handlers), "QUIT", proc, log)
+    finally:
+        proc.terminate()
+        await threads.deferToThread(proc.wait, 10)
+        await port.stopListening()
+
+    assert (seen["ehlo"], seen["refused"]) == (250, {})
+    [mail] = [h for h in handlers if "mail" in h.verbs]
+    assert mail.peer_at_connect.host == CLIENT_IP
+    assert mail.peer_at_connect.port == seen["port"]
+    assert (mail.host_at_connect.host, mail.host_at_connect.port) == ("127.0.0.1", front)
+    assert mail.verbs[:3] == ["connect", "ehlo", "mail"]
+    assert [m["body"] for m in mail.messages] == [MESSAGE.split(b"\r\n\r\n", 1)[1]]
+    trace = received_header(mail.session, id="1", timestamp=0)
+    assert f"[{CLIENT_IP}]".encode() in trace
+    checks = [h for h in handlers if h.verbs == ["connect", "quit"]]
+    assert checks, "no health check reached the handler"
+    for h in checks:
+        assert h.proxy_header.version == version
+        assert h.peer_at_connect.host == "127.0.0.1"
+        if version == 2:
+            assert h.proxy_header.source is None  # LOCAL: the socket's own addresses are kept
+        else:
+            assert h.proxy_header.source == h.peer_at_connect  # HAProxy 2.6 names the check's own socket
+    assert mail.proxy_header.version == version
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_proxy_v2() -> None:
+    await _run("send-proxy-v2", 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_proxy_v1() -> None:
+    await _run("send-proxy", 1)
