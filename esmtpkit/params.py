@@ -1,4 +1,5 @@
-"""Check and convert MAIL/RCPT ESMTP parameters against the extensions a server offers (RFC 1870, 6152, 6531).
+"""Check and convert MAIL/RCPT ESMTP parameters against the extensions a server offers (RFC 1870, 6152, 6531,
+3030, 3461).
 
 Pure core. Unknown or unoffered parameters get 555 5.5.4 (RFC 5321 §4.1.1.11); bad values 501 5.5.4.
 """
@@ -8,11 +9,13 @@ from __future__ import annotations
 from typing import Any, Collection
 
 from .commands import CommandError
+from .dsn import parse_envid, parse_notify, parse_orcpt, parse_ret
 from .reply import Reply
 
 __all__ = ["check_mail_params", "check_rcpt_params"]
 
-_BODY_TYPES = {"7BIT", "8BITMIME", "BINARYMIME"}
+#: BODY values (RFC 6152 §2, RFC 3030 §3) and the extension each needs offered; 7BIT needs only BODY itself.
+_BODY_TYPES = {"7BIT": None, "8BITMIME": "8BITMIME", "BINARYMIME": "BINARYMIME"}
 MAX_SIZE_DIGITS = 20
 
 
@@ -21,29 +24,47 @@ def _bad(text: str, code: int = 501) -> CommandError:
 
 
 def check_mail_params(params: dict[str, str | None], offered: Collection[str]) -> dict[str, Any]:
-    """Validate MAIL parameters; return them with parsed values (SIZE int, BODY upper-case str, SMTPUTF8 True)."""
+    """Validate MAIL parameters; return them with parsed values (SIZE int, BODY upper-case str, SMTPUTF8 True,
+    and with DSN offered: RET a `dsn.Ret`, ENVID the decoded str).
+
+    BODY is known when 8BITMIME or BINARYMIME is offered; BODY=BINARYMIME only with BINARYMIME (which a server
+    offers only together with CHUNKING, RFC 3030 §3).
+    """
     parsed: dict[str, Any] = {}
     for key, value in params.items():
         if key == "SIZE" and "SIZE" in offered:
             if value is None or not value.isdigit() or len(value) > MAX_SIZE_DIGITS:
                 raise _bad("Bad SIZE value")
             parsed[key] = int(value)
-        elif key == "BODY" and "8BITMIME" in offered:
+        elif key == "BODY" and ("8BITMIME" in offered or "BINARYMIME" in offered):
             body = (value or "").upper()
-            if body not in _BODY_TYPES or (body == "BINARYMIME" and "BINARYMIME" not in offered):
+            if body not in _BODY_TYPES or _BODY_TYPES[body] not in (None, *offered):
                 raise _bad(f"Unsupported BODY type {value}", 555)
             parsed[key] = body
         elif key == "SMTPUTF8" and "SMTPUTF8" in offered:
             if value is not None:
                 raise _bad("SMTPUTF8 takes no value")
             parsed[key] = True
+        elif key == "RET" and "DSN" in offered:
+            parsed[key] = parse_ret(value)
+        elif key == "ENVID" and "DSN" in offered:
+            parsed[key] = parse_envid(value)
         else:
             raise _bad(f"Unsupported MAIL parameter {key}", 555)
     return parsed
 
 
-def check_rcpt_params(params: dict[str, str | None], offered: Collection[str]) -> dict[str, Any]:
-    """Validate RCPT parameters (none are offered by the base protocol: any parameter gets 555)."""
-    for key in params:
-        raise _bad(f"Unsupported RCPT parameter {key}", 555)
-    return {}
+def check_rcpt_params(params: dict[str, str | None], offered: Collection[str], *,
+                      utf8: bool = False) -> dict[str, Any]:
+    """Validate RCPT parameters: with DSN offered, NOTIFY (a `dsn.Notify`) and ORCPT (a `dsn.OriginalRecipient`;
+    ``utf8`` when the transaction uses SMTPUTF8). Anything else gets 555.
+    """
+    parsed: dict[str, Any] = {}
+    for key, value in params.items():
+        if key == "NOTIFY" and "DSN" in offered:
+            parsed[key] = parse_notify(value)
+        elif key == "ORCPT" and "DSN" in offered:
+            parsed[key] = parse_orcpt(value, utf8=utf8)
+        else:
+            raise _bad(f"Unsupported RCPT parameter {key}", 555)
+    return parsed
