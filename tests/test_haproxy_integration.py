@@ -33,6 +33,7 @@ from esmtpkit.testing import RecordingHandler
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
 CLIENT_IP = "127.0.0.2"
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "haproxy" / "haproxy.cfg"
 MESSAGE = b"From: alice@example.org\r\nSubject: through HAProxy\r\n\r\nHello.\r\n..a leading dot\r\n"
 
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (Debian package haproxy)")
@@ -100,7 +101,18 @@ async def _until(condition: Callable[[], bool], what: str, proc: subprocess.Pope
     pytest.fail(f"no {what} within {seconds} s; haproxy log:\n{log.read_text()}")
 
 
-async def _run(send_proxy: str, version: int) -> None:
+def _contrib_config(front: int, back: int, send_proxy: str) -> str:
+    """contrib/haproxy/haproxy.cfg on loopback: log to stderr, bind ``front``, both servers at ``back``."""
+    text = CONTRIB.read_text()
+    for old, new in (("log /dev/log local0", "log stderr format raw local0 info"), ("bind :25", f"bind 127.0.0.1:{front}"),
+                     ("10.0.0.11:2525", f"127.0.0.1:{back}"), ("10.0.0.12:2525", f"127.0.0.1:{back}"),
+                     ("inter 5s", "inter 1s")):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return text
+
+
+async def _run(make_config: Callable[[int, int, str], str], send_proxy: str, version: int) -> None:
     if not _can_bind_client_ip():
         pytest.skip(f"cannot bind a client socket to {CLIENT_IP}")
     handlers: list[PeerAtConnect] = []
@@ -115,7 +127,7 @@ async def _run(send_proxy: str, version: int) -> None:
     front = _free_port()
     workdir = Path(tempfile.mkdtemp(prefix="esmtpkit-haproxy-"))
     config = workdir / "haproxy.cfg"
-    config.write_text(CONFIG.format(front=front, back=back, send_proxy=send_proxy))
+    config.write_text(make_config(front, back, send_proxy))
     log = workdir / "haproxy.log"
     check = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -162,11 +174,21 @@ async def _run(send_proxy: str, version: int) -> None:
     assert mail.proxy_header.version == version
 
 
+def _test_config(front: int, back: int, send_proxy: str) -> str:
+    return CONFIG.format(front=front, back=back, send_proxy=send_proxy)
+
+
 @pytest_twisted.ensureDeferred
 async def test_send_proxy_v2() -> None:
-    await _run("send-proxy-v2", 2)
+    await _run(_test_config, "send-proxy-v2", 2)
 
 
 @pytest_twisted.ensureDeferred
 async def test_send_proxy_v1() -> None:
-    await _run("send-proxy", 1)
+    await _run(_test_config, "send-proxy", 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_contrib_example() -> None:
+    """The shipped example (leastconn, send-proxy-v2, check-send-proxy, the 220/QUIT/221 tcp-check) works as is."""
+    await _run(_contrib_config, "send-proxy-v2", 2)
