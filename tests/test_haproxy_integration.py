@@ -126,18 +126,16 @@ async def _run(make_config: Callable[[int, int, str], str], send_proxy: str, ver
     back = port.getHost().port
     front = _free_port()
     workdir = Path(tempfile.mkdtemp(prefix="esmtpkit-haproxy-"))
-    config = workdir / "haproxy.cfg"
-    config.write_text(make_config(front, back, send_proxy))
-    log = workdir / "haproxy.log"
-    check = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
-    with log.open("wb") as out:
-        proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=out, stderr=subprocess.STDOUT)
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        def checked() -> bool:
-            return any(h.verbs == ["connect", "quit"] for h in handlers)
-
-        await _until(checked, "health check", proc, log)
+        config = workdir / "haproxy.cfg"
+        config.write_text(make_config(front, back, send_proxy))
+        log = workdir / "haproxy.log"
+        check = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        with log.open("wb") as out:
+            proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=out, stderr=subprocess.STDOUT)
+        await _until(lambda: any(h.verbs == ["connect", "quit"] for h in handlers), "health check", proc, log)
 
         def client() -> dict[str, Any]:
             with smtplib.SMTP("127.0.0.1", front, local_hostname="client.test", timeout=30,
@@ -149,9 +147,11 @@ async def _run(make_config: Callable[[int, int, str], str], send_proxy: str, ver
         seen = await threads.deferToThread(client)
         await _until(lambda: any("mail" in h.verbs and "quit" in h.verbs for h in handlers), "QUIT", proc, log)
     finally:
-        proc.terminate()
-        await threads.deferToThread(proc.wait, 10)
+        if proc is not None:
+            proc.terminate()
+            await threads.deferToThread(proc.wait, 10)
         await port.stopListening()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     assert (seen["ehlo"], seen["refused"]) == (250, {})
     [mail] = [h for h in handlers if "mail" in h.verbs]
