@@ -4,7 +4,8 @@ smtplib connects from 127.0.0.2 to HAProxy, which opens its own connection from 
 a PROXY header (v2 with ``send-proxy-v2``, v1 with ``send-proxy``). The handler's ``connect`` and the trace
 header must name 127.0.0.2 and the client's own port; HAProxy's health checks (``check-send-proxy``, a tcp-check
 expecting 220 and sending QUIT) must pass: v2 checks send LOCAL (the socket's addresses are kept), v1 checks
-name the check's own socket.
+name the check's own socket. The shipped contrib/haproxy/haproxy.cfg is run as is (on loopback addresses), and
+implicit TLS (port 465 style) works with the PROXY wrapper outside the TLS layer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.task import deferLater
+from zope.interface import implementer
 
 from esmtpkit.factory import ESMTPFactory
 from esmtpkit.handlers.trace import received_header
@@ -60,7 +63,7 @@ backend esmtpkit
     tcp-check expect rstring ^220
     tcp-check send QUIT\\r\\n
     tcp-check expect rstring ^221|\\n221
-    server s1 127.0.0.1:{back} {send_proxy} check check-send-proxy inter 1s
+    server s1 127.0.0.1:{back} {send_proxy} check check-send-proxy inter 1s{tls}
 """
 
 
@@ -70,7 +73,10 @@ class PeerAtConnect(RecordingHandler):
     def connect(self, session: Session) -> Any:
         self.peer_at_connect = session.peer
         self.host_at_connect = session.host
-        self.proxy_header = session.transport.header
+        transport = session.transport
+        while not hasattr(transport, "header"):  # under implicit TLS the TLS layer sits on top of the wrapper
+            transport = transport.transport
+        self.proxy_header = transport.header
         return super().connect(session)
 
 
@@ -112,7 +118,42 @@ def _contrib_config(front: int, back: int, send_proxy: str) -> str:
     return text
 
 
-async def _run(make_config: Callable[[int, int, str], str], send_proxy: str, version: int) -> None:
+@implementer(IOpenSSLContextFactory)
+class _ServerContext:
+    """A TLS server context with a throw-away self-signed certificate (made with ``cryptography``)."""
+
+    def __init__(self) -> None:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+        from OpenSSL import SSL
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.test")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                       .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+                       .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+        self.context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        self.context.use_certificate(certificate)
+        self.context.use_privatekey(key)
+
+    def getContext(self) -> Any:
+        return self.context
+
+
+def _tls_factory(wrapped: ESMTPFactory) -> Any:
+    """Implicit TLS (as on port 465) under the PROXY wrapper: the header comes in clear, before the handshake."""
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    return TLSMemoryBIOFactory(_ServerContext(), False, wrapped)
+
+
+async def _run(make_config: Callable[[int, int, str], str], send_proxy: str, version: int,
+               tls: bool = False) -> None:
     if not _can_bind_client_ip():
         pytest.skip(f"cannot bind a client socket to {CLIENT_IP}")
     handlers: list[PeerAtConnect] = []
@@ -122,7 +163,8 @@ async def _run(make_config: Callable[[int, int, str], str], send_proxy: str, ver
         return handlers[-1]
 
     esmtp = ESMTPFactory(make, policy=Policy(hostname="mx.test"), clock=reactor)
-    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(ProxyProtocolFactory(esmtp))
+    inner = _tls_factory(esmtp) if tls else esmtp
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(ProxyProtocolFactory(inner))
     back = port.getHost().port
     front = _free_port()
     workdir = Path(tempfile.mkdtemp(prefix="esmtpkit-haproxy-"))
@@ -138,9 +180,18 @@ async def _run(make_config: Callable[[int, int, str], str], send_proxy: str, ver
         await _until(lambda: any(h.verbs == ["connect", "quit"] for h in handlers), "health check", proc, log)
 
         def client() -> dict[str, Any]:
-            with smtplib.SMTP("127.0.0.1", front, local_hostname="client.test", timeout=30,
-                              source_address=(CLIENT_IP, 0)) as smtp:
-                seen: dict[str, Any] = {"port": smtp.sock.getsockname()[1], "ehlo": smtp.ehlo()[0]}
+            kwargs: dict[str, Any] = dict(local_hostname="client.test", timeout=30, source_address=(CLIENT_IP, 0))
+            if tls:
+                import ssl
+
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # a throw-away certificate
+                connection: smtplib.SMTP = smtplib.SMTP_SSL("127.0.0.1", front, context=context, **kwargs)
+            else:
+                connection = smtplib.SMTP("127.0.0.1", front, **kwargs)
+            with connection as smtp:
+                seen: dict[str, Any] = {"port": smtp.sock.getsockname()[1], "ehlo": smtp.ehlo()[0],
+                                        "tls": getattr(smtp.sock, "version", lambda: None)()}
                 seen["refused"] = smtp.sendmail("alice@example.org", ["bob@example.net"], MESSAGE)
             return seen
 
@@ -154,6 +205,7 @@ async def _run(make_config: Callable[[int, int, str], str], send_proxy: str, ver
         shutil.rmtree(workdir, ignore_errors=True)
 
     assert (seen["ehlo"], seen["refused"]) == (250, {})
+    assert (seen["tls"] is not None) == tls
     [mail] = [h for h in handlers if "mail" in h.verbs]
     assert mail.peer_at_connect.host == CLIENT_IP
     assert mail.peer_at_connect.port == seen["port"]
@@ -175,7 +227,12 @@ async def _run(make_config: Callable[[int, int, str], str], send_proxy: str, ver
 
 
 def _test_config(front: int, back: int, send_proxy: str) -> str:
-    return CONFIG.format(front=front, back=back, send_proxy=send_proxy)
+    return CONFIG.format(front=front, back=back, send_proxy=send_proxy, tls="")
+
+
+def _tls_config(front: int, back: int, send_proxy: str) -> str:
+    """The health check speaks TLS too (check-ssl); HAProxy still sends its PROXY header first, in clear."""
+    return CONFIG.format(front=front, back=back, send_proxy=send_proxy, tls=" check-ssl verify none")
 
 
 @pytest_twisted.ensureDeferred
@@ -192,3 +249,9 @@ async def test_send_proxy_v1() -> None:
 async def test_contrib_example() -> None:
     """The shipped example (leastconn, send-proxy-v2, check-send-proxy, the 220/QUIT/221 tcp-check) works as is."""
     await _run(_contrib_config, "send-proxy-v2", 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_implicit_tls() -> None:
+    """Port 465 style: HAProxy passes TLS through untouched; esmtpkit reads the header, then does TLS itself."""
+    await _run(_tls_config, "send-proxy-v2", 2, tls=True)
