@@ -23,9 +23,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.task import deferLater
-from zope.interface import implementer
 
 from esmtpkit.factory import ESMTPFactory
 from esmtpkit.handlers.trace import received_header
@@ -118,38 +116,15 @@ def _contrib_config(front: int, back: int, send_proxy: str) -> str:
     return text
 
 
-@implementer(IOpenSSLContextFactory)
-class _ServerContext:
-    """A TLS server context with a throw-away self-signed certificate (made with ``cryptography``)."""
-
-    def __init__(self) -> None:
-        import datetime
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-        from OpenSSL import SSL
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.test")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                       .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
-                       .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
-        self.context = SSL.Context(SSL.TLS_SERVER_METHOD)
-        self.context.use_certificate(certificate)
-        self.context.use_privatekey(key)
-
-    def getContext(self) -> Any:
-        return self.context
-
-
-def _tls_factory(wrapped: ESMTPFactory) -> Any:
+def _tls_factory(wrapped: ESMTPFactory, directory: Path) -> Any:
     """Implicit TLS (as on port 465) under the PROXY wrapper: the header comes in clear, before the handshake."""
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    return TLSMemoryBIOFactory(_ServerContext(), False, wrapped)
+    from esmtpkit.tls import ServerTLS
+    from tests.certs import make_tls_files
+
+    files = make_tls_files(directory)
+    return TLSMemoryBIOFactory(ServerTLS(files.cert, files.key), False, wrapped)
 
 
 async def _run(make_config: Callable[[int, int, str], str], send_proxy: str, version: int,
@@ -163,11 +138,11 @@ async def _run(make_config: Callable[[int, int, str], str], send_proxy: str, ver
         return handlers[-1]
 
     esmtp = ESMTPFactory(make, policy=Policy(hostname="mx.test"), clock=reactor)
-    inner = _tls_factory(esmtp) if tls else esmtp
+    workdir = Path(tempfile.mkdtemp(prefix="esmtpkit-haproxy-"))
+    inner = _tls_factory(esmtp, workdir) if tls else esmtp
     port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(ProxyProtocolFactory(inner))
     back = port.getHost().port
     front = _free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="esmtpkit-haproxy-"))
     proc: subprocess.Popen[bytes] | None = None
     try:
         config = workdir / "haproxy.cfg"

@@ -1,6 +1,6 @@
 """PROXY protocol v1/v2 in front of ESMTPFactory: no banner and no handler before the header; the header's address
 everywhere after it (session.peer, connect, trace headers, per-address limits); untrusted, late and malformed
-senders closed. In memory: StringTransport and task.Clock.
+senders closed. In memory (StringTransport and task.Clock), except one loopback test of STARTTLS through the wrapper.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import socket
 import struct
 from typing import Any
 
+import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -17,6 +18,7 @@ from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.protocols.basic import LineReceiver
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
@@ -37,6 +39,7 @@ from esmtpkit.proxy import (
     parse_v2,
 )
 from esmtpkit.testing import RecordingHandler
+from esmtpkit.tls import tls_info
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 GREETING = b"220 mx.test ESMTP Mail Server\r\n"
@@ -669,3 +672,63 @@ def _raised(function: Any, *args: Any) -> BaseException | None:
     except BaseException as e:
         return e
     return None
+
+
+class _StartTLSLine(LineReceiver):
+    """A minimal server: greets, answers STARTTLS by starting TLS, answers PEER with what its transport shows."""
+
+    delimiter = b"\r\n"
+
+    def __init__(self, creator: Any) -> None:
+        self.creator = creator
+
+    def connectionMade(self) -> None:
+        self.sendLine(b"220 ready")
+
+    def lineReceived(self, line: bytes) -> None:
+        if line == b"STARTTLS":
+            self.sendLine(b"220 go ahead")
+            self.transport.startTLS(self.creator)
+        elif line == b"PEER":
+            peer = self.transport.getPeer()
+            cipher = tls_info(self.transport).get("cipher", "")
+            ssl = ISSLTransport.providedBy(self.transport)
+            self.sendLine(f"250 {peer.host} {peer.port} {ssl} {cipher}".encode())
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_through_the_wrapper(tmp_path: Any) -> None:
+    """On a real socket: header, then STARTTLS; the wrapper relays startTLS and shows TLS like the socket does."""
+    import ssl
+
+    from twisted.internet import reactor, threads
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.protocol import Factory
+
+    from esmtpkit.tls import ServerTLS
+    from tests.certs import make_tls_files
+
+    files = make_tls_files(tmp_path)
+    creator = ServerTLS(files.cert, files.key)
+    factory = ProxyProtocolFactory(Factory.forProtocol(lambda: _StartTLSLine(creator)), clock=reactor)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+
+    def client() -> list[bytes]:
+        context = ssl.create_default_context(cafile=str(files.ca))
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as raw:
+            reader = raw.makefile("rb")
+            raw.sendall(V1_TCP4)
+            seen = [reader.readline()]
+            raw.sendall(b"PEER\r\nSTARTTLS\r\n")
+            seen += [reader.readline(), reader.readline()]
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"PEER\r\n")
+                seen.append(tls.makefile("rb").readline())
+        return seen
+
+    try:
+        seen = await threads.deferToThread(client)
+    finally:
+        await port.stopListening()
+    assert seen[:3] == [b"220 ready\r\n", b"250 192.0.2.10 51000 False \r\n", b"220 go ahead\r\n"]
+    assert seen[3].startswith(b"250 192.0.2.10 51000 True TLS_")
