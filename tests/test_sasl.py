@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
+import io
+import re
 from pathlib import Path
 from typing import Any
 
 from twisted.cred.checkers import FilePasswordDB, ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
 from twisted.cred.portal import IRealm, Portal
+from twisted.cred.strcred import StrcredException
 from twisted.internet import defer
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -413,7 +417,22 @@ class PortalTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(d, SMTPReply).value.reply, AUTH_FAILED)
 
     def test_bad_auth_string(self) -> None:
-        from twisted.cred.strcred import StrcredException
-
         self.assertRaises(StrcredException, sasl.portal_from_strings, ["nonsense:x"])
         self.assertRaises(StrcredException, sasl.portal_from_strings, ["memory:alice"])
+
+
+class ExtensionsDocTests(SynchronousTestCase):
+    def test_examples_run(self) -> None:
+        """The Python examples of docs/extensions.md run, and print what their comments say."""
+        doc = Path(__file__).resolve().parent.parent / "docs" / "extensions.md"
+        blocks = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)
+        self.assertEqual(len(blocks), 3)
+        for block in blocks:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(block, str(doc), "exec"), {})
+            promised = [m.group(1).strip() for m in re.finditer(r"print\(.*\)\s+# (.*)", block)]
+            printed = out.getvalue().splitlines()
+            for text in promised:
+                if not text.startswith("e.g."):
+                    self.assertIn(text, printed)
