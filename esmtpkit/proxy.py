@@ -61,6 +61,7 @@ class ProxyHeader:
 
     ``source``/``destination`` are the client's and the proxy's listening address, or None when the header
     carries none (v2 LOCAL for health checks, v2 UNSPEC, v1 UNKNOWN): the socket's own addresses then apply.
+    ``raw`` is the header as received (a v1 line without its CRLF).
     """
 
     version: int
@@ -72,8 +73,8 @@ class ProxyHeader:
 class HeaderReader:
     """Collects one PROXY header from bytes arriving in any pieces (I/O free, so it can be fed byte by byte).
 
-    ``feed`` returns None until the header is complete, then ``(header, bytes_after_it)``; it raises
-    `MalformedHeader` as soon as the bytes cannot start a header, or a header would pass the size limits.
+    ``feed`` returns None until the header is complete, then ``(header, bytes_after_it)`` and starts afresh; it
+    raises `MalformedHeader` as soon as the bytes cannot start a header, or a header would pass the size limits.
     """
 
     def __init__(self, max_v2_length: int = MAX_V2_LENGTH) -> None:
@@ -85,9 +86,10 @@ class HeaderReader:
         buffer = self._buffer = self._buffer + data
         if not buffer:
             return None
-        if buffer[:1] == _V2_SIGNATURE[:1]:
-            return self._v2(buffer)
-        return self._v1(buffer)
+        found = self._v2(buffer) if buffer[:1] == _V2_SIGNATURE[:1] else self._v1(buffer)
+        if found is not None:
+            self._buffer = b""
+        return found
 
     def _v1(self, buffer: bytes) -> tuple[ProxyHeader, bytes] | None:
         if not buffer.startswith(_V1_PREFIX[:len(buffer)]):
@@ -197,7 +199,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self._timer: IDelayedCall | None = None
 
     def logPrefix(self) -> str:
-        return "ProxyProtocolWrapper"
+        return self.factory.logPrefix()
 
     def makeConnection(self, transport: Any) -> None:
         """Take the socket; unlike ProtocolWrapper, do not connect a wrapped protocol yet."""

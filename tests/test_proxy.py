@@ -5,8 +5,10 @@ senders closed. In memory (StringTransport and task.Clock), except one loopback 
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest_twisted
@@ -585,6 +587,7 @@ class FactoryTests(SynchronousTestCase):
         factory.doStop()
         self.assertEqual(calls, ["start", "stop"])
         self.assertEqual(factory.logPrefix(), "Watched (PROXY)")
+        self.assertEqual(factory.buildProtocol(None).logPrefix(), "Watched (PROXY)")
 
 
 class ReaderTests(SynchronousTestCase):
@@ -598,6 +601,12 @@ class ReaderTests(SynchronousTestCase):
             found = HeaderReader().feed(header + b"rest")
             assert found is not None
             self.assertEqual(found[1], b"rest")
+
+    def test_starts_afresh_after_a_header(self) -> None:
+        reader = HeaderReader()
+        first = reader.feed(V1_TCP4 + b"EHLO")
+        self.assertEqual(first, (parse_v1(V1_TCP4[:-2]), b"EHLO"))
+        self.assertEqual(reader.feed(v2()), (parse_v2(v2()), b""))
 
     def test_incomplete(self) -> None:
         for header in self.CASES:
@@ -732,3 +741,37 @@ async def test_starttls_through_the_wrapper(tmp_path: Any) -> None:
         await port.stopListening()
     assert seen[:3] == [b"220 ready\r\n", b"250 192.0.2.10 51000 False \r\n", b"220 go ahead\r\n"]
     assert seen[3].startswith(b"250 192.0.2.10 51000 True TLS_")
+
+
+class DocsTests(SynchronousTestCase):
+    """The Python examples of docs/proxy.md run."""
+
+    DOC = Path(__file__).resolve().parent.parent / "docs" / "proxy.md"
+
+    def blocks(self) -> list[str]:
+        return re.findall(r"```python\n(.*?)```", self.DOC.read_text(), re.S)
+
+    def test_embedding_example(self) -> None:
+        import ipaddress
+
+        from twisted.internet.testing import MemoryReactor
+
+        namespace: dict[str, Any] = {}
+        exec(compile(self.blocks()[0], str(self.DOC), "exec"), namespace)
+        reactor = MemoryReactor()
+        namespace["listen"](reactor)
+        [(port, factory, _, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (2525, ""))
+        self.assertIsInstance(factory, ProxyProtocolFactory)
+        self.assertEqual(factory.trusted, (ipaddress.ip_network("10.0.0.5/32"), ipaddress.ip_network("fd00::5/128")))
+        self.assertIs(factory.clock, reactor)
+
+    def test_testing_example(self) -> None:
+        exec(compile(self.blocks()[1], str(self.DOC), "exec"), {})
+
+    def test_options_documented(self) -> None:
+        text = self.DOC.read_text()
+        for option in ("--proxy-protocol", "--proxy-trusted NETWORK", "--proxy-timeout SECONDS"):
+            self.assertIn(f"| `{option}` |", text)
+        self.assertIn("at most 4096", text)
+        self.assertEqual(MAX_V2_LENGTH, 4096)
