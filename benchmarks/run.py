@@ -541,8 +541,7 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "esmtpkit python": version(kit, "import sys; print(sys.version.split()[0])"),
         "esmtpkit twisted": version(kit, "import twisted; print(twisted.__version__)"),
-        "esmtpkit commit": subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h"], capture_output=True,
-                                          text=True).stdout.strip() or "?",
+        "esmtpkit commit": _commit(),
     }
     peers = PEERS_VENV / "bin" / "python"
     if peers.exists():
@@ -551,6 +550,15 @@ def machine() -> dict[str, str]:
     post = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "postfix"], capture_output=True, text=True)
     info["postfix"] = post.stdout.strip() or "?"
     return info
+
+
+def _commit() -> str:
+    """The checkout's commit, marked when esmtpkit/ has changes not yet committed."""
+    head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "esmtpkit", "twisted"],
+                           capture_output=True, text=True)
+    commit = head.stdout.strip() or "?"
+    return commit + (" with uncommitted changes in esmtpkit/" if dirty.stdout.strip() else "")
 
 
 def fmt(value: float) -> str:
