@@ -22,10 +22,8 @@ from .test_workers import TWISTD, _env, alive, greeting_pid, holds_socket, liste
 
 ACTIVATE = shutil.which("systemd-socket-activate")
 
-pytestmark = [
-    pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate is not installed (Debian package systemd)"),
-    pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc to see listening sockets"),
-]
+needs_activate = pytest.mark.skipif(ACTIVATE is None or not Path("/proc/net/tcp").exists(),
+                                    reason="needs systemd-socket-activate (Debian package systemd) and Linux /proc")
 
 #: Starts each instance the way systemd starts a service: LISTEN_PID is the instance's own pid (sd_listen_fds(3)).
 LAUNCHER = """\
@@ -88,6 +86,7 @@ def share(port: int) -> set[int]:
         return set(pool.map(lambda _: greeting_pid(port), range(200)))
 
 
+@needs_activate
 def test_two_instances_share_the_socket(tmp_path: Path, activated: list[Activated]) -> None:
     """Two independent instances serve the one socket systemd-socket-activate made."""
     (tmp_path / "launch.sh").write_text(LAUNCHER)
@@ -107,6 +106,7 @@ def test_two_instances_share_the_socket(tmp_path: Path, activated: list[Activate
     assert all(holds_socket(pid, inode) for pid in pids)
 
 
+@needs_activate
 def test_workers_share_an_inherited_socket(tmp_path: Path, activated: list[Activated]) -> None:
     """``--workers 2 --listen systemd:…``: the supervisor hands the socket it inherited to both workers."""
     server = Activated(tmp_path, TWISTD, "-n", "--pidfile=", "--logfile", "twistd.log", "esmtpkit",
@@ -129,3 +129,47 @@ def test_workers_share_an_inherited_socket(tmp_path: Path, activated: list[Activ
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(30) == -signal.SIGTERM
     assert not any(alive(pid) for pid in workers)
+
+
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """``Key=value`` lines of a unit file (continuation lines joined), as lists per key."""
+    settings: dict[str, list[str]] = {}
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_units_agree() -> None:
+    """The service asks for the socket by the name the socket unit gives it, without a pid file."""
+    socket_unit = unit_settings(CONTRIB / "esmtpkit.socket")
+    service = unit_settings(CONTRIB / "esmtpkit@.service")
+    (name,) = socket_unit["FileDescriptorName"]
+    assert socket_unit["Accept"] == ["no"]
+    assert socket_unit["Service"] == ["esmtpkit@1.service"]
+    assert service["Sockets"] == ["esmtpkit.socket"]
+    (command,) = service["ExecStart"]
+    words = command.split()
+    assert words[words.index("--listen") + 1] == f"systemd:domain=INET6:name={name}"
+    assert words.index("--pidfile=") < words.index("esmtpkit")
+    assert "--workers" not in words
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed (Debian package systemd)")
+def test_units_verify(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` finds nothing to say about the units (twistd's path made to exist here)."""
+    for unit in ("esmtpkit.socket", "esmtpkit@.service"):
+        text = (CONTRIB / unit).read_text().replace("/usr/bin/twistd", TWISTD)
+        (tmp_path / unit).write_text(text)
+    out = subprocess.run(["systemd-analyze", "verify", "--man=no", "./esmtpkit.socket", "esmtpkit@1.service"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, SYSTEMD_UNIT_PATH=f"{tmp_path}:"))
+    complaints = [line for line in out.stderr.splitlines()
+                  if "esmtpkit" in line or "Unknown" in line or "Invalid" in line]
+    assert out.returncode == 0 and complaints == [], out.stderr
