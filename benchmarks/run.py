@@ -38,7 +38,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEERS_VENV = HERE / ".venv-peers"
 PEER_PACKAGES = ("aiosmtpd==1.4.6", "twisted==26.10.0")
-SERVERS = ("esmtpkit", "aiosmtpd", "twisted", "smtp-sink")
+SERVERS = ("esmtpkit", "aiosmtpd", "twisted", "smtp-sink", "floor")
+DEFAULT_SERVERS = SERVERS[:4]
 HOST = "127.0.0.1"
 TICKS = os.sysconf("SC_CLK_TCK")
 SENDER, RECIPIENT = "sender@example.com", "recipient@example.com"
@@ -198,10 +199,12 @@ def server_specs(names: list[str], profile_dir: Path | None) -> dict[str, Server
                     "--listen", f"tcp:{port}:interface={HOST}:backlog=1024", *options]
 
         specs["esmtpkit"] = ServerSpec("esmtpkit", esmtpkit, env)
-    if "aiosmtpd" in names or "twisted" in names:
+    if {"aiosmtpd", "twisted", "floor"} & set(names):
         peers = peers_python()
-        specs["aiosmtpd"] = ServerSpec("aiosmtpd", lambda p: [peers, str(HERE / "servers" / "aiosmtpd_sink.py"), str(p)])
-        specs["twisted"] = ServerSpec("twisted", lambda p: [peers, str(HERE / "servers" / "twisted_sink.py"), str(p)])
+        for name, script in (("aiosmtpd", "aiosmtpd_sink.py"), ("twisted", "twisted_sink.py"),
+                             ("floor", "twisted_floor.py")):
+            path = str(HERE / "servers" / script)
+            specs[name] = ServerSpec(name, lambda p, path=path: [peers, path, str(p)])
     if "smtp-sink" in names:
         sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
@@ -648,7 +651,8 @@ def report(results: dict[str, dict[str, list[Sample]]], sizes: dict[str, tuple[i
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one run and smaller counts (a smoke test)")
-    parser.add_argument("--only", default=",".join(SERVERS), help=f"servers to run, comma-separated: {','.join(SERVERS)}")
+    parser.add_argument("--only", default=",".join(DEFAULT_SERVERS),
+                        help=f"servers to run, comma-separated, from {','.join(SERVERS)} (default: all but floor)")
     parser.add_argument("--runs", type=int, help="runs of each scenario (default 5, or 1 with --quick)")
     parser.add_argument("--scenarios", default=",".join(s.key for s in SCENARIOS),
                         help="scenarios to run, comma-separated: " + ",".join(s.key for s in SCENARIOS))
