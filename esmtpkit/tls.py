@@ -3,8 +3,8 @@
 `ServerTLS` reads a certificate (with its chain) and a private key from PEM files, offers TLS 1.2 or newer, and
 re-reads the files on `ServerTLS.reload` so that new connections get a renewed certificate while established ones
 keep theirs. It is an ``IOpenSSLServerConnectionCreator``: give it to ``transport.startTLS`` for STARTTLS, or to
-``twisted.internet.endpoints.wrapServerTLS`` for an implicit-TLS listener. `tls_info` and `describe` report what a
-connection negotiated, for the session and for ``Received`` headers.
+``twisted.internet.endpoints.wrapServerTLS`` for an implicit-TLS listener. `is_tls` says whether a transport is
+encrypted; `tls_info` and `describe` report what it negotiated, for the session and for ``Received`` headers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from zope.interface import implementer
 
-__all__ = ["ServerTLS", "TLSConfigError", "load_options", "tls_info", "describe"]
+__all__ = ["ServerTLS", "TLSConfigError", "load_options", "is_tls", "tls_info", "describe"]
 
 _CERTIFICATE: Final = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.S)
 _PRIVATE_KEY: Final = re.compile(rb"-----BEGIN ((?:RSA |EC |)PRIVATE KEY)-----\r?\n.+?-----END \1-----", re.S)
@@ -114,18 +114,30 @@ class ServerTLS:
         return self._options.serverConnectionForTLS(tlsProtocol)
 
 
+def _connection(transport: Any) -> SSL.Connection | None:
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return None
+    try:
+        handle = get_handle()
+    except Exception:
+        return None
+    return handle if isinstance(handle, SSL.Connection) else None
+
+
+def is_tls(transport: Any) -> bool:
+    """True when ``transport`` runs over TLS: an implicit-TLS listener, or a connection after ``startTLS``
+    (even before the handshake is over).
+    """
+    return _connection(transport) is not None
+
+
 def tls_info(transport: Any) -> dict[str, str]:
     """Negotiated ``version``, ``cipher`` and ``bits`` of a TLS transport, as text; {} before the handshake or
     without TLS. Suits `esmtpkit.session.Session.tls_info`.
     """
-    get_handle = getattr(transport, "getHandle", None)
-    if get_handle is None:
-        return {}
-    try:
-        connection = get_handle()
-    except Exception:
-        return {}
-    if not isinstance(connection, SSL.Connection):
+    connection = _connection(transport)
+    if connection is None:
         return {}
     cipher = connection.get_cipher_name()
     if not cipher:

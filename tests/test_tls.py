@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from esmtpkit.tls import ServerTLS, TLSConfigError, describe, load_options, tls_info
+from esmtpkit.tls import ServerTLS, TLSConfigError, describe, is_tls, load_options, tls_info
 
 from .certs import make_authority, make_tls_files
 
@@ -101,6 +101,14 @@ class InfoTests(SynchronousTestCase):
     def test_no_tls(self) -> None:
         self.assertEqual(tls_info(StringTransport()), {})
         self.assertEqual(tls_info(None), {})
+        self.assertFalse(is_tls(StringTransport()))
+        self.assertFalse(is_tls(None))
+
+        class Plain:
+            def getHandle(self) -> object:
+                return object()
+
+        self.assertFalse(is_tls(Plain()))
 
     def test_before_handshake(self) -> None:
         files = make_tls_files(Path(self.mktemp()))
@@ -111,6 +119,7 @@ class InfoTests(SynchronousTestCase):
                 return connection
 
         self.assertEqual(tls_info(Transport()), {})
+        self.assertTrue(is_tls(Transport()))
 
     def test_describe(self) -> None:
         info = {"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "bits": "256"}
@@ -125,6 +134,7 @@ class ReportTLS(Protocol):
     """Tells the client, once the handshake is done, what the server sees: version, cipher, bits."""
 
     def handshakeCompleted(self) -> None:
+        assert is_tls(self.transport)
         info = tls_info(self.transport)
         self.transport.write(f"{info['version']} {info['cipher']} {info['bits']}\r\n".encode())
 
