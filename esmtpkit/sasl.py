@@ -116,13 +116,16 @@ class Mechanism:
     def __init__(self, *, hostname: str = "localhost", authorize: Authorizer | None = None) -> None:
         self.hostname = hostname
         self.authorize = authorize
+        self.started = False
         self.done = False
 
     def start(self, initial: bytes | None) -> Step:
         """Begin with the AUTH command's initial response (base64 text as sent, ``b"="`` for an empty one, None
         when absent).
         """
-        self._check_open()
+        if self.started:
+            raise RuntimeError(f"the {self.name} exchange has already started")
+        self.started = True
         if initial is None:
             return self._finish(self.begin(None))
         data = b"" if initial == b"=" else _decode(initial)
@@ -149,8 +152,8 @@ class Mechanism:
         raise NotImplementedError
 
     def _check_open(self) -> None:
-        if self.done:
-            raise RuntimeError(f"the {self.name} exchange is already over")
+        if not self.started or self.done:
+            raise RuntimeError(f"the {self.name} exchange is not waiting for a response")
 
     def _finish(self, step: Step) -> Step:
         if not isinstance(step, Challenge):

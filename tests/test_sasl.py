@@ -169,11 +169,14 @@ class Base64Tests(SynchronousTestCase):
         self.assertIsInstance(step, Ready)
         self.assertEqual((step.credentials.username, step.credentials.password), (b"", b""))
 
-    def test_finished_exchange_refuses_more(self) -> None:
+    def test_out_of_turn_calls_refused(self) -> None:
+        """A response before start, a second start, or anything after the end is a programming error."""
         mechanism = Plain()
-        mechanism.start(b64(b"\x00a\x00b"))
         self.assertRaises(RuntimeError, mechanism.respond, b"")
+        mechanism.start(None)
         self.assertRaises(RuntimeError, mechanism.start, None)
+        mechanism.respond(b64(b"\x00a\x00b"))
+        self.assertRaises(RuntimeError, mechanism.respond, b"")
 
 
 class LoginTests(SynchronousTestCase):
