@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable
 
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from .interfaces import IMessageHandler
 from .policy import Policy
-from .protocol import ESMTPProtocol
+from .protocol import SHUTTING_DOWN, ESMTPProtocol
+from .reply import Reply
 
 __all__ = ["ESMTPFactory"]
+
+TOO_MANY_CONNECTIONS = Reply(421, ("Too many connections, try again later",), "4.3.2")
+TOO_MANY_FROM_CLIENT = Reply(421, ("Too many connections from your address, try again later",), "4.7.0")
 
 
 class ESMTPFactory(Factory):
@@ -31,6 +37,10 @@ class ESMTPFactory(Factory):
         self.handler_factory = handler_factory
         self.policy = policy if policy is not None else Policy()
         self._clock = clock
+        self.connections: set[ESMTPProtocol] = set()
+        self._per_client: Counter[str] = Counter()
+        self._stopping = False
+        self._drained: list[Deferred[None]] = []
 
     @property
     def clock(self) -> IReactorTime:
@@ -52,3 +62,63 @@ class ESMTPFactory(Factory):
         proto = self.protocol(self.make_handler(), self.policy, self.clock)
         proto.factory = self
         return proto
+
+    # ---- admission and shutdown (called by the protocol once the peer is known) --------------------------------
+
+    def admit(self, proto: ESMTPProtocol) -> Reply | None:
+        """Count a new connection, or return the 421 that refuses it (shutting down, or over a limit)."""
+        if self._stopping:
+            return SHUTTING_DOWN
+        policy = self.policy
+        if policy.max_connections and len(self.connections) >= policy.max_connections:
+            self.log.warn("refused {peer}: {count} connections already", peer=proto.session.peer_ip,
+                          count=len(self.connections))
+            return TOO_MANY_CONNECTIONS
+        client = proto.session.peer_ip
+        if client and policy.max_connections_per_client and \
+                self._per_client[client] >= policy.max_connections_per_client:
+            self.log.warn("refused {peer}: too many connections from it", peer=client)
+            return TOO_MANY_FROM_CLIENT
+        self.connections.add(proto)
+        if client:
+            self._per_client[client] += 1
+        return None
+
+    def release(self, proto: ESMTPProtocol) -> None:
+        """A connection admitted by admit() has closed."""
+        if proto not in self.connections:
+            return
+        self.connections.discard(proto)
+        client = proto.session.peer_ip
+        if client:
+            self._per_client[client] -= 1
+            if self._per_client[client] <= 0:
+                del self._per_client[client]
+        if not self.connections:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    def shutdown(self, timeout: float | None = None) -> "Deferred[None]":
+        """Refuse new connections, close idle ones (421 4.3.2), let transactions in flight finish.
+
+        Fires once every connection is closed; after ``timeout`` seconds (default ``Policy.shutdown_timeout``)
+        the remaining ones are closed by force and their handlers get abort().
+        """
+        self._stopping = True
+        for proto in list(self.connections):
+            proto.shutdown()
+        if not self.connections:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._drained.append(done)
+        seconds = self.policy.shutdown_timeout if timeout is None else timeout
+        deadline = self.clock.callLater(seconds, self._force_close)
+        done.addBoth(lambda result: (deadline.cancel() if deadline.active() else None, result)[1])
+        return done
+
+    def _force_close(self) -> None:
+        if self.connections:
+            self.log.warn("shutdown deadline passed: closing {count} connection(s)", count=len(self.connections))
+        for proto in list(self.connections):
+            proto.force_close()

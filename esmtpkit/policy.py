@@ -38,6 +38,20 @@ class Policy:
     data_timeout: float = 180.0
     #: Errors (replies >= 400) after which the connection is closed with 421 (Postfix smtpd_hard_error_limit).
     error_limit: int = 20
+    #: After this many errors, each further error reply is followed by ``error_delay`` seconds of silence
+    #: (Postfix smtpd_soft_error_limit / smtpd_error_sleep_time); ``error_delay`` 0 turns the tarpit off.
+    soft_error_limit: int = 10
+    error_delay: float = 0.0
+    #: Most simultaneous connections (421 4.3.2 beyond); 0 for no limit.
+    max_connections: int = 1000
+    #: Most simultaneous connections from one client IP address (421 4.7.0 beyond); 0 for no limit.
+    max_connections_per_client: int = 50
+    #: Most mail transactions (MAIL commands accepted) per connection (421 4.7.0 beyond); 0 for no limit.
+    max_transactions: int = 0
+    #: Seconds to wait before greeting; a client that talks first is refused (postscreen's pregreet test). 0: off.
+    pregreet_delay: float = 0.0
+    #: Seconds that transactions in flight may take to finish when the server shuts down.
+    shutdown_timeout: float = 30.0
     #: What a bare CR or LF in message content gets: "reject" (550 5.5.2 after the final dot) or "allow".
     bare_newline: Literal["reject", "allow"] = "reject"
     #: Default chunk size handed to body() when the handler does not set chunk_size.
@@ -53,7 +67,9 @@ class Policy:
     def __post_init__(self) -> None:
         if self.bare_newline not in ("reject", "allow"):
             raise ValueError("bare_newline must be 'reject' or 'allow'")
-        for name in ("max_message_size", "max_recipients", "error_limit"):
+        for name in ("max_message_size", "max_recipients", "error_limit", "soft_error_limit", "error_delay",
+                     "max_connections", "max_connections_per_client", "max_transactions", "pregreet_delay",
+                     "shutdown_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.max_command_length < 512:

@@ -12,6 +12,7 @@ from collections import deque
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -42,6 +43,9 @@ HEADER_TOO_BIG = Reply(552, ("Message header size exceeds limit",), "5.3.4")
 BARE_NEWLINE = Reply(550, ("Message contains a bare CR or LF (only CRLF ends a line)",), "5.5.2")
 TOO_MANY_RECIPIENTS = Reply(452, ("Too many recipients",), "4.5.3")
 NO_SERVICE = Reply(503, ("No service: send QUIT",), "5.5.1")
+SHUTTING_DOWN = Reply(421, ("Service shutting down, try again later",), "4.3.2")
+EARLY_TALKER = Reply(554, ("Protocol error: data sent before the greeting",), "5.5.1")
+TOO_MANY_TRANSACTIONS = Reply(421, ("Too many transactions in one session, closing connection",), "4.7.0")
 
 #: Enhanced codes for handler replies that give none, where the verb makes the meaning clear (RFC 3463 §3.2).
 _VERB_ENHANCED = {
@@ -101,6 +105,9 @@ class ESMTPProtocol(LineReceiver):
         self._skip_cr = False
         self._message: _Message | None = None
         self._timer: IDelayedCall | None = None
+        self._pregreet: IDelayedCall | None = None
+        self._early_talker = False
+        self._closing = False
         self._command_limit = max(line_limit(v, self.policy.max_command_length) for v in Verb if v is not Verb.AUTH)
 
     # ---- extensions -------------------------------------------------------------------------------------------
@@ -130,24 +137,73 @@ class ESMTPProtocol(LineReceiver):
         self.session.peer = self.transport.getPeer()
         self.session.host = self.transport.getHost()
         self.session.transport = self.transport
+        admit = getattr(self.factory, "admit", None)
+        refusal = admit(self) if admit is not None else None
+        if refusal is not None:
+            self.transport.write(refusal.render())
+            self.phase = Phase.CLOSED
+            self.transport.loseConnection()
+            return
+        if self.policy.pregreet_delay and self.clock is not None:
+            self._pregreet = self.clock.callLater(self.policy.pregreet_delay, self._pregreet_over)
+            return
         self._schedule(self._greet)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
+        if self._pregreet is not None and self._pregreet.active():
+            self._pregreet.cancel()
+        self._pregreet = None
         if self.phase is not Phase.CLOSED:
             self._abort("connection lost")
         self.phase = Phase.CLOSED
         self._todo.clear()
         self.session.transport = None
+        release = getattr(self.factory, "release", None)
+        if release is not None:
+            release(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self.phase is Phase.CLOSED:
+            return
+        if self._pregreet is not None:
+            self._early_talker = True  # RFC 5321 §3.1: the client waits for the greeting; this one did not
             return
         super().dataReceived(data)
         while self._reprocess and not self.paused and self.phase is not Phase.CLOSED:
             self._reprocess = False
             super().dataReceived(b"")
         self._reset_timer()
+
+    def _pregreet_over(self) -> None:
+        """The greeting delay passed: greet, or refuse a client that talked first (postscreen's pregreet test)."""
+        self._pregreet = None
+        if self._early_talker:
+            self.log.info("early talker {peer} refused", peer=self.session.peer_ip)
+            self._refused = True
+            self.send(EARLY_TALKER, count_error=False, plain=True)
+            self._reset_timer()
+            return
+        self._schedule(self._greet)
+
+    # ---- shutting down -----------------------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """True when no transaction is open and no handler result is pending."""
+        return not self._waiting and not state.in_transaction(self.phase)
+
+    def shutdown(self) -> None:
+        """The server is stopping: close now if idle (421 4.3.2), else after the transaction in flight ends."""
+        self._closing = True
+        if self.phase is not Phase.CLOSED and self.idle:
+            self.send(SHUTTING_DOWN, count_error=False)
+
+    def force_close(self, reason: str = "shutdown deadline") -> None:
+        """Close at once with 421 4.3.2, aborting any transaction (the shutdown deadline passed)."""
+        if self.phase is not Phase.CLOSED:
+            self.transport.write(SHUTTING_DOWN.render(self._enhanced()))
+            self._close(reason)
 
     # ---- the step queue: handler calls in order, pausing while one is pending ----------------------------------
 
@@ -256,8 +312,17 @@ class ESMTPProtocol(LineReceiver):
                 self.transport.write(TOO_MANY_ERRORS.render(self._enhanced()))
                 self._close("too many errors")
                 return
+            if self.policy.error_delay and self.errors > self.policy.soft_error_limit and self.clock is not None:
+                self._todo.appendleft(self._tarpit)
         if reply.code == 421 or getattr(self.handler, "disconnect", False):
             self._close("closed by server")
+        elif self._closing and self.idle:
+            self.transport.write(SHUTTING_DOWN.render(self._enhanced()))
+            self._close("shutdown")
+
+    def _tarpit(self) -> "Deferred[Any]":
+        """Read nothing for ``error_delay`` seconds (Postfix's smtpd_error_sleep_time)."""
+        return deferLater(self.clock, self.policy.error_delay, lambda: None)
 
     def _close(self, reason: str) -> None:
         if self.phase is Phase.CLOSED:
@@ -429,10 +494,14 @@ class ESMTPProtocol(LineReceiver):
         if limit and params.get("SIZE", 0) > limit:
             self.send(Reply(552, ("Message size exceeds fixed maximum message size",), "5.3.4"))
             return None
+        if self.policy.max_transactions and self.session.transactions >= self.policy.max_transactions:
+            self.send(TOO_MANY_TRANSACTIONS)
+            return None
 
         def after(reply: Reply) -> None:
             if reply.is_positive:
                 self.session.envelope = Envelope(sender=sender, mail_params=params)
+                self.session.transactions += 1
             self.send(reply)
 
         return self._simple("mail", (sender, params), Verb.MAIL, after)
@@ -543,7 +612,6 @@ class ESMTPProtocol(LineReceiver):
         size = getattr(self.handler, "chunk_size", None) or self.policy.chunk_size
         message = _Message(max(1, int(size)), mode is False)
         self._message = message
-        self.session.transactions += 1
         if mode is True:
             message.decoder = DotDecoder(at_line_start=True)
             self.setRawMode()

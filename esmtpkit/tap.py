@@ -9,12 +9,13 @@ import inspect
 from typing import Any, Callable
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.python import reflect, usage
 
 from .factory import ESMTPFactory
 from .interfaces import IMessageHandler
 from .policy import Policy
+from .service import ESMTPService
 
 __all__ = ["Options", "makeService", "DEFAULT_LISTEN", "DEFAULT_HANDLER"]
 
@@ -63,6 +64,21 @@ class Options(usage.Options):
         ["error-limit", None, Policy.error_limit, "Errors after which the connection is closed; 0 for none.",
          _positive_int("error-limit")],
         ["bare-newline", None, Policy.bare_newline, "What a bare CR or LF in a message gets: reject or allow."],
+        ["max-connections", None, Policy.max_connections, "Most simultaneous connections; 0 for no limit.",
+         _positive_int("max-connections")],
+        ["max-connections-per-client", None, Policy.max_connections_per_client,
+         "Most simultaneous connections from one IP address; 0 for no limit.",
+         _positive_int("max-connections-per-client")],
+        ["max-transactions", None, Policy.max_transactions, "Most messages per connection; 0 for no limit.",
+         _positive_int("max-transactions")],
+        ["soft-error-limit", None, Policy.soft_error_limit, "Errors after which --error-delay applies.",
+         _positive_int("soft-error-limit")],
+        ["error-delay", None, Policy.error_delay, "Seconds of silence after each error beyond --soft-error-limit.",
+         float],
+        ["pregreet-delay", None, Policy.pregreet_delay,
+         "Seconds to wait before the greeting; clients that talk first are refused. 0: off.", float],
+        ["shutdown-timeout", None, Policy.shutdown_timeout,
+         "Seconds transactions in flight may take to finish when the server stops.", float],
         ["maildir", None, "Maildir", "Maildir folder for the Maildir handler (created if missing)."],
         ["workers", None, "1", "Worker processes sharing the listening sockets: a number, or auto for one per CPU."],
     ]
@@ -179,10 +195,20 @@ def build_policy(options: usage.Options) -> Policy:
         data_timeout=options["data-timeout"],
         error_limit=options["error-limit"],
         bare_newline=options["bare-newline"],
+        max_connections=options["max-connections"],
+        max_connections_per_client=options["max-connections-per-client"],
+        max_transactions=options["max-transactions"],
+        soft_error_limit=options["soft-error-limit"],
+        error_delay=options["error-delay"],
+        pregreet_delay=options["pregreet-delay"],
+        shutdown_timeout=options["shutdown-timeout"],
     )
     if options["hostname"]:
         kwargs["hostname"] = options["hostname"]
-    return Policy(**kwargs)
+    try:
+        return Policy(**kwargs)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
@@ -192,7 +218,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
         return supervise(options, reactor=reactor)
     factory = ESMTPFactory(options["handler-factory"], policy=options["policy"], clock=reactor)
-    top = MultiService()
+    top = ESMTPService(factory)
     for description in options["listen"]:
         svc = strports.service(description, factory, reactor=reactor)
         svc.setServiceParent(top)

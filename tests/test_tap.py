@@ -35,11 +35,17 @@ class OptionsTests(SynchronousTestCase):
         """Limits and timeouts reach the Policy."""
         options = self.parse("--handler", "esmtpkit.handlers.base.MessageHandler", "--hostname", "mx.example",
                              "--max-message-size", "1000", "--max-recipients", "5", "--timeout", "30",
-                             "--data-timeout", "60", "--error-limit", "3", "--bare-newline", "allow")
+                             "--data-timeout", "60", "--error-limit", "3", "--bare-newline", "allow",
+                             "--max-connections", "7", "--max-connections-per-client", "2", "--max-transactions", "9",
+                             "--soft-error-limit", "4", "--error-delay", "1.5", "--pregreet-delay", "2",
+                             "--shutdown-timeout", "12")
         policy = options["policy"]
         self.assertEqual((policy.hostname, policy.max_message_size, policy.max_recipients, policy.command_timeout,
                           policy.data_timeout, policy.error_limit, policy.bare_newline),
                          ("mx.example", 1000, 5, 30.0, 60.0, 3, "allow"))
+        self.assertEqual((policy.max_connections, policy.max_connections_per_client, policy.max_transactions,
+                          policy.soft_error_limit, policy.error_delay, policy.pregreet_delay, policy.shutdown_timeout),
+                         (7, 2, 9, 4, 1.5, 2.0, 12.0))
 
     def test_repeated_listen(self) -> None:
         """--listen may be given several times."""
@@ -64,7 +70,7 @@ class OptionsTests(SynchronousTestCase):
     def test_bad_numbers(self) -> None:
         """Non-numeric or negative limits are usage errors."""
         for argv in (["--max-message-size", "big"], ["--max-recipients", "-1"], ["--timeout", "0"],
-                     ["--bare-newline", "maybe"]):
+                     ["--bare-newline", "maybe"], ["--error-delay", "-1"], ["--pregreet-delay", "soon"]):
             self.assertRaises(usage.UsageError, self.parse, "--handler", "esmtpkit.handlers.base.MessageHandler",
                               *argv)
 

@@ -70,7 +70,7 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(20)
+                self.process.wait(60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -135,6 +135,7 @@ def test_connection_cut_mid_data_leaves_nothing(workdir: Path) -> None:
             assert reader.readline().startswith(expected)
         sock.sendall(b"Subject: cut\r\n\r\n" + b"x" * 100000)
         time.sleep(0.2)
+        reader.close()  # the file object holds the socket open too
         sock.close()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and list((maildir / "tmp").iterdir()):
