@@ -588,7 +588,7 @@ def cell(scenario: Scenario, samples: list[Sample] | None) -> str:
     return text
 
 
-#: The issue's targets for esmtpkit: (scenario, description, check on the medians).
+#: esmtpkit's performance targets: (scenario, what is wanted, what this run measured).
 def targets(results: dict[str, dict[str, list[Sample]]]) -> list[tuple[str, str, str]]:
     rows = []
     kit = results.get("esmtpkit", {})
