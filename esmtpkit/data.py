@@ -15,10 +15,23 @@ __all__ = ["DotDecoder", "HeaderSplitter", "CountedReader", "dot_stuff", "has_ba
 _MARK: Final = b"\r\n."
 
 
-def has_bare_newline(data: bytes) -> bool:
-    """True if ``data`` holds a CR not followed by LF or an LF not preceded by CR."""
-    pairs = data.count(b"\r\n")
-    return data.count(b"\n") != pairs or data.count(b"\r") != pairs
+def has_bare_newline(data: bytes, end: int | None = None) -> bool:
+    """True if ``data[:end]`` holds a CR not followed by LF or an LF not preceded by CR.
+
+    Exact, in three C-speed passes: with no bare CR or LF, the number of line breaks ``splitlines`` finds equals
+    both the number of CRs and the number of LFs (each CRLF is one break); a bare CR or LF breaks that equality.
+    """
+    end = len(data) if end is None else end
+    crs = data.count(b"\r", 0, end)
+    if crs != data.count(b"\n", 0, end):
+        return True
+    if not crs:
+        return False
+    region = data[:end] if end != len(data) else data
+    breaks = len(region.splitlines())
+    if not region.endswith((b"\n", b"\r")):
+        breaks -= 1  # the last, unterminated piece is not a break
+    return breaks != crs
 
 
 class DotDecoder:
@@ -30,15 +43,16 @@ class DotDecoder:
     returned ends with the CRLF that precedes the terminating dot, as RFC 5321 §4.1.1.4 defines it.
     """
 
-    __slots__ = ("_tail", "_skip", "done", "rest", "bare_newline")
+    __slots__ = ("_tail", "_skip", "done", "rest", "bare_newline", "_check_bare")
 
-    def __init__(self, at_line_start: bool = True) -> None:
+    def __init__(self, at_line_start: bool = True, check_bare: bool = True) -> None:
         # The tail always starts at a line boundary when ``_skip`` is 2: a virtual CRLF that is never emitted.
         self._tail = b"\r\n" if at_line_start else b""
         self._skip = 2 if at_line_start else 0
         self.done = False
         self.rest = b""
         self.bare_newline = False
+        self._check_bare = check_bare  # False: skip the bare CR/LF scan (bare_newline stays False)
 
     def feed(self, data: bytes) -> bytes:
         """Consume ``data``; return decoded content (possibly empty)."""
@@ -47,8 +61,19 @@ class DotDecoder:
             return b""
         buf = self._tail + data if self._tail else data
         start = self._skip
+        size = len(buf)
+        if b"." not in buf:  # no dot, no marker and nothing to unstuff: one memchr instead of a search
+            hold = size - 2 if buf.endswith(b"\r\n") else size - 1 if buf.endswith(b"\r") else size
+            if self._check_bare and not self.bare_newline and has_bare_newline(buf, hold):
+                self.bare_newline = True
+            self._tail = buf[hold:]
+            if hold > start:
+                self._skip = 0
+                return buf[start:hold] if start or hold != size else buf
+            self._skip = start - hold
+            return b""
         pos = 0
-        hold = len(buf)
+        hold = size
         out: list[bytes] = []
         find = buf.find
         while True:
@@ -80,7 +105,7 @@ class DotDecoder:
         return b"".join(out) if len(out) != 1 else out[0]
 
     def _check(self, consumed: bytes) -> None:
-        if not self.bare_newline and has_bare_newline(consumed):
+        if self._check_bare and not self.bare_newline and has_bare_newline(consumed):
             self.bare_newline = True
 
     def _finish(self, consumed: bytes, rest: bytes) -> None:

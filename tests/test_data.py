@@ -212,3 +212,19 @@ class CountedReaderTests(SynchronousTestCase):
         reader = CountedReader(0)
         self.assertTrue(reader.done)
         self.assertEqual(reader.feed(b"NOOP\r\n"), (b"", b"NOOP\r\n"))
+
+
+class HasBareNewlineExhaustiveTests(SynchronousTestCase):
+    def test_matches_definition(self) -> None:
+        """Every string of CR, LF and 'a' up to six bytes, and every prefix end: same answer as the definition."""
+        import itertools
+
+        def definition(data: bytes) -> bool:
+            pairs = data.count(b"\r\n")
+            return data.count(b"\n") != pairs or data.count(b"\r") != pairs
+
+        for n in range(7):
+            for parts in itertools.product([b"\r", b"\n", b"a"], repeat=n):
+                data = b"".join(parts)
+                for end in range(len(data) + 1):
+                    self.assertEqual(has_bare_newline(data, end), definition(data[:end]), (data, end))
