@@ -18,10 +18,9 @@ import getopt
 import os
 import signal
 import socket
-import stat
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from twisted.application.service import IService, MultiService, Service
@@ -33,7 +32,6 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import ILogObserver, Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.python.lockfile import FilesystemLock
 
 __all__ = ["supervise", "Supervisor", "SharedSocket", "bind", "shareable", "worker_arguments", "RESTART_DELAY",
            "MAX_RESTART_DELAY", "STABLE_AFTER", "KILL_GRACE"]
@@ -50,7 +48,7 @@ MAX_LINE = 65536
 #: Prefix of the names the sockets carry in the workers' LISTEN_FDNAMES.
 FD_NAME = "esmtpkit-listen-"
 
-_DOMAINS = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}
+_DOMAINS = {socket.AF_INET: "INET", socket.AF_INET6: "INET6"}
 _RECORD_SEPARATOR = b"\x1e"
 
 log = Logger()
@@ -66,13 +64,10 @@ class SharedSocket:
     sock: socket.socket
     #: How a worker's --listen names it, around the systemd: endpoint (e.g. "haproxy:{}").
     wrapper: str = "{}"
-    #: Filesystem path of a unix socket this process created (removed when it stops), and its lock.
-    path: str | None = None
-    lock: FilesystemLock | None = field(default=None, repr=False)
 
     @property
     def domain(self) -> str:
-        """The address family as Twisted's systemd: endpoint names it (INET, INET6, UNIX)."""
+        """The address family as Twisted's systemd: endpoint names it (INET, INET6)."""
         return _DOMAINS[self.sock.family]
 
     def worker_listen(self, index: int) -> str:
@@ -81,25 +76,12 @@ class SharedSocket:
 
     def address(self) -> str:
         """Where it listens, for the log."""
-        name = self.sock.getsockname()
-        if isinstance(name, tuple):
-            host, port = name[:2]
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+        host, port = self.sock.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def close(self) -> None:
-        """Close this process's copy (workers keep theirs); remove the unix socket path this process made."""
+        """Close this process's copy; the socket stays open while workers hold theirs."""
         self.sock.close()
-        if self.path is not None:
-            try:
-                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                    os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            self.path = None
-        if self.lock is not None:
-            self.lock.unlock()
-            self.lock = None
 
 
 def split_description(description: str) -> tuple[list[str], dict[str, str]]:
@@ -125,17 +107,20 @@ def shareable(description: str) -> str:
     kind = split_description(description)[0][:1]
     if kind == ["haproxy"]:
         return shareable(description.partition(":")[2])
-    if kind and kind[0] in ("tcp", "tcp6", "unix", "systemd"):
+    if kind and kind[0] in ("tcp", "tcp6", "systemd"):
         return kind[0]
-    raise usage.UsageError(f"--workers can share tcp:, tcp6:, unix: and systemd: listeners, not {description!r}")
+    if kind == ["unix"]:
+        raise usage.UsageError(f"--workers cannot share unix: listeners ({description!r}): a worker would reset the "
+                               "socket's mode to 0666 and remove its path when it stops; listen on tcp: instead")
+    raise usage.UsageError(f"--workers can share tcp:, tcp6: and systemd: listeners, not {description!r}")
 
 
 def bind(description: str, reactor: Any = None) -> SharedSocket:
     """Bind and listen on one ``--listen`` endpoint string, for workers to share.
 
-    ``tcp:``, ``tcp6:`` and ``unix:`` take the same arguments as Twisted's endpoints of those names; ``systemd:``
-    takes the socket this process inherited; ``haproxy:`` wraps any of these. Raises `usage.UsageError` for an
-    endpoint that cannot be shared (e.g. ``ssl:``) and `CannotListenError` when binding fails.
+    ``tcp:`` and ``tcp6:`` take the same arguments as Twisted's endpoints of those names; ``systemd:`` takes the
+    socket this process inherited; ``haproxy:`` wraps any of these. Raises `usage.UsageError` for an endpoint that
+    cannot be shared (``ssl:``, ``unix:``) and `CannotListenError` when binding fails.
     """
     kind = shareable(description)
     if description.startswith("haproxy:"):
@@ -146,15 +131,13 @@ def bind(description: str, reactor: Any = None) -> SharedSocket:
         return _inherited(description, reactor)
     args, kwargs = split_description(description)
     try:
-        if kind == "unix":
-            return _bind_unix(description, *args[1:], **kwargs)
         return _bind_tcp(description, kind, *args[1:], **kwargs)
     except (TypeError, ValueError):
         raise usage.UsageError(f"--listen {description!r}: not a valid {kind}: endpoint") from None
 
 
-def _bind_tcp(description: str, kind: str, port: str, interface: str | None = None, backlog: str = "50",
-              reuseaddr: str | None = None) -> SharedSocket:
+def _bind_tcp(description: str, kind: str, port: str, interface: str | None = None, backlog: str = "50"
+              ) -> SharedSocket:
     if interface is None:
         interface = "::" if kind == "tcp6" else ""
     family = socket.AF_INET6 if kind == "tcp6" or isIPv6Address(interface) else socket.AF_INET
@@ -172,35 +155,6 @@ def _bind_tcp(description: str, kind: str, port: str, interface: str | None = No
     return SharedSocket(description, sock)
 
 
-def _bind_unix(description: str, address: str, mode: str = "666", backlog: str = "50",
-               lockfile: str = "1") -> SharedSocket:
-    permissions, queue, locking = int(mode, 8), int(backlog), bool(int(lockfile))
-    lock = None
-    if locking:
-        lock = FilesystemLock(address + ".lock")
-        if not lock.lock():
-            raise CannotListenError(None, address, "Cannot acquire lock")
-        if not lock.clean:
-            # The process that held the lock is gone; a socket it left behind would make bind() fail.
-            try:
-                if stat.S_ISSOCK(os.lstat(address).st_mode):
-                    os.unlink(address)
-            except FileNotFoundError:
-                pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(address)
-        os.chmod(address, permissions)
-        sock.listen(queue)
-    except OSError as e:
-        sock.close()
-        if lock is not None:
-            lock.unlock()
-        raise CannotListenError(None, address, e) from None
-    sock.setblocking(False)
-    return SharedSocket(description, sock, path=address, lock=lock)
-
-
 def _inherited(description: str, reactor: Any) -> SharedSocket:
     """The socket systemd passed to this process, found by Twisted's own parser of ``systemd:`` strings."""
     from twisted.internet.endpoints import serverFromString
@@ -211,6 +165,8 @@ def _inherited(description: str, reactor: Any) -> SharedSocket:
     except (KeyError, IndexError, ValueError, AttributeError) as e:
         raise usage.UsageError(f"--listen {description!r}: no such socket was passed to this process ({e!r})"
                                ) from None
+    if family not in _DOMAINS:
+        raise usage.UsageError(f"--workers can share inherited INET and INET6 sockets, not {description!r}")
     sock = socket.socket(family, socket.SOCK_STREAM, fileno=fileno)
     sock.setblocking(False)
     return SharedSocket(description, sock)
@@ -250,10 +206,6 @@ class SharedSockets(Service):
         sockets, self.sockets = self.sockets, []
         for shared in sockets:
             shared.close()
-
-    def missing_paths(self) -> list[str]:
-        """Unix socket paths that no longer exist (a worker that stops removes the path its socket was bound to)."""
-        return [s.path for s in self.sockets if s.path is not None and not os.path.exists(s.path)]
 
 
 # ---- the workers ---------------------------------------------------------------------------------------------------
@@ -414,9 +366,6 @@ class Supervisor(MultiService):
             log.info("worker {index} (pid {pid}) stopped: {how}", index=worker.index, pid=worker.pid, how=how)
             return
         log.warn("worker {index} (pid {pid}) {how}", index=worker.index, pid=worker.pid, how=how)
-        for path in self.sockets.missing_paths():
-            log.error("unix socket {path} was removed by a stopping worker: new clients cannot connect through it "
-                      "until esmtpkit is restarted", path=path)
         self._schedule_restart(worker.index, ran_for=self.reactor.seconds() - worker.started_at)
 
     def _schedule_restart(self, index: int, ran_for: float) -> None:
@@ -458,7 +407,7 @@ class Supervisor(MultiService):
 
 
 def _exit_status(reason: Failure) -> str:
-    """"exited with status 1", "ended by SIGTERM": how a process ended, for the log."""
+    """How a process ended, for the log: "exited with status 1", "ended by SIGTERM"."""
     code, number = getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None)
     if number is None:
         return f"exited with status {code}"

@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -79,13 +78,13 @@ class DescriptionTests(SynchronousTestCase):
                          (["tcp6", "25"], {"interface": "::1", "backlog": "5"}))
 
     def test_shareable(self) -> None:
-        """tcp, tcp6, unix and systemd (also under haproxy:) can be shared; ssl: is refused with a clear error."""
-        self.assertEqual([shareable(d) for d in ("tcp:25", "tcp6:25", "unix:/s", "systemd:domain=INET:index=0",
-                                                 "haproxy:tcp:25")], ["tcp", "tcp6", "unix", "systemd", "tcp"])
+        """tcp, tcp6 and systemd (also under haproxy:) can be shared; ssl: is refused with a clear error."""
+        self.assertEqual([shareable(d) for d in ("tcp:25", "tcp6:25", "systemd:domain=INET:index=0",
+                                                 "haproxy:tcp:25")], ["tcp", "tcp6", "systemd", "tcp"])
         with self.assertRaises(usage.UsageError) as raised:
             shareable("ssl:465:privateKey=k.pem")
         self.assertEqual(str(raised.exception),
-                         "--workers can share tcp:, tcp6:, unix: and systemd: listeners, not 'ssl:465:privateKey=k.pem'")
+                         "--workers can share tcp:, tcp6: and systemd: listeners, not 'ssl:465:privateKey=k.pem'")
 
     def test_bad_arguments(self) -> None:
         """A port that is not a number, or an unknown keyword, is a usage error naming the endpoint."""
@@ -115,32 +114,11 @@ class DescriptionTests(SynchronousTestCase):
         finally:
             shared.close()
 
-    def test_bind_unix(self) -> None:
-        """A unix socket with the mode asked for and a lock file; closing removes both."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "smtp.sock")
-            shared = bind(f"unix:{path}:mode=600")
-            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-            self.assertTrue(os.path.lexists(path + ".lock"))
-            self.assertEqual(shared.worker_listen(0), "systemd:domain=UNIX:name=esmtpkit-listen-0")
-            shared.close()
-            self.assertEqual(os.listdir(tmp), [])
-
-    def test_bind_unix_stale(self) -> None:
-        """A socket left behind by a process that died holding the lock is replaced."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "smtp.sock")
-            stale = socket.socket(socket.AF_UNIX)
-            stale.bind(path)
-            stale.close()
-            os.symlink(str(2 ** 22 + 1), path + ".lock")  # above Linux's largest pid: a process that is gone
-            shared = bind(f"unix:{path}")
-            try:
-                client = socket.socket(socket.AF_UNIX)
-                client.connect(path)
-                client.close()
-            finally:
-                shared.close()
+    def test_unix_refused(self) -> None:
+        """unix: cannot be shared: an adopted unix port would chmod the path to 0666 and unlink it when it stops."""
+        with self.assertRaises(usage.UsageError) as raised:
+            bind("unix:/run/esmtpkit/smtp.sock:mode=600")
+        self.assertIn("--workers cannot share unix: listeners", str(raised.exception))
 
     def test_bind_in_use(self) -> None:
         """A port already taken: CannotListenError, as Twisted's own listeners raise."""
@@ -363,6 +341,10 @@ class LogForwardingTests(SynchronousTestCase):
 
 # ---- real processes on 127.0.0.1 ----------------------------------------------------------------------------------
 
+needs_proc = pytest.mark.skipif(not Path("/proc/net/tcp").exists(),
+                                reason="needs Linux /proc to see processes and listening sockets")
+
+
 def _env() -> dict[str, str]:
     """The environment with the checkout on sys.path, so the test handler module is found."""
     env = dict(os.environ)
@@ -484,14 +466,17 @@ def holds_socket(pid: int, inode: str) -> bool:
 
 
 def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody has reaped yet counts as ended)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc to see listening sockets")
+@needs_proc
 def test_two_workers_share_one_socket(supervised: Callable[..., Supervised]) -> None:
     """200 connections, 16 at a time: both workers serve, never the supervisor, from one listening socket."""
     server = supervised(2)
@@ -507,7 +492,7 @@ def test_two_workers_share_one_socket(supervised: Callable[..., Supervised]) -> 
     assert "\x1e" not in server.text() and '"log_format"' not in server.text()
 
 
-@pytest.mark.skipif(not Path("/proc").exists(), reason="needs Linux /proc")
+@needs_proc
 def test_killed_worker_is_replaced(supervised: Callable[..., Supervised]) -> None:
     """SIGKILL of one worker: connections keep succeeding, and a new worker serves within a few seconds."""
     server = supervised(2)
@@ -530,6 +515,7 @@ def test_killed_worker_is_replaced(supervised: Callable[..., Supervised]) -> Non
     assert holds_socket(new, inode)
 
 
+@needs_proc
 def test_sigterm_lets_transactions_finish(supervised: Callable[..., Supervised]) -> None:
     """SIGTERM to the supervisor mid-DATA: the message still gets 250 and is in the Maildir; all processes exit."""
     server = supervised(2, "--shutdown-timeout", "5")
@@ -563,3 +549,14 @@ def test_sigterm_lets_transactions_finish(supervised: Callable[..., Supervised])
     assert "SIGKILL" not in server.text()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=5)
+
+
+@needs_proc
+def test_orphaned_workers_stop(supervised: Callable[..., Supervised]) -> None:
+    """If the supervisor is killed outright, its workers see their stdin close and stop instead of holding the port."""
+    server = supervised(2)
+    pids = server.started()
+    server.process.kill()
+    server.process.wait(30)
+    wait_for(lambda: not any(alive(pid) for pid in pids), "the workers to exit", timeout=30)
+    assert listening_inodes(server.port) == []
