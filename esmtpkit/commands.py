@@ -19,6 +19,8 @@ __all__ = ["Verb", "Command", "CommandError", "parse_command", "parse_mail_rcpt"
 class Verb(enum.Enum):
     """Every command esmtpkit knows; anything else is UNKNOWN and goes to the handler's ``unknown``."""
 
+    __hash__ = object.__hash__  # members are singletons: identity hashing is exact and cheaper in table lookups
+
     HELO = "HELO"
     EHLO = "EHLO"
     LHLO = "LHLO"
@@ -128,6 +130,8 @@ def parse_mail_rcpt(argument: str, prefix: str, *, allow_null: bool, allow_postm
 
 def _path_end(text: str) -> int:
     """Index of the ``>`` closing the path that opens ``text``, honouring quoted local parts; -1 if none."""
+    if '"' not in text:
+        return text.find(">")
     quoted = False
     i = 1
     while i < len(text):

@@ -41,6 +41,11 @@ _BY_CODE: Final[dict[int, str]] = {
 }
 
 
+#: Enhanced codes already known to be well-formed (so replies built from constants skip the regex).
+_VALID: Final = frozenset(_BY_CODE.values()) | {"2.1.0", "2.1.5", "2.0.0", "2.5.2", "2.7.0", "4.4.2", "4.3.2",
+                                                  "4.7.0", "5.5.1", "5.5.2", "5.5.4", "5.3.4", "5.7.1"}
+
+
 def default_enhanced(code: int) -> str | None:
     """A sensible RFC 3463 enhanced code for a basic reply code (None for 1xx/3xx, which carry none)."""
     if code in _BY_CODE:
@@ -66,14 +71,16 @@ class Reply:
         if not isinstance(self.code, int) or not 200 <= self.code <= 599:
             raise ValueError(f"SMTP reply code must be 200-599, not {self.code!r}")
         given = (self.lines,) if isinstance(self.lines, str) else (self.lines or ("",))  # Reply(250, "OK") too
-        lines = tuple(_UNSAFE.sub(" ", str(line)) for line in given)
+        lines = tuple(line if type(line) is str and line.isprintable() else _UNSAFE.sub(" ", str(line))
+                      for line in given)
         enhanced = self.enhanced
         if enhanced is None:
-            match = _ENHANCED.match(lines[0])
+            first = lines[0]
+            match = _ENHANCED.match(first) if first[1:2] == "." else None
             if match is not None and match.group(1) == str(self.code)[0]:
                 enhanced = f"{match.group(1)}.{match.group(2)}.{match.group(3)}"
                 lines = (lines[0][match.end():],) + lines[1:]
-        elif not _ENHANCED.match(enhanced) or enhanced[0] != str(self.code)[0]:
+        elif str(enhanced)[:1] != str(self.code)[0] or (enhanced not in _VALID and not _ENHANCED.match(enhanced)):
             raise ValueError(f"enhanced code {enhanced!r} does not fit reply code {self.code}")
         object.__setattr__(self, "lines", lines)
         object.__setattr__(self, "enhanced", enhanced)
@@ -95,6 +102,11 @@ class Reply:
 
     def render(self, enhanced: bool = False) -> bytes:
         """Wire bytes, CRLF-terminated; with ``enhanced`` each line is prefixed by the enhanced status code."""
+        lines = self.lines
+        if len(lines) == 1 and lines[0] and lines[0][-1] != " ":  # the common case, in one format
+            code = (self.enhanced or default_enhanced(self.code)) if enhanced else None
+            text = f"{code} {lines[0]}" if code else lines[0]
+            return f"{self.code} {text}\r\n".encode("utf-8", "surrogateescape")
         prefix = ""
         if enhanced:
             code = self.enhanced or default_enhanced(self.code)

@@ -5,7 +5,7 @@ Subclass it and override the verbs you care about; everything else keeps the def
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Final, Mapping
 
 from zope.interface import implementer
 
@@ -15,6 +15,16 @@ from ..reply import Reply
 from ..session import Session
 
 __all__ = ["MessageHandler"]
+
+#: The seed's default replies, built once (replies are immutable values).
+GREETING: Final = Reply.of(220, "ESMTP Mail Server")
+OK: Final = Reply.of(250, "OK")
+GO_AHEAD: Final = Reply.of(354, 'Enter mail, end with "." on a line by itself')
+ACCEPTED: Final = Reply.of(250, "Message accepted for delivery", enhanced="2.0.0")
+NO_EXPN: Final = Reply.of(502, "Sorry we don't allow this operation", enhanced="5.5.1")
+NO_VRFY: Final = Reply.of(252, "Cannot VRFY user; try RCPT to attempt delivery", enhanced="2.5.2")
+HELP: Final = Reply.of(214, "This is SMTP::Proxy 1.0")
+BYE: Final = Reply.of(221, "Closing connection", enhanced="2.0.0")
 
 
 @implementer(IMessageHandler)
@@ -33,11 +43,11 @@ class MessageHandler:
     def connect(self, session: Session) -> Any:
         """Keep the session; greet with ``220 ESMTP Mail Server``."""
         self.session = session
-        return Reply.of(220, "ESMTP Mail Server")
+        return GREETING
 
     def helo(self, domain: str) -> Any:
         """``250 OK``."""
-        return Reply.of(250, "OK")
+        return OK
 
     def ehlo(self, domain: str) -> Any:
         """``250 <client>, pleased to meet you`` and the ``HELP`` keyword."""
@@ -53,7 +63,7 @@ class MessageHandler:
 
     def data(self) -> Any:
         """``354 Enter mail, end with "." on a line by itself``."""
-        return Reply.of(354, 'Enter mail, end with "." on a line by itself')
+        return GO_AHEAD
 
     def header(self, name: str, value: str) -> Any:
         """Ignore the header."""
@@ -69,7 +79,7 @@ class MessageHandler:
 
     def eom(self) -> Any:
         """``250 Message accepted for delivery``."""
-        return Reply.of(250, "Message accepted for delivery", enhanced="2.0.0")
+        return ACCEPTED
 
     def abort(self, reason: str) -> Any:
         """Nothing was kept, so nothing to drop."""
@@ -77,27 +87,27 @@ class MessageHandler:
 
     def expn(self, argument: str) -> Any:
         """``502 Sorry we don't allow this operation``."""
-        return Reply.of(502, "Sorry we don't allow this operation", enhanced="5.5.1")
+        return NO_EXPN
 
     def vrfy(self, argument: str) -> Any:
         """``252 Cannot VRFY user; try RCPT to attempt delivery``."""
-        return Reply.of(252, "Cannot VRFY user; try RCPT to attempt delivery", enhanced="2.5.2")
+        return NO_VRFY
 
     def noop(self) -> Any:
         """``250 OK``."""
-        return Reply.of(250, "OK")
+        return OK
 
     def rset(self) -> Any:
         """``250 OK``."""
-        return Reply.of(250, "OK")
+        return OK
 
     def help(self, topic: str | None) -> Any:
         """``214 This is SMTP::Proxy 1.0``."""
-        return Reply.of(214, "This is SMTP::Proxy 1.0")
+        return HELP
 
     def quit(self) -> Any:
         """``221 Closing connection``."""
-        return Reply.of(221, "Closing connection", enhanced="2.0.0")
+        return BYE
 
     def unknown(self, command: str) -> Any:
         """``500 Command unrecognized: <line>``."""
