@@ -60,7 +60,7 @@ def test_upload_lf_file_with_crlf_option(esmtpkit_process, run_client, tmp_path:
 
 
 def test_upload_lf_file_is_refused(esmtpkit_process, run_client, tmp_path: Path) -> None:
-    """Bare LF without ``--crlf``: "\\n.\\n" does not end the data, the message is refused whole, the server lives on."""
+    """Bare LF without ``--crlf``: "\\n.\\n" does not end the data; the message is refused whole; the server goes on."""
     source = tmp_path / "message.eml"
     source.write_bytes(CRLF_MESSAGE.replace(b"\r\n", b"\n"))
     ran = run_client(upload(esmtpkit_process, source), check=False)

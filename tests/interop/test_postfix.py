@@ -243,3 +243,4 @@ def test_postfix_relays_to_esmtpkit(esmtpkit_process, postfix: PrivatePostfix) -
     for delivery in deliveries:
         assert f"status=sent (250 2.0.0 Ok: queued as {delivery.name})" in log, log
     assert log.count("status=sent") == 3, log
+    assert not re.search(r"postfix/smtp\[\d+\]: (?:warning|error|fatal|panic):", log), log

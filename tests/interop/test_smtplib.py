@@ -83,7 +83,8 @@ def _utf8_message(sender: str, recipient: str) -> EmailMessage:
     msg["From"] = f"Jörg Müller <{sender}>"
     msg["To"] = recipient
     msg["Subject"] = "Grüße aus Köln ✓"
-    msg.set_content("Grüße aus Köln, ½ € ✓\n.eine Zeile mit Punkt\n\nЗдравствуйте 你好\n", cte="8bit")
+    msg.set_content("Grüße aus Köln, ½ € ✓\n.eine Zeile mit Punkt\n\nЗдравствуйте 你好\n",
+                    cte="8bit")
     return msg
 
 
