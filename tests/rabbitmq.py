@@ -50,6 +50,9 @@ class RabbitMQ:
     port: int = field(default_factory=free_port)
     dist_port: int = field(default_factory=free_port)
     epmd_port: int = field(default_factory=free_port)
+    #: With a certificate (tests/certs.py), the node also speaks AMQP over TLS on ``tls_port``.
+    tls: Any = None
+    tls_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     epmd: subprocess.Popen[bytes] | None = None
 
@@ -57,6 +60,11 @@ class RabbitMQ:
     def url(self) -> str:
         """The AMQP URL of the node (the default guest user may log in over loopback)."""
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    @property
+    def tls_url(self) -> str:
+        """The ``amqps://`` URL of the TLS listener (the certificate names localhost)."""
+        return f"amqps://guest:guest@localhost:{self.tls_port}/%2F"
 
     @property
     def env(self) -> dict[str, str]:
@@ -92,13 +100,23 @@ class RabbitMQ:
         cookie = home / ".erlang.cookie"
         cookie.write_text(secrets.token_hex(16))
         cookie.chmod(0o400)
-        (self.root / "rabbitmq.conf").write_text(
+        config = (
             f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
             "loopback_users.guest = true\n"
             "disk_free_limit.absolute = 1MB\n"
             "log.console = false\n"
             "log.file.level = info\n"
         )
+        if self.tls is not None:
+            config += (
+                f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {self.tls.ca}\n"
+                f"ssl_options.certfile = {self.tls.cert}\n"
+                f"ssl_options.keyfile = {self.tls.key}\n"
+                "ssl_options.verify = verify_none\n"
+                "ssl_options.fail_if_no_peer_cert = false\n"
+            )
+        (self.root / "rabbitmq.conf").write_text(config)
         (self.root / "advanced.config").write_text("[].\n")
         (self.root / "enabled_plugins").write_text("[].\n")
         (self.root / "rabbitmq-env.conf").write_text("")

@@ -1,5 +1,6 @@
 """Handlers to use or subclass: `MessageHandler` gives every verb its default reply."""
 
+from .amqp import AMQP
 from .base import MessageHandler
 from .collecting import Collecting, Message, MessageStore
 from .debug import Debug
@@ -9,3 +10,4 @@ from .relay import Relay
 
 __all__ = ["MessageHandler"]
 __all__ += ["Collecting", "Debug", "Maildir", "Message", "MessageStore", "Null", "Relay"]
+__all__ += ["AMQP"]

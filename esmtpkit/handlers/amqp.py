@@ -12,6 +12,7 @@ the broker stored but could not confirm before a failure comes again on the clie
 from __future__ import annotations
 
 import enum
+import functools
 import secrets
 import tempfile
 from typing import Any, Callable, Mapping, Protocol
@@ -54,7 +55,17 @@ def not_queued_reply(reason: str) -> Reply:
 
 
 class NotQueued(Exception):
-    """The broker did not confirm a message; the text says why (it reaches the client's 451 and the log)."""
+    """The broker did not confirm a message. ``reason`` is short and safe to tell the client (in the 451);
+    ``detail`` (the broker's or the network's own words) goes only to the log.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
 
 class Unroutable(NotQueued):
@@ -85,7 +96,10 @@ class Link(Protocol):
         """Declare ``queue`` durable with `QUEUE_ARGUMENTS`."""
 
     def close(self) -> "Deferred[Any]":
-        """Close the connection politely."""
+        """Close the connection politely; fires once it is closed."""
+
+    def abort(self) -> None:
+        """Drop the connection at once (a polite close took too long)."""
 
 
 def _flag(value: bool | str) -> bool:
@@ -218,11 +232,19 @@ class Publisher:
         self._link = None
         if self.state is State.STOPPED:
             return
+        if self._reactor_stopping():
+            self.log.info("AMQP connection to {url} closed as the process stops", url=self._safe_url)
+            self.state = State.STOPPED
+            return
         self.last_error = reason
         self.log.warn("AMQP connection to {url} lost: {error}; reconnecting in {delay:g} s",
                       url=self._safe_url, error=reason, delay=self._delay)
-        link.close()
+        self._close_link(link)
         self._down()
+
+    def _reactor_stopping(self) -> bool:
+        """True once the reactor has left its main loop (twistd shutting down drops every connection)."""
+        return getattr(self.reactor, "running", True) is False
 
     def _down(self) -> None:
         self.state = State.DOWN
@@ -268,8 +290,25 @@ class Publisher:
             self._attempt.cancel()
         self._tell_waiters(False)
         link, self._link = self._link, None
-        closed: Deferred[Any] = link.close() if link is not None else succeed(None)
-        return closed.addBoth(lambda _: None)
+        if link is None:
+            return succeed(None)
+        return self._close_link(link)
+
+    def _close_link(self, link: Link) -> "Deferred[None]":
+        """Close politely, but drop the connection if the broker has not answered within ``connect_timeout``."""
+        try:
+            closed = link.close()
+        except Exception:
+            closed = succeed(None)
+        if closed.called:
+            return closed.addBoth(lambda _: None)
+        timer = self.reactor.callLater(self.connect_timeout, link.abort)
+
+        def done(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return closed.addBoth(done)
 
     # ---- publishing -------------------------------------------------------------------------------------------
 
@@ -300,13 +339,13 @@ class Publisher:
             if outcome.called:
                 return
             if link is None or self.state is not State.READY:
-                settle(Failure(NotQueued(self._unavailable())))
+                settle(Failure(NotQueued("broker unavailable", self.last_error)))
                 return
             timestamp = int(self.reactor.seconds())
             try:
                 confirmed = link.publish(self.queue, body, message_id, headers, timestamp)
             except Exception as e:
-                settle(Failure(NotQueued(f"cannot publish: {e}")))
+                settle(Failure(NotQueued("cannot publish", str(e))))
                 return
             confirmed.addCallbacks(lambda _: settle(None), lambda f: settle(self._refused(f)))
 
@@ -318,7 +357,7 @@ class Publisher:
         elif self.state is State.CONNECTING:
             self._waiters.append(lambda ready: send())
         else:
-            settle(Failure(NotQueued(self._unavailable())))
+            settle(Failure(NotQueued("broker unavailable", self.last_error)))
         return outcome
 
     @property
@@ -326,17 +365,12 @@ class Publisher:
         """Publishes awaiting the broker's confirmation (or a connection)."""
         return len(self._pending)
 
-    def _unavailable(self) -> str:
-        if self.last_error:
-            return f"broker unavailable: {self.last_error}"
-        return "broker unavailable"
-
     def _refused(self, failure: Failure) -> Failure:
         if failure.check(Unroutable):
             self._redeclare()
         if failure.check(NotQueued):
             return failure
-        return Failure(NotQueued(_describe(failure, "no confirmation")))
+        return Failure(NotQueued("no confirmation from the broker", _describe(failure, "cancelled")))
 
     def _redeclare(self) -> None:
         """The queue is gone (messages come back unroutable): declare it again, once at a time."""
@@ -384,7 +418,7 @@ def _describe(failure: Failure, cancelled: str) -> str:
 async def _open_pika_link(reactor: Any, url: str, queue: str, ca_file: str | None, timeout: float) -> Link:
     """Connect with pika's Twisted adapter, open a confirm-mode channel and declare the queue."""
     import pika
-    from pika.adapters.twisted_connection import TwistedProtocolConnection
+    from pika.exceptions import AMQPConnectionError
     from twisted.internet import endpoints
     from twisted.internet.protocol import Factory
 
@@ -401,10 +435,14 @@ async def _open_pika_link(reactor: Any, url: str, queue: str, ca_file: str | Non
             with open(ca_file, "rb") as f:
                 trust = ssl.Certificate.loadPEM(f.read())
         endpoint = endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), endpoint)
-    factory = Factory.forProtocol(lambda: TwistedProtocolConnection(params, custom_reactor=reactor))
+    factory = Factory.forProtocol(lambda: _connection_class()(params, custom_reactor=reactor))
+    factory.noisy = False
     connection = await endpoint.connect(factory)
     try:
-        await connection.ready
+        try:
+            await connection.ready
+        except AMQPConnectionError:
+            raise ConnectionError(connection.why or "the AMQP handshake failed") from None
         channel = await connection.channel()
         await channel.confirm_delivery()
         link = _PikaLink(connection, channel)
@@ -414,6 +452,33 @@ async def _open_pika_link(reactor: Any, url: str, queue: str, ca_file: str | Non
             connection.transport.abortConnection()
         raise
     return link
+
+
+@functools.lru_cache(maxsize=None)
+def _connection_class() -> type:
+    """pika's `TwistedProtocolConnection`, keeping why the handshake failed (pika itself reports a count of tries).
+
+    Built on first use: importing pika's Twisted adapter imports the global reactor.
+    """
+    from pika.adapters.twisted_connection import TwistedProtocolConnection
+    from twisted.internet.protocol import connectionDone
+
+    class Connection(TwistedProtocolConnection):  # type: ignore[misc]
+        why = ""
+
+        def connectionLost(self, reason: Failure = connectionDone) -> None:
+            # The adapter replaces the broker's own reason (e.g. 403 ACCESS_REFUSED) with "closed cleanly": keep it.
+            pending = getattr(self._impl, "_error", None)
+            if isinstance(pending, Exception) and not self.why:
+                self.why = _describe(Failure(pending), "cancelled")
+            super().connectionLost(reason)
+
+        def _on_connection_failed(self, connection: Any, error: Any = None) -> None:
+            if error is not None and not self.why:
+                self.why = _describe(Failure(error), "cancelled")
+            super()._on_connection_failed(connection, error)
+
+    return Connection
 
 
 class _PikaLink:
@@ -435,7 +500,7 @@ class _PikaLink:
     def publish(self, queue: str, body: bytes, message_id: str, headers: Mapping[str, Any],
                 timestamp: int) -> "Deferred[Any]":
         from pika import BasicProperties, DeliveryMode
-        from pika.exceptions import NackError, UnroutableError
+        from pika.exceptions import ChannelClosed, NackError, UnroutableError
 
         properties = BasicProperties(content_type="message/rfc822", delivery_mode=DeliveryMode.Persistent,
                                      message_id=message_id, timestamp=timestamp, app_id="esmtpkit",
@@ -445,10 +510,13 @@ class _PikaLink:
 
         def refused(failure: Failure) -> Failure:
             if failure.check(UnroutableError):
-                return Failure(Unroutable(f"no queue {queue!r} to route it to"))
+                return Failure(Unroutable("no queue to route it to", f"queue {queue!r} is missing"))
             if failure.check(NackError):
                 return Failure(NotQueued("the broker refused it (nack)"))
-            return Failure(NotQueued(_describe(failure, "cancelled") + " before the broker confirmed it"))
+            detail = _describe(failure, "cancelled")
+            if failure.check(ChannelClosed):
+                return Failure(NotQueued("the broker closed the channel before confirming", detail))
+            return Failure(NotQueued("connection to the broker lost before confirming", detail))
 
         return confirmed.addErrback(refused)
 
@@ -460,6 +528,11 @@ class _PikaLink:
             return succeed(None)
         closed = self.connection.close()
         return closed if closed is not None else succeed(None)
+
+    def abort(self) -> None:
+        transport = self.connection.transport
+        if transport is not None:
+            transport.abortConnection()
 
 
 def stop_publishers() -> "Deferred[None]":
@@ -593,11 +666,11 @@ class AMQP(MessageHandler):
             return Reply(250, (f"Ok: queued as {message_id}",), "2.0.0")
 
         def refused(failure: Failure) -> Reply:
-            reason = failure.getErrorMessage() if failure.check(NotQueued) else "internal error"
             if not failure.check(NotQueued):
                 self.log.failure("publishing message {id} failed", failure, id=message_id)
-            self.log.warn("message {id} not queued: {reason}", id=message_id, reason=reason)
-            return not_queued_reply(reason)
+                return not_queued_reply("internal error")
+            self.log.warn("message {id} not queued: {why}", id=message_id, why=str(failure.value))
+            return not_queued_reply(failure.value.reason)
 
         return confirmed.addCallbacks(queued, refused)
 
