@@ -426,6 +426,7 @@ class SettingsTests(SynchronousTestCase):
                        refuse_when_down="yes", max_size="1000", spool_max="10", trace="no")
         self.assertEqual((handler.confirm_timeout, handler.refuse_when_down, handler.max_size, handler.spool_max,
                           handler.trace), (5.0, True, 1000, 10, False))
+        self.assertEqual(AMQP(spool_max="0").spool_max, 1)  # 0 would mean "never roll over" to tempfile
 
     def test_bad_settings(self) -> None:
         for bad in (dict(url="http://broker/"), dict(url="amqp://"), dict(confirm_timeout="0"),

@@ -576,7 +576,7 @@ class AMQP(MessageHandler):
         self.confirm_timeout = _positive("confirm_timeout", confirm_timeout)
         self.refuse_when_down = _flag(refuse_when_down)
         self.max_size = int(max_size)
-        self.spool_max = int(spool_max)
+        self.spool_max = max(1, int(spool_max))  # SpooledTemporaryFile reads 0 as "never roll over"
         self.trace = _flag(trace)
         self.ca_file = ca_file or None
         self.reactor = reactor
