@@ -1,5 +1,5 @@
 """Check and convert MAIL/RCPT ESMTP parameters against the extensions a server offers (RFC 1870, 6152, 6531,
-3030, 3461).
+3030, 3461, 4954).
 
 Pure core. Unknown or unoffered parameters get 555 5.5.4 (RFC 5321 §4.1.1.11); bad values 501 5.5.4.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Collection
 
 from .commands import CommandError
-from .dsn import parse_envid, parse_notify, parse_orcpt, parse_ret
+from .dsn import XtextError, parse_envid, parse_notify, parse_orcpt, parse_ret, xtext_decode
 from .reply import Reply
 
 __all__ = ["check_mail_params", "check_rcpt_params"]
@@ -17,6 +17,8 @@ __all__ = ["check_mail_params", "check_rcpt_params"]
 #: BODY values (RFC 6152 §2, RFC 3030 §3) and the extension each needs offered; 7BIT needs only BODY itself.
 _BODY_TYPES = {"7BIT": None, "8BITMIME": "8BITMIME", "BINARYMIME": "BINARYMIME"}
 MAX_SIZE_DIGITS = 20
+#: RFC 4954 §5: the AUTH parameter's mailbox, as sent (xtext), is bounded like ORCPT's value.
+MAX_AUTH_LENGTH = 500
 
 
 def _bad(text: str, code: int = 501) -> CommandError:
@@ -25,7 +27,8 @@ def _bad(text: str, code: int = 501) -> CommandError:
 
 def check_mail_params(params: dict[str, str | None], offered: Collection[str]) -> dict[str, Any]:
     """Validate MAIL parameters; return them with parsed values (SIZE int, BODY upper-case str, SMTPUTF8 True,
-    and with DSN offered: RET a `dsn.Ret`, ENVID the decoded str).
+    with DSN offered: RET a `dsn.Ret`, ENVID the decoded str; with AUTH offered: AUTH the decoded mailbox or
+    ``<>``, RFC 4954 §5).
 
     BODY is known when 8BITMIME or BINARYMIME is offered; BODY=BINARYMIME only with BINARYMIME (which a server
     offers only together with CHUNKING, RFC 3030 §3).
@@ -49,9 +52,24 @@ def check_mail_params(params: dict[str, str | None], offered: Collection[str]) -
             parsed[key] = parse_ret(value)
         elif key == "ENVID" and "DSN" in offered:
             parsed[key] = parse_envid(value)
+        elif key == "AUTH" and "AUTH" in offered:
+            parsed[key] = _auth_mailbox(value)
         else:
             raise _bad(f"Unsupported MAIL parameter {key}", 555)
     return parsed
+
+
+def _auth_mailbox(value: str | None) -> str:
+    """``AUTH=xtext`` on MAIL (RFC 4954 §5): the submitter's mailbox, or ``<>``, decoded to printable ASCII."""
+    if not value or len(value) > MAX_AUTH_LENGTH:
+        raise _bad("Bad AUTH parameter: a mailbox or <> of at most 500 characters is required")
+    try:
+        text = xtext_decode(value).decode("latin-1")
+    except XtextError as e:
+        raise _bad(f"Bad AUTH parameter: {e}") from None
+    if not text.isprintable() or not text.isascii() or " " in text:
+        raise _bad("Bad AUTH parameter: must decode to a mailbox in printable ASCII")
+    return text
 
 
 def check_rcpt_params(params: dict[str, str | None], offered: Collection[str], *,

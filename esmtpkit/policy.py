@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Callable, Literal
+
+from .sasl import MECHANISMS
 
 __all__ = ["Policy"]
 
@@ -61,6 +63,29 @@ class Policy:
     enhanced_status_codes: bool = True
     eightbitmime: bool = True
     smtputf8: bool = True
+    #: CHUNKING (BDAT, RFC 3030) and, with it, BINARYMIME (RFC 3030 §3: BODY=BINARYMIME needs BDAT).
+    chunking: bool = True
+    binarymime: bool = True
+    #: DSN (RFC 3461): RET/ENVID/NOTIFY/ORCPT parsed and handed to the handler. Off by default: advertising DSN
+    #: promises the notifications RFC 3461 §5 asks for, which only a handler can keep.
+    dsn: bool = False
+    #: LMTP (RFC 2033) instead of SMTP: LHLO, and one reply per accepted recipient after the content.
+    lmtp: bool = False
+    #: STARTTLS (RFC 3207): an IOpenSSLServerConnectionCreator (e.g. `esmtpkit.tls.ServerTLS`) or context
+    #: factory for ``transport.startTLS``; None: STARTTLS is not offered.
+    tls_context: Any = field(default=None, compare=False)
+    #: MAIL before TLS gets 530 5.7.0 (RFC 3207 §4). Satisfied on implicit-TLS listeners too.
+    require_tls: bool = False
+    #: AUTH (RFC 4954): a twisted.cred Portal (see `esmtpkit.sasl.build_portal`); None: AUTH is not offered.
+    portal: Any = field(default=None, compare=False)
+    #: SASL mechanisms to offer, in order, among those the portal's checkers can verify.
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")
+    #: Offer and accept AUTH only over TLS (RFC 4954 §4: 538 5.7.11 otherwise).
+    auth_require_tls: bool = True
+    #: MAIL before a successful AUTH gets 530 5.7.0 (a submission server, RFC 6409).
+    require_auth: bool = False
+    #: Whether an authenticated user (first argument) may act as another identity (second, PLAIN's authzid).
+    auth_authorize: Callable[[str, str], bool] | None = field(default=None, compare=False)
     #: Extra keyword arguments kept for extensions configured elsewhere (TLS, AUTH, ...).
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -76,6 +101,14 @@ class Policy:
             raise ValueError("max_command_length below 512 breaks RFC 5321 §4.5.3.1.4")
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be positive")
+        names = self.auth_mechanisms.replace(",", " ").split() if isinstance(self.auth_mechanisms, str) \
+            else self.auth_mechanisms
+        object.__setattr__(self, "auth_mechanisms", tuple(m.upper() for m in names))
+        unknown = [m for m in self.auth_mechanisms if m not in MECHANISMS]
+        if unknown:
+            raise ValueError(f"unknown AUTH mechanism(s) {', '.join(unknown)}; known: {', '.join(MECHANISMS)}")
+        if self.require_auth and self.portal is None:
+            raise ValueError("require_auth needs a portal (no client could ever authenticate)")
 
     def with_(self, **changes: Any) -> "Policy":
         """A copy with some fields changed."""

@@ -1,8 +1,10 @@
-"""`ESMTPProtocol`: one SMTP connection, speaking RFC 5321 and asking an `IMessageHandler` for every reply.
+"""`ESMTPProtocol`: one SMTP (or LMTP) connection, speaking RFC 5321 and asking an `IMessageHandler` for every reply.
 
-Commands and header lines are read in line mode; message content in raw mode, decoded by `data.DotDecoder`.
-While a handler result is pending the transport is paused and nothing else is read, so replies stay in order
-under pipelining and a slow handler never makes the server buffer a message.
+Commands and header lines are read in line mode; message content in raw mode, decoded by `data.DotDecoder` (DATA)
+or counted by `data.CountedReader` (BDAT). While a handler result is pending the transport is paused and nothing
+else is read, so replies stay in order under pipelining and a slow handler never makes the server buffer a message.
+The extensions the protocol serves itself: STARTTLS (RFC 3207), AUTH (RFC 4954), CHUNKING (RFC 3030), LMTP
+(RFC 2033); SIZE, 8BITMIME, SMTPUTF8, DSN and BINARYMIME parameters are checked and handed to the handler.
 """
 
 from __future__ import annotations
@@ -13,21 +15,23 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ITLSTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from . import state
+from . import sasl, state
 from .commands import Command, CommandError, Verb, line_limit, parse_command, parse_mail_rcpt
-from .data import DotDecoder, HeaderSplitter
+from .data import CountedReader, DotDecoder, HeaderSplitter, has_bare_newline
 from .interfaces import IMessageHandler
 from .params import check_mail_params, check_rcpt_params
 from .policy import Policy
 from .reply import Reply, SMTPReply, coerce
 from .session import Envelope, Session
 from .state import Phase
+from .tls import is_tls, tls_info
 
 __all__ = ["ESMTPProtocol"]
 
@@ -46,6 +50,20 @@ NO_SERVICE = Reply(503, ("No service: send QUIT",), "5.5.1")
 SHUTTING_DOWN = Reply(421, ("Service shutting down, try again later",), "4.3.2")
 EARLY_TALKER = Reply(554, ("Protocol error: data sent before the greeting",), "5.5.1")
 TOO_MANY_TRANSACTIONS = Reply(421, ("Too many transactions in one session, closing connection",), "4.7.0")
+TLS_READY = Reply(220, ("Ready to start TLS",), "2.0.0")
+TLS_ACTIVE = Reply(503, ("TLS already active",), "5.5.1")
+TLS_UNAVAILABLE = Reply(454, ("TLS not available due to temporary reason",), "4.7.0")
+TLS_REQUIRED = Reply(530, ("Must issue a STARTTLS command first",), "5.7.0")
+EHLO_FIRST = Reply(503, ("Send EHLO first",), "5.5.1")
+CHUNK_SYNTAX = Reply(501, ("Syntax: BDAT size [LAST]",), "5.5.4")
+CHUNK_FAILED = Reply(503, ("Transaction failed at an earlier BDAT: send RSET",), "5.5.1")
+BINARY_NEEDS_BDAT = Reply(503, ("BODY=BINARYMIME needs BDAT, not DATA",), "5.5.1")
+LMTP_GREETING = Reply(500, ("This is an LMTP server: use LHLO",), "5.5.1")
+
+#: Extension verbs; each is an unknown command (the handler's ``unknown``) unless its extension is enabled.
+_EXTENSION_VERBS = frozenset((Verb.STARTTLS, Verb.AUTH, Verb.BDAT, Verb.LHLO))
+#: RFC 3030 §2: chunk-size is 1*DIGIT; more than 20 digits is no size a server could read.
+_MAX_CHUNK_DIGITS = 20
 
 #: Enhanced codes for handler replies that give none, where the verb makes the meaning clear (RFC 3463 §3.2).
 _VERB_ENHANCED = {
@@ -68,9 +86,10 @@ def _slices(data: bytes, size: int) -> list[bytes]:
 
 
 class _Message:
-    """State of one message's content while it arrives."""
+    """State of one message's content while it arrives (by DATA, or by BDAT when ``chunked``)."""
 
-    __slots__ = ("decoder", "headers", "size", "error", "chunk", "lines", "partial", "ended")
+    __slots__ = ("decoder", "headers", "size", "error", "chunk", "lines", "partial", "ended", "chunked", "line",
+                 "received", "check_bare", "cr")
 
     def __init__(self, chunk: int, lines: bool) -> None:
         self.decoder: DotDecoder | None = None
@@ -80,9 +99,42 @@ class _Message:
         self.chunk = chunk
         self.lines = lines
         self.partial = b""
-        self.ended = False  # eom() was called: the handler owns the outcome, abort() must not follow
+        self.ended = False  # eom() was called (or abort() already was): abort() must not follow
+        self.chunked = False  # BDAT: commands come between chunks, header lines are split from raw bytes
+        self.line = b""  # BDAT: an incomplete header line carried to the next chunk
+        self.received = 0  # BDAT: octets announced by the chunks accepted so far
+        self.check_bare = False  # BDAT: the bare CR/LF policy applies (the body is not BINARYMIME)
+        self.cr = False  # BDAT: the content so far ends with a CR that the next octet may pair with an LF
 
 
+class _Chunk:
+    """One BDAT chunk being read: ``size`` octets, whether it is the LAST, and the refusal if it is only drained."""
+
+    __slots__ = ("reader", "size", "last", "refusal")
+
+    def __init__(self, size: int, last: bool, refusal: Reply | None = None) -> None:
+        self.reader = CountedReader(size)
+        self.size = size
+        self.last = last
+        self.refusal = refusal
+
+
+def _parse_bdat(argument: str) -> tuple[int | None, bool, bool]:
+    """``BDAT size [LAST]`` (RFC 3030 §2): ``(size or None, last, well_formed)``. A size that parses with a bad
+    rest is not well formed, but its octets are still on their way and must be read.
+    """
+    words = argument.split(" ")
+    size = words[0]
+    if not (size.isascii() and size.isdigit()) or len(size) > _MAX_CHUNK_DIGITS:
+        return None, False, False
+    if len(words) == 1:
+        return int(size), False, True
+    if len(words) == 2 and words[1].upper() == "LAST":
+        return int(size), True, True
+    return int(size), False, False
+
+
+@implementer(IHandshakeListener)
 class ESMTPProtocol(LineReceiver):
     """Speaks ESMTP on one connection and delegates every verb to ``handler``."""
 
@@ -108,12 +160,22 @@ class ESMTPProtocol(LineReceiver):
         self._pregreet: IDelayedCall | None = None
         self._early_talker = False
         self._closing = False
-        self._command_limit = max(line_limit(v, self.policy.max_command_length) for v in Verb if v is not Verb.AUTH)
+        self._keywords: frozenset[str] = frozenset()
+        self._chunk: _Chunk | None = None
+        self._sasl: sasl.Mechanism | None = None
+        self._identity: sasl.Identity | None = None
+        p = self.policy
+        self._mechanisms = sasl.mechanisms_for(p.portal, p.auth_mechanisms) if p.portal is not None else []
+        self._enabled = {Verb.STARTTLS: p.tls_context is not None, Verb.AUTH: bool(self._mechanisms),
+                         Verb.LHLO: p.lmtp}
+        self.session.lmtp = p.lmtp
+        self._command_limit = max(line_limit(v, p.max_command_length) for v in Verb
+                                  if v is not Verb.AUTH or self._mechanisms)  # RFC 4954 §4: 12288 for AUTH lines
 
     # ---- extensions -------------------------------------------------------------------------------------------
 
     def extensions(self) -> list[str]:
-        """The ESMTP keywords offered in the EHLO reply, in order."""
+        """The ESMTP keywords offered in the EHLO (or LHLO) reply, in order, as this connection stands now."""
         p = self.policy
         keys = []
         if p.pipelining:
@@ -125,10 +187,21 @@ class ESMTPProtocol(LineReceiver):
             keys.append("SMTPUTF8")
         if p.enhanced_status_codes:
             keys.append("ENHANCEDSTATUSCODES")
+        if p.chunking:
+            keys.append("CHUNKING")
+            if p.binarymime:
+                keys.append("BINARYMIME")  # RFC 3030 §3: only with CHUNKING
+        if p.dsn:
+            keys.append("DSN")
+        if p.tls_context is not None and not self.session.tls:
+            keys.append("STARTTLS")  # RFC 3207 §4.2: not offered again after the handshake
+        if self._mechanisms and (self.session.tls or not p.auth_require_tls):
+            keys.append("AUTH " + " ".join(self._mechanisms))
         return keys
 
-    def _offered(self) -> set[str]:
-        return {k.split(" ", 1)[0] for k in self.extensions()} if self.session.esmtp else set()
+    def _offered(self) -> frozenset[str]:
+        """The keywords offered at the last successful EHLO/LHLO (none after HELO or STARTTLS)."""
+        return self._keywords
 
     # ---- connection life ---------------------------------------------------------------------------------------
 
@@ -137,6 +210,7 @@ class ESMTPProtocol(LineReceiver):
         self.session.peer = self.transport.getPeer()
         self.session.host = self.transport.getHost()
         self.session.transport = self.transport
+        self.session.tls = is_tls(self.transport)  # an implicit-TLS listener (RFC 8314)
         admit = getattr(self.factory, "admit", None)
         refusal = admit(self) if admit is not None else None
         if refusal is not None:
@@ -158,6 +232,9 @@ class ESMTPProtocol(LineReceiver):
             self._abort("connection lost")
         self.phase = Phase.CLOSED
         self._todo.clear()
+        self._chunk = None
+        self._sasl = None
+        self._logout()
         self.session.transport = None
         release = getattr(self.factory, "release", None)
         if release is not None:
@@ -174,6 +251,10 @@ class ESMTPProtocol(LineReceiver):
             self._reprocess = False
             super().dataReceived(b"")
         self._reset_timer()
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (after STARTTLS, or on an implicit-TLS listener): note what was negotiated."""
+        self.session.tls_info = tls_info(self.transport)
 
     def _pregreet_over(self) -> None:
         """The greeting delay passed: greet, or refuse a client that talked first (postscreen's pregreet test)."""
@@ -380,7 +461,8 @@ class ESMTPProtocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if self.phase is Phase.CLOSED:
             return
-        if self._message is not None:
+        message = self._message
+        if message is not None and not message.chunked:
             self._header_line(line)
             return
         self._schedule(lambda: self._command(line))
@@ -388,7 +470,7 @@ class ESMTPProtocol(LineReceiver):
     def lineLengthExceeded(self, line: bytes) -> None:
         """An over-long line: drain it to its CRLF in raw mode, then answer (never drop the connection)."""
         message = self._message
-        if message is not None and message.headers is not None:
+        if message is not None and message.headers is not None and not message.chunked:
             self._fail_message(LINE_TOO_LONG)
             self._drain_headers(message)
         else:
@@ -400,33 +482,43 @@ class ESMTPProtocol(LineReceiver):
     def _command(self, raw: bytes) -> "Deferred[Any] | None":
         if self.phase is Phase.CLOSED:
             return None
+        if self._sasl is not None:
+            return self._auth_response(raw)
         try:
             command = parse_command(raw)
         except CommandError as e:
             self.send(e.reply)
             return None
-        if len(raw) > line_limit(self._effective_verb(command), self.policy.max_command_length):
+        verb = self._effective_verb(command)
+        if len(raw) > line_limit(verb, self.policy.max_command_length):
             self.send(LINE_TOO_LONG)
             return None
         if self._refused and command.verb is not Verb.QUIT:
             self.send(NO_SERVICE)
             return None
-        verb = self._effective_verb(command)
-        if not state.allowed(self.phase, verb):
-            self.send(Reply(503, (state.refusal(self.phase, verb),), "5.5.1"))
-            return None
-        handler = getattr(self, "_do_" + verb.value)
         try:
-            return handler(command)
+            if not state.allowed(self.phase, verb):
+                refusal = Reply(503, (state.refusal(self.phase, verb),), "5.5.1")
+                if verb is Verb.BDAT:
+                    return self._drain(command, refusal)  # RFC 3030 §2: the chunk's octets come anyway
+                self.send(refusal)
+                return None
+            return getattr(self, "_do_" + verb.value)(command)
         except CommandError as e:
             self.send(e.reply, plain=verb in (Verb.HELO, Verb.EHLO))  # RFC 2034 §3: no enhanced code there
             return None
 
     def _effective_verb(self, command: Command) -> Verb:
-        """Verbs of extensions that are not offered are unknown commands (the handler's ``unknown``)."""
+        """Verbs of extensions that are not offered are unknown commands (the handler's ``unknown``).
+
+        STARTTLS and AUTH are known whenever configured (a second STARTTLS gets 503, AUTH before TLS 538); BDAT
+        only where CHUNKING was offered; LHLO only in LMTP mode.
+        """
         verb = command.verb
-        if verb in (Verb.STARTTLS, Verb.AUTH, Verb.BDAT, Verb.LHLO):
-            return Verb.UNKNOWN
+        if verb in _EXTENSION_VERBS:
+            if verb is Verb.BDAT:
+                return verb if "CHUNKING" in self._keywords else Verb.UNKNOWN
+            return verb if self._enabled[verb] else Verb.UNKNOWN
         return verb
 
     # ---- verbs -------------------------------------------------------------------------------------------------
@@ -460,36 +552,64 @@ class ESMTPProtocol(LineReceiver):
         return name
 
     def _do_HELO(self, command: Command) -> "Deferred[Any] | None":
+        if self.policy.lmtp:
+            raise CommandError(LMTP_GREETING)  # RFC 2033 §4.1: LMTP has LHLO only
         name = self._greeting_name(command)
         self._reset_transaction("reset by HELO")
 
         def after(reply: Reply) -> None:
             if reply.code == 250:
                 self.session.helo, self.session.esmtp = name, False
+                self._keywords = frozenset()
+                self._note_tls()
                 reply = self._with_hostname(reply)
             self.send(reply, plain=True)
 
         return self._simple("helo", (name,), Verb.HELO, after)
 
     def _do_EHLO(self, command: Command) -> "Deferred[Any] | None":
+        if self.policy.lmtp:
+            raise CommandError(LMTP_GREETING)
+        return self._extended_hello(command, Verb.EHLO)
+
+    def _do_LHLO(self, command: Command) -> "Deferred[Any] | None":
+        """LHLO (RFC 2033 §4.1): EHLO's twin in LMTP mode; the handler's ``ehlo`` answers it."""
+        return self._extended_hello(command, Verb.LHLO)
+
+    def _extended_hello(self, command: Command, verb: Verb) -> "Deferred[Any] | None":
         name = self._greeting_name(command)
-        self._reset_transaction("reset by EHLO")
+        self._reset_transaction(f"reset by {verb.value}")
 
         def after(reply: Reply) -> None:
             if reply.code == 250:
                 self.session.helo, self.session.esmtp = name, True
+                self._note_tls()
+                keywords = self.extensions()
+                self._keywords = frozenset(k.split(" ", 1)[0] for k in keywords)
                 reply = self._with_hostname(reply)
-                reply = Reply(250, reply.lines + tuple(k for k in self.extensions() if k not in reply.lines),
-                              reply.enhanced)
+                reply = Reply(250, reply.lines + tuple(k for k in keywords if k not in reply.lines), reply.enhanced)
             self.send(reply, plain=True)
 
-        return self._simple("ehlo", (name,), Verb.EHLO, after)
+        return self._simple("ehlo", (name,), verb, after)
+
+    def _note_tls(self) -> None:
+        """Fill ``session.tls_info`` if the handshake was not reported (a wrapper in between may swallow it)."""
+        if self.session.tls and not self.session.tls_info:
+            self.session.tls_info = tls_info(self.transport)
 
     def _do_MAIL(self, command: Command) -> "Deferred[Any] | None":
-        offered = self._offered()
+        if self.policy.require_tls and not self.session.tls:
+            self.send(TLS_REQUIRED)  # RFC 3207 §4
+            return None
+        if self.policy.require_auth and self.session.authenticated is None:
+            self.send(sasl.AUTH_REQUIRED)  # RFC 4954 §6
+            return None
+        offered = self._keywords
         sender, raw = parse_mail_rcpt(command.argument, "FROM:", allow_null=True, allow_postmaster=False,
                                       utf8_allowed="SMTPUTF8" in offered)
         params = check_mail_params(raw, offered)
+        if "AUTH" in params and self.session.authenticated is None:
+            params["AUTH"] = "<>"  # RFC 4954 §5: an AUTH= value from a client we do not trust counts as <>
         limit = self.policy.max_message_size
         if limit and params.get("SIZE", 0) > limit:
             self.send(Reply(552, ("Message size exceeds fixed maximum message size",), "5.3.4"))
@@ -507,11 +627,11 @@ class ESMTPProtocol(LineReceiver):
         return self._simple("mail", (sender, params), Verb.MAIL, after)
 
     def _do_RCPT(self, command: Command) -> "Deferred[Any] | None":
-        offered = self._offered()
         envelope = self.session.envelope
+        utf8 = "SMTPUTF8" in envelope.mail_params
         recipient, raw = parse_mail_rcpt(command.argument, "TO:", allow_null=False, allow_postmaster=True,
-                                         utf8_allowed="SMTPUTF8" in envelope.mail_params)
-        params = check_rcpt_params(raw, offered)
+                                         utf8_allowed=utf8)
+        params = check_rcpt_params(raw, self._keywords, utf8=utf8) if raw else {}
         limit = self.policy.max_recipients
         if limit and len(envelope.recipients) >= limit:
             self.send(TOO_MANY_RECIPIENTS)
@@ -530,6 +650,8 @@ class ESMTPProtocol(LineReceiver):
 
     def _do_DATA(self, command: Command) -> "Deferred[Any] | None":
         self._no_argument(command)
+        if self.session.envelope.mail_params.get("BODY") == "BINARYMIME":
+            raise CommandError(BINARY_NEEDS_BDAT)  # RFC 3030 §3
 
         def after(reply: Reply) -> None:
             if reply.code != 354:
@@ -576,6 +698,287 @@ class ESMTPProtocol(LineReceiver):
 
     def _do_UNKNOWN(self, command: Command) -> "Deferred[Any] | None":
         return self._simple("unknown", (command.line,), Verb.UNKNOWN)
+
+    # ---- STARTTLS (RFC 3207) -----------------------------------------------------------------------------------
+
+    def _do_STARTTLS(self, command: Command) -> None:
+        self._no_argument(command)
+        if self.session.tls:
+            self.send(TLS_ACTIVE)
+            return None
+        if not ITLSTransport.providedBy(self.transport):
+            self.send(TLS_UNAVAILABLE)
+            return None
+        self.send(TLS_READY, count_error=False)
+        if self.phase is Phase.CLOSED:
+            return None
+        # RFC 3207 §4.2 (and CVE-2011-0411): whatever the client sent after STARTTLS in plaintext is never run.
+        dropped = len(self.clearLineBuffer())
+        self._todo.clear()
+        self._reprocess = self._skipping_line = self._skip_cr = False
+        if dropped:
+            self.log.info("discarded {count} plaintext bytes sent after STARTTLS by {peer}", count=dropped,
+                          peer=self.session.peer_ip)
+        self._reset_transaction("STARTTLS")
+        self._logout()
+        session = self.session
+        session.helo, session.esmtp, session.authenticated, session.auth_mechanism = None, False, None, None
+        self._keywords = frozenset()
+        self.phase = state.advance(self.phase, Verb.STARTTLS)
+        self.transport.startTLS(self.policy.tls_context)
+        session.tls = True
+        return None
+
+    # ---- AUTH (RFC 4954) ---------------------------------------------------------------------------------------
+
+    def _do_AUTH(self, command: Command) -> "Deferred[Any] | None":
+        if not self.session.esmtp:
+            self.send(EHLO_FIRST)
+            return None
+        if self.session.authenticated is not None:
+            self.send(sasl.AUTH_ALREADY_DONE)
+            return None
+        name, initial = sasl.parse_auth(command.argument)
+        if self.policy.auth_require_tls and not self.session.tls:
+            self.send(sasl.AUTH_ENCRYPTION_REQUIRED)
+            return None
+        mechanism = sasl.new_mechanism(name, hostname=self.policy.hostname, authorize=self.policy.auth_authorize,
+                                       offered=self._mechanisms)
+        if mechanism is None:
+            self.send(sasl.AUTH_MECHANISM_UNKNOWN)
+            return None
+        return self._auth_step(mechanism, mechanism.start(initial))
+
+    def _auth_response(self, line: bytes) -> "Deferred[Any] | None":
+        """The client's answer to a 334 challenge (RFC 4954 §4); ``*`` cancels."""
+        mechanism = self._sasl
+        assert mechanism is not None
+        return self._auth_step(mechanism, mechanism.respond(line))
+
+    def _auth_step(self, mechanism: sasl.Mechanism, step: sasl.Step) -> "Deferred[Any] | None":
+        if isinstance(step, sasl.Challenge):
+            self._sasl = mechanism
+            self.transport.write(step.wire)  # "334 " even with an empty challenge; never an enhanced code
+            return None
+        self._sasl = None
+        if isinstance(step, sasl.Failed):
+            self.send(step.reply)  # counts toward the error limit, as every failure does
+            return None
+
+        def then(value: Any) -> None:
+            if isinstance(value, Failure):
+                self.send(self._reply_from(value, "auth"))
+                return
+            if self.phase is Phase.CLOSED:
+                value.logout()
+                return
+            self._identity = value
+            self.session.authenticated = value.name
+            self.session.auth_mechanism = value.mechanism
+            self.send(sasl.AUTH_SUCCEEDED)
+
+        return self._call(sasl.authenticate, (self.policy.portal, step), then)
+
+    def _logout(self) -> None:
+        """Release the authenticated identity (its realm's logout), if any."""
+        identity, self._identity = self._identity, None
+        if identity is not None:
+            try:
+                identity.logout()
+            except Exception:
+                self.log.failure("logout of {name} failed", name=identity.name)
+
+    # ---- BDAT (RFC 3030) ---------------------------------------------------------------------------------------
+
+    def _do_BDAT(self, command: Command) -> "Deferred[Any] | None":
+        size, last, well_formed = _parse_bdat(command.argument)
+        if size is None:
+            raise CommandError(CHUNK_SYNTAX)  # no size: nothing can be drained
+        if not well_formed:
+            return self._drain(command, CHUNK_SYNTAX)
+        message = self._message
+        if message is not None and message.error is not None:
+            return self._drain(command, CHUNK_FAILED)  # RFC 3030 §2: after a failed chunk, discard the rest
+        limit = self.policy.max_message_size
+        if limit and (message.received if message is not None else 0) + size > limit:
+            self._fail_chunks(TOO_BIG)
+            return self._drain(command, TOO_BIG)
+        if message is not None:
+            self._read_chunk(message, size, last)
+            return None
+
+        def then(value: Any) -> None:
+            # The first chunk asks data(), as DATA does; its positive reply is not sent (BDAT answers 250).
+            reply = self._reply_from(value, "data")
+            if self.phase is Phase.CLOSED:
+                return
+            if not reply.is_positive:
+                self._fail_chunks(reply)
+                self._drain(command, reply)
+                return
+            self.phase = state.advance(self.phase, Verb.BDAT)
+            self._read_chunk(self._start_chunks(), size, last)
+
+        return self._call(self.handler.data, (), then)
+
+    def _drain(self, command: Command, reply: Reply) -> None:
+        """Read and discard the refused chunk's octets, then answer ``reply`` (RFC 3030 §2, §4)."""
+        size = _parse_bdat(command.argument)[0]
+        if size is None:
+            self.send(CHUNK_SYNTAX)
+        elif size == 0:
+            self.send(reply)
+        else:
+            self._chunk = _Chunk(size, False, reply)
+            self.setRawMode()
+
+    def _fail_chunks(self, reply: Reply) -> None:
+        """A chunk failed: abort() now; later chunks are drained and refused until RSET (RFC 3030 §2)."""
+        message = self._message
+        if message is None:
+            message = self._message = _Message(1, False)
+            message.chunked = True
+        if message.error is None:
+            message.error = reply
+        if not message.ended:
+            message.ended = True
+            self._abort_now(message.error.text)
+        self.phase = Phase.CHUNKING
+
+    def _start_chunks(self) -> _Message:
+        mode = getattr(self.handler, "chunk_mode", None)
+        size = getattr(self.handler, "chunk_size", None) or self.policy.chunk_size
+        message = _Message(max(1, int(size)), mode is False)
+        message.chunked = True
+        # Binary content may hold any octet (RFC 3030 §3); 7BIT/8BITMIME content is lines ending in CRLF.
+        message.check_bare = (self.policy.bare_newline == "reject"
+                              and self.session.envelope.mail_params.get("BODY") != "BINARYMIME")
+        if mode is not True:
+            message.headers = HeaderSplitter()
+        self._message = message
+        return message
+
+    def _read_chunk(self, message: _Message, size: int, last: bool) -> None:
+        chunk = _Chunk(size, last)
+        message.received += size
+        if size:
+            self._chunk = chunk
+            self.setRawMode()
+            return
+        # BDAT 0 [LAST]: no octets follow; its end comes next in the queue, before any later command.
+        self._todo.extendleft(reversed(self._chunk_complete(chunk, b"")))
+
+    def _chunk_bytes(self, data: bytes) -> None:
+        """Raw octets of the chunk being read: content for the handler, or drained; the rest is commands."""
+        chunk = self._chunk
+        assert chunk is not None
+        part, rest = chunk.reader.feed(data)
+        steps: list[_Step] = []
+        if chunk.refusal is None and part:
+            message = self._message
+            if message is not None and message.error is None:
+                steps = self._chunk_content(message, part)
+        if chunk.reader.remaining == 0:
+            self._chunk = None
+            steps.extend(self._chunk_complete(chunk, rest))
+        if steps:
+            self._schedule(*steps)
+
+    def _chunk_content(self, message: _Message, data: bytes) -> list[_Step]:
+        """Steps for chunk octets: header lines split here (they may straddle chunks), then body pieces."""
+        if message.check_bare:
+            probe = b"\r" + data if message.cr else data
+            message.cr = probe.endswith(b"\r")
+            if has_bare_newline(probe[:-1] if message.cr else probe):
+                self._fail_message(BARE_NEWLINE)
+                return []
+        headers = message.headers
+        if headers is None:
+            return self._body_steps(message, data)
+        buf = message.line + data if message.line else data
+        longest = self.policy.max_line_length - 2
+        steps: list[_Step] = []
+        pos = 0
+        while True:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            line = buf[pos:end]
+            pos = end + 2
+            if len(line) > longest:
+                self._fail_message(LINE_TOO_LONG)
+                return []
+            events, done, body = headers.line(line)
+            if not body:
+                self._message_size(message, len(line) + 2)
+            if headers.size > self.policy.max_header_size:
+                self._fail_message(HEADER_TOO_BIG)
+            if message.error is not None:
+                return []
+            steps.extend(self._header_steps(events))
+            if done:
+                message.headers = None
+                message.line = b""
+                steps.append(self._eoh_step())
+                steps.extend(self._body_steps(message, body + buf[pos:] if body else buf[pos:]))
+                return steps
+        message.line = buf[pos:]
+        if len(message.line) > longest:
+            self._fail_message(LINE_TOO_LONG)
+            return []
+        return steps
+
+    def _chunk_complete(self, chunk: _Chunk, rest: bytes) -> list[_Step]:
+        """Steps once a chunk's octets are all read: after LAST, the end of the headers and the last pieces."""
+        steps: list[_Step] = []
+        message = self._message
+        if chunk.last and chunk.refusal is None and message is not None and message.error is None:
+            if message.cr:
+                self._fail_message(BARE_NEWLINE)  # a CR at the very end pairs with nothing
+                return [self._chunk_end_step(chunk, rest)]
+            headers = message.headers
+            if headers is not None:
+                body = b""
+                events = []
+                if message.line:
+                    line, message.line = message.line, b""  # a last line without CRLF
+                    events, done, body = headers.line(line)
+                    body = body[:-2]  # the splitter gave it the CRLF the message does not have
+                    if not body:
+                        self._message_size(message, len(line))
+                events += headers.finish()
+                message.headers = None
+                steps.extend(self._header_steps(events))
+                steps.append(self._eoh_step())
+                steps.extend(self._body_steps(message, body))
+            if message.partial and message.error is None:
+                steps.append(self._quiet_step("body", (message.partial,)))
+                message.partial = b""
+        steps.append(self._chunk_end_step(chunk, rest))
+        return steps
+
+    def _chunk_end_step(self, chunk: _Chunk, rest: bytes) -> _Step:
+        def step() -> "Deferred[Any] | None":
+            self.setLineMode()
+            if rest:
+                self._buffer = rest + self._buffer
+                self._reprocess = True
+            if chunk.refusal is not None:
+                self.send(chunk.refusal)
+                return None
+            message = self._message
+            if message is None or message.ended:
+                return None  # the transaction ended meanwhile (RSET cannot come between; a lost connection can)
+            if chunk.last:
+                return self._end_step(b"")()
+            if message.error is not None:
+                self._fail_chunks(message.error)
+                self.send(message.error)
+                return None
+            self.send(Reply(250, (f"{chunk.size} octets received",), "2.0.0"))
+            return None
+
+        return step
 
     # ---- transactions ------------------------------------------------------------------------------------------
 
@@ -711,6 +1114,9 @@ class ESMTPProtocol(LineReceiver):
             return
         message = self._message
         if message is None or message.decoder is None:
+            if self._chunk is not None:
+                self._chunk_bytes(data)
+                return
             self.setLineMode(data)
             return
         decoder = message.decoder
@@ -741,6 +1147,10 @@ class ESMTPProtocol(LineReceiver):
         self.setLineMode()
         self._buffer = data[end + 2:] + self._buffer
         self._reprocess = True
+        if self._sasl is not None:
+            self._sasl = None  # RFC 4954 §4: the exchange ends with 500 5.5.6
+            self.send(sasl.AUTH_LINE_TOO_LONG)
+            return
         self.send(LINE_TOO_LONG)
 
     def _end_step(self, rest: bytes) -> _Step:
@@ -753,21 +1163,45 @@ class ESMTPProtocol(LineReceiver):
                 self._reprocess = True
             if message is None:
                 return None
+            # RFC 2033 §4.2: in LMTP one reply per accepted recipient, in RCPT order.
+            count = len(self.session.envelope.recipients) if self.policy.lmtp else 0
             if message.error is not None:
+                error = message.error
                 self._finish_transaction()
-                self._abort_now(message.error.text)
-                self.send(message.error)
+                self._abort_now(error.text)
+                self._send_replies([error] * count if count else [error])
                 return None
 
             def then(value: Any) -> None:
-                reply = self._reply_from(value, "eom")
+                replies = self._lmtp_replies(value, count) if count else [self._reply_from(value, "eom")]
                 self._finish_transaction()
-                self.send(reply)
+                self._send_replies(replies)
 
             message.ended = True
             return self._call(self.handler.eom, (), then)
 
         return step
+
+    def _lmtp_replies(self, value: Any, count: int) -> list[Reply]:
+        """eom()'s result in LMTP mode: a sequence of one reply per recipient, or one reply for all of them."""
+        if isinstance(value, (list, tuple)) and not (value and isinstance(value[0], int)):
+            if len(value) != count:
+                self.log.error("handler eom returned {got} replies for {count} recipients", got=len(value),
+                               count=count)
+                return [HANDLER_ERROR] * count
+            return [self._reply_from(v, "eom") for v in value]
+        return [self._reply_from(value, "eom")] * count
+
+    def _send_replies(self, replies: list[Reply]) -> None:
+        """Write the replies to one command; the limit counts one error, and only if every reply is one."""
+        if len(replies) == 1:
+            self.send(replies[0])
+            return
+        for reply in replies[:-1]:
+            if self.phase is Phase.CLOSED:
+                return
+            self.transport.write(reply.render(self._enhanced()))
+        self.send(replies[-1], count_error=all(r.code >= 400 for r in replies))
 
     def _finish_transaction(self) -> None:
         self._message = None

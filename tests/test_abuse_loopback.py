@@ -69,7 +69,7 @@ async def test_graceful_stop_lets_message_in_flight_finish() -> None:
     def begin() -> list[bytes]:
         got = [reader.readline()]
         sock.sendall(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
-        got += [reader.readline() for _ in range(4 + 6)]
+        got += [reader.readline() for _ in range(4 + 8)]
         sock.sendall(b"Subject: x\r\n\r\nfirst half\r\n")
         return got
 

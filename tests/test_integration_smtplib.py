@@ -52,9 +52,9 @@ async def test_ehlo_several_recipients_two_messages() -> None:
         await server.stop()
 
     assert seen["ehlo"] == (250, b"localhost client.test, pleased to meet you\nHELP\nPIPELINING\nSIZE 33554432\n"
-                                 b"8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES")
+                                 b"8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nCHUNKING\nBINARYMIME")
     assert seen["features"] == {"help": "", "pipelining": "", "size": "33554432", "8bitmime": "", "smtputf8": "",
-                                "enhancedstatuscodes": ""}
+                                "enhancedstatuscodes": "", "chunking": "", "binarymime": ""}
     assert (seen["first"], seen["second"]) == ({}, {})
     assert seen["noop"] == (250, b"2.0.0 OK")
     [handler] = handlers

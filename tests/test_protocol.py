@@ -22,7 +22,7 @@ from esmtpkit.testing import Call, Conversation, RecordingHandler, parse_replies
 HOST = "mx.test"
 GREETING = b"220 mx.test ESMTP Mail Server\r\n"
 EHLO_REPLY = (b"250-mx.test client.test, pleased to meet you\r\n250-HELP\r\n250-PIPELINING\r\n250-SIZE 33554432\r\n"
-              b"250-8BITMIME\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n")
+              b"250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250 BINARYMIME\r\n")
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None)
 
 
@@ -126,7 +126,7 @@ class GreetingTests(ServerMixin, SynchronousTestCase):
 
     def test_ehlo_extensions_follow_policy(self) -> None:
         talk = self.connect(pipelining=False, eightbitmime=False, smtputf8=False, enhanced_status_codes=False,
-                            max_message_size=0)
+                            max_message_size=0, chunking=False)
         self.assertEqual(self.exchange(talk, b"EHLO client.test\r\n"),
                          b"250-mx.test client.test, pleased to meet you\r\n250-HELP\r\n250 SIZE\r\n")
         self.assertEqual(self.exchange(talk, b"NOOP\r\n"), b"250 OK\r\n")
@@ -244,7 +244,8 @@ class TransactionTests(ServerMixin, SynchronousTestCase):
 
     def test_unoffered_extension_verbs_are_unknown(self) -> None:
         """STARTTLS, AUTH, BDAT, LHLO are not offered by the base protocol: the handler's ``unknown`` answers."""
-        talk = self.ehlo()
+        talk = self.connect(chunking=False)
+        self.exchange(talk, b"EHLO client.test\r\n")
         for line in (b"STARTTLS", b"AUTH PLAIN", b"BDAT 10 LAST", b"LHLO client.test"):
             self.assertEqual(self.exchange(talk, line + b"\r\n"), b"500 5.5.2 Command unrecognized: " + line + b"\r\n")
 
@@ -658,7 +659,7 @@ class ConversationTests(ServerMixin, SynchronousTestCase):
         self.assertEqual(talk.greeting, Reply.of(220, "mx.test ESMTP Mail Server"))
         self.assertEqual(talk.send("NOOP"), Reply.of(250))
         self.assertEqual(talk.send("HELP"), Reply.of(214, "a", "b"))
-        self.assertEqual(talk.send("EHLO client.test").lines[-1], "ENHANCEDSTATUSCODES")
+        self.assertEqual(talk.send("EHLO client.test").lines[-1], "BINARYMIME")
         self.assertEqual(talk.send("NOOP"), Reply.of(250, enhanced="2.0.0"))
         talk.write(b"NOOP\r\nHELP\r\n")
         self.assertEqual(talk.replies(), [Reply.of(250, enhanced="2.0.0"), Reply.of(214, "a", "b", enhanced="2.0.0")])

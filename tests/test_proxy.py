@@ -46,7 +46,7 @@ from esmtpkit.tls import tls_info
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 GREETING = b"220 mx.test ESMTP Mail Server\r\n"
 EHLO_REPLY = (b"250-mx.test x, pleased to meet you\r\n250-HELP\r\n250-PIPELINING\r\n250-SIZE 33554432\r\n"
-              b"250-8BITMIME\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n")
+              b"250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250 BINARYMIME\r\n")
 V1_TCP4 = b"PROXY TCP4 192.0.2.10 198.51.100.1 51000 25\r\n"
 V1_TCP6 = b"PROXY TCP6 2001:db8::10 2001:db8::1 51000 25\r\n"
 
