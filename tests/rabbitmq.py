@@ -8,6 +8,7 @@ data, which is how the tests take the broker away in the middle of a run.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import shutil
@@ -236,19 +237,32 @@ class RabbitMQ:
         finally:
             connection.close()
 
-    def listening(self) -> list[str]:
-        """``ss -ltnp`` lines of the node's and its epmd's listening sockets (to check they are loopback only)."""
+    def listening(self) -> list[tuple[str, int]]:
+        """``(address, port)`` of every TCP socket the node and its epmd listen on, read from /proc."""
         groups = {p.pid for p in (self.process, self.epmd) if p is not None}
-        pids = set()
+        inodes = set()
         for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.getpgid(int(entry.name)) in groups:
-                        pids.add(entry.name)
-                except ProcessLookupError:
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(entry.name)) not in groups:
                     continue
-        out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=False).stdout
-        return [line for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
+                for fd in (entry / "fd").iterdir():
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+            except OSError:
+                continue
+        found = []
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    address, port = fields[1].split(":")
+                    raw = bytes.fromhex(address)
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
+                    found.append((str(ipaddress.ip_address(raw)), int(port, 16)))
+        return found
 
 
 def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
