@@ -333,7 +333,7 @@ class RefuseWhenDownTests(Base):
         self.opener.refuse()
         talk = self.talk(self.handler(refuse_when_down="yes"))
         self.assertEqual(talk.transport.value(),
-                         b"421 mx.test Service not available: message queue unreachable, try again later\r\n")
+                         b"421 Service not available: message queue unreachable, try again later\r\n")
         self.assertTrue(talk.closed)
 
     def test_421_when_the_attempt_fails_or_takes_too_long(self) -> None:

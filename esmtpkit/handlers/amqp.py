@@ -40,13 +40,10 @@ BROKER_MAX_SIZE = 16 * 1024 * 1024
 #: Queue arguments the publisher declares with: a replicated, durable quorum queue.
 QUEUE_ARGUMENTS: Mapping[str, Any] = {"x-queue-type": "quorum"}
 
+#: The greeting that turns clients away while the broker is unreachable (RFC 5321 §3.1: 421, try later).
+BROKER_DOWN = Reply(421, ("Service not available: message queue unreachable, try again later",), "4.3.0")
 TOO_BIG = Reply(552, ("Message size exceeds the message queue's limit",), "5.3.4")
 SPOOL_FAILED = Reply(451, ("Requested action aborted: error in local storage, try again later",), "4.3.0")
-
-
-def broker_down_reply(hostname: str) -> Reply:
-    """``421 <hostname> ...``: the greeting that turns clients away while the broker is unreachable (RFC 5321 §3.1)."""
-    return Reply(421, (f"{hostname} Service not available: message queue unreachable, try again later",), "4.3.0")
 
 
 def not_queued_reply(reason: str) -> Reply:
@@ -601,8 +598,7 @@ class AMQP(MessageHandler):
         if not self.refuse_when_down:
             return greeting
         wait = min(self.confirm_timeout, publisher.connect_timeout)
-        refusal = broker_down_reply(session.hostname)
-        return publisher.wait_ready(wait).addCallback(lambda ready: greeting if ready else refusal)
+        return publisher.wait_ready(wait).addCallback(lambda ready: greeting if ready else BROKER_DOWN)
 
     def mail(self, sender: Address, params: Mapping[str, Any]) -> Any:
         """552 5.3.4 when the declared SIZE (RFC 1870) cannot fit one broker message; else the default."""
