@@ -792,11 +792,22 @@ async def test_consumer_example_delivers_to_a_maildir(broker: RabbitMQ, clients:
 
 @pytest_twisted.ensureDeferred
 async def test_the_log_says_why_the_broker_refused_the_connection(broker: RabbitMQ) -> None:
-    """A wrong password or virtual host: 451 for the client, the broker's own reason in ``last_error``."""
-    cases = [(broker.url.replace("guest:guest", "guest:wrong"), "403, 'ACCESS_REFUSED - Login was refused"),
-             (broker.url.replace("/%2F", "/nowhere"), "530, 'NOT_ALLOWED - vhost nowhere not found")]
-    for url, why in cases:
-        publisher = Publisher(url, "mail-refused", connect_timeout=5, retry_min=30)
+    """A wrong password or virtual host, a queue that exists as a classic queue: 451 for the client, the broker's
+    own reason in ``last_error``."""
+
+    def classic_queue() -> None:
+        connection = broker.connection()
+        try:
+            connection.channel().queue_declare("mail-classic", durable=True)
+        finally:
+            connection.close()
+
+    await threads.deferToThread(classic_queue)
+    cases = [(broker.url.replace("guest:guest", "guest:wrong"), "mail", "403, 'ACCESS_REFUSED - Login was refused"),
+             (broker.url.replace("/%2F", "/nowhere"), "mail", "530, 'NOT_ALLOWED - vhost nowhere not found"),
+             (broker.url, "mail-classic", "PRECONDITION_FAILED - inequivalent arg 'x-queue-type'")]
+    for url, queue, why in cases:
+        publisher = Publisher(url, queue, connect_timeout=5, retry_min=30)
         try:
             with pytest.raises(NotQueued, match="^broker unavailable: "):
                 await publisher.publish(b"x", "ID", {}, 10)
