@@ -1,21 +1,29 @@
 """``twistd esmtpkit``: command-line options turned into a service (listeners, policy, handler).
 
 The plugin in ``twisted/plugins/esmtpkit_plugin.py`` only points here; everything testable lives in this module.
+TLS (``--tls-cert``), AUTH (twistd's usual ``--auth``, from ``twisted.cred.strcred``) and the other extensions
+become `Policy` fields; ``ssl:`` listeners without their own key serve the ``--tls-cert`` certificate.
 """
 
 from __future__ import annotations
 
 import inspect
+import signal
 from typing import Any, Callable
 
 from twisted.application import strports
-from twisted.application.service import IService
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, Service
+from twisted.cred import strcred
+from twisted.logger import Logger
 from twisted.python import reflect, usage
 
+from . import sasl
 from .factory import ESMTPFactory
 from .interfaces import IMessageHandler
 from .policy import Policy
 from .service import ESMTPService
+from .tls import ServerTLS, TLSConfigError
 
 __all__ = ["Options", "makeService", "DEFAULT_LISTEN", "DEFAULT_HANDLER"]
 
@@ -46,12 +54,25 @@ def _seconds(value: str) -> float:
     return number
 
 
-class Options(usage.Options):
+class Options(strcred.AuthOptionMixin, usage.Options):
     """Options of ``twistd esmtpkit``."""
 
     synopsis = "[options]"
     longdesc = ("Run an ESMTP server whose every verb is decided by a handler class (default: deliver to a Maildir). "
-                "--listen takes any Twisted endpoint string and may be repeated.")
+                "--listen takes any Twisted endpoint string and may be repeated. --auth (repeatable) names the "
+                "credential checkers for AUTH; --help-auth lists the kinds.")
+    #: What our SASL mechanisms produce; --auth accepts checkers for these (PLAIN/LOGIN, and CRAM-MD5).
+    supportedInterfaces = sasl.SUPPORTED_INTERFACES
+
+    optFlags = [
+        ["require-tls", None, "MAIL before STARTTLS gets 530 5.7.0 (needs --tls-cert or an ssl: listener)."],
+        ["auth-over-plaintext", None, "Offer and accept AUTH before TLS too (for a loopback or private network)."],
+        ["require-auth", None, "MAIL before a successful AUTH gets 530 5.7.0 (a submission server; needs --auth)."],
+        ["no-chunking", None, "Do not offer CHUNKING (BDAT) or BINARYMIME (RFC 3030)."],
+        ["no-binarymime", None, "Offer CHUNKING without BINARYMIME."],
+        ["dsn", None, "Offer DSN (RFC 3461): its parameters reach the handler, which must honour them."],
+        ["lmtp", None, "Speak LMTP (RFC 2033) instead of SMTP: LHLO, one reply per recipient after the message."],
+    ]
 
     optParameters = [
         ["handler", None, DEFAULT_HANDLER, "Handler class, as module.Class, providing IMessageHandler."],
@@ -79,6 +100,9 @@ class Options(usage.Options):
          "Seconds to wait before the greeting; clients that talk first are refused. 0: off.", float],
         ["shutdown-timeout", None, Policy.shutdown_timeout,
          "Seconds transactions in flight may take to finish when the server stops.", float],
+        ["tls-cert", None, None, "PEM file with the server certificate (and chain) for STARTTLS and ssl: listeners."],
+        ["tls-key", None, None, "PEM file with the certificate's private key (default: read from --tls-cert)."],
+        ["auth-mechanisms", None, ",".join(sasl.DEFAULT_ORDER), "SASL mechanisms to offer, comma-separated, in order."],
         ["maildir", None, "Maildir", "Maildir folder for the Maildir handler (created if missing)."],
         ["workers", None, "1", "Worker processes sharing the listening sockets: a number, or auto for one per CPU."],
     ]
@@ -113,9 +137,51 @@ class Options(usage.Options):
         self["workers"] = parse_workers(self["workers"])
         if self["bare-newline"] not in ("reject", "allow"):
             raise usage.UsageError("--bare-newline takes reject or allow")
+        self["tls"] = load_tls(self)
+        self["portal"] = build_auth(self)
         self["handler-class"] = load_handler(self["handler"])
         self["handler-factory"] = handler_factory(self["handler-class"], self)
         self["policy"] = build_policy(self)
+
+
+def _own_tls(description: str) -> bool:
+    """True for an ``ssl:`` listener that names no key of its own (it serves the ``--tls-cert`` certificate)."""
+    return description.startswith("ssl:") and "privateKey=" not in description and "certKey=" not in description
+
+
+def load_tls(options: usage.Options) -> ServerTLS | None:
+    """``--tls-cert``/``--tls-key`` as a `ServerTLS` (None without them); unusable files are a usage error."""
+    if options["tls-key"] and not options["tls-cert"]:
+        raise usage.UsageError("--tls-key needs --tls-cert")
+    bare = [d for d in options["listen"] if _own_tls(d)]
+    if not options["tls-cert"]:
+        if bare:
+            raise usage.UsageError(f"--listen {bare[0]} names no privateKey=: give --tls-cert (and --tls-key)")
+        if options["require-tls"] and not any(d.startswith("ssl:") for d in options["listen"]):
+            raise usage.UsageError("--require-tls needs --tls-cert (or an ssl: listener)")
+        return None
+    try:
+        return ServerTLS(options["tls-cert"], options["tls-key"])
+    except TLSConfigError as e:
+        raise usage.UsageError(str(e)) from None
+
+
+def build_auth(options: usage.Options) -> Any:
+    """The Portal for ``--auth`` checkers (None without any), checked against ``--auth-mechanisms``."""
+    checkers = options.get("credCheckers") or []
+    if not checkers:
+        for flag in ("require-auth", "auth-over-plaintext"):
+            if options[flag]:
+                raise usage.UsageError(f"--{flag} needs --auth")
+        return None
+    portal = sasl.build_portal(checkers)
+    names = [n.strip().upper() for n in options["auth-mechanisms"].split(",") if n.strip()]
+    unknown = [n for n in names if n not in sasl.MECHANISMS]
+    if unknown:
+        raise usage.UsageError(f"--auth-mechanisms: unknown {', '.join(unknown)} (known: {', '.join(sasl.MECHANISMS)})")
+    if not sasl.mechanisms_for(portal, names):
+        raise usage.UsageError(f"no mechanism among {', '.join(names)} can be checked by the --auth checkers")
+    return portal
 
 
 def parse_workers(value: str) -> int:
@@ -202,6 +268,16 @@ def build_policy(options: usage.Options) -> Policy:
         error_delay=options["error-delay"],
         pregreet_delay=options["pregreet-delay"],
         shutdown_timeout=options["shutdown-timeout"],
+        chunking=not options["no-chunking"],
+        binarymime=not options["no-binarymime"],
+        dsn=bool(options["dsn"]),
+        lmtp=bool(options["lmtp"]),
+        tls_context=options["tls"],
+        require_tls=bool(options["require-tls"]),
+        portal=options["portal"],
+        auth_mechanisms=options["auth-mechanisms"],
+        auth_require_tls=not options["auth-over-plaintext"],
+        require_auth=bool(options["require-auth"]),
     )
     if options["hostname"]:
         kwargs["hostname"] = options["hostname"]
@@ -219,10 +295,68 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         return supervise(options, reactor=reactor)
     factory = ESMTPFactory(options["handler-factory"], policy=options["policy"], clock=reactor)
     top = ESMTPService(factory)
+    tls = options["tls"]
     for description in options["listen"]:
-        svc = strports.service(description, factory, reactor=reactor)
+        if tls is not None and _own_tls(description):
+            svc = _tls_listener(description, tls, factory, reactor)
+        else:
+            svc = strports.service(description, factory, reactor=reactor)
         svc.setServiceParent(top)
+    if tls is not None:
+        ReloadOnHangup(tls, reactor).setServiceParent(top)
     return top
 
 
-__all__ += ["load_handler", "handler_factory", "build_policy"]
+def _tls_listener(description: str, tls: ServerTLS, factory: ESMTPFactory, reactor: Any) -> IService:
+    """``ssl:PORT[:interface=...]`` without a key: TCP wrapped in TLS with the (reloadable) ``--tls-cert``."""
+    from twisted.internet.endpoints import serverFromString, wrapServerTLS
+
+    if reactor is None:
+        from twisted.internet import reactor as default
+
+        reactor = default
+    endpoint = wrapServerTLS(tls, serverFromString(reactor, "tcp:" + description[len("ssl:"):]), clock=reactor)
+    svc = StreamServerEndpointService(endpoint, factory)
+    svc._raiseSynchronously = True  # as strports.service does: a port in use stops twistd with its error
+    return svc
+
+
+class ReloadOnHangup(Service):
+    """``kill -HUP``: re-read the ``--tls-cert``/``--tls-key`` files for new connections (see `ServerTLS.reload`)."""
+
+    log = Logger()
+
+    def __init__(self, tls: ServerTLS, reactor: Any = None) -> None:
+        self.tls = tls
+        self.reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            try:
+                self._previous = signal.signal(signal.SIGHUP, self._hangup)
+            except ValueError:  # not the main thread (an embedding application): no signal, reload() still works
+                self.log.warn("cannot handle SIGHUP outside the main thread; call reload() to re-read TLS files")
+
+    def stopService(self) -> None:
+        if hasattr(signal, "SIGHUP") and self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()  # type: ignore[no-any-return]
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        reactor = self.reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """Reload now; unusable files are logged and the certificate in use stays."""
+        try:
+            self.tls.reload()
+        except TLSConfigError as e:
+            self.log.error("TLS certificate not reloaded: {error}", error=str(e))
+
+
+__all__ += ["load_handler", "handler_factory", "build_policy", "load_tls", "build_auth", "ReloadOnHangup"]
