@@ -8,6 +8,7 @@ private RabbitMQ node (tests/rabbitmq.py) and real SMTP clients on loopback; the
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import re
 import smtplib
@@ -36,6 +37,9 @@ from esmtpkit.testing import Conversation, serve
 
 from .certs import make_tls_files
 from .rabbitmq import RabbitMQ, find_server, free_port
+
+#: Why the tests that need pika itself are skipped (None: they run).
+NO_PIKA = None if importlib.util.find_spec("pika") else "pika is not installed (pip install 'esmtpkit[amqp]')"
 
 CONTENT = b"Subject: queued\r\n\r\n.leading dot\r\n..two\r\n.\r\n8-bit \xe9\xff\r\n"
 START = b"EHLO client.test\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
@@ -375,18 +379,6 @@ class PublisherTests(Base):
         self.assertIs(self.publisher.state, State.STOPPED)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_one_shared_publisher_per_url_and_queue(self) -> None:
-        first = Publisher.shared("amqp://127.0.0.1/", "mail", reactor=self.clock)
-        self.assertIs(Publisher.shared("amqp://127.0.0.1/", "mail"), first)
-        self.assertIsNot(Publisher.shared("amqp://127.0.0.1/", "other"), first)
-        handler = AMQP("amqp://127.0.0.1/", "mail")
-        self.assertIs(handler._publisher(), first)
-        amqp.stop_publishers()
-        self.assertEqual(Publisher._shared, {})
-        self.assertIs(first.state, State.STOPPED)
-        self.assertIsNot(Publisher.shared("amqp://127.0.0.1/", "mail", reactor=self.clock), first)
-        amqp.stop_publishers()
-
     def test_stop_fails_what_waits_and_closes_the_link(self) -> None:
         self.publisher.start()
         waiting = self.publisher.publish(b"x", "ID1", {}, 30)
@@ -421,6 +413,24 @@ class PublisherTests(Base):
 
 
 class SettingsTests(SynchronousTestCase):
+    """Handlers built as twistd builds them: no publisher given, so pika must be installed."""
+
+    skip = NO_PIKA
+
+    def test_one_shared_publisher_per_url_and_queue(self) -> None:
+        clock = Clock()
+        first = Publisher.shared("amqp://127.0.0.1/", "mail", reactor=clock)
+        self.assertIs(Publisher.shared("amqp://127.0.0.1/", "mail"), first)
+        self.assertIsNot(Publisher.shared("amqp://127.0.0.1/", "other"), first)
+        handler = AMQP("amqp://127.0.0.1/", "mail")
+        self.assertIs(handler._publisher(), first)
+        amqp.stop_publishers()
+        self.assertEqual(Publisher._shared, {})
+        self.assertIs(first.state, State.STOPPED)
+        self.assertIsNot(Publisher.shared("amqp://127.0.0.1/", "mail", reactor=clock), first)
+        amqp.stop_publishers()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_string_settings_from_the_command_line(self) -> None:
         handler = AMQP(url="amqps://u:p@mq.example:5671/mail", queue="in", confirm_timeout="5",
                        refuse_when_down="yes", max_size="1000", spool_max="10", trace="no")
@@ -437,6 +447,17 @@ class SettingsTests(SynchronousTestCase):
     def test_constructing_starts_no_connection(self) -> None:
         AMQP("amqp://127.0.0.1:1/", "never")
         self.assertNotIn(("amqp://127.0.0.1:1/", "never", None), Publisher._shared)
+
+
+class WithoutPikaTests(SynchronousTestCase):
+    def test_clear_error_without_pika(self) -> None:
+        import importlib.util
+
+        real = importlib.util.find_spec
+        self.patch(importlib.util, "find_spec", lambda name, *rest: None if name == "pika" else real(name, *rest))
+        with self.assertRaisesRegex(ImportError, r"pip install 'esmtpkit\[amqp\]'"):
+            AMQP()
+        self.assertTrue(verifyObject(IMessageHandler, AMQP(publisher=Publisher())))  # an injected one needs none
 
 
 # ---- the pika link against a scripted channel ---------------------------------------------------------------
@@ -466,8 +487,9 @@ class ScriptedConnection:
 
 
 class PikaLinkTests(SynchronousTestCase):
+    skip = NO_PIKA
+
     def setUp(self) -> None:
-        pytest.importorskip("pika")
         self.channel = ScriptedChannel()
         self.connection = ScriptedConnection()
         self.link = amqp._PikaLink(self.connection, self.channel)
