@@ -4,6 +4,7 @@ Verbs are the Pythonic names of Apache2::Protocol::ESMTP's methods (CONNECT, HEL
 answers the client may return a `Reply`, a ``(code, *lines)`` tuple, a Deferred or a coroutine of either, or raise
 `SMTPReply`; any other exception becomes ``451 4.3.0`` and is logged, and the session goes on. ``header``, ``eoh``
 and ``body`` answer nothing; they may return a Deferred, during which the connection is paused (backpressure).
+STARTTLS and AUTH are the protocol's own; the handler reads their outcome on the `esmtpkit.session.Session`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class IMessageHandler(Interface):
         """
 
     def ehlo(domain):  # type: ignore[no-untyped-def]
-        """EHLO ``domain``. Default: ``250 <domain>, pleased to meet you`` and ``HELP``.
+        """EHLO ``domain`` (and LHLO in LMTP mode, RFC 2033 §4.1). Default: ``250 <domain>, pleased to meet you``
+        and ``HELP``.
 
         The protocol puts the server's hostname before the first line and appends the ESMTP keywords it offers
         (PIPELINING, SIZE, ...) after the handler's lines; extra lines a handler returns are extra keywords.
@@ -52,19 +54,25 @@ class IMessageHandler(Interface):
 
     def mail(sender, params):  # type: ignore[no-untyped-def]
         """MAIL FROM (RFC 5321 §4.1.1.2). ``sender`` is an `Address` (``""`` for ``<>``), ``params`` a dict of ESMTP
-        parameters with parsed values (``SIZE`` an int, ``BODY`` a str, ``SMTPUTF8`` True). Default:
+        parameters with parsed values: ``SIZE`` an int, ``BODY`` a str (7BIT, 8BITMIME, BINARYMIME), ``SMTPUTF8``
+        True, ``AUTH`` the submitter's mailbox or ``"<>"`` (always ``"<>"`` unless the client authenticated,
+        RFC 4954 §5); with DSN offered, ``RET`` (`esmtpkit.dsn.Ret`) and ``ENVID`` (str, decoded). Default:
         ``250 <sender>, sender ok``. A positive reply opens the transaction.
         """
 
     def rcpt(recipient, params):  # type: ignore[no-untyped-def]
-        """RCPT TO (RFC 5321 §4.1.1.3). ``recipient`` is an `Address`; ``params`` as for mail(). Default:
+        """RCPT TO (RFC 5321 §4.1.1.3). ``recipient`` is an `Address`; ``params`` parsed as for mail(): with DSN
+        offered, ``NOTIFY`` (`esmtpkit.dsn.Notify`) and ``ORCPT`` (`esmtpkit.dsn.OriginalRecipient`). Default:
         ``250 <recipient>, recipient ok``. Only recipients answered positively are added to the envelope.
         """
 
     def data():  # type: ignore[no-untyped-def]
-        """DATA, after at least one recipient. Default: ``354 Enter mail, end with "." on a line by itself``.
+        """DATA, after at least one recipient, or the first BDAT chunk (RFC 3030). Default:
+        ``354 Enter mail, end with "." on a line by itself``.
 
-        A 354 reply starts the message; any other reply leaves the transaction open.
+        After DATA a 354 reply starts the message; any other reply leaves the transaction open. For BDAT any
+        positive reply lets the content start and is not sent (the chunk is answered 250); any other reply
+        answers that chunk, after its octets were read, and ends the transaction (abort() follows).
         """
 
     def header(name, value):  # type: ignore[no-untyped-def]
@@ -79,20 +87,24 @@ class IMessageHandler(Interface):
     def body(chunk):  # type: ignore[no-untyped-def]
         """A chunk of message content (``bytes``, dot-unstuffed, CRLF line ends kept). No reply is sent.
 
-        The content handed to body() ends with the CRLF that precedes the final dot. May return a Deferred: the
-        connection is paused until it fires, so a slow store never makes the server buffer the message.
+        After DATA the content ends with the CRLF that precedes the final dot; after BDAT it is the chunks' octets
+        as sent (never unstuffed) and ends where the last chunk ends, with or without CRLF. May return a Deferred:
+        the connection is paused until it fires, so a slow store never makes the server buffer the message.
         """
 
     def eom():  # type: ignore[no-untyped-def]
         """The end of the message (``.`` alone on a line, or BDAT LAST). Default: ``250 Message accepted for delivery``.
 
         A 2xx reply here promises the client the message is safe with the handler: only give it once it is.
+        In LMTP mode (RFC 2033 §4.2) the client gets one reply per recipient of ``session.envelope.recipients``:
+        return a list with one reply for each, in that order, or a single reply that answers for all.
         """
 
     def abort(reason):  # type: ignore[no-untyped-def]
         """The transaction was dropped before eom() was asked (RSET, HELO/EHLO, QUIT, connection lost, timeout,
-        size limit, bad content, a failure in header()/body()). Discard anything kept for it. ``reason`` is a
-        short text for logs. No reply is sent; the return value is ignored. Not called after eom().
+        size limit, bad content, a failure in header()/body(), a refused or failed BDAT chunk). Discard
+        anything kept for it. ``reason`` is a short text for logs. No reply is sent; the return value is ignored.
+        Called at most once per transaction, and never after eom().
         """
 
     def expn(argument):  # type: ignore[no-untyped-def]
@@ -116,7 +128,8 @@ class IMessageHandler(Interface):
         """QUIT. Default: ``221 Closing connection``. The connection is closed after this reply, whatever it is."""
 
     def unknown(command):  # type: ignore[no-untyped-def]
-        """A command line esmtpkit does not implement (or an extension verb that is not enabled), as received.
+        """A command line esmtpkit does not implement (or an extension verb that is not enabled: STARTTLS without
+        a TLS context, AUTH without a portal, BDAT where CHUNKING was not offered, LHLO outside LMTP), as received.
 
         Default: ``500 Command unrecognized: <line>``. A handler may implement its own verbs here.
         """

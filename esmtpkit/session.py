@@ -25,8 +25,10 @@ class Session:
     """One connection as the protocol knows it; the handler gets it in ``connect`` and may keep it.
 
     ``peer``/``host`` are Twisted `IAddress` values (``peer.host`` is the client IP). ``helo`` is the name the
-    client gave, ``esmtp`` whether it used EHLO (or LHLO). ``tls`` is set after STARTTLS or on an implicit-TLS
-    listener, ``tls_info`` then names protocol and cipher. ``authenticated`` is the identity from AUTH.
+    client gave, ``esmtp`` whether it used EHLO (or LHLO); STARTTLS clears both (RFC 3207 §4.2). ``lmtp`` is set
+    on an LMTP server. ``tls`` is set after STARTTLS or on an implicit-TLS listener; once the handshake is done
+    ``tls_info`` holds ``version``, ``cipher`` and ``bits`` as text (see `esmtpkit.tls.tls_info`).
+    ``authenticated`` is the identity from AUTH and ``auth_mechanism`` its SASL mechanism (None without AUTH).
     ``transport`` is the connection (the seed's input/output handle) for handlers that need it.
     """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import smtplib
 import tempfile
 from pathlib import Path
@@ -132,6 +133,18 @@ class LMTPTests(ServerMixin, SynchronousTestCase):
         handler.disconnect = True
         self.assertEqual(self.exchange(talk, b".\r\n"), ACCEPTED * 2)
         self.assertTrue(talk.closed)
+
+    def test_documented_handler(self) -> None:
+        """The LMTP example of docs/handler-contract.md answers per recipient as the page says."""
+        page = (Path(__file__).resolve().parent.parent / "docs" / "handler-contract.md").read_text()
+        [example] = [b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "class Mailboxes" in b]
+        namespace: dict[str, Any] = {}
+        exec(compile(example, "handler-contract.md", "exec"), namespace)
+        talk = self.lhlo(namespace["Mailboxes"]())
+        wire = self.exchange(talk, b"MAIL FROM:<>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\n"
+                                   b"DATA\r\n.\r\n")
+        self.assertTrue(wire.endswith(GO_AHEAD + b"250 2.0.0 <alice@example.org> delivered\r\n"
+                                                 b"452 4.2.2 <bob@example.org> mailbox full\r\n"))
 
     def test_lhlo_unknown_outside_lmtp(self) -> None:
         talk = self.connect()
