@@ -160,7 +160,7 @@ class ESMTPProtocol(LineReceiver):
         self._pregreet: IDelayedCall | None = None
         self._early_talker = False
         self._closing = False
-        self._keywords: frozenset[str] = frozenset()
+        self._keywords: frozenset[str] = frozenset()  # offered at the last EHLO/LHLO; none after HELO or STARTTLS
         self._chunk: _Chunk | None = None
         self._sasl: sasl.Mechanism | None = None
         self._identity: sasl.Identity | None = None
@@ -198,10 +198,6 @@ class ESMTPProtocol(LineReceiver):
         if self._mechanisms and (self.session.tls or not p.auth_require_tls):
             keys.append("AUTH " + " ".join(self._mechanisms))
         return keys
-
-    def _offered(self) -> frozenset[str]:
-        """The keywords offered at the last successful EHLO/LHLO (none after HELO or STARTTLS)."""
-        return self._keywords
 
     # ---- connection life ---------------------------------------------------------------------------------------
 
@@ -838,11 +834,10 @@ class ESMTPProtocol(LineReceiver):
         if message is None:
             message = self._message = _Message(1, False)
             message.chunked = True
-        if message.error is None:
-            message.error = reply
+        error = message.error = message.error or reply
         if not message.ended:
             message.ended = True
-            self._abort_now(message.error.text)
+            self._abort_now(error.text)
         self.phase = Phase.CHUNKING
 
     def _start_chunks(self) -> _Message:
@@ -939,13 +934,16 @@ class ESMTPProtocol(LineReceiver):
             headers = message.headers
             if headers is not None:
                 body = b""
-                events = []
+                events: list[Any] = []
                 if message.line:
                     line, message.line = message.line, b""  # a last line without CRLF
-                    events, done, body = headers.line(line)
+                    events, _, body = headers.line(line)
                     body = body[:-2]  # the splitter gave it the CRLF the message does not have
                     if not body:
                         self._message_size(message, len(line))
+                    if headers.size > self.policy.max_header_size:
+                        self._fail_message(HEADER_TOO_BIG)
+                        return [self._chunk_end_step(chunk, rest)]
                 events += headers.finish()
                 message.headers = None
                 steps.extend(self._header_steps(events))
