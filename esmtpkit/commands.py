@@ -45,9 +45,10 @@ _VALUE: Final = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
 _VALUE_UTF8: Final = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
 
 #: RFC 5321 §4.5.3.1.4: 512 octets per command line, CRLF included. Extensions add room (RFC 1870 §8 +26 for
-#: SIZE, RFC 3461 §5 +100 on MAIL and +500 on RCPT, RFC 6531 +10 for SMTPUTF8, RFC 4954 §4 12288 for AUTH).
+#: SIZE, RFC 3461 §5 +100 on MAIL and +500 on RCPT, RFC 6531 +10 for SMTPUTF8, RFC 4954 §5 +500 on MAIL for AUTH=,
+#: RFC 4954 §4 12288 for AUTH).
 BASE_LINE_LIMIT: Final = 512
-_EXTRA: Final[Mapping[Verb, int]] = {Verb.MAIL: 26 + 100 + 10 + 20, Verb.RCPT: 500, Verb.AUTH: 12288 - 512}
+_EXTRA: Final[Mapping[Verb, int]] = {Verb.MAIL: 26 + 100 + 10 + 20 + 500, Verb.RCPT: 500, Verb.AUTH: 12288 - 512}
 
 
 def line_limit(verb: Verb, base: int = BASE_LINE_LIMIT) -> int:

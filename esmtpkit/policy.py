@@ -38,7 +38,7 @@ class Policy:
     command_timeout: float = 300.0
     #: Seconds to wait for the next data block while a message arrives (RFC 5321 §4.5.3.2.5).
     data_timeout: float = 180.0
-    #: Errors (replies >= 400) after which the connection is closed with 421 (Postfix smtpd_hard_error_limit).
+    #: Client errors (5xx replies) after which the connection is closed with 421 (Postfix smtpd_hard_error_limit).
     error_limit: int = 20
     #: After this many errors, each further error reply is followed by ``error_delay`` seconds of silence
     #: (Postfix smtpd_soft_error_limit / smtpd_error_sleep_time); ``error_delay`` 0 turns the tarpit off.

@@ -220,21 +220,23 @@ class ESMTPProtocol(LineReceiver):
         self._schedule(self._greet)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_timer()
-        if self._pregreet is not None and self._pregreet.active():
-            self._pregreet.cancel()
-        self._pregreet = None
-        if self.phase is not Phase.CLOSED:
-            self._abort("connection lost")
-        self.phase = Phase.CLOSED
-        self._todo.clear()
-        self._chunk = None
-        self._sasl = None
-        self._logout()
-        self.session.transport = None
-        release = getattr(self.factory, "release", None)
-        if release is not None:
-            release(self)
+        try:
+            self._cancel_timer()
+            if self._pregreet is not None and self._pregreet.active():
+                self._pregreet.cancel()
+            self._pregreet = None
+            if self.phase is not Phase.CLOSED:
+                self._abort("connection lost")
+            self.phase = Phase.CLOSED
+            self._todo.clear()
+            self._chunk = None
+            self._sasl = None
+            self._logout()
+            self.session.transport = None
+        finally:
+            release = getattr(self.factory, "release", None)
+            if release is not None:
+                release(self)  # always: a leaked slot would count against the limits forever
 
     def dataReceived(self, data: bytes) -> None:
         if self.phase is Phase.CLOSED:
@@ -383,7 +385,7 @@ class ESMTPProtocol(LineReceiver):
         if self.phase is Phase.CLOSED or self.transport is None:
             return
         self.transport.write(reply.render(not plain and self._enhanced()))
-        if reply.code >= 400 and count_error and reply.code != 421:
+        if reply.code >= 500 and count_error:  # client errors; the server's own 4xx troubles do not count
             self.errors += 1
             if self.policy.error_limit and self.errors >= self.policy.error_limit:
                 self.transport.write(TOO_MANY_ERRORS.render(self._enhanced()))

@@ -53,11 +53,14 @@ class Session:
 
     @property
     def with_protocol(self) -> str:
-        """The RFC 3848 ``with`` keyword for trace headers: SMTP, ESMTP, ESMTPS, ESMTPSA, LMTP, ..."""
+        """The ``with`` keyword for trace headers: SMTP, ESMTP, ESMTPS, ESMTPSA, LMTP... (RFC 3848), and UTF8SMTP,
+        UTF8SMTPS, UTF8LMTPSA... for a transaction that uses SMTPUTF8 (RFC 6531 §3.7.3)."""
         if self.lmtp:
             base = "LMTP"
         elif not self.esmtp:
             return "SMTP"
         else:
             base = "ESMTP"
+        if self.envelope.mail_params.get("SMTPUTF8"):
+            base = "UTF8" + base.removeprefix("E")
         return base + ("S" if self.tls else "") + ("A" if self.authenticated else "")

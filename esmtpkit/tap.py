@@ -22,6 +22,7 @@ from . import sasl
 from .factory import ESMTPFactory
 from .interfaces import IMessageHandler
 from .policy import Policy
+from .proxy import DEFAULT_TIMEOUT as DEFAULT_PROXY_TIMEOUT
 from .service import ESMTPService
 from .tls import ServerTLS, TLSConfigError
 
@@ -72,6 +73,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["no-binarymime", None, "Offer CHUNKING without BINARYMIME."],
         ["dsn", None, "Offer DSN (RFC 3461): its parameters reach the handler, which must honour them."],
         ["lmtp", None, "Speak LMTP (RFC 2033) instead of SMTP: LHLO, one reply per recipient after the message."],
+        ["proxy-protocol", None, "Every --listen endpoint expects a PROXY header (v1 or v2, as HAProxy sends) first."],
+        ["amqp-refuse-when-down", None, "AMQP handler: greet with 421 while the broker is unreachable."],
     ]
 
     optParameters = [
@@ -82,7 +85,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["max-recipients", None, Policy.max_recipients, "Most recipients per message.", _positive_int("max-recipients")],
         ["timeout", None, Policy.command_timeout, "Seconds to wait for a command before closing with 421.", _seconds],
         ["data-timeout", None, Policy.data_timeout, "Seconds to wait for the next piece of a message.", _seconds],
-        ["error-limit", None, Policy.error_limit, "Errors after which the connection is closed; 0 for none.",
+        ["error-limit", None, Policy.error_limit,
+         "Client errors (5xx replies) after which the connection is closed; 0 for none.",
          _positive_int("error-limit")],
         ["bare-newline", None, Policy.bare_newline, "What a bare CR or LF in a message gets: reject or allow."],
         ["max-connections", None, Policy.max_connections, "Most simultaneous connections; 0 for no limit.",
@@ -105,12 +109,19 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["auth-mechanisms", None, ",".join(sasl.DEFAULT_ORDER), "SASL mechanisms to offer, comma-separated, in order."],
         ["maildir", None, "Maildir", "Maildir folder for the Maildir handler (created if missing)."],
         ["workers", None, "1", "Worker processes sharing the listening sockets: a number, or auto for one per CPU."],
+        ["proxy-timeout", None, DEFAULT_PROXY_TIMEOUT, "Seconds a connection may take to send its PROXY header.",
+         _seconds],
+        ["amqp-url", None, None, "AMQP handler: the broker, e.g. amqp://user:pass@127.0.0.1:5672/%2F."],
+        ["amqp-queue", None, None, "AMQP handler: the (quorum) queue to publish to (default: mail)."],
+        ["amqp-confirm-timeout", None, None, "AMQP handler: seconds to wait for the broker's confirm (default 30).",
+         _seconds],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["handler-options"] = {}
+        self["proxy-trusted"] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse, keeping the raw arguments (``self["argv"]``) so a supervisor can pass them on to workers."""
@@ -124,6 +135,16 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         systemd:domain=INET6:name=smtp. Repeat for several. Default: tcp:2525:interface=127.0.0.1."""
         self["listen"].append(description)
 
+    def opt_proxy_trusted(self, network: str) -> None:
+        """A proxy address or network allowed to send PROXY headers (repeatable; default 127.0.0.0/8 and ::1/128)."""
+        import ipaddress
+
+        try:
+            ipaddress.ip_network(network)
+        except ValueError as e:
+            raise usage.UsageError(f"--proxy-trusted: {e}") from None
+        self["proxy-trusted"].append(network)
+
     def opt_handler_option(self, pair: str) -> None:
         """A keyword argument for the handler class, as key=value (repeatable)."""
         key, eq, value = pair.partition("=")
@@ -135,6 +156,12 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         self["workers"] = parse_workers(self["workers"])
+        if self["workers"] > 1:
+            from .workers import shareable
+
+            for description in self["listen"]:
+                shareable(description)
+        check_proxy(self)
         if self["bare-newline"] not in ("reject", "allow"):
             raise usage.UsageError("--bare-newline takes reject or allow")
         self["tls"] = load_tls(self)
@@ -142,6 +169,20 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         self["handler-class"] = load_handler(self["handler"])
         self["handler-factory"] = handler_factory(self["handler-class"], self)
         self["policy"] = build_policy(self)
+
+
+def check_proxy(options: usage.Options) -> None:
+    """``--proxy-*`` options: trusted networks need --proxy-protocol; haproxy:/ssl: listeners cannot take it."""
+    if not options["proxy-protocol"]:
+        if options["proxy-trusted"]:
+            raise usage.UsageError("--proxy-trusted needs --proxy-protocol")
+        return
+    for description in options["listen"]:
+        if description.startswith("haproxy:"):
+            raise usage.UsageError(f"--listen {description}: --proxy-protocol reads the header already; use tcp:")
+        if description.startswith("ssl:"):
+            raise usage.UsageError(f"--listen {description}: with --proxy-protocol the header comes before TLS; "
+                                   "use tcp: (implicit TLS behind a proxy: terminate TLS at the proxy)")
 
 
 def _own_tls(description: str) -> bool:
@@ -206,7 +247,8 @@ def load_handler(name: str) -> Any:
     try:
         found = reflect.namedAny(name)
     except (reflect.ModuleNotFound, reflect.ObjectNotFound, reflect.InvalidName, AttributeError, ImportError) as e:
-        raise usage.UsageError(f"cannot import handler {name!r}: {e}") from None
+        raise usage.UsageError(f"cannot import handler {name!r}: {e} (twistd does not put the current folder on "
+                               "the import path: if the module is there, run with PYTHONPATH=.)") from None
     if isinstance(found, type) and IMessageHandler.implementedBy(found):
         return found
     if isinstance(found, type) or not callable(found):
@@ -218,8 +260,12 @@ def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
     """A zero-argument callable making one handler per connection, with the options that handler accepts."""
     kwargs: dict[str, Any] = dict(options["handler-options"])
     accepts = _parameters(cls)
-    if "path" in accepts and "path" not in kwargs:
-        kwargs["path"] = options["maildir"]
+    named = {"path": options["maildir"], "url": options["amqp-url"], "queue": options["amqp-queue"],
+             "confirm_timeout": options["amqp-confirm-timeout"],
+             "refuse_when_down": True if options["amqp-refuse-when-down"] else None}
+    for key, value in named.items():
+        if value is not None and accepts is not None and key in accepts and key not in kwargs:
+            kwargs[key] = value
     unknown = [k for k in kwargs if accepts is not None and k not in accepts]
     if unknown:
         raise usage.UsageError(f"handler {options['handler']} takes no option(s) {', '.join(sorted(unknown))}")
@@ -232,7 +278,7 @@ def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
 
     try:
         sample = make()
-    except TypeError as e:
+    except (TypeError, ValueError, ImportError) as e:
         raise usage.UsageError(f"cannot build handler {options['handler']}: {e}") from None
     close = getattr(sample, "close", None)
     if callable(close):
@@ -294,20 +340,26 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
         return supervise(options, reactor=reactor)
     factory = ESMTPFactory(options["handler-factory"], policy=options["policy"], clock=reactor)
-    top = ESMTPService(factory)
+    top = ESMTPService(factory)  # the ESMTPFactory itself: shutdown drains its connections
+    listening: Any = factory
+    if options["proxy-protocol"]:
+        from .proxy import DEFAULT_TRUSTED, ProxyProtocolFactory
+
+        listening = ProxyProtocolFactory(factory, trusted=options["proxy-trusted"] or DEFAULT_TRUSTED,
+                                         timeout=options["proxy-timeout"], clock=reactor)
     tls = options["tls"]
     for description in options["listen"]:
         if tls is not None and _own_tls(description):
-            svc = _tls_listener(description, tls, factory, reactor)
+            svc = _tls_listener(description, tls, listening, reactor)
         else:
-            svc = strports.service(description, factory, reactor=reactor)
+            svc = strports.service(description, listening, reactor=reactor)
         svc.setServiceParent(top)
     if tls is not None:
         ReloadOnHangup(tls, reactor).setServiceParent(top)
     return top
 
 
-def _tls_listener(description: str, tls: ServerTLS, factory: ESMTPFactory, reactor: Any) -> IService:
+def _tls_listener(description: str, tls: ServerTLS, factory: Any, reactor: Any) -> IService:
     """``ssl:PORT[:interface=...]`` without a key: TCP wrapped in TLS with the (reloadable) ``--tls-cert``."""
     from twisted.internet.endpoints import serverFromString, wrapServerTLS
 

@@ -270,4 +270,4 @@ def serve(factory: ESMTPFactory | Callable[[], IMessageHandler], reactor: Any = 
                                clock=reactor)
     built: ESMTPFactory = factory
     d = serverFromString(reactor, endpoint).listen(built)
-    return d.addCallback(lambda port: LoopbackServer(port.getHost().port, port, built))
+    return d.addCallback(lambda port: LoopbackServer(getattr(port.getHost(), "port", 0), port, built))

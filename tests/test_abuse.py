@@ -223,7 +223,7 @@ class HostileInputTests(SynchronousTestCase):
         (b"MAIL FROM:<a@example.org> FROBNICATE=1\r\n", 555, "5.5.4"),
         (b"MAIL FROM:<a@example.org> BODY=9BIT\r\n", 555, "5.5.4"),
         (b"MAIL FROM:<" + b"a" * 300 + b"@example.org>\r\n", 501, "5.1.7"),
-        (b"MAIL FROM:<a@example.org> " + b"X" * 800 + b"\r\n", 500, "5.5.2"),
+        (b"MAIL FROM:<a@example.org> " + b"X" * 1300 + b"\r\n", 500, "5.5.2"),
         (b"MAIL FROM:<a@b@c>\r\n", 501, "5.1.7"),
         (b"MAIL FROM:a@example.org>\r\n", 501, "5.1.7"),
     ]

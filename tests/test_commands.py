@@ -77,7 +77,7 @@ class LineLimitTests(SynchronousTestCase):
         self.assertEqual(line_limit(Verb.NOOP, 1000), 998)
 
     def test_allowances(self) -> None:
-        self.assertEqual(line_limit(Verb.MAIL), 510 + 26 + 100 + 10 + 20)
+        self.assertEqual(line_limit(Verb.MAIL), 510 + 26 + 100 + 10 + 20 + 500)
         self.assertEqual(line_limit(Verb.RCPT), 510 + 500)
         self.assertEqual(line_limit(Verb.AUTH), 12286)
 

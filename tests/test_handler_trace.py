@@ -125,3 +125,18 @@ class AddressLiteralTests(SynchronousTestCase):
         self.assertEqual(address_literal("192.0.2.1"), "[192.0.2.1]")
         self.assertEqual(address_literal("2001:db8:0::1"), "[IPv6:2001:db8::1]")
         self.assertEqual(address_literal("not an ip"), "[not?an?ip]")
+
+
+class Utf8TraceKeywordTests(SynchronousTestCase):
+    def test_smtputf8_transaction(self) -> None:
+        """RFC 6531 §3.7.3: a transaction with SMTPUTF8 is recorded as UTF8SMTP (UTF8SMTPSA with TLS and AUTH)."""
+        from esmtpkit.session import Envelope, Session
+
+        session = Session(hostname="mx.test", esmtp=True, envelope=Envelope(mail_params={"SMTPUTF8": True}))
+        self.assertEqual(session.with_protocol, "UTF8SMTP")
+        session.tls, session.authenticated = True, "alice"
+        self.assertEqual(session.with_protocol, "UTF8SMTPSA")
+        session.lmtp = True
+        self.assertEqual(session.with_protocol, "UTF8LMTPSA")
+        session.envelope = Envelope()
+        self.assertEqual(session.with_protocol, "LMTPSA")

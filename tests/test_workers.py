@@ -150,12 +150,11 @@ class WorkerArgumentsTests(SynchronousTestCase):
                           "--handler-option", f"path={tmp}", "--hostname", "mx.test"])
 
     def test_supervise_refuses_ssl(self) -> None:
-        """ssl: listeners cannot be shared yet: a usage error before anything is bound."""
+        """ssl: listeners cannot be shared yet: a usage error while parsing the options, before anything is bound."""
         options = tap.Options()
-        options.parseOptions(["--workers", "2", "--handler", "esmtpkit.handlers.base.MessageHandler",
-                              "--listen", "ssl:465:privateKey=k.pem"])
         with self.assertRaises(usage.UsageError):
-            supervise(options, reactor=ProcessReactor())
+            options.parseOptions(["--workers", "2", "--handler", "esmtpkit.handlers.base.MessageHandler",
+                                  "--listen", "ssl:465:privateKey=k.pem"])
 
     def test_supervise(self) -> None:
         """The kill deadline is the workers' own shutdown timeout plus a grace period."""

@@ -222,13 +222,14 @@ def test_postfix_relays_to_esmtpkit(esmtpkit_process, postfix: PrivatePostfix) -
         by_id[parsed["Message-ID"]] = delivery
     assert sorted(by_id) == ["<eightbit@example.org>", "<plain@example.org>"]
 
-    for message_id, sender, source, for_clause in [
-        ("<plain@example.org>", "sender@example.org", PLAIN, " for <rcpt@example.org>; "),
-        ("<eightbit@example.org>", "joerg@example.org", EIGHT_BIT, None),
+    # Postfix uses SMTPUTF8 for the message with UTF-8 headers: the trace says UTF8SMTP then (RFC 6531 §3.7.3).
+    for message_id, sender, source, for_clause, keyword in [
+        ("<plain@example.org>", "sender@example.org", PLAIN, " for <rcpt@example.org>; ", "ESMTP"),
+        ("<eightbit@example.org>", "joerg@example.org", EIGHT_BIT, None, "UTF8SMTP"),
     ]:
         delivery = by_id[message_id]
         assert delivery.return_path == sender
-        assert re.match(r"from test\.local \(127\.0\.0\.1 \[127\.0\.0\.1\]\) by mx\.test with ESMTP id \S+",
+        assert re.match(rf"from test\.local \(127\.0\.0\.1 \[127\.0\.0\.1\]\) by mx\.test with {keyword} id \S+",
                         delivery.received), delivery.received
         if for_clause:
             assert for_clause in delivery.received, delivery.received
