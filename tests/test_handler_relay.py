@@ -83,8 +83,8 @@ class Base(SynchronousTestCase):
         settings.setdefault("trace", False)
         return Relay(**settings)
 
-    def talk(self, handler: Relay, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> Conversation:
-        talk = Conversation(handler, Policy(hostname="mx.test"), clock=self.clock, peer=peer)
+    def talk(self, handler: Relay, peer: tuple[str, int] = ("127.0.0.1", 40000), **policy: Any) -> Conversation:
+        talk = Conversation(handler, Policy(hostname="mx.test", **policy), clock=self.clock, peer=peer)
         self.talks.append(talk)
         return talk
 
@@ -318,6 +318,75 @@ class ReplyMappingTests(Base):
         self.data_sent()
         self.upstream.say(b"250 ok")
         self.finish_upstream()
+
+
+class DSNTests(Base):
+    """RFC 3461 §5.2.1: DSN parameters go upstream with MAIL and RCPT only when the upstream offers DSN."""
+
+    ENVELOPE = (b"EHLO client.test\r\nMAIL FROM:<alice@example.com> RET=hdrs ENVID=QQ+2B314\r\n"
+                b"RCPT TO:<bob@example.net> NOTIFY=delay,failure ORCPT=rfc822;b+2Bx@example.org\r\n"
+                b"RCPT TO:<carol@example.net> NOTIFY=NEVER\r\nRCPT TO:<postmaster>\r\nDATA\r\n")
+
+    def start(self, *ehlo: bytes) -> Conversation:
+        talk = self.talk(self.relay(), dsn=True)
+        talk.write(self.ENVELOPE)
+        self.assertEqual([r.code for r in talk.replies()], [250, 250, 250, 250, 250, 354])
+        talk.write(dot_stuff(CONTENT))
+        self.upstream.say(b"220 up.test ESMTP")
+        self.assertEqual(self.upstream.sent(), b"EHLO mx.test\r\n")
+        self.upstream.say(*ehlo)
+        return talk
+
+    def envelope_sent(self) -> bytes:
+        self.upstream.say(b"250 ok", b"250 ok", b"250 ok", b"250 ok", b"354 go")
+        wire = self.upstream.sent()
+        self.assertTrue(wire.endswith(b"DATA\r\n" + dot_stuff(CONTENT)))
+        return wire[:wire.index(b"DATA\r\n")]
+
+    def finish(self, talk: Conversation) -> None:
+        self.upstream.say(b"250 ok")
+        self.assertEqual(self.final(talk), b"250 2.0.0 Ok: relayed (ok)")
+        self.finish_upstream()
+
+    def test_passed_on_when_offered(self) -> None:
+        """RET, ENVID (re-encoded as xtext), NOTIFY and ORCPT go upstream in canonical form."""
+        talk = self.start(b"250-up.test", b"250-PIPELINING", b"250 dsn")
+        self.assertEqual(self.envelope_sent(),
+                         b"MAIL FROM:<alice@example.com> RET=HDRS ENVID=QQ+2B314\r\n"
+                         b"RCPT TO:<bob@example.net> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b+2Bx@example.org\r\n"
+                         b"RCPT TO:<carol@example.net> NOTIFY=NEVER\r\nRCPT TO:<postmaster>\r\n")
+        self.finish(talk)
+
+    def test_left_out_when_not_offered(self) -> None:
+        """An upstream without DSN gets the bare commands (a DSN parameter would be refused with 555)."""
+        talk = self.start(b"250-DSNX.up.test", b"250-PIPELINING", b"250 8BITMIME")
+        self.assertEqual(self.envelope_sent(),
+                         b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.net>\r\n"
+                         b"RCPT TO:<carol@example.net>\r\nRCPT TO:<postmaster>\r\n")
+        self.finish(talk)
+
+    def test_left_out_after_helo_fallback(self) -> None:
+        """An upstream that refuses EHLO offers no extensions: HELO, then the bare commands."""
+        talk = self.start(b"502 5.5.1 EHLO not implemented")
+        self.assertEqual(self.upstream.sent(), b"HELO mx.test\r\n")
+        self.upstream.say(b"250 up.test")
+        self.assertEqual(self.envelope_sent(),
+                         b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.net>\r\n"
+                         b"RCPT TO:<carol@example.net>\r\nRCPT TO:<postmaster>\r\n")
+        self.finish(talk)
+
+    def test_only_mail_parameters(self) -> None:
+        """ENVID alone on MAIL, nothing on RCPT: only what the client gave is passed on."""
+        talk = self.talk(self.relay(), dsn=True)
+        talk.write(b"EHLO client.test\r\nMAIL FROM:<> ENVID=a+3Db\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n")
+        talk.replies()
+        talk.write(dot_stuff(CONTENT))
+        self.upstream.say(b"220 up.test ESMTP")
+        self.upstream.sent()
+        self.upstream.say(b"250-up.test", b"250 DSN", b"250 ok", b"250 ok", b"354 go")
+        wire = self.upstream.sent()
+        self.assertEqual(wire[:wire.index(b"DATA\r\n")], b"MAIL FROM:<> ENVID=a+3Db\r\nRCPT TO:<bob@example.net>\r\n")
+        self.finish(talk)
 
 
 class OpenRelayTests(Base):

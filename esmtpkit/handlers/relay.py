@@ -12,12 +12,13 @@ import ipaddress
 import re
 import secrets
 import tempfile
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .. import dsn
 from ..address import Address
 from ..reply import Reply
 from .base import MessageHandler
@@ -81,6 +82,22 @@ class UpstreamError(Exception):
         self.reply = reply
 
 
+def _mail_dsn(params: Mapping[str, Any]) -> bytes:
+    """RET and ENVID as they go after ``MAIL FROM:<...>`` (RFC 3461 §4.3, §4.4), or b""."""
+    words = []
+    if params.get("RET") is not None:
+        words.append(f" RET={params['RET']}")
+    if params.get("ENVID") is not None:
+        words.append(f" ENVID={dsn.xtext_encode(params['ENVID'])}")
+    return "".join(words).encode("ascii")
+
+
+def _rcpt_dsn(params: Mapping[str, Any]) -> bytes:
+    """NOTIFY and ORCPT as they go after ``RCPT TO:<...>`` (RFC 3461 §4.1, §4.2), or b""."""
+    words = [f" {key}={params[key]}" for key in ("NOTIFY", "ORCPT") if params.get(key) is not None]
+    return "".join(words).encode("ascii")
+
+
 def _text(resp: Any) -> str:
     if isinstance(resp, bytes):
         resp = resp.decode("utf-8", "replace")
@@ -99,14 +116,32 @@ def _sender_classes() -> tuple[type, type]:
     class Path(smtp.Address):
         """A path sent exactly as the client gave it (Twisted's own Address would reparse and may rewrite it)."""
 
-        def __init__(self, text: str) -> None:
+        def __init__(self, text: str, dsn: bytes = b"") -> None:
             self.addrstr = text.encode("ascii")
+            self.dsn = dsn
 
         def __bytes__(self) -> bytes:
             return self.addrstr
 
     class Sender(smtp.ESMTPSender):
         """Sends one message; all or nothing: DATA is sent only if every recipient was accepted."""
+
+        offers_dsn = False
+
+        def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+            """Note whether the EHLO reply offers DSN (RFC 3461 §5.2.1); after STARTTLS the new reply decides."""
+            keywords = (line.split(None, 1)[0].upper() for line in resp.splitlines()[1:] if line.strip())
+            self.offers_dsn = b"DSN" in keywords
+            super().esmtpState_serverConfig(code, resp)
+
+        def sendLine(self, line: bytes) -> None:
+            """Pass the client's DSN parameters on with MAIL and RCPT, but only to an upstream offering DSN."""
+            if self.offers_dsn:
+                if line.startswith(b"MAIL FROM:"):
+                    line += self.factory.mail_dsn
+                elif line.startswith(b"RCPT TO:"):
+                    line += self.lastAddress.dsn
+            super().sendLine(line)
 
         def callLater(self, period: float, func: Any) -> Any:
             return self.factory.reactor.callLater(period, func)
@@ -122,8 +157,8 @@ def _sender_classes() -> tuple[type, type]:
             return Path(self.factory.sender)
 
         def getMailTo(self) -> Iterator[Any]:
-            for recipient in self.factory.recipients:
-                yield Path(recipient)
+            for recipient, params in zip(self.factory.recipients, self.factory.rcpt_params):
+                yield Path(recipient, _rcpt_dsn(params))
             if any(code not in smtp.SUCCESS for _, code, _ in self.toAddressesResult):
                 self.successAddresses = []  # no DATA: a partial delivery could be neither promised nor undone
 
@@ -158,7 +193,9 @@ def _sender_classes() -> tuple[type, type]:
         protocol = Sender
         noisy = False
 
-        def __init__(self, relay: "Relay", sender: str, recipients: list[str], file: Any, identity: str) -> None:
+        def __init__(self, relay: "Relay", sender: str, recipients: list[str], file: Any, identity: str,
+                     mail_params: Mapping[str, Any] | None = None,
+                     rcpt_params: list[Mapping[str, Any]] | None = None) -> None:
             self.done: Deferred[Reply] = Deferred()
             super().__init__(
                 relay.username.encode("utf-8") if relay.username else None,
@@ -172,6 +209,9 @@ def _sender_classes() -> tuple[type, type]:
             self.domain = identity.encode("ascii", "replace")
             self.sender = sender
             self.recipients = recipients
+            self.mail_dsn = _mail_dsn(mail_params or {})
+            given = list(rcpt_params or [])
+            self.rcpt_params = given[:len(recipients)] + [{}] * (len(recipients) - len(given))
             self.reactor = relay._reactor()
             self.stuffer = DotStuffer()
             self.where = f"{relay.host}:{relay.port}"
@@ -294,7 +334,7 @@ class Relay(MessageHandler):
         factory_class, _ = _sender_classes()
         try:
             factory = factory_class(self, str(envelope.sender or ""), [str(r) for r in envelope.recipients], spool,
-                                    session.hostname)
+                                    session.hostname, envelope.mail_params, envelope.rcpt_params)
             connecting = self._endpoint().connect(factory)
         except Exception:
             spool.close()
