@@ -74,6 +74,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["dsn", None, "Offer DSN (RFC 3461): its parameters reach the handler, which must honour them."],
         ["lmtp", None, "Speak LMTP (RFC 2033) instead of SMTP: LHLO, one reply per recipient after the message."],
         ["proxy-protocol", None, "Every --listen endpoint expects a PROXY header (v1 or v2, as HAProxy sends) first."],
+        ["reuse-port", None, "Bind tcp:/tcp6: listeners with SO_REUSEPORT, so other processes can bind the same port."],
         ["amqp-refuse-when-down", None, "AMQP handler: greet with 421 while the broker is unreachable."],
     ]
 
@@ -156,6 +157,9 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         self["workers"] = parse_workers(self["workers"])
+        from .reuseport import check_reuse_port
+
+        check_reuse_port(self)
         if self["workers"] > 1:
             from .workers import shareable
 
@@ -349,7 +353,11 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
                                          timeout=options["proxy-timeout"], clock=reactor)
     tls = options["tls"]
     for description in options["listen"]:
-        if tls is not None and _own_tls(description):
+        if options.get("reuse-port"):
+            from .reuseport import reuse_port_service
+
+            svc = reuse_port_service(description, listening, reactor)
+        elif tls is not None and _own_tls(description):
             svc = _tls_listener(description, tls, listening, reactor)
         else:
             svc = strports.service(description, listening, reactor=reactor)

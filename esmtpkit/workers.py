@@ -5,7 +5,8 @@ systemd) and starts N ``twistd esmtpkit`` worker processes with those sockets on
 from one shared queue, so a worker that dies loses only its own connections. It re-emits the workers' log events in
 its own log, restarts a worker that exits (1 s back-off, doubling to 60 s), and when it stops (SIGTERM) it stops
 restarting, sends SIGTERM to every worker (each finishes its transactions in flight, up to ``--shutdown-timeout``)
-and kills what is left once that time and a grace period have passed.
+and kills what is left once that time and a grace period have passed. SIGHUP is passed on to every worker (they
+re-read the ``--tls-cert`` files); without ``--tls-cert`` the supervisor ignores it rather than stopping.
 
 Workers get their sockets the way systemd passes them (``LISTEN_FDS``, ``LISTEN_FDNAMES``; `esmtpkit._worker` sets
 ``LISTEN_PID``) and listen with Twisted's ``systemd:`` endpoint, so the code path is the same as under
@@ -298,13 +299,15 @@ class Supervisor(MultiService):
     """Shares the listening sockets among ``count`` worker processes and keeps that many running.
 
     ``arguments`` are the esmtpkit arguments for every worker (without --listen); ``stop_timeout`` is how long a
-    stopping worker may take before it is killed.
+    stopping worker may take before it is killed; ``reload_tls`` says whether workers reload certificates on SIGHUP.
     """
 
     def __init__(self, descriptions: Sequence[str], count: int, arguments: Sequence[str], reactor: Any,
                  stop_timeout: float, python: str = sys.executable,
-                 publish: ILogObserver = globalLogPublisher) -> None:
+                 publish: ILogObserver = globalLogPublisher, reload_tls: bool = False) -> None:
         super().__init__()
+        self.reload_tls = reload_tls
+        self._previous_hangup: Any = None
         self.sockets = SharedSockets(descriptions, reactor)
         self.sockets.setServiceParent(self)
         self.count = count
@@ -319,7 +322,25 @@ class Supervisor(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if hasattr(signal, "SIGHUP"):
+            try:
+                self._previous_hangup = signal.signal(signal.SIGHUP, self._on_hangup)
+            except ValueError:  # not the main thread: hangup() can still be called
+                log.warn("cannot handle SIGHUP outside the main thread; call hangup() to pass it to the workers")
         self.reactor.callWhenRunning(self._start_all)
+
+    def _on_hangup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.hangup)
+
+    def hangup(self) -> None:
+        """``kill -HUP`` of the supervisor: pass SIGHUP on to every worker, which re-reads its TLS files."""
+        if not self.reload_tls:
+            log.info("SIGHUP ignored: without --tls-cert the workers have nothing to reload")
+            return
+        workers = list(self.workers.values())
+        log.info("SIGHUP: passing it on to {count} worker(s)", count=len(workers))
+        for worker in workers:
+            _signal(worker, "HUP")
 
     def _start_all(self) -> None:
         for index in range(self.count):
@@ -378,6 +399,9 @@ class Supervisor(MultiService):
 
     def stopService(self) -> "Deferred[Any]":
         """Stop restarting, close this process's sockets, SIGTERM every worker, SIGKILL those left at the deadline."""
+        if hasattr(signal, "SIGHUP") and self._previous_hangup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hangup)
+            self._previous_hangup = None
         restarts, self._restarts = self._restarts, {}
         for call in restarts.values():
             if call.active():
@@ -433,4 +457,5 @@ def supervise(options: usage.Options, reactor: Any = None) -> IService:
     for description in options["listen"]:
         shareable(description)
     return Supervisor(options["listen"], options["workers"], worker_arguments(options), reactor,
-                      stop_timeout=options["policy"].shutdown_timeout + KILL_GRACE)
+                      stop_timeout=options["policy"].shutdown_timeout + KILL_GRACE,
+                      reload_tls=options.get("tls") is not None)

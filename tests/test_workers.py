@@ -292,6 +292,43 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.reactor.spawned, [])
 
 
+class HangupTests(SynchronousTestCase):
+    """SIGHUP to the supervisor: passed on to every worker when they have TLS files to reload, never fatal."""
+
+    def start(self, reload_tls: bool) -> tuple[Supervisor, ProcessReactor]:
+        reactor = ProcessReactor()
+        supervisor = Supervisor(["tcp:0:interface=127.0.0.1"], 2, [], reactor, stop_timeout=40, python="/py",
+                                publish=lambda event: None, reload_tls=reload_tls)
+        before = signal.getsignal(signal.SIGHUP)
+        supervisor.startService()
+        reactor.run()
+
+        def stop() -> None:
+            d = supervisor.stopService()
+            for worker in list(supervisor.workers.values()):
+                worker.processEnded(terminated(signal.SIGTERM))
+            self.successResultOf(d)
+            self.assertEqual(signal.getsignal(signal.SIGHUP), before)
+            self.assertEqual(reactor.getDelayedCalls(), [])
+
+        self.addCleanup(stop)
+        return supervisor, reactor
+
+    def test_handler_installed(self) -> None:
+        supervisor, _ = self.start(reload_tls=True)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), supervisor._on_hangup)
+
+    def test_forwarded(self) -> None:
+        supervisor, reactor = self.start(reload_tls=True)
+        supervisor.hangup()
+        self.assertEqual([call["process"].signals for call in reactor.spawned], [["HUP"], ["HUP"]])
+
+    def test_ignored_without_tls(self) -> None:
+        supervisor, reactor = self.start(reload_tls=False)
+        supervisor.hangup()
+        self.assertEqual([call["process"].signals for call in reactor.spawned], [[], []])
+
+
 class LogForwardingTests(SynchronousTestCase):
     """Worker output becomes log events in the supervisor, tagged with the worker's pid."""
 
@@ -559,3 +596,23 @@ def test_orphaned_workers_stop(supervised: Callable[..., Supervised]) -> None:
     server.process.wait(30)
     wait_for(lambda: not any(alive(pid) for pid in pids), "the workers to exit", timeout=30)
     assert listening_inodes(server.port) == []
+
+
+@needs_proc
+def test_sighup_reaches_every_worker(supervised: Callable[..., Supervised], tmp_path: Path) -> None:
+    """kill -HUP of the supervisor: it stays up, each worker reloads its certificate, no worker is replaced."""
+    from .certs import make_tls_files
+
+    files = make_tls_files(tmp_path / "tls")
+    server = supervised(2, "--tls-cert", str(files.cert), "--tls-key", str(files.key))
+    workers = server.started()
+    os.kill(server.process.pid, signal.SIGHUP)
+    wait_for(lambda: len(re.findall(r"\[worker (\d+) [^]]*\] TLS certificate reloaded from", server.text())) == 2,
+             "both workers reloading")
+    reloaded = {int(pid) for pid in re.findall(r"\[worker (\d+) [^]]*\] TLS certificate reloaded", server.text())}
+    assert reloaded == set(workers)
+    assert "SIGHUP: passing it on to 2 worker(s)" in server.text()
+    assert server.process.poll() is None
+    assert server.started() == workers
+    assert {greeting_pid(server.port) for _ in range(20)} <= set(workers)
+    assert all(alive(pid) for pid in workers)
