@@ -27,6 +27,7 @@ from ..address import Address
 from ..reply import Reply, SMTPReply
 from ..session import Session
 from .base import MessageHandler
+from .settings import flag
 from .trace import received_header
 
 __all__ = ["AMQP", "Publisher", "State", "NotQueued", "Unroutable", "stop_publishers",
@@ -97,15 +98,6 @@ class Link(Protocol):
 
     def abort(self) -> None:
         """Drop the connection at once (a polite close took too long)."""
-
-
-def _flag(value: bool | str) -> bool:
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
-            raise ValueError(f"not a yes/no value: {value!r}")
-        return lowered in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 def _positive(name: str, value: float | str) -> float:
@@ -571,10 +563,10 @@ class AMQP(MessageHandler):
         if not self.queue:
             raise ValueError("queue must be named")
         self.confirm_timeout = _positive("confirm_timeout", confirm_timeout)
-        self.refuse_when_down = _flag(refuse_when_down)
+        self.refuse_when_down = flag(refuse_when_down)
         self.max_size = int(max_size)
         self.spool_max = max(1, int(spool_max))  # SpooledTemporaryFile reads 0 as "never roll over"
-        self.trace = _flag(trace)
+        self.trace = flag(trace)
         self.ca_file = ca_file or None
         self.reactor = reactor
         self.publisher = publisher

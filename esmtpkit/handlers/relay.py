@@ -22,6 +22,7 @@ from .. import dsn
 from ..address import Address
 from ..reply import Reply
 from .base import MessageHandler
+from .settings import flag
 from .trace import received_header
 
 __all__ = ["Relay", "DEFAULT_NETWORKS", "DotStuffer", "parse_networks"]
@@ -39,15 +40,6 @@ def parse_networks(networks: str | Iterable[str]) -> tuple[Network, ...]:
     """Networks from CIDR texts (a comma/space separated string or an iterable); ValueError on a bad one."""
     items = re.split(r"[,\s]+", networks) if isinstance(networks, str) else list(networks)
     return tuple(ipaddress.ip_network(str(item).strip(), strict=False) for item in items if str(item).strip())
-
-
-def _flag(value: bool | str) -> bool:
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
-            raise ValueError(f"not a yes/no value: {value!r}")
-        return lowered in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 class DotStuffer:
@@ -270,7 +262,7 @@ class Relay(MessageHandler):
         self.ca_file = ca_file
         self.timeout = float(timeout)
         self.spool_max = int(spool_max)
-        self.trace = _flag(trace)
+        self.trace = flag(trace)
         self.reactor = reactor
         self.endpoint = endpoint
         self._spool: Any = None
