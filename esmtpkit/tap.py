@@ -157,7 +157,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         self["workers"] = parse_workers(self["workers"])
-        from .reuseport import check_reuse_port
+        from ._reuseport import check_reuse_port
 
         check_reuse_port(self)
         if self["workers"] > 1:
@@ -354,7 +354,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     tls = options["tls"]
     for description in options["listen"]:
         if options.get("reuse-port"):
-            from .reuseport import reuse_port_service
+            from ._reuseport import reuse_port_service
 
             svc = reuse_port_service(description, listening, reactor)
         elif tls is not None and _own_tls(description):

@@ -15,7 +15,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit import tap
-from esmtpkit.reuseport import reuse_port_endpoint
+from esmtpkit._reuseport import reuse_port_endpoint
 from tests.test_workers import TWISTD, _env, greeting_pid, needs_proc, wait_for
 
 
