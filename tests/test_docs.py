@@ -26,3 +26,18 @@ class HandlerContractDocTests(SynchronousTestCase):
             reply = coerce(getattr(handler, verb)(*args))
             first = reply.lines[0].replace("a@b", "sender").replace("c@d", "recipient")
             self.assertIn(f"{reply.code} {first}", text, verb)
+
+
+class RunningDocExampleTests(SynchronousTestCase):
+    def test_composition_example_builds_an_application(self) -> None:
+        """The Python example of docs/running.md builds an Application with one listening service (not started)."""
+        import re
+
+        from twisted.application import service
+
+        (block,) = re.findall(r"```python\n(.*?)```", (DOCS / "running.md").read_text(), re.S)
+        namespace: dict = {}
+        exec(compile(block, "running.md", "exec"), namespace)
+        children = list(service.IServiceCollection(namespace["application"]))
+        self.assertEqual(len(children), 1)
+        self.assertEqual(namespace["factory"].policy.hostname, "mx.example.com")
