@@ -23,6 +23,8 @@ from typing import Iterator
 
 import pytest
 
+from .processes import terminate
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "tutorial.md"
 EMBEDDING = ROOT / "docs" / "embedding.md"
@@ -126,13 +128,7 @@ class Server:
         return log + Path(self.output.name).read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
+        code = terminate(self.process, TIMEOUT)
         if not self.output.closed:
             self.output.close()
         return code

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-import signal
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .processes import terminate
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -108,15 +109,7 @@ class Twistd:
         return f"ESMTPFactory starting on {port}\n" in self.text()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout:
-            self.process.stdout.close()
+        terminate(self.process, 30)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import mailbox
 import os
 import re
 import shutil
-import signal
 import smtplib
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from .processes import terminate
 
 #: The console script installed beside this interpreter, as a user would run it.
 TWISTD_N = [str(Path(sys.executable).parent / "twistd")]
@@ -67,15 +68,7 @@ class Server:
         raise AssertionError("twistd did not start listening")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout:
-            self.process.stdout.close()
+        terminate(self.process, 60)
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit import tap, workers
+
+from .processes import terminate
 from esmtpkit.workers import (KILL_GRACE, MAX_RESTART_DELAY, STABLE_AFTER, Supervisor, WorkerProtocol, bind,
                               shareable, split_description, supervise, worker_arguments)
 
@@ -433,20 +435,12 @@ class Supervised:
                                                self.text())]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, 60)
         for pid in self.started():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self.process.stdout:
-            self.process.stdout.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import pytest
+
+from ..processes import terminate
 
 #: The ``twistd`` console script installed beside this interpreter, as a user would run it.
 TWISTD = Path(sys.executable).parent / "twistd"
@@ -172,13 +173,7 @@ class EsmtpkitProcess:
 
     def stop(self) -> None:
         """Stop the process (SIGTERM, then SIGKILL after a bound) and close its output file."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(CLIENT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, CLIENT_TIMEOUT)
         self._output.close()
 
     def problems(self) -> list[str]:
