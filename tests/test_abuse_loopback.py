@@ -8,7 +8,6 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 import pytest_twisted
 from twisted.application import strports
 from twisted.internet import reactor, threads
