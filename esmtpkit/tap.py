@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python import reflect, usage
 
 from . import sasl
+from .authfile import PasswordFileError, password_files, replace_file_databases
 from .factory import ESMTPFactory
 from .interfaces import IMessageHandler
 from .policy import Policy
@@ -219,6 +220,10 @@ def build_auth(options: usage.Options) -> Any:
             if options[flag]:
                 raise usage.UsageError(f"--{flag} needs --auth")
         return None
+    try:
+        checkers = replace_file_databases(checkers)  # read once, re-read on SIGHUP (see ReloadOnHangup)
+    except PasswordFileError as e:
+        raise usage.UsageError(f"--auth file: {e}") from None
     portal = sasl.build_portal(checkers)
     names = [n.strip().upper() for n in options["auth-mechanisms"].split(",") if n.strip()]
     unknown = [n for n in names if n not in sasl.MECHANISMS]
@@ -362,8 +367,9 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         else:
             svc = strports.service(description, listening, reactor=reactor)
         svc.setServiceParent(top)
-    if tls is not None:
-        ReloadOnHangup(tls, reactor).setServiceParent(top)
+    parts = reloadables(options)
+    if parts:
+        ReloadOnHangup(parts, reactor).setServiceParent(top)
     return top
 
 
@@ -381,13 +387,25 @@ def _tls_listener(description: str, tls: ServerTLS, factory: Any, reactor: Any) 
     return svc
 
 
+def reloadables(options: usage.Options) -> list[Any]:
+    """What ``kill -HUP`` re-reads for these options: the `ServerTLS`, then each `PasswordFile` of the portal."""
+    found: list[Any] = [] if options.get("tls") is None else [options["tls"]]
+    if options.get("portal") is not None:
+        found.extend(password_files(options["portal"]))
+    return found
+
+
 class ReloadOnHangup(Service):
-    """``kill -HUP``: re-read the ``--tls-cert``/``--tls-key`` files for new connections (see `ServerTLS.reload`)."""
+    """``kill -HUP``: re-read the ``--tls-cert``/``--tls-key`` files and ``--auth file:`` password files for new
+    connections and logins (see `ServerTLS.reload`, `PasswordFile.reload`); sessions in progress keep theirs.
+
+    ``reloadables`` is one object with a ``reload()`` method, or a list of them.
+    """
 
     log = Logger()
 
-    def __init__(self, tls: ServerTLS, reactor: Any = None) -> None:
-        self.tls = tls
+    def __init__(self, reloadables: Any, reactor: Any = None) -> None:
+        self.reloadables: list[Any] = [reloadables] if hasattr(reloadables, "reload") else list(reloadables)
         self.reactor = reactor
         self._previous: Any = None
 
@@ -397,7 +415,7 @@ class ReloadOnHangup(Service):
             try:
                 self._previous = signal.signal(signal.SIGHUP, self._hangup)
             except ValueError:  # not the main thread (an embedding application): no signal, reload() still works
-                self.log.warn("cannot handle SIGHUP outside the main thread; call reload() to re-read TLS files")
+                self.log.warn("cannot handle SIGHUP outside the main thread; call reload() to re-read the files")
 
     def stopService(self) -> None:
         if hasattr(signal, "SIGHUP") and self._previous is not None:
@@ -412,11 +430,17 @@ class ReloadOnHangup(Service):
         reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
-        """Reload now; unusable files are logged and the certificate in use stays."""
-        try:
-            self.tls.reload()
-        except TLSConfigError as e:
-            self.log.error("TLS certificate not reloaded: {error}", error=str(e))
+        """Reload each part now; a part whose files are unusable is logged and keeps what it had."""
+        for part in self.reloadables:
+            try:
+                part.reload()
+            except TLSConfigError as e:
+                self.log.error("TLS certificate not reloaded: {error}", error=str(e))
+            except PasswordFileError as e:
+                self.log.error("AUTH password file not reloaded: {error}", error=str(e))
+            except Exception:
+                self.log.failure("{part!r} not reloaded", part=part)
 
 
-__all__ += ["load_handler", "handler_factory", "build_policy", "load_tls", "build_auth", "ReloadOnHangup"]
+__all__ += ["load_handler", "handler_factory", "build_policy", "load_tls", "build_auth", "reloadables",
+            "ReloadOnHangup"]
