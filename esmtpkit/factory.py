@@ -11,6 +11,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from .interfaces import IMessageHandler
+from .monitor import EventLog, Monitor, guarded
 from .policy import Policy
 from .protocol import SHUTTING_DOWN, ESMTPProtocol
 from .reply import Reply
@@ -26,6 +27,8 @@ class ESMTPFactory(Factory):
 
     ``handler_factory`` is called with no arguments once per connection (a class is fine) and must return an
     `IMessageHandler` provider. ``clock`` drives timeouts; it defaults to the global reactor, looked up lazily.
+    ``monitor`` hears what happens on every connection (`esmtpkit.monitor`); the default, `EventLog`, logs the
+    documented events. Pass ``Monitors([EventLog(), Metrics()])`` to add Prometheus metrics.
     """
 
     protocol = ESMTPProtocol
@@ -33,10 +36,11 @@ class ESMTPFactory(Factory):
     log = Logger()
 
     def __init__(self, handler_factory: Callable[[], Any], policy: Policy | None = None,
-                 clock: IReactorTime | None = None) -> None:
+                 clock: IReactorTime | None = None, monitor: Monitor | None = None) -> None:
         self.handler_factory = handler_factory
         self.policy = policy if policy is not None else Policy()
         self._clock = clock
+        self.monitor = guarded(monitor if monitor is not None else EventLog())
         self.connections: set[ESMTPProtocol] = set()
         self._per_client: Counter[str] = Counter()
         self._stopping = False
@@ -59,7 +63,7 @@ class ESMTPFactory(Factory):
         return handler
 
     def buildProtocol(self, addr: IAddress) -> ESMTPProtocol:
-        proto = self.protocol(self.make_handler(), self.policy, self.clock)
+        proto = self.protocol(self.make_handler(), self.policy, self.clock, self.monitor)
         proto.factory = self
         return proto
 
@@ -71,13 +75,10 @@ class ESMTPFactory(Factory):
             return SHUTTING_DOWN
         policy = self.policy
         if policy.max_connections and len(self.connections) >= policy.max_connections:
-            self.log.warn("refused {peer}: {count} connections already", peer=proto.session.peer_ip,
-                          count=len(self.connections))
-            return TOO_MANY_CONNECTIONS
+            return TOO_MANY_CONNECTIONS  # the monitor reports it (connection.refused)
         client = proto.session.peer_ip
         if client and policy.max_connections_per_client and \
                 self._per_client[client] >= policy.max_connections_per_client:
-            self.log.warn("refused {peer}: too many connections from it", peer=client)
             return TOO_MANY_FROM_CLIENT
         self.connections.add(proto)
         if client:

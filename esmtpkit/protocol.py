@@ -10,12 +10,14 @@ The extensions the protocol serves itself: STARTTLS (RFC 3207), AUTH (RFC 4954),
 from __future__ import annotations
 
 import inspect
+import time
 from collections import deque
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ITLSTransport
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -25,7 +27,9 @@ from zope.interface import implementer
 from . import sasl, state
 from .commands import Command, CommandError, Verb, line_limit, parse_command, parse_mail_rcpt
 from .data import CountedReader, DotDecoder, HeaderSplitter, has_bare_newline
+from .ids import new_id
 from .interfaces import IMessageHandler
+from .monitor import Monitor
 from .params import check_mail_params, check_rcpt_params
 from .policy import Policy
 from .reply import Reply, SMTPReply, coerce
@@ -59,6 +63,9 @@ CHUNK_SYNTAX = Reply(501, ("Syntax: BDAT size [LAST]",), "5.5.4")
 CHUNK_FAILED = Reply(503, ("Transaction failed at an earlier BDAT: send RSET",), "5.5.1")
 BINARY_NEEDS_BDAT = Reply(503, ("BODY=BINARYMIME needs BDAT, not DATA",), "5.5.1")
 LMTP_GREETING = Reply(500, ("This is an LMTP server: use LHLO",), "5.5.1")
+
+#: The monitor of a protocol made without one: it hears everything and does nothing.
+_SILENT = Monitor()
 
 #: Extension verbs; each is an unknown command (the handler's ``unknown``) unless its extension is enabled.
 _EXTENSION_VERBS = frozenset((Verb.STARTTLS, Verb.AUTH, Verb.BDAT, Verb.LHLO))
@@ -119,6 +126,14 @@ class _Chunk:
         self.refusal = refusal
 
 
+def _username(step: sasl.Step) -> str | None:
+    """The user name a finished AUTH exchange named (for the log), if its credentials carry one."""
+    name = getattr(getattr(step, "credentials", None), "username", None)
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "replace")
+    return name if isinstance(name, str) else None
+
+
 def _parse_bdat(argument: str) -> tuple[int | None, bool, bool]:
     """``BDAT size [LAST]`` (RFC 3030 §2): ``(size or None, last, well_formed)``. A size that parses with a bad
     rest is not well formed, but its octets are still on their way and must be read.
@@ -142,10 +157,16 @@ class ESMTPProtocol(LineReceiver):
     delimiter = b"\r\n"
 
     def __init__(self, handler: IMessageHandler, policy: Policy | None = None,
-                 clock: IReactorTime | None = None) -> None:
+                 clock: IReactorTime | None = None, monitor: Monitor | None = None) -> None:
         self.handler = handler
         self.policy = policy if policy is not None else Policy()
         self.clock = clock
+        self.monitor = monitor if monitor is not None else _SILENT
+        self._verb = "CONNECT"  # what the next reply answers, for the monitor
+        self._opened_at = 0.0
+        self._mail_at = 0.0
+        self._admitted = False
+        self._close_reason = ""
         self.session = Session(hostname=self.policy.hostname)
         self.phase = Phase.CONNECTED
         self.errors = 0
@@ -201,19 +222,28 @@ class ESMTPProtocol(LineReceiver):
 
     # ---- connection life ---------------------------------------------------------------------------------------
 
+    def _now(self) -> float:
+        return self.clock.seconds() if self.clock is not None else time.time()
+
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self._command_limit
-        self.session.peer = self.transport.getPeer()
-        self.session.host = self.transport.getHost()
-        self.session.transport = self.transport
-        self.session.tls = is_tls(self.transport)  # an implicit-TLS listener (RFC 8314)
+        session = self.session
+        self._opened_at = now = self._now()
+        session.id = new_id(now)
+        session.peer = self.transport.getPeer()
+        session.host = self.transport.getHost()
+        session.transport = self.transport
+        session.tls = is_tls(self.transport)  # an implicit-TLS listener (RFC 8314)
         admit = getattr(self.factory, "admit", None)
         refusal = admit(self) if admit is not None else None
         if refusal is not None:
             self.transport.write(refusal.render())
             self.phase = Phase.CLOSED
             self.transport.loseConnection()
+            self.monitor.connection_refused(session, refusal)
             return
+        self._admitted = True
+        self.monitor.connection_opened(session)
         if self.policy.pregreet_delay and self.clock is not None:
             self._pregreet = self.clock.callLater(self.policy.pregreet_delay, self._pregreet_over)
             return
@@ -233,6 +263,9 @@ class ESMTPProtocol(LineReceiver):
             self._sasl = None
             self._logout()
             self.session.transport = None
+            if self._admitted:
+                self._admitted = False
+                self._report_close(reason)
         finally:
             release = getattr(self.factory, "release", None)
             if release is not None:
@@ -250,9 +283,22 @@ class ESMTPProtocol(LineReceiver):
             super().dataReceived(b"")
         self._reset_timer()
 
+    def _report_close(self, reason: Failure) -> None:
+        """Tell the monitor how the connection ended (and that TLS failed, if it never came up)."""
+        session = self.session
+        if not self._close_reason:
+            self._close_reason = "client closed" if reason is None or reason.check(ConnectionDone) else \
+                f"connection lost: {reason.getErrorMessage()}"
+        if session.tls and not session.tls_info:
+            self._note_tls()
+        if session.tls and not session.tls_info:
+            self.monitor.tls_failed(session, reason.getErrorMessage() if reason is not None else "connection lost")
+        self.monitor.connection_closed(session, self._now() - self._opened_at, self._close_reason)
+
     def handshakeCompleted(self) -> None:
         """TLS is up (after STARTTLS, or on an implicit-TLS listener): note what was negotiated."""
         self.session.tls_info = tls_info(self.transport)
+        self.monitor.tls_established(self.session)
 
     def _pregreet_over(self) -> None:
         """The greeting delay passed: greet, or refuse a client that talked first (postscreen's pregreet test)."""
@@ -276,6 +322,7 @@ class ESMTPProtocol(LineReceiver):
         """The server is stopping: close now if idle (421 4.3.2), else after the transaction in flight ends."""
         self._closing = True
         if self.phase is not Phase.CLOSED and self.idle:
+            self._verb = "SHUTDOWN"
             self.send(SHUTTING_DOWN, count_error=False)
 
     def force_close(self, reason: str = "shutdown deadline") -> None:
@@ -313,6 +360,8 @@ class ESMTPProtocol(LineReceiver):
     def _call(self, method: Callable[..., Any], args: tuple[Any, ...],
               then: Callable[[Any], None]) -> "Deferred[Any] | None":
         """Call a handler method; give ``then`` its result (a value, or a Failure). Return a Deferred if pending."""
+        if self.monitor.timing:
+            then = self._timed(method, then)
         try:
             result = method(*args)
             if inspect.iscoroutine(result):
@@ -341,6 +390,16 @@ class ESMTPProtocol(LineReceiver):
 
         result.addBoth(fired)
         return done
+
+    def _timed(self, method: Callable[..., Any], then: Callable[[Any], None]) -> Callable[[Any], None]:
+        """Wrap ``then`` to tell the monitor how long the handler took to give its result."""
+        name, start = getattr(method, "__name__", "handler"), self._now()
+
+        def timed(value: Any) -> None:
+            self.monitor.handled(name, self._now() - start)
+            then(value)
+
+        return timed
 
     def _reply_from(self, value: Any, what: str) -> Reply:
         """Turn a handler result (value or Failure) into a Reply; unexpected errors become 451 4.3.0 and a log."""
@@ -385,6 +444,7 @@ class ESMTPProtocol(LineReceiver):
         if self.phase is Phase.CLOSED or self.transport is None:
             return
         self.transport.write(reply.render(not plain and self._enhanced()))
+        self.monitor.replied(self.session, self._verb, reply)
         if reply.code >= 500 and count_error:  # client errors; the server's own 4xx troubles do not count
             self.errors += 1
             if self.policy.error_limit and self.errors >= self.policy.error_limit:
@@ -406,6 +466,7 @@ class ESMTPProtocol(LineReceiver):
     def _close(self, reason: str) -> None:
         if self.phase is Phase.CLOSED:
             return
+        self._close_reason = self._close_reason or reason
         self._abort(reason)
         self.phase = Phase.CLOSED
         self._cancel_timer()
@@ -437,7 +498,9 @@ class ESMTPProtocol(LineReceiver):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self.log.info("timeout from {peer}", peer=self.session.peer_ip)
+        self.monitor.timed_out(self.session, "DATA" if self._message is not None else self.phase.name)
+        self._verb = "TIMEOUT"
+        self._close_reason = "timeout"
         self.send(TIMEOUT)
 
     # ---- greeting ----------------------------------------------------------------------------------------------
@@ -485,9 +548,11 @@ class ESMTPProtocol(LineReceiver):
         try:
             command = parse_command(raw)
         except CommandError as e:
+            self._verb = "UNKNOWN"
             self.send(e.reply)
             return None
         verb = self._effective_verb(command)
+        self._verb = verb.value
         if len(raw) > line_limit(verb, self.policy.max_command_length):
             self.send(LINE_TOO_LONG)
             return None
@@ -594,6 +659,8 @@ class ESMTPProtocol(LineReceiver):
         """Fill ``session.tls_info`` if the handshake was not reported (a wrapper in between may swallow it)."""
         if self.session.tls and not self.session.tls_info:
             self.session.tls_info = tls_info(self.transport)
+            if self.session.tls_info:
+                self.monitor.tls_established(self.session)
 
     def _do_MAIL(self, command: Command) -> "Deferred[Any] | None":
         if self.policy.require_tls and not self.session.tls:
@@ -618,7 +685,8 @@ class ESMTPProtocol(LineReceiver):
 
         def after(reply: Reply) -> None:
             if reply.is_positive:
-                self.session.envelope = Envelope(sender=sender, mail_params=params)
+                self._mail_at = now = self._now()
+                self.session.envelope = Envelope(id=new_id(now), sender=sender, mail_params=params)
                 self.session.transactions += 1
             self.send(reply)
 
@@ -760,12 +828,15 @@ class ESMTPProtocol(LineReceiver):
             return None
         self._sasl = None
         if isinstance(step, sasl.Failed):
+            self.monitor.auth_failed(self.session, mechanism.name, None, step.reply)
             self.send(step.reply)  # counts toward the error limit, as every failure does
             return None
 
         def then(value: Any) -> None:
             if isinstance(value, Failure):
-                self.send(self._reply_from(value, "auth"))
+                reply = self._reply_from(value, "auth")
+                self.monitor.auth_failed(self.session, mechanism.name, _username(step), reply)
+                self.send(reply)
                 return
             if self.phase is Phase.CLOSED:
                 value.logout()
@@ -773,6 +844,7 @@ class ESMTPProtocol(LineReceiver):
             self._identity = value
             self.session.authenticated = value.name
             self.session.auth_mechanism = value.mechanism
+            self.monitor.auth_succeeded(self.session, value.mechanism, value.name)
             self.send(sasl.AUTH_SUCCEEDED)
 
         return self._call(sasl.authenticate, (self.policy.portal, step), then)
@@ -839,6 +911,7 @@ class ESMTPProtocol(LineReceiver):
         error = message.error = message.error or reply
         if not message.ended:
             message.ended = True
+            self.monitor.message_rejected(self.session, self.session.envelope, message.size, error)
             self._abort_now(error.text)
         self.phase = Phase.CHUNKING
 
@@ -986,9 +1059,11 @@ class ESMTPProtocol(LineReceiver):
         """Tell the handler a transaction in progress was dropped (no-op outside a transaction)."""
         if not state.in_transaction(self.phase):
             return
-        ended = self._message is not None and self._message.ended
+        message = self._message
+        ended = message is not None and message.ended
         self._message = None
         if not ended:
+            self.monitor.message_aborted(self.session, self.session.envelope, message.size if message else 0, reason)
             self.session.envelope = Envelope()
         self.phase = Phase.GREETED
         if not ended:
@@ -1164,10 +1239,12 @@ class ESMTPProtocol(LineReceiver):
             if message is None:
                 return None
             # RFC 2033 §4.2: in LMTP one reply per accepted recipient, in RCPT order.
-            count = len(self.session.envelope.recipients) if self.policy.lmtp else 0
+            envelope = self.session.envelope
+            count = len(envelope.recipients) if self.policy.lmtp else 0
             if message.error is not None:
                 error = message.error
                 self._finish_transaction()
+                self.monitor.message_rejected(self.session, envelope, message.size, error)
                 self._abort_now(error.text)
                 self._send_replies([error] * count if count else [error])
                 return None
@@ -1175,12 +1252,21 @@ class ESMTPProtocol(LineReceiver):
             def then(value: Any) -> None:
                 replies = self._lmtp_replies(value, count) if count else [self._reply_from(value, "eom")]
                 self._finish_transaction()
+                self._report_end(envelope, message.size, replies)
                 self._send_replies(replies)
 
             message.ended = True
             return self._call(self.handler.eom, (), then)
 
         return step
+
+    def _report_end(self, envelope: Envelope, size: int, replies: list[Reply]) -> None:
+        """Tell the monitor the message's fate: accepted if any reply is positive (LMTP: for some recipients)."""
+        accepted = next((r for r in replies if r.is_positive), None)
+        if accepted is not None:
+            self.monitor.message_accepted(self.session, envelope, size, self._now() - self._mail_at, accepted)
+        else:
+            self.monitor.message_rejected(self.session, envelope, size, replies[0])
 
     def _lmtp_replies(self, value: Any, count: int) -> list[Reply]:
         """eom()'s result in LMTP mode: a sequence of one reply per recipient, or one reply for all of them."""

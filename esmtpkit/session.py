@@ -12,8 +12,13 @@ __all__ = ["Session", "Envelope"]
 
 @dataclass
 class Envelope:
-    """The mail transaction so far: reverse-path, accepted recipients, and their ESMTP parameters (parsed)."""
+    """The mail transaction so far: reverse-path, accepted recipients, and their ESMTP parameters (parsed).
 
+    ``id`` names the transaction once MAIL is accepted (see `esmtpkit.ids`): handlers show it in their final
+    reply ("queued as ...") and trace headers, and every log event about the message carries it.
+    """
+
+    id: str = ""
     sender: Address | None = None
     mail_params: dict[str, Any] = field(default_factory=dict)
     recipients: list[Address] = field(default_factory=list)
@@ -29,7 +34,8 @@ class Session:
     on an LMTP server. ``tls`` is set after STARTTLS or on an implicit-TLS listener; once the handshake is done
     ``tls_info`` holds ``version``, ``cipher`` and ``bits`` as text (see `esmtpkit.tls.tls_info`).
     ``authenticated`` is the identity from AUTH and ``auth_mechanism`` its SASL mechanism (None without AUTH).
-    ``transport`` is the connection (the seed's input/output handle) for handlers that need it.
+    ``transport`` is the connection (the seed's input/output handle) for handlers that need it. ``id`` names the
+    connection in log events; ``transactions`` counts the messages it began (MAIL accepted).
     """
 
     hostname: str
@@ -45,6 +51,7 @@ class Session:
     envelope: Envelope = field(default_factory=Envelope)
     transport: Any = field(default=None, repr=False)
     transactions: int = 0
+    id: str = ""
 
     @property
     def peer_ip(self) -> str:

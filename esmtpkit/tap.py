@@ -22,6 +22,7 @@ from . import sasl
 from .authfile import PasswordFileError, password_files, replace_file_databases
 from .factory import ESMTPFactory
 from .interfaces import IMessageHandler
+from .monitor import EventLog, Monitor, Monitors
 from .policy import Policy
 from .proxy import DEFAULT_TIMEOUT as DEFAULT_PROXY_TIMEOUT
 from .service import ESMTPService
@@ -117,6 +118,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["amqp-queue", None, None, "AMQP handler: the (quorum) queue to publish to (default: mail)."],
         ["amqp-confirm-timeout", None, None, "AMQP handler: seconds to wait for the broker's confirm (default 30).",
          _seconds],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
+         "tcp:9101:interface=127.0.0.1 (off by default)."],
+        ["log-format", None, "text", "text (twistd's own log lines) or json (one JSON object per line, for log "
+         "shippers), written where twistd's --logfile says."],
     ]
 
     def __init__(self) -> None:
@@ -169,11 +174,44 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         check_proxy(self)
         if self["bare-newline"] not in ("reject", "allow"):
             raise usage.UsageError("--bare-newline takes reject or allow")
+        check_log_format(self)
         self["tls"] = load_tls(self)
         self["portal"] = build_auth(self)
         self["handler-class"] = load_handler(self["handler"])
         self["handler-factory"] = handler_factory(self["handler-class"], self)
         self["policy"] = build_policy(self)
+
+
+def check_log_format(options: usage.Options) -> None:
+    """``--log-format json``: have twistd log through `esmtpkit.logformat.json_observer` (its ``--logger``)."""
+    if options["log-format"] not in ("text", "json"):
+        raise usage.UsageError("--log-format takes text or json")
+    twistd = getattr(options, "parent", None)
+    if options["log-format"] != "json" or twistd is None:
+        return
+    if twistd.get("syslog"):
+        raise usage.UsageError("--log-format json writes to twistd's --logfile; it cannot go with --syslog")
+    if twistd.get("logger"):
+        raise usage.UsageError("--log-format json chooses twistd's log observer; leave out --logger")
+    if twistd.get("logfile") == "-" and not twistd.get("nodaemon"):
+        raise usage.UsageError("a daemon cannot log to stdout: give --logfile PATH or -n")
+    from .logformat import use_json
+
+    twistd["logger"] = use_json(twistd.get("logfile"), bool(twistd.get("nodaemon")))
+
+
+def build_monitor(options: usage.Options) -> Monitor:
+    """The factory's monitor: the event log, plus Prometheus `Metrics` with ``--metrics`` (or in a worker whose
+    supervisor serves them: it sets ``ESMTPKIT_METRICS`` and ``PROMETHEUS_MULTIPROC_DIR``)."""
+    import os
+
+    events = EventLog()
+    if not options["metrics"] and not os.environ.get("ESMTPKIT_METRICS"):
+        return events
+    from .metrics import Metrics
+
+    options["metrics-recorder"] = metrics = Metrics()
+    return Monitors([events, metrics])
 
 
 def check_proxy(options: usage.Options) -> None:
@@ -348,8 +386,14 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         from .workers import supervise
 
         return supervise(options, reactor=reactor)
-    factory = ESMTPFactory(options["handler-factory"], policy=options["policy"], clock=reactor)
+    factory = ESMTPFactory(options["handler-factory"], policy=options["policy"], clock=reactor,
+                           monitor=build_monitor(options))
     top = ESMTPService(factory)  # the ESMTPFactory itself: shutdown drains its connections
+    if options["metrics"]:
+        from .metrics import metrics_site
+
+        strports.service(options["metrics"], metrics_site(options["metrics-recorder"].registry),
+                         reactor=reactor).setServiceParent(top)
     listening: Any = factory
     if options["proxy-protocol"]:
         from .proxy import DEFAULT_TRUSTED, ProxyProtocolFactory
@@ -442,5 +486,6 @@ class ReloadOnHangup(Service):
                 self.log.failure("{part!r} not reloaded", part=part)
 
 
+__all__ += ["check_log_format", "build_monitor"]
 __all__ += ["load_handler", "handler_factory", "build_policy", "load_tls", "build_auth", "reloadables",
             "ReloadOnHangup"]

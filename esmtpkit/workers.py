@@ -212,13 +212,14 @@ class SharedSockets(Service):
 # ---- the workers ---------------------------------------------------------------------------------------------------
 
 def worker_arguments(options: usage.Options) -> list[str]:
-    """The esmtpkit arguments the supervisor was given, without ``--workers`` and ``--listen`` (however spelled)."""
+    """The esmtpkit arguments the supervisor was given, without ``--workers``, ``--listen``, ``--metrics`` and
+    ``--log-format`` (however spelled): workers log through the supervisor, which also serves their metrics."""
     pairs, rest = getopt.getopt(options["argv"], options.shortOpt, options.longOpt)
     kept: list[str] = []
     for opt, value in pairs:
         name = opt.lstrip("-")
         canonical = options.synonyms.get(name, options.synonyms.get(name.replace("-", "_"), name))
-        if canonical in ("workers", "listen"):
+        if canonical in ("workers", "listen", "metrics", "log-format"):  # the supervisor's own business
             continue
         takes_value = (name + "=" in options.longOpt) if opt.startswith("--") else (name + ":" in options.shortOpt)
         kept.extend([opt, value] if takes_value else [opt])
@@ -304,7 +305,8 @@ class Supervisor(MultiService):
 
     def __init__(self, descriptions: Sequence[str], count: int, arguments: Sequence[str], reactor: Any,
                  stop_timeout: float, python: str = sys.executable,
-                 publish: ILogObserver = globalLogPublisher, reload_tls: bool = False) -> None:
+                 publish: ILogObserver = globalLogPublisher, reload_tls: bool = False,
+                 metrics: Any = None) -> None:
         super().__init__()
         self.reload_tls = reload_tls
         self._previous_hangup: Any = None
@@ -319,6 +321,10 @@ class Supervisor(MultiService):
         self.workers: dict[int, WorkerProtocol] = {}
         self._delays = [RESTART_DELAY] * count
         self._restarts: dict[int, IDelayedCall] = {}
+        #: `esmtpkit.metrics.WorkerMetrics` with --metrics: the workers record, this process serves the sum.
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()
@@ -361,6 +367,8 @@ class Supervisor(MultiService):
         env = {k: v for k, v in os.environ.items() if k not in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")}
         env["LISTEN_FDS"] = str(len(self.sockets.sockets))
         env["LISTEN_FDNAMES"] = ":".join(f"{FD_NAME}{i}" for i in range(len(self.sockets.sockets)))
+        if self.metrics is not None:
+            env.update(self.metrics.environment)
         return env
 
     def start_worker(self, index: int) -> None:
@@ -382,6 +390,8 @@ class Supervisor(MultiService):
     def _ended(self, worker: WorkerProtocol, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+        if self.metrics is not None and worker.pid is not None:
+            self.metrics.worker_ended(worker.pid)
         how = _exit_status(reason)
         if not self.running:
             log.info("worker {index} (pid {pid}) stopped: {how}", index=worker.index, pid=worker.pid, how=how)
@@ -456,6 +466,11 @@ def supervise(options: usage.Options, reactor: Any = None) -> IService:
         reactor = global_reactor
     for description in options["listen"]:
         shareable(description)
+    metrics = None
+    if options["metrics"]:
+        from .metrics import WorkerMetrics
+
+        metrics = WorkerMetrics(options["metrics"], reactor)
     return Supervisor(options["listen"], options["workers"], worker_arguments(options), reactor,
                       stop_timeout=options["policy"].shutdown_timeout + KILL_GRACE,
-                      reload_tls=options.get("tls") is not None)
+                      reload_tls=options.get("tls") is not None, metrics=metrics)

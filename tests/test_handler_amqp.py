@@ -165,7 +165,7 @@ class HandlerTests(Base):
         [published] = link.published
         self.assertEqual(published["body"], CONTENT)
         self.assertEqual(published["queue"], "mail")
-        self.assertRegex(published["id"], r"^[0-9A-F]{24}$")
+        self.assertRegex(published["id"], r"^[0-9A-HJKMNP-TV-Z]{20}$")
         published["confirm"].callback(None)
         self.assertEqual(self.final(talk), b"250 2.0.0 Ok: queued as " + published["id"].encode())
 
@@ -587,7 +587,7 @@ def message_content(client: int, number: int) -> bytes:
 
 
 _TOKEN = re.compile(rb"^X-Token: (\d+-\d+)\r$", re.MULTILINE)
-_QUEUED = re.compile(r"queued as ([0-9A-F]{24})$")
+_QUEUED = re.compile(r"queued as ([0-9A-Z]{20})$")
 
 
 def split_trace(body: bytes) -> tuple[bytes, bytes]:

@@ -28,7 +28,7 @@ CONTENT = (b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: 
 TRACE = re.compile(
     rb"Return-Path: <alice@example\.com>\r\n"
     rb"Received: from client\.test \(127\.0\.0\.1 \[127\.0\.0\.1\]\) by mx\.test with ESMTP\r\n"
-    rb"\tid (M\d+P\d+Q\d+R[0-9a-f]{8})(?: for <bob@example\.net>;|;)"
+    rb"\tid ([0-9A-HJKMNP-TV-Z]{20})(?: for <bob@example\.net>;|;)"
     rb"(?: |\r\n\t)[A-Z][a-z]{2}, \d{1,2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\r\n")
 
 
@@ -99,14 +99,16 @@ class DeliveryTests(Base):
         self.assertEqual(stored[match.end():], CONTENT)
         [name] = self.listing("new")
         self.assertEqual(self.listing("tmp"), [])
-        self.assertEqual((reply.code, reply.enhanced, reply.text), (250, "2.0.0", f"Ok: queued as {name}"))
-        self.assertEqual(name.split(".")[1], match.group(1).decode())
+        message_id = match.group(1).decode()
+        self.assertEqual((reply.code, reply.enhanced, reply.text), (250, "2.0.0", f"Ok: queued as {message_id}"))
+        self.assertTrue(name.split(".")[1].endswith("I" + message_id), name)
 
     def test_wire_reply(self) -> None:
         """The final reply on the wire."""
         self.talk.message("alice@example.com", ["bob@example.net"], b"Subject: x\r\n\r\nhi\r\n")
         [name] = self.listing("new")
-        self.assertTrue(self.talk.transport.value().endswith(f"250 2.0.0 Ok: queued as {name}\r\n".encode()))
+        message_id = name.split(".")[1].split("I")[1]
+        self.assertTrue(self.talk.transport.value().endswith(f"250 2.0.0 Ok: queued as {message_id}\r\n".encode()))
 
     def test_readable_by_mailbox(self) -> None:
         """Python's mailbox.Maildir reads what was delivered."""

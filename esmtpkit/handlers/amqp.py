@@ -536,7 +536,11 @@ def stop_publishers() -> "Deferred[None]":
 
 
 def new_message_id() -> str:
-    """A message id for the hand-off (96 random bits, hex): the AMQP message_id and the id in our 250 reply."""
+    """An id for a message whose session has none (a handler driven outside the protocol): 96 random bits, hex.
+
+    Under the protocol the AMQP message_id, the trace id and the id in the 250 reply are the transaction's
+    ``session.envelope.id``, the id every log event about the message carries.
+    """
     return secrets.token_hex(12).upper()
 
 
@@ -601,7 +605,8 @@ class AMQP(MessageHandler):
     def data(self) -> Any:
         """Open the spool, choose the message id, and write our ``Received:`` field (RFC 5321 §4.4) first."""
         self._discard()
-        self.message_id = new_message_id()
+        envelope_id = self.session.envelope.id if self.session is not None else ""
+        self.message_id = envelope_id or new_message_id()
         self._spool = tempfile.SpooledTemporaryFile(max_size=self.spool_max)
         self._size = 0
         self._too_big = False

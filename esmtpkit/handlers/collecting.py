@@ -32,6 +32,8 @@ class Message:
     protocol: str = "SMTP"
     tls: bool = False
     authenticated: str | None = None
+    #: The transaction's id (``session.envelope.id``), as the log events and the 250 reply show it.
+    id: str = ""
 
 
 class MessageStore:
@@ -133,4 +135,5 @@ class Collecting(MessageHandler):
             protocol=session.with_protocol,
             tls=session.tls,
             authenticated=session.authenticated,
+            id=envelope.id,
         )

@@ -33,12 +33,17 @@ def _escaped_hostname() -> str:
     return socket.gethostname().replace("/", r"\057").replace(":", r"\072") or "localhost"
 
 
-def unique_name(now: float | None = None) -> str:
-    """A new Maildir file name: ``<seconds>.M<microseconds>P<pid>Q<delivery>R<random>.<hostname>``."""
+def unique_name(now: float | None = None, message_id: str = "") -> str:
+    """A new Maildir file name: ``<seconds>.M<microseconds>P<pid>Q<delivery>I<message id>.<hostname>``.
+
+    The message id (``session.envelope.id``) makes the file easy to find from the log or the 250 reply; without
+    one, ``R<random>`` takes its place.
+    """
     now = time.time() if now is None else now
     seconds = int(now)
     micro = int((now - seconds) * 1_000_000)
-    return f"{seconds}.M{micro}P{os.getpid()}Q{next(_deliveries)}R{secrets.token_hex(4)}.{_escaped_hostname()}"
+    unique = f"I{message_id}" if message_id else f"R{secrets.token_hex(4)}"
+    return f"{seconds}.M{micro}P{os.getpid()}Q{next(_deliveries)}{unique}.{_escaped_hostname()}"
 
 
 def _fsync_dir(path: str) -> None:
@@ -82,14 +87,14 @@ class Maildir(MessageHandler):
         """Open a new file in tmp/ and write the trace fields; 451 4.3.0 when the Maildir cannot take it."""
         self._discard()
         session = self.session
-        name = unique_name()
+        name = unique_name(message_id=session.envelope.id if session is not None else "")
         try:
             self._prepare()
             fd = os.open(os.path.join(self.path, "tmp", name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             self._name = name
             self._file = os.fdopen(fd, "wb")
             if session is not None:
-                trace_id = name.split(".")[1]
+                trace_id = session.envelope.id or name.split(".")[1]
                 self._file.write(return_path_header(session.envelope.sender or ""))
                 self._file.write(received_header(session, id=trace_id))
         except OSError as e:
@@ -128,7 +133,8 @@ class Maildir(MessageHandler):
             self._failed("deliver", e)
             return STORE_FAILED
         self._file, self._name = None, ""
-        return Reply(250, (f"Ok: queued as {name}",), "2.0.0")
+        queue_id = self.session.envelope.id if self.session is not None else ""
+        return Reply(250, (f"Ok: queued as {queue_id or name}",), "2.0.0")
 
     def abort(self, reason: str) -> None:
         """Close and remove the unfinished file: nothing partial stays in tmp/ and nothing reaches new/."""

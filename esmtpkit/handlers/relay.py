@@ -309,7 +309,8 @@ class Relay(MessageHandler):
         self._spool = tempfile.SpooledTemporaryFile(max_size=self.spool_max)
         session = self.session
         if self.trace and session is not None:
-            self._spool.write(received_header(session, id=secrets.token_hex(8).upper(), show_user=False))
+            trace_id = session.envelope.id or secrets.token_hex(8).upper()
+            self._spool.write(received_header(session, id=trace_id, show_user=False))
         return super().data()
 
     def body(self, chunk: bytes) -> None:

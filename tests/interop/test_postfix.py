@@ -239,9 +239,10 @@ def test_postfix_relays_to_esmtpkit(esmtpkit_process, postfix: PrivatePostfix) -
         assert theirs, delivery.content[:300]
         assert delivery.content[theirs.end():] == source.replace(b"\n", b"\r\n")
 
-    # Postfix logged our 250 reply for each recipient, naming the Maildir file that holds the message.
+    # Postfix logged our 250 reply for each recipient, naming the message id that the Maildir file name carries.
     log = postfix.log()
     for delivery in deliveries:
-        assert f"status=sent (250 2.0.0 Ok: queued as {delivery.name})" in log, log
+        message_id = delivery.name.split(".")[1].split("I", 1)[1]
+        assert f"status=sent (250 2.0.0 Ok: queued as {message_id})" in log, log
     assert log.count("status=sent") == 3, log
     assert not re.search(r"postfix/smtp\[\d+\]: (?:warning|error|fatal|panic):", log), log

@@ -1,0 +1,210 @@
+"""Monitors: what happens on each connection, told to the log (`EventLog`) and to metrics (`esmtpkit.metrics`).
+
+The protocol calls one `Monitor` per factory at fixed points (connection opened and closed, TLS, AUTH, every
+reply, every message's end). The base class does nothing, so a monitor overrides only what it needs; `Monitors`
+passes each call to several. `EventLog` turns the calls into `twisted.logger` events with a stable vocabulary
+(the ``event`` field), which text, JSON and syslog observers all show: docs/operating.md lists every field.
+AUTH arguments, passwords and message content are never part of an event.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from twisted.logger import Logger, LogLevel
+
+from .commands import Verb
+from .reply import Reply
+from .session import Envelope, Session
+
+__all__ = ["Monitor", "Monitors", "EventLog", "EVENTS", "guarded"]
+
+#: Every event name EventLog emits, with its log level.
+EVENTS = {
+    "connection.opened": LogLevel.info,
+    "connection.refused": LogLevel.warn,
+    "connection.closed": LogLevel.info,
+    "tls.established": LogLevel.info,
+    "tls.failed": LogLevel.info,
+    "auth.succeeded": LogLevel.info,
+    "auth.failed": LogLevel.warn,
+    "reply.error": LogLevel.info,
+    "session.timeout": LogLevel.info,
+    "message.accepted": LogLevel.info,
+    "message.rejected": LogLevel.info,
+    "message.aborted": LogLevel.info,
+}
+
+#: Replies to these verbs may echo what the client sent (an AUTH response, an unknown line): no text in the log.
+_UNSAFE_TEXT = frozenset((Verb.AUTH.value, Verb.UNKNOWN.value))
+
+
+class Monitor:
+    """Told what happens on connections; every method does nothing here. Subclass and override what you need.
+
+    Calls come from the reactor thread and must return quickly: a monitor never blocks or fails a connection
+    (the protocol logs and ignores its exceptions). ``timing``: set true to be given handler latencies
+    (`handled`); the protocol only measures them when some monitor asks.
+    """
+
+    timing: bool = False
+
+    def connection_opened(self, session: Session) -> None:
+        """A connection was admitted (its greeting follows)."""
+
+    def connection_refused(self, session: Session, reply: Reply) -> None:
+        """A connection was answered ``reply`` (421) and closed at once: a connection limit, or shutting down."""
+
+    def connection_closed(self, session: Session, duration: float, reason: str) -> None:
+        """An admitted connection ended after ``duration`` seconds; ``reason`` says who ended it and why."""
+
+    def tls_established(self, session: Session) -> None:
+        """A TLS handshake completed; ``session.tls_info`` holds the version and cipher."""
+
+    def tls_failed(self, session: Session, reason: str) -> None:
+        """A connection ended before its TLS handshake completed."""
+
+    def replied(self, session: Session, verb: str, reply: Reply) -> None:
+        """The server answered ``reply`` to ``verb`` (CONNECT for the greeting; DATA/BDAT for end of data)."""
+
+    def handled(self, verb: str, seconds: float) -> None:
+        """The handler's ``verb`` method took ``seconds`` to give its result (only when ``timing`` is set)."""
+
+    def auth_succeeded(self, session: Session, mechanism: str, user: str) -> None:
+        """AUTH succeeded; ``session.authenticated`` is ``user``."""
+
+    def auth_failed(self, session: Session, mechanism: str, user: str | None, reply: Reply) -> None:
+        """AUTH failed (wrong credentials, a malformed or cancelled exchange); ``user`` when the client named one."""
+
+    def timed_out(self, session: Session, phase: str) -> None:
+        """The client said nothing for the command (or data) timeout; the connection closes with 421."""
+
+    def message_accepted(self, session: Session, envelope: Envelope, size: int, seconds: float,
+                         reply: Reply) -> None:
+        """The handler accepted a message (``reply`` is the 2xx sent); ``seconds`` since MAIL was accepted."""
+
+    def message_rejected(self, session: Session, envelope: Envelope, size: int, reply: Reply) -> None:
+        """A message reached its end and was refused with ``reply`` (by the handler or by a limit)."""
+
+    def message_aborted(self, session: Session, envelope: Envelope, size: int, reason: str) -> None:
+        """A transaction ended without a final reply: RSET, QUIT, a lost connection, STARTTLS, a timeout."""
+
+
+class Monitors(Monitor):
+    """Passes every call on to each of ``monitors``, in order; an exception in one is logged, never raised."""
+
+    def __init__(self, monitors: Iterable[Monitor]) -> None:
+        self.monitors = tuple(monitors)
+        self.timing = any(m.timing for m in self.monitors)
+        for name in _CALLS:
+            setattr(self, name, _fan_out(name, tuple(getattr(m, name) for m in self.monitors)))
+
+
+#: The Monitor methods the protocol calls.
+_CALLS = tuple(name for name, value in vars(Monitor).items() if callable(value) and not name.startswith("_"))
+
+_log = Logger()
+
+
+def _fan_out(name: str, methods: tuple[Any, ...]) -> Any:
+    def each(*args: Any) -> None:
+        for method in methods:
+            try:
+                method(*args)
+            except Exception:
+                _log.failure("monitor call {name} failed", name=name)
+
+    return each
+
+
+def guarded(monitor: Monitor) -> Monitors:
+    """``monitor`` behind a `Monitors`, so that its failures are logged and never reach a connection."""
+    return monitor if isinstance(monitor, Monitors) else Monitors([monitor])
+
+
+def _common(session: Session) -> dict[str, Any]:
+    return {"conn": session.id, "peer": session.peer_ip}
+
+
+def _envelope(envelope: Envelope) -> dict[str, Any]:
+    return {"id": envelope.id, "sender": str(envelope.sender) if envelope.sender is not None else "",
+            "recipients": len(envelope.recipients)}
+
+
+class EventLog(Monitor):
+    """Emits each call as a `twisted.logger` event in namespace ``esmtpkit.events``, named by its ``event`` field."""
+
+    def __init__(self, logger: Logger | None = None) -> None:
+        self.log = logger if logger is not None else Logger(namespace="esmtpkit.events")
+
+    def _emit(self, event: str, format: str, **fields: Any) -> None:
+        self.log.emit(EVENTS[event], format, event=event, **fields)
+
+    def connection_opened(self, session: Session) -> None:
+        host = session.host
+        self._emit("connection.opened", "connection {conn} from {peer} port {port}", **_common(session),
+                   port=getattr(session.peer, "port", None), local=str(getattr(host, "host", "") or ""),
+                   local_port=getattr(host, "port", None), tls=session.tls)
+
+    def connection_refused(self, session: Session, reply: Reply) -> None:
+        self._emit("connection.refused", "connection {conn} from {peer} refused: {code} {text}",
+                   **_common(session), code=reply.code, enhanced=reply.enhanced or "", text=reply.text)
+
+    def connection_closed(self, session: Session, duration: float, reason: str) -> None:
+        info = session.tls_info
+        self._emit("connection.closed",
+                   "connection {conn} from {peer} closed after {duration:.3f}s ({messages} message(s)): {reason}",
+                   **_common(session), duration=round(duration, 6), reason=reason, messages=session.transactions,
+                   tls_version=info.get("version", ""), tls_cipher=info.get("cipher", ""),
+                   user=session.authenticated or "")
+
+    def tls_established(self, session: Session) -> None:
+        info = session.tls_info
+        self._emit("tls.established", "connection {conn} from {peer}: {tls_version} {tls_cipher}",
+                   **_common(session), tls_version=info.get("version", ""), tls_cipher=info.get("cipher", ""),
+                   tls_bits=info.get("bits", ""))
+
+    def tls_failed(self, session: Session, reason: str) -> None:
+        self._emit("tls.failed", "connection {conn} from {peer}: TLS handshake failed: {reason}",
+                   **_common(session), reason=reason)
+
+    def auth_succeeded(self, session: Session, mechanism: str, user: str) -> None:
+        self._emit("auth.succeeded", "connection {conn} from {peer}: AUTH {mechanism} as {user}", **_common(session),
+                   mechanism=mechanism, user=user)
+
+    def auth_failed(self, session: Session, mechanism: str, user: str | None, reply: Reply) -> None:
+        self._emit("auth.failed", "connection {conn} from {peer}: AUTH {mechanism} failed for {user}: {code}",
+                   **_common(session), mechanism=mechanism, user=user or "", code=reply.code,
+                   enhanced=reply.enhanced or "")
+
+    def replied(self, session: Session, verb: str, reply: Reply) -> None:
+        if reply.code < 400:
+            return
+        text = "" if verb in _UNSAFE_TEXT else reply.lines[0]
+        self._emit("reply.error", "connection {conn} from {peer}: {verb} answered {code} {enhanced} {text}",
+                   **_common(session), verb=verb, code=reply.code, enhanced=reply.enhanced or "", text=text)
+
+    def timed_out(self, session: Session, phase: str) -> None:
+        self._emit("session.timeout", "connection {conn} from {peer}: timeout in {phase}", **_common(session),
+                   phase=phase)
+
+    def message_accepted(self, session: Session, envelope: Envelope, size: int, seconds: float,
+                         reply: Reply) -> None:
+        self._emit("message.accepted",
+                   "message {id} accepted: from=<{sender}> recipients={recipients} size={size} "
+                   "elapsed={elapsed:.3f}s conn={conn} peer={peer}",
+                   **_common(session), **_envelope(envelope), size=size, elapsed=round(seconds, 6),
+                   code=reply.code, enhanced=reply.enhanced or "")
+
+    def message_rejected(self, session: Session, envelope: Envelope, size: int, reply: Reply) -> None:
+        self._emit("message.rejected",
+                   "message {id} rejected: {code} {enhanced} {text} from=<{sender}> recipients={recipients} "
+                   "size={size} conn={conn} peer={peer}",
+                   **_common(session), **_envelope(envelope), size=size, code=reply.code,
+                   enhanced=reply.enhanced or "", text=reply.lines[0])
+
+    def message_aborted(self, session: Session, envelope: Envelope, size: int, reason: str) -> None:
+        self._emit("message.aborted",
+                   "message {id} aborted: {reason} from=<{sender}> recipients={recipients} size={size} "
+                   "conn={conn} peer={peer}",
+                   **_common(session), **_envelope(envelope), size=size, reason=reason)
