@@ -467,7 +467,7 @@ class ESMTPProtocol(LineReceiver):
         if self.phase is Phase.CLOSED:
             return
         self._close_reason = self._close_reason or reason
-        self._abort(reason)
+        self._abort(self._close_reason)
         self.phase = Phase.CLOSED
         self._cancel_timer()
         self._todo.clear()
@@ -498,7 +498,7 @@ class ESMTPProtocol(LineReceiver):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self.monitor.timed_out(self.session, "DATA" if self._message is not None else self.phase.name)
+        self.monitor.timed_out(self.session, "data" if self._message is not None else self.phase.value)
         self._verb = "TIMEOUT"
         self._close_reason = "timeout"
         self.send(TIMEOUT)

@@ -19,6 +19,7 @@ from .address import Address
 from .factory import ESMTPFactory
 from .handlers.base import MessageHandler
 from .interfaces import IMessageHandler
+from .monitor import Monitor
 from .policy import Policy
 from .protocol import ESMTPProtocol
 from .reply import Reply
@@ -65,13 +66,14 @@ class Conversation:
     """
 
     def __init__(self, handler: IMessageHandler, policy: Policy | None = None,
-                 clock: IReactorTime | None = None, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> None:
+                 clock: IReactorTime | None = None, peer: tuple[str, int] = ("127.0.0.1", 40000),
+                 monitor: Monitor | None = None) -> None:
         from twisted.internet.address import IPv4Address
 
         self.handler = handler
         self.clock = clock if clock is not None else Clock()
         self.policy = policy if policy is not None else Policy(hostname="mx.test")
-        self.protocol = ESMTPProtocol(handler, self.policy, self.clock)
+        self.protocol = ESMTPProtocol(handler, self.policy, self.clock, monitor)
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", *peer),
                                          hostAddress=IPv4Address("TCP", "127.0.0.1", 25))
         self.protocol.makeConnection(self.transport)

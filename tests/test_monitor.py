@@ -1,0 +1,316 @@
+"""The monitor calls the protocol makes, the events EventLog emits from them, and the message/connection ids."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from esmtpkit.handlers.base import MessageHandler
+from esmtpkit.ids import ID_LENGTH, id_time, new_id
+from esmtpkit.monitor import EVENTS, EventLog, Monitor, Monitors, guarded
+from esmtpkit.policy import Policy
+from esmtpkit.reply import Reply, SMTPReply
+from esmtpkit.sasl import portal_from_strings
+from esmtpkit.testing import Conversation
+
+CONTENT = b"Subject: hi\r\n\r\nbody text that must never be logged\r\n"
+
+
+class Recorder(Monitor):
+    """Keeps every call as (name, args) with the session replaced by its id."""
+
+    def __init__(self, timing: bool = False) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.timing = timing
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ("calls", "timing") or name.startswith("_"):
+            return object.__getattribute__(self, name)
+        if not hasattr(Monitor, name):
+            return object.__getattribute__(self, name)
+
+        def record(*args: Any) -> None:
+            self.calls.append((name, *args))
+
+        return record
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+    def called(self, name: str) -> list[tuple[Any, ...]]:
+        return [c[1:] for c in self.calls if c[0] == name]
+
+
+class RejectingHandler(MessageHandler):
+    def eom(self) -> Any:
+        raise SMTPReply(554, "5.7.1 Message refused by policy")
+
+
+def talk(handler: Any = None, monitor: Monitor | None = None, ehlo: bool = False, **policy: Any) -> Conversation:
+    policy.setdefault("hostname", "mx.test")
+    conversation = Conversation(handler or MessageHandler(), Policy(**policy), monitor=monitor)
+    if ehlo:
+        conversation.send("EHLO client.test")
+    return conversation
+
+
+class ProtocolCallsTests(SynchronousTestCase):
+    def test_accepted_message(self) -> None:
+        """One transaction: opened, a reply per command (by verb), accepted with id, size and elapsed time."""
+        rec = Recorder()
+        t = talk(monitor=rec)
+        t.send("EHLO client.test")
+        t.send("MAIL FROM:<alice@example.com>")
+        envelope = t.protocol.session.envelope
+        t.clock.advance(2.5)
+        t.send("RCPT TO:<bob@example.net>")
+        t.send("DATA")
+        t.write(CONTENT + b".\r\n")
+        self.assertEqual(t.replies()[-1].code, 250)
+        t.send("QUIT")
+        t.protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(rec.names()[0], "connection_opened")
+        replies = [(verb, reply.code) for _, verb, reply in rec.called("replied")]
+        self.assertEqual(replies, [("CONNECT", 220), ("EHLO", 250), ("MAIL", 250), ("RCPT", 250), ("DATA", 354),
+                                   ("DATA", 250), ("QUIT", 221)])
+        [(session, accepted, size, seconds, reply)] = rec.called("message_accepted")
+        self.assertIs(accepted, envelope)
+        self.assertEqual(len(accepted.id), ID_LENGTH)
+        self.assertEqual(str(accepted.sender), "alice@example.com")
+        self.assertEqual(size, len(CONTENT))
+        self.assertEqual(seconds, 2.5)
+        self.assertEqual(reply.code, 250)
+        [(session, duration, reason)] = rec.called("connection_closed")
+        self.assertEqual((duration, reason), (2.5, "QUIT"))
+        self.assertEqual(len(session.id), ID_LENGTH)
+        self.assertEqual(rec.called("message_aborted"), [])
+
+    def test_ids_differ(self) -> None:
+        """Each transaction and each connection has its own id."""
+        t = talk(ehlo=True)
+        seen = set()
+        for _ in range(3):
+            t.send("MAIL FROM:<a@example.com>")
+            seen.add(t.protocol.session.envelope.id)
+            t.send("RSET")
+        seen.add(t.protocol.session.id)
+        seen.add(talk().protocol.session.id)
+        self.assertEqual(len(seen), 5)
+
+    def test_rejected_by_handler(self) -> None:
+        rec = Recorder()
+        t = talk(RejectingHandler(), monitor=rec)
+        reply = t.message("alice@example.com", ["bob@example.net"], CONTENT)
+        self.assertEqual(reply.code, 554)
+        [(_, envelope, size, refusal)] = rec.called("message_rejected")
+        self.assertEqual((envelope.recipients, size, refusal.code), (["bob@example.net"], len(CONTENT), 554))
+        self.assertEqual(rec.called("message_accepted"), [])
+
+    def test_rejected_by_size_limit(self) -> None:
+        rec = Recorder()
+        t = talk(monitor=rec, max_message_size=10)
+        reply = t.message("alice@example.com", ["bob@example.net"], CONTENT)
+        self.assertEqual((reply.code, reply.enhanced), (552, "5.3.4"))
+        [(_, _, _, refusal)] = rec.called("message_rejected")
+        self.assertEqual(refusal.code, 552)
+
+    def test_aborted_by_rset_and_by_lost_connection(self) -> None:
+        rec = Recorder()
+        t = talk(monitor=rec, ehlo=True)
+        t.send("MAIL FROM:<a@example.com>")
+        t.send("RSET")
+        t.send("MAIL FROM:<b@example.com>")
+        t.send("RCPT TO:<c@example.com>")
+        t.send("DATA")
+        t.write(b"Subject: x\r\n\r\npartial")
+        t.protocol.connectionLost(Failure(ConnectionLost("gone")))
+        aborted = rec.called("message_aborted")
+        self.assertEqual([(str(e.sender), reason) for _, e, _, reason in aborted],
+                         [("a@example.com", "reset by RSET"), ("b@example.com", "connection lost")])
+        self.assertEqual(aborted[1][2], len(b"Subject: x\r\n\r\npartial"))  # what had arrived
+        [(_, _, reason)] = rec.called("connection_closed")
+        self.assertTrue(reason.startswith("connection lost:"), reason)
+
+    def test_bdat_message(self) -> None:
+        rec = Recorder()
+        t = talk(monitor=rec)
+        t.send("EHLO c")
+        t.send("MAIL FROM:<a@example.com>")
+        t.send("RCPT TO:<b@example.com>")
+        t.write(b"BDAT %d LAST\r\n" % len(CONTENT) + CONTENT)
+        self.assertEqual(t.replies()[-1].code, 250)
+        [(_, _, size, _, _)] = rec.called("message_accepted")
+        self.assertEqual(size, len(CONTENT))
+        self.assertEqual([v for _, v, _ in rec.called("replied")][-1], "BDAT")
+
+    def test_timeout(self) -> None:
+        rec = Recorder()
+        t = talk(monitor=rec, command_timeout=30, ehlo=True)
+        t.send("MAIL FROM:<a@example.com>")
+        t.clock.advance(30)
+        self.assertEqual(t.replies()[-1].code, 421)
+        self.assertEqual(rec.called("timed_out")[0][1], "sender")
+        self.assertEqual(rec.called("replied")[-1][1], "TIMEOUT")
+        t.protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(rec.called("connection_closed")[0][2], "timeout")
+        self.assertEqual(rec.called("message_aborted")[0][3], "timeout")
+
+    def test_auth(self) -> None:
+        rec = Recorder()
+        t = talk(monitor=rec, portal=portal_from_strings(["memory:alice:secret"]), auth_require_tls=False)
+        t.send("EHLO c")
+        bad = base64.b64encode(b"\0alice\0wrong").decode()
+        good = base64.b64encode(b"\0alice\0secret").decode()
+        self.assertEqual(t.send(f"AUTH PLAIN {bad}").code, 535)
+        self.assertEqual(t.send("AUTH PLAIN " + base64.b64encode(b"no separators").decode()).code, 501)
+        self.assertEqual(t.send(f"AUTH PLAIN {good}").code, 235)
+        failed = rec.called("auth_failed")
+        self.assertEqual([(m, u, r.code) for _, m, u, r in failed], [("PLAIN", "alice", 535), ("PLAIN", None, 501)])
+        self.assertEqual([(m, u) for _, m, u in rec.called("auth_succeeded")], [("PLAIN", "alice")])
+
+    def test_refused_connection(self) -> None:
+        """A connection the factory refuses is reported refused, never opened or closed."""
+        from esmtpkit.factory import ESMTPFactory
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        rec = Recorder()
+        factory = ESMTPFactory(MessageHandler, Policy(hostname="mx.test", max_connections=1), Clock(), monitor=rec)
+        protos = []
+        for port in (1000, 1001):
+            proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+            proto.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port)))
+            protos.append(proto)
+        self.assertEqual(rec.names()[:3], ["connection_opened", "replied", "connection_refused"])
+        self.assertEqual(rec.called("connection_refused")[0][1].code, 421)
+        for proto in protos:
+            proto.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(len(rec.called("connection_closed")), 1)
+
+    def test_handler_timing(self) -> None:
+        """With ``timing``, handler latency is measured until a Deferred result fires."""
+        pending: Deferred[Any] = Deferred()
+
+        class Slow(MessageHandler):
+            def rcpt(self, recipient: Any, params: Any) -> Any:
+                return pending
+
+        rec = Recorder(timing=True)
+        t = talk(Slow(), monitor=rec, ehlo=True)
+        t.send("MAIL FROM:<a@example.com>")
+        t.write(b"RCPT TO:<b@example.com>\r\n")
+        t.clock.advance(0.75)
+        pending.callback(Reply.of(250, "ok"))
+        handled = dict((verb, seconds) for verb, seconds in rec.called("handled"))
+        self.assertEqual(handled["rcpt"], 0.75)
+        self.assertEqual(handled["mail"], 0.0)
+
+    def test_no_timing_by_default(self) -> None:
+        rec = Recorder()
+        talk(monitor=rec).send("NOOP")
+        self.assertEqual(rec.called("handled"), [])
+
+
+class GuardTests(SynchronousTestCase):
+    def test_failing_monitor_never_breaks_the_session(self) -> None:
+        class Broken(Monitor):
+            def replied(self, session: Any, verb: str, reply: Reply) -> None:
+                raise RuntimeError("boom")
+
+        rec = Recorder()
+        t = talk(monitor=Monitors([Broken(), rec]))
+        self.assertEqual(t.send("NOOP").code, 250)
+        self.assertEqual([v for _, v, _ in rec.called("replied")], ["CONNECT", "NOOP"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+    def test_guarded_wraps_once(self) -> None:
+        both = Monitors([Monitor()])
+        self.assertIs(guarded(both), both)
+        self.assertIsInstance(guarded(Monitor()), Monitors)
+        self.assertTrue(Monitors([Monitor(), Recorder(timing=True)]).timing)
+
+
+class EventLogTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        log = Logger(namespace="esmtpkit.events", observer=self.events.append)
+        self.monitor = EventLog(log)
+
+    def by_name(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == name]
+
+    def test_vocabulary(self) -> None:
+        """A session's events: names, levels, ids linking them, and formatted text."""
+        t = talk(monitor=self.monitor, portal=portal_from_strings(["memory:alice:secret"]), auth_require_tls=False)
+        t.send("EHLO c")
+        t.send("AUTH PLAIN " + base64.b64encode(b"\0alice\0hunter2-wrong").decode())
+        t.send("AUTH PLAIN " + base64.b64encode(b"\0alice\0secret").decode())
+        t.message("alice@example.com", ["bob@example.net", "carol@example.net"], CONTENT, ehlo=None)
+        t.send("QUIT")
+        t.protocol.connectionLost(Failure(ConnectionLost()))
+        names = [e["event"] for e in self.events]
+        self.assertEqual(names, ["connection.opened", "auth.failed", "reply.error", "auth.succeeded",
+                                 "message.accepted", "connection.closed"])
+        for event in self.events:
+            self.assertEqual(event["log_level"], EVENTS[event["event"]])
+            self.assertEqual(event["conn"], t.protocol.session.id)
+            self.assertEqual(event["peer"], "127.0.0.1")
+            self.assertNotIn("hunter2", formatEvent(event))
+            self.assertNotIn("never be logged", repr(event))
+        [accepted] = self.by_name("message.accepted")
+        self.assertEqual({k: accepted[k] for k in ("sender", "recipients", "size", "code", "enhanced")},
+                         {"sender": "alice@example.com", "recipients": 2, "size": len(CONTENT), "code": 250,
+                          "enhanced": "2.0.0"})
+        self.assertIn(f"message {accepted['id']} accepted: from=<alice@example.com> recipients=2",
+                      formatEvent(accepted))
+        [error] = self.by_name("reply.error")
+        self.assertEqual((error["verb"], error["code"], error["enhanced"], error["text"]), ("AUTH", 535, "5.7.8", ""))
+        [closed] = self.by_name("connection.closed")
+        self.assertEqual((closed["reason"], closed["messages"], closed["user"]), ("QUIT", 1, "alice"))
+        self.assertEqual(self.by_name("auth.failed")[0]["log_level"], LogLevel.warn)
+
+    def test_unknown_command_text_is_not_logged(self) -> None:
+        """An unknown command's reply may echo the line (here, credentials for an AUTH that is not offered)."""
+        t = talk(monitor=self.monitor)
+        secret = base64.b64encode(b"\0alice\0hunter2").decode()
+        reply = t.send(f"AUTH PLAIN {secret}")
+        self.assertEqual(reply.code, 500)
+        self.assertIn(secret, reply.text)
+        [error] = self.by_name("reply.error")
+        self.assertEqual((error["verb"], error["code"], error["text"]), ("UNKNOWN", 500, ""))
+        self.assertNotIn(secret, repr(self.events))
+
+    def test_rejected_and_aborted(self) -> None:
+        t = talk(RejectingHandler(), monitor=self.monitor)
+        t.message("alice@example.com", ["bob@example.net"], CONTENT)
+        t.send("MAIL FROM:<x@example.com>")
+        t.send("RSET")
+        [rejected] = self.by_name("message.rejected")
+        self.assertEqual((rejected["code"], rejected["enhanced"], rejected["text"]),
+                         (554, "5.7.1", "Message refused by policy"))
+        [aborted] = self.by_name("message.aborted")
+        self.assertEqual((aborted["sender"], aborted["reason"], aborted["size"]), ("x@example.com", "reset by RSET", 0))
+        self.assertNotEqual(aborted["id"], rejected["id"])
+
+
+class IdTests(SynchronousTestCase):
+    def test_shape_order_and_time(self) -> None:
+        first, second = new_id(1_700_000_000.001), new_id(1_700_000_000.002)
+        self.assertEqual(len(first), ID_LENGTH)
+        self.assertRegex(first, r"^[0-9A-HJKMNP-TV-Z]{20}$")
+        self.assertLess(first, second)
+        self.assertEqual(id_time(first), 1_700_000_000.001)
+
+    def test_unique(self) -> None:
+        self.assertEqual(len({new_id(1.0) for _ in range(10000)}), 10000)
+
+    def test_not_an_id(self) -> None:
+        for value in ("", "short", "I" * ID_LENGTH):
+            self.assertRaises(ValueError, id_time, value)
