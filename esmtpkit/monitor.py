@@ -147,8 +147,8 @@ class EventLog(Monitor):
                    local_port=getattr(host, "port", None), tls=session.tls)
 
     def connection_refused(self, session: Session, reply: Reply) -> None:
-        self._emit("connection.refused", "connection {conn} from {peer} refused: {code} {text}",
-                   **_common(session), code=reply.code, enhanced=reply.enhanced or "", text=reply.text)
+        self._emit("connection.refused", "connection {conn} from {peer} refused: {code} {reply_text}",
+                   **_common(session), code=reply.code, enhanced=reply.enhanced or "", reply_text=reply.text)
 
     def connection_closed(self, session: Session, duration: float, reason: str) -> None:
         info = session.tls_info
@@ -181,8 +181,8 @@ class EventLog(Monitor):
         if reply.code < 400:
             return
         text = "" if verb in _UNSAFE_TEXT else reply.lines[0]
-        self._emit("reply.error", "connection {conn} from {peer}: {verb} answered {code} {enhanced} {text}",
-                   **_common(session), verb=verb, code=reply.code, enhanced=reply.enhanced or "", text=text)
+        self._emit("reply.error", "connection {conn} from {peer}: {verb} answered {code} {enhanced} {reply_text}",
+                   **_common(session), verb=verb, code=reply.code, enhanced=reply.enhanced or "", reply_text=text)
 
     def timed_out(self, session: Session, phase: str) -> None:
         self._emit("session.timeout", "connection {conn} from {peer}: timeout in {phase}", **_common(session),
@@ -198,10 +198,10 @@ class EventLog(Monitor):
 
     def message_rejected(self, session: Session, envelope: Envelope, size: int, reply: Reply) -> None:
         self._emit("message.rejected",
-                   "message {id} rejected: {code} {enhanced} {text} from=<{sender}> recipients={recipients} "
+                   "message {id} rejected: {code} {enhanced} {reply_text} from=<{sender}> recipients={recipients} "
                    "size={size} conn={conn} peer={peer}",
                    **_common(session), **_envelope(envelope), size=size, code=reply.code,
-                   enhanced=reply.enhanced or "", text=reply.lines[0])
+                   enhanced=reply.enhanced or "", reply_text=reply.lines[0])
 
     def message_aborted(self, session: Session, envelope: Envelope, size: int, reason: str) -> None:
         self._emit("message.aborted",

@@ -403,6 +403,9 @@ def build_portal(checkers: Iterable[ICredentialsChecker], realm: IRealm | None =
 def portal_from_strings(descriptions: Iterable[str], realm: IRealm | None = None) -> Portal:
     """A Portal from twistd ``--auth`` strings (``memory:alice:secret``, ``file:/etc/esmtpkit/passwd``, ...).
 
-    Raises ``twisted.cred.strcred.StrcredException`` (or ValueError) for a description it cannot use.
+    ``file:`` passwords are read once, as `esmtpkit.authfile.PasswordFile` (``reload()`` re-reads them). Raises
+    ``twisted.cred.strcred.StrcredException`` (or ValueError, PasswordFileError) for a description it cannot use.
     """
-    return build_portal([makeChecker(d) for d in descriptions], realm)
+    from .authfile import replace_file_databases
+
+    return build_portal(replace_file_databases([makeChecker(d) for d in descriptions]), realm)

@@ -6,7 +6,8 @@ from one shared queue, so a worker that dies loses only its own connections. It 
 its own log, restarts a worker that exits (1 s back-off, doubling to 60 s), and when it stops (SIGTERM) it stops
 restarting, sends SIGTERM to every worker (each finishes its transactions in flight, up to ``--shutdown-timeout``)
 and kills what is left once that time and a grace period have passed. SIGHUP is passed on to every worker (they
-re-read the ``--tls-cert`` files); without ``--tls-cert`` the supervisor ignores it rather than stopping.
+re-read the ``--tls-cert`` files and ``--auth file:`` passwords); without either the supervisor ignores it rather
+than stopping.
 
 Workers get their sockets the way systemd passes them (``LISTEN_FDS``, ``LISTEN_FDNAMES``; `esmtpkit._worker` sets
 ``LISTEN_PID``) and listen with Twisted's ``systemd:`` endpoint, so the code path is the same as under
@@ -300,7 +301,7 @@ class Supervisor(MultiService):
     """Shares the listening sockets among ``count`` worker processes and keeps that many running.
 
     ``arguments`` are the esmtpkit arguments for every worker (without --listen); ``stop_timeout`` is how long a
-    stopping worker may take before it is killed; ``reload_tls`` says whether workers reload certificates on SIGHUP.
+    stopping worker may take before it is killed; ``reload_tls`` says whether workers have files to reload on SIGHUP (certificates, passwords).
     """
 
     def __init__(self, descriptions: Sequence[str], count: int, arguments: Sequence[str], reactor: Any,
@@ -339,9 +340,9 @@ class Supervisor(MultiService):
         self.reactor.callFromThread(self.hangup)
 
     def hangup(self) -> None:
-        """``kill -HUP`` of the supervisor: pass SIGHUP on to every worker, which re-reads its TLS files."""
+        """``kill -HUP`` of the supervisor: pass SIGHUP on to every worker, which re-reads its TLS and password files."""
         if not self.reload_tls:
-            log.info("SIGHUP ignored: without --tls-cert the workers have nothing to reload")
+            log.info("SIGHUP ignored: without --tls-cert or --auth file: the workers have nothing to reload")
             return
         workers = list(self.workers.values())
         log.info("SIGHUP: passing it on to {count} worker(s)", count=len(workers))
@@ -466,6 +467,8 @@ def supervise(options: usage.Options, reactor: Any = None) -> IService:
         reactor = global_reactor
     for description in options["listen"]:
         shareable(description)
+    from .tap import reloadables
+
     metrics = None
     if options["metrics"]:
         from .metrics import WorkerMetrics
@@ -473,4 +476,4 @@ def supervise(options: usage.Options, reactor: Any = None) -> IService:
         metrics = WorkerMetrics(options["metrics"], reactor)
     return Supervisor(options["listen"], options["workers"], worker_arguments(options), reactor,
                       stop_timeout=options["policy"].shutdown_timeout + KILL_GRACE,
-                      reload_tls=options.get("tls") is not None, metrics=metrics)
+                      reload_tls=bool(reloadables(options)), metrics=metrics)

@@ -271,7 +271,7 @@ class EventLogTests(SynchronousTestCase):
         self.assertIn(f"message {accepted['id']} accepted: from=<alice@example.com> recipients=2",
                       formatEvent(accepted))
         [error] = self.by_name("reply.error")
-        self.assertEqual((error["verb"], error["code"], error["enhanced"], error["text"]), ("AUTH", 535, "5.7.8", ""))
+        self.assertEqual((error["verb"], error["code"], error["enhanced"], error["reply_text"]), ("AUTH", 535, "5.7.8", ""))
         [closed] = self.by_name("connection.closed")
         self.assertEqual((closed["reason"], closed["messages"], closed["user"]), ("QUIT", 1, "alice"))
         self.assertEqual(self.by_name("auth.failed")[0]["log_level"], LogLevel.warn)
@@ -284,7 +284,7 @@ class EventLogTests(SynchronousTestCase):
         self.assertEqual(reply.code, 500)
         self.assertIn(secret, reply.text)
         [error] = self.by_name("reply.error")
-        self.assertEqual((error["verb"], error["code"], error["text"]), ("UNKNOWN", 500, ""))
+        self.assertEqual((error["verb"], error["code"], error["reply_text"]), ("UNKNOWN", 500, ""))
         self.assertNotIn(secret, repr(self.events))
 
     def test_rejected_and_aborted(self) -> None:
@@ -293,7 +293,7 @@ class EventLogTests(SynchronousTestCase):
         t.send("MAIL FROM:<x@example.com>")
         t.send("RSET")
         [rejected] = self.by_name("message.rejected")
-        self.assertEqual((rejected["code"], rejected["enhanced"], rejected["text"]),
+        self.assertEqual((rejected["code"], rejected["enhanced"], rejected["reply_text"]),
                          (554, "5.7.1", "Message refused by policy"))
         [aborted] = self.by_name("message.aborted")
         self.assertEqual((aborted["sender"], aborted["reason"], aborted["size"]), ("x@example.com", "reset by RSET", 0))
