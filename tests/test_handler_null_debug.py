@@ -72,8 +72,10 @@ class DebugTests(Base):
         self.assertEqual((reply.code, reply.text), (250, "Message accepted for delivery"))
         [event] = self.events
         self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(len(event["id"]), 20)
         self.assertEqual(formatEvent(event), (
             "---------- MESSAGE FOLLOWS ----------\n"
+            f"X-Queue-Id: {event['id']}\n"
             "X-Peer: 127.0.0.1\n"
             "X-Mail-From: <alice@example.com>\n"
             "X-Rcpt-To: <bob@example.net>, <carol@example.net>\n"

@@ -43,8 +43,9 @@ class Debug(MessageHandler):
         self._chunks = []
         self.log.info(
             "---------- MESSAGE FOLLOWS ----------\n"
-            "X-Peer: {peer}\nX-Mail-From: <{sender}>\nX-Rcpt-To: {rcpt_list}\n\n{content}"
+            "X-Queue-Id: {id}\nX-Peer: {peer}\nX-Mail-From: <{sender}>\nX-Rcpt-To: {rcpt_list}\n\n{content}"
             "------------ END MESSAGE ------------",
+            id=envelope.id if envelope is not None else "",
             peer=session.peer_ip if session is not None else "",
             sender=sender,
             recipients=recipients,
