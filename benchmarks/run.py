@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -164,9 +164,10 @@ class ServerSpec:
 
 
 def esmtpkit_options(argv: list[str], env: dict[str, str]) -> list[str]:
-    """Options that lift esmtpkit's default limits (size, connections), if this version of the plugin has them."""
+    """Options that lift esmtpkit's default limits (size, connections), if this version of the plugin has them;
+    and ``--log-events warn``: the peers log nothing per message, so neither does esmtpkit here."""
     wanted = [("--hostname", "localhost"), ("--max-message-size", "0"), ("--max-connections", "0"),
-              ("--max-connections-per-client", "0"), ("--error-limit", "0")]
+              ("--max-connections-per-client", "0"), ("--error-limit", "0"), ("--log-events", "warn")]
     result = subprocess.run(argv + ["esmtpkit", "--help"], capture_output=True, text=True, timeout=60,
                             env={**os.environ, **env}, cwd=tempfile.gettempdir())
     if result.returncode != 0:
@@ -180,7 +181,7 @@ def esmtpkit_options(argv: list[str], env: dict[str, str]) -> list[str]:
     return options
 
 
-def server_specs(names: list[str], profile_dir: Path | None) -> dict[str, ServerSpec]:
+def server_specs(names: list[str], profile_dir: Path | None, extra: Sequence[str] = ()) -> dict[str, ServerSpec]:
     """The servers to compare, only those asked for."""
     specs = {}
     if "esmtpkit" in names:
@@ -196,7 +197,7 @@ def server_specs(names: list[str], profile_dir: Path | None) -> dict[str, Server
                 prof = [f"--profile={profile_dir / f'esmtpkit-{next(counter)}.prof'}", "--profiler=cprofile",
                         "--savestats"]
             return [*twistd, "-n", "--pidfile=", *prof, "esmtpkit", "--handler", "esmtpkit.handlers.null.Null",
-                    "--listen", f"tcp:{port}:interface={HOST}:backlog=1024", *options]
+                    "--listen", f"tcp:{port}:interface={HOST}:backlog=1024", *options, *extra]
 
         specs["esmtpkit"] = ServerSpec("esmtpkit", esmtpkit, env)
     if {"aiosmtpd", "twisted", "floor"} & set(names):
@@ -660,6 +661,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--client-cpu", default="1", help="core for the load generators, default 1")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run esmtpkit under twistd's cProfile and save one .prof file per server start in DIR")
+    parser.add_argument("--esmtpkit-option", action="append", default=[], metavar="OPTION",
+                        help="an extra twistd esmtpkit option, e.g. --esmtpkit-option=--bare-newline=allow (repeatable)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every sample as JSON to FILE")
     args = parser.parse_args(argv)
     args.servers = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -697,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     logdir = Path(tempfile.mkdtemp(prefix="esmtpkit-bench-"))
     keep_logs = True
     try:
-        specs = server_specs(args.servers, args.profile)
+        specs = server_specs(args.servers, args.profile, args.esmtpkit_option)
         info = machine()
         print("\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)
         print(f"command: python3 benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())

@@ -106,7 +106,15 @@ _CALLS = tuple(name for name, value in vars(Monitor).items() if callable(value) 
 _log = Logger()
 
 
+def _nothing(*args: Any) -> None:
+    """A monitor method that was switched off."""
+
+
 def _fan_out(name: str, methods: tuple[Any, ...]) -> Any:
+    methods = tuple(m for m in methods if m is not _nothing)
+    if not methods:
+        return _nothing
+
     def each(*args: Any) -> None:
         for method in methods:
             try:
@@ -131,11 +139,37 @@ def _envelope(envelope: Envelope) -> dict[str, Any]:
             "recipients": len(envelope.recipients)}
 
 
-class EventLog(Monitor):
-    """Emits each call as a `twisted.logger` event in namespace ``esmtpkit.events``, named by its ``event`` field."""
+#: The events each Monitor method may emit.
+_EMITS = {
+    "connection_opened": ("connection.opened",),
+    "connection_refused": ("connection.refused",),
+    "connection_closed": ("connection.closed",),
+    "tls_established": ("tls.established",),
+    "tls_failed": ("tls.failed",),
+    "auth_succeeded": ("auth.succeeded",),
+    "auth_failed": ("auth.failed",),
+    "replied": ("reply.error",),
+    "timed_out": ("session.timeout",),
+    "message_accepted": ("message.accepted",),
+    "message_rejected": ("message.rejected",),
+    "message_aborted": ("message.aborted",),
+}
 
-    def __init__(self, logger: Logger | None = None) -> None:
+
+class EventLog(Monitor):
+    """Emits each call as a `twisted.logger` event in namespace ``esmtpkit.events``, named by its ``event`` field.
+
+    ``minimum`` drops the events below a level before any work is done for them (``LogLevel.warn`` keeps refused
+    connections and AUTH failures only): a log line per message can cost more CPU than receiving a small message
+    does, which a server under load may not want to spend.
+    """
+
+    def __init__(self, logger: Logger | None = None, minimum: LogLevel = LogLevel.info) -> None:
         self.log = logger if logger is not None else Logger(namespace="esmtpkit.events")
+        self.minimum = minimum
+        for method, events in _EMITS.items():
+            if all(EVENTS[e] < minimum for e in events):
+                setattr(self, method, _nothing)
 
     def _emit(self, event: str, format: str, **fields: Any) -> None:
         self.log.emit(EVENTS[event], format, event=event, **fields)

@@ -1091,7 +1091,7 @@ class ESMTPProtocol(LineReceiver):
         message = _Message(max(1, int(size)), mode is False)
         self._message = message
         if mode is True:
-            message.decoder = DotDecoder(at_line_start=True)
+            message.decoder = DotDecoder(at_line_start=True, check_bare=self.policy.bare_newline == "reject")
             self.setRawMode()
         else:
             message.headers = HeaderSplitter()
@@ -1134,7 +1134,7 @@ class ESMTPProtocol(LineReceiver):
     def _drain_headers(self, message: _Message) -> None:
         """Leave the header section: the rest of the message is read raw (delivered, or drained after an error)."""
         message.headers = None
-        message.decoder = DotDecoder(at_line_start=True)
+        message.decoder = DotDecoder(at_line_start=True, check_bare=self.policy.bare_newline == "reject")
         self.MAX_LENGTH = self._command_limit
         self.setRawMode()
 

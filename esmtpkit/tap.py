@@ -15,7 +15,7 @@ from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
 from twisted.cred import strcred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import reflect, usage
 
 from . import sasl
@@ -120,6 +120,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
          _seconds],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
          "tcp:9101:interface=127.0.0.1 (off by default)."],
+        ["log-events", None, "all", "Connection and message events to log: all, warn (refused connections and "
+         "AUTH failures only) or none."],
         ["log-format", None, "text", "text (twistd's own log lines) or json (one JSON object per line, for log "
          "shippers), written where twistd's --logfile says."],
     ]
@@ -186,6 +188,8 @@ def check_log_format(options: usage.Options) -> None:
     """``--log-format json``: have twistd log through `esmtpkit.logformat.json_observer` (its ``--logger``)."""
     if options["log-format"] not in ("text", "json"):
         raise usage.UsageError("--log-format takes text or json")
+    if options["log-events"] not in ("all", "warn", "none"):
+        raise usage.UsageError("--log-events takes all, warn or none")
     twistd = getattr(options, "parent", None)
     if options["log-format"] != "json" or twistd is None:
         return
@@ -201,17 +205,22 @@ def check_log_format(options: usage.Options) -> None:
 
 
 def build_monitor(options: usage.Options) -> Monitor:
-    """The factory's monitor: the event log, plus Prometheus `Metrics` with ``--metrics`` (or in a worker whose
-    supervisor serves them: it sets ``ESMTPKIT_METRICS`` and ``PROMETHEUS_MULTIPROC_DIR``)."""
+    """The factory's monitor: the event log (as ``--log-events`` says), plus Prometheus `Metrics` with ``--metrics``
+    (or in a worker whose supervisor serves them: it sets ``ESMTPKIT_METRICS`` and ``PROMETHEUS_MULTIPROC_DIR``)."""
     import os
 
-    events = EventLog()
-    if not options["metrics"] and not os.environ.get("ESMTPKIT_METRICS"):
-        return events
-    from .metrics import Metrics
+    chosen = options["log-events"]
+    monitors: list[Monitor] = []
+    if chosen != "none":
+        monitors.append(EventLog(minimum=LogLevel.warn if chosen == "warn" else LogLevel.info))
+    if options["metrics"] or os.environ.get("ESMTPKIT_METRICS"):
+        from .metrics import Metrics
 
-    options["metrics-recorder"] = metrics = Metrics()
-    return Monitors([events, metrics])
+        options["metrics-recorder"] = metrics = Metrics()
+        monitors.append(metrics)
+    if len(monitors) == 1:
+        return monitors[0]
+    return Monitors(monitors) if monitors else Monitor()
 
 
 def check_proxy(options: usage.Options) -> None:

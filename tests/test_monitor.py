@@ -276,6 +276,16 @@ class EventLogTests(SynchronousTestCase):
         self.assertEqual((closed["reason"], closed["messages"], closed["user"]), ("QUIT", 1, "alice"))
         self.assertEqual(self.by_name("auth.failed")[0]["log_level"], LogLevel.warn)
 
+    def test_minimum_level(self) -> None:
+        """Below ``minimum`` nothing is emitted (nor computed); refused AUTH still is at warn."""
+        quiet = EventLog(Logger(namespace="esmtpkit.events", observer=self.events.append), minimum=LogLevel.warn)
+        t = talk(monitor=guarded(quiet), portal=portal_from_strings(["memory:alice:secret"]),
+                 auth_require_tls=False)
+        t.send("EHLO c")
+        t.send("AUTH PLAIN " + base64.b64encode(b"\0alice\0nope").decode())
+        t.message("alice@example.com", ["bob@example.net"], CONTENT, ehlo=None)
+        self.assertEqual([e["event"] for e in self.events], ["auth.failed"])
+
     def test_unknown_command_text_is_not_logged(self) -> None:
         """An unknown command's reply may echo the line (here, credentials for an AUTH that is not offered)."""
         t = talk(monitor=self.monitor)

@@ -74,6 +74,21 @@ class MetricsOptionTests(SynchronousTestCase):
         self.assertEqual([type(m) for m in both.monitors], [EventLog, Metrics])
         self.assertIs(both.monitors[1], options["metrics-recorder"])
 
+    def test_log_events(self) -> None:
+        from twisted.logger import LogLevel
+
+        from esmtpkit.monitor import Monitor, _nothing
+
+        quiet: Any = build_monitor(self.options("--log-events", "warn"))
+        self.assertEqual((type(quiet), quiet.minimum), (EventLog, LogLevel.warn))
+        self.assertIs(quiet.message_accepted, _nothing)
+        self.assertIsNot(quiet.auth_failed, _nothing)
+        self.assertIs(type(build_monitor(self.options("--log-events", "none"))), Monitor)
+        metrics_only = build_monitor(self.options("--log-events", "none", "--metrics", "tcp:0"))
+        self.assertIsInstance(metrics_only, Metrics)
+        with self.assertRaises(usage.UsageError):
+            self.options("--log-events", "some")
+
     def test_service_listens_for_metrics(self) -> None:
         from twisted.internet.testing import MemoryReactor
 
