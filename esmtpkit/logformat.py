@@ -40,10 +40,26 @@ def json_lines_observer(out: IO[str]) -> ILogObserver:
 
 def json_observer() -> ILogObserver:
     """twistd's ``--logger`` factory: JSON lines to stdout (``-n`` without ``--logfile``, or ``--logfile -``),
-    else to the ``--logfile`` (twistd.log by default), rotated at 1 MB as twistd's own log file is."""
+    else to the ``--logfile`` (twistd.log by default), rotated at 1 MB and on SIGUSR1 as twistd's own log is."""
     logfile, nodaemon = _destination["logfile"], _destination["nodaemon"]
     if logfile == "-" or (nodaemon and not logfile):
         return json_lines_observer(sys.stdout)
     from twisted.python.logfile import LogFile
 
-    return json_lines_observer(LogFile.fromFullPath(logfile or "twistd.log"))  # type: ignore[arg-type]
+    out = LogFile.fromFullPath(logfile or "twistd.log")
+    _rotate_on_usr1(out)
+    return json_lines_observer(out)  # type: ignore[arg-type]
+
+
+def _rotate_on_usr1(out: Any) -> None:
+    """``kill -USR1`` rotates the file, as it does twistd's own text log (whose handler twistd installs itself)."""
+    import signal
+
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    from twisted.internet import reactor
+
+    try:
+        signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(out.rotate))  # type: ignore
+    except ValueError:  # not the main thread
+        pass

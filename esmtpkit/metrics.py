@@ -162,9 +162,17 @@ class WorkerMetrics(MultiService):
 
     def __init__(self, endpoint: str, reactor: Any = None) -> None:
         super().__init__()
+        self.path = ""
+        self.registry = CollectorRegistry()
+        strports.service(endpoint, metrics_site(self.registry), reactor=reactor).setServiceParent(self)
+
+    def startService(self) -> None:
+        # Made here, after twistd has dropped privileges (--uid/--gid), so the workers can write into it.
+        from prometheus_client import multiprocess
+
         self.path = tempfile.mkdtemp(prefix="esmtpkit-metrics-")
-        strports.service(endpoint, metrics_site(multiprocess_registry(self.path)),
-                         reactor=reactor).setServiceParent(self)
+        multiprocess.MultiProcessCollector(self.registry, path=self.path)
+        super().startService()
 
     @property
     def environment(self) -> dict[str, str]:
@@ -179,5 +187,6 @@ class WorkerMetrics(MultiService):
 
     def stopService(self) -> Any:
         stopped = super().stopService()
-        shutil.rmtree(self.path, ignore_errors=True)
+        if self.path:
+            shutil.rmtree(self.path, ignore_errors=True)
         return stopped

@@ -42,8 +42,8 @@ _UNSAFE_TEXT = frozenset((Verb.AUTH.value, Verb.UNKNOWN.value))
 class Monitor:
     """Told what happens on connections; every method does nothing here. Subclass and override what you need.
 
-    Calls come from the reactor thread and must return quickly: a monitor never blocks or fails a connection
-    (the protocol logs and ignores its exceptions). ``timing``: set true to be given handler latencies
+    Calls come from the reactor thread and must return quickly. Behind an `ESMTPFactory` (which wraps its monitor
+    with `guarded`) an exception in a monitor is logged and never reaches the connection. ``timing``: set true to be given handler latencies
     (`handled`); the protocol only measures them when some monitor asks.
     """
 
@@ -65,7 +65,8 @@ class Monitor:
         """A connection ended before its TLS handshake completed."""
 
     def replied(self, session: Session, verb: str, reply: Reply) -> None:
-        """The server answered ``reply`` to ``verb`` (CONNECT for the greeting; DATA/BDAT for end of data)."""
+        """The server answered ``reply`` to ``verb`` (CONNECT for the greeting; DATA/BDAT for end of data; TIMEOUT,
+        SHUTDOWN and ERRORS for the 421s no command asked for)."""
 
     def handled(self, verb: str, seconds: float) -> None:
         """The handler's ``verb`` method took ``seconds`` to give its result (only when ``timing`` is set)."""
@@ -87,7 +88,7 @@ class Monitor:
         """A message reached its end and was refused with ``reply`` (by the handler or by a limit)."""
 
     def message_aborted(self, session: Session, envelope: Envelope, size: int, reason: str) -> None:
-        """A transaction ended without a final reply: RSET, QUIT, a lost connection, STARTTLS, a timeout."""
+        """A transaction ended without a final reply: RSET, HELO/EHLO, QUIT, a lost connection, a timeout."""
 
 
 class Monitors(Monitor):
@@ -128,6 +129,13 @@ def _fan_out(name: str, methods: tuple[Any, ...]) -> Any:
 def guarded(monitor: Monitor) -> Monitors:
     """``monitor`` behind a `Monitors`, so that its failures are logged and never reach a connection."""
     return monitor if isinstance(monitor, Monitors) else Monitors([monitor])
+
+
+def _printable(text: str | None) -> str:
+    """Client-chosen text (an AUTH user name) with control characters escaped: one event stays one log line."""
+    if text is None:
+        return ""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _common(session: Session) -> dict[str, Any]:
@@ -187,10 +195,10 @@ class EventLog(Monitor):
     def connection_closed(self, session: Session, duration: float, reason: str) -> None:
         info = session.tls_info
         self._emit("connection.closed",
-                   "connection {conn} from {peer} closed after {duration:.3f}s ({messages} message(s)): {reason}",
-                   **_common(session), duration=round(duration, 6), reason=reason, messages=session.transactions,
+                   "connection {conn} from {peer} closed after {duration}s ({messages} message(s)): {reason}",
+                   **_common(session), duration=round(duration, 3), reason=reason, messages=session.transactions,
                    tls_version=info.get("version", ""), tls_cipher=info.get("cipher", ""),
-                   user=session.authenticated or "")
+                   user=_printable(session.authenticated))
 
     def tls_established(self, session: Session) -> None:
         info = session.tls_info
@@ -204,18 +212,19 @@ class EventLog(Monitor):
 
     def auth_succeeded(self, session: Session, mechanism: str, user: str) -> None:
         self._emit("auth.succeeded", "connection {conn} from {peer}: AUTH {mechanism} as {user}", **_common(session),
-                   mechanism=mechanism, user=user)
+                   mechanism=mechanism, user=_printable(user))
 
     def auth_failed(self, session: Session, mechanism: str, user: str | None, reply: Reply) -> None:
         self._emit("auth.failed", "connection {conn} from {peer}: AUTH {mechanism} failed for {user}: {code}",
-                   **_common(session), mechanism=mechanism, user=user or "", code=reply.code,
+                   **_common(session), mechanism=mechanism, user=_printable(user), code=reply.code,
                    enhanced=reply.enhanced or "")
 
     def replied(self, session: Session, verb: str, reply: Reply) -> None:
         if reply.code < 400:
             return
         text = "" if verb in _UNSAFE_TEXT else reply.lines[0]
-        self._emit("reply.error", "connection {conn} from {peer}: {verb} answered {code} {enhanced} {reply_text}",
+        self._emit("reply.error", "connection {conn} from {peer}: {verb} answered {code} {enhanced}"
+                   + (" {reply_text}" if text else ""),
                    **_common(session), verb=verb, code=reply.code, enhanced=reply.enhanced or "", reply_text=text)
 
     def timed_out(self, session: Session, phase: str) -> None:
@@ -226,8 +235,8 @@ class EventLog(Monitor):
                          reply: Reply) -> None:
         self._emit("message.accepted",
                    "message {id} accepted: from=<{sender}> recipients={recipients} size={size} "
-                   "elapsed={elapsed:.3f}s conn={conn} peer={peer}",
-                   **_common(session), **_envelope(envelope), size=size, elapsed=round(seconds, 6),
+                   "elapsed={elapsed}s conn={conn} peer={peer}",
+                   **_common(session), **_envelope(envelope), size=size, elapsed=round(seconds, 3),
                    code=reply.code, enhanced=reply.enhanced or "")
 
     def message_rejected(self, session: Session, envelope: Envelope, size: int, reply: Reply) -> None:

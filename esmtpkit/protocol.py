@@ -323,12 +323,13 @@ class ESMTPProtocol(LineReceiver):
         self._closing = True
         if self.phase is not Phase.CLOSED and self.idle:
             self._verb = "SHUTDOWN"
+            self._close_reason = "shutdown"
             self.send(SHUTTING_DOWN, count_error=False)
 
     def force_close(self, reason: str = "shutdown deadline") -> None:
         """Close at once with 421 4.3.2, aborting any transaction (the shutdown deadline passed)."""
         if self.phase is not Phase.CLOSED:
-            self.transport.write(SHUTTING_DOWN.render(self._enhanced()))
+            self._unsolicited("SHUTDOWN", SHUTTING_DOWN)
             self._close(reason)
 
     # ---- the step queue: handler calls in order, pausing while one is pending ----------------------------------
@@ -448,7 +449,7 @@ class ESMTPProtocol(LineReceiver):
         if reply.code >= 500 and count_error:  # client errors; the server's own 4xx troubles do not count
             self.errors += 1
             if self.policy.error_limit and self.errors >= self.policy.error_limit:
-                self.transport.write(TOO_MANY_ERRORS.render(self._enhanced()))
+                self._unsolicited("ERRORS", TOO_MANY_ERRORS)
                 self._close("too many errors")
                 return
             if self.policy.error_delay and self.errors > self.policy.soft_error_limit and self.clock is not None:
@@ -456,8 +457,14 @@ class ESMTPProtocol(LineReceiver):
         if reply.code == 421 or getattr(self.handler, "disconnect", False):
             self._close("closed by server")
         elif self._closing and self.idle:
-            self.transport.write(SHUTTING_DOWN.render(self._enhanced()))
+            self._unsolicited("SHUTDOWN", SHUTTING_DOWN)
             self._close("shutdown")
+
+    def _unsolicited(self, verb: str, reply: Reply) -> None:
+        """Write a 421 no command asked for (error limit, shutdown) just before closing; the monitor hears it."""
+        self._verb = verb
+        self.transport.write(reply.render(self._enhanced()))
+        self.monitor.replied(self.session, verb, reply)
 
     def _tarpit(self) -> "Deferred[Any]":
         """Read nothing for ``error_delay`` seconds (Postfix's smtpd_error_sleep_time)."""
@@ -530,6 +537,8 @@ class ESMTPProtocol(LineReceiver):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """An over-long line: drain it to its CRLF in raw mode, then answer (never drop the connection)."""
+        if self._sasl is None:
+            self._verb = "UNKNOWN"  # the line was never parsed: its verb is not known
         message = self._message
         if message is not None and message.headers is not None and not message.chunked:
             self._fail_message(LINE_TOO_LONG)
@@ -1223,6 +1232,7 @@ class ESMTPProtocol(LineReceiver):
         self._buffer = data[end + 2:] + self._buffer
         self._reprocess = True
         if self._sasl is not None:
+            self.monitor.auth_failed(self.session, self._sasl.name, None, sasl.AUTH_LINE_TOO_LONG)
             self._sasl = None  # RFC 4954 §4: the exchange ends with 500 5.5.6
             self.send(sasl.AUTH_LINE_TOO_LONG)
             return

@@ -218,6 +218,33 @@ class ProtocolCallsTests(SynchronousTestCase):
         self.assertEqual(rec.called("handled"), [])
 
 
+    def test_unsolicited_replies_and_reasons(self) -> None:
+        """An over-long line counts as UNKNOWN; the error limit's 421 and a shutdown's are heard, with reasons."""
+        rec = Recorder()
+        t = talk(monitor=rec, ehlo=True, error_limit=2)
+        t.send("MAIL FROM:<a@example.com>")
+        t.write(b"X" * 2000 + b"\r\nBOGUS\r\n")
+        self.assertEqual([(v, r.code) for _, v, r in rec.called("replied")][-3:],
+                         [("UNKNOWN", 500), ("UNKNOWN", 500), ("ERRORS", 421)])
+        t.protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(rec.called("connection_closed")[0][2], "too many errors")
+        idle_rec = Recorder()
+        idle = talk(monitor=idle_rec, ehlo=True)
+        idle.protocol.shutdown()
+        idle.protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(idle_rec.called("replied")[-1][1:], ("SHUTDOWN", idle_rec.called("replied")[-1][2]))
+        self.assertEqual(idle_rec.called("connection_closed")[0][2], "shutdown")
+
+    def test_auth_line_too_long_is_a_failure(self) -> None:
+        rec = Recorder()
+        t = talk(monitor=rec, portal=portal_from_strings(["memory:alice:secret"]), auth_require_tls=False)
+        t.send("EHLO c")
+        self.assertEqual(t.send("AUTH LOGIN").code, 334)
+        t.write(b"A" * 20000 + b"\r\n")
+        self.assertEqual(t.replies()[-1].code, 500)
+        self.assertEqual([(m, r.code) for _, m, _, r in rec.called("auth_failed")], [("LOGIN", 500)])
+
+
 class GuardTests(SynchronousTestCase):
     def test_failing_monitor_never_breaks_the_session(self) -> None:
         class Broken(Monitor):
@@ -285,6 +312,14 @@ class EventLogTests(SynchronousTestCase):
         t.send("AUTH PLAIN " + base64.b64encode(b"\0alice\0nope").decode())
         t.message("alice@example.com", ["bob@example.net"], CONTENT, ehlo=None)
         self.assertEqual([e["event"] for e in self.events], ["auth.failed"])
+
+    def test_user_names_cannot_forge_log_lines(self) -> None:
+        t = talk(monitor=self.monitor, portal=portal_from_strings(["memory:alice:secret"]), auth_require_tls=False)
+        t.send("EHLO c")
+        t.send("AUTH PLAIN " + base64.b64encode(b"\0alice\nforged: line\0x").decode())
+        [failed] = self.by_name("auth.failed")
+        self.assertEqual(failed["user"], "alice\\nforged: line")
+        self.assertNotIn("\n", formatEvent(failed))
 
     def test_unknown_command_text_is_not_logged(self) -> None:
         """An unknown command's reply may echo the line (here, credentials for an AUTH that is not offered)."""
