@@ -289,8 +289,7 @@ class ESMTPProtocol(LineReceiver):
         if not self._close_reason:
             self._close_reason = "client closed" if reason is None or reason.check(ConnectionDone) else \
                 f"connection lost: {reason.getErrorMessage()}"
-        if session.tls and not session.tls_info:
-            self._note_tls()
+        self._note_tls()
         if session.tls and not session.tls_info:
             self.monitor.tls_failed(session, reason.getErrorMessage() if reason is not None else "connection lost")
         self.monitor.connection_closed(session, self._now() - self._opened_at, self._close_reason)
