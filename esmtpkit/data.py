@@ -10,13 +10,14 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["DotDecoder", "HeaderSplitter", "CountedReader", "dot_stuff", "has_bare_newline", "HeaderEvent"]
+__all__ = ["DotDecoder", "HeaderSplitter", "CountedReader", "dot_stuff", "has_bare_newline", "HeaderEvent",
+           "NATIVE_SCAN"]
 
 _MARK: Final = b"\r\n."
 
 
-def has_bare_newline(data: bytes, end: int | None = None) -> bool:
-    """True if ``data[:end]`` holds a CR not followed by LF or an LF not preceded by CR.
+def python_has_bare_newline(data: bytes, end: int | None = None) -> bool:
+    """True if ``data[:end]`` holds a CR not followed by LF or an LF not preceded by CR (the pure-Python scan).
 
     Exact, in three C-speed passes: with no bare CR or LF, the number of line breaks ``splitlines`` finds equals
     both the number of CRs and the number of LFs (each CRLF is one break); a bare CR or LF breaks that equality.
@@ -32,6 +33,22 @@ def has_bare_newline(data: bytes, end: int | None = None) -> bool:
     if not region.endswith((b"\n", b"\r")):
         breaks -= 1  # the last, unterminated piece is not a break
     return breaks != crs
+
+
+def python_find_mark(data: bytes, start: int = 0) -> int:
+    """Where the next ``CRLF .`` (a dot-led line) begins at or after ``start``, or -1 (the pure-Python search)."""
+    return data.find(_MARK, start)
+
+
+try:
+    from ._scan import find_mark as _native_find_mark, has_bare_newline as _native_has_bare_newline
+except ImportError:  # built without a C compiler: same answers, the body path about 10 times dearer
+    _native_find_mark = _native_has_bare_newline = None
+
+#: True when the native scans (``esmtpkit._scan``, an optional C extension) were built and are in use.
+NATIVE_SCAN: Final = _native_has_bare_newline is not None
+has_bare_newline: Final = _native_has_bare_newline or python_has_bare_newline
+find_mark: Final = _native_find_mark or python_find_mark
 
 
 class DotDecoder:
@@ -75,9 +92,8 @@ class DotDecoder:
         pos = 0
         hold = size
         out: list[bytes] = []
-        find = buf.find
         while True:
-            i = find(_MARK, pos)
+            i = find_mark(buf, pos)
             if i < 0:
                 break
             j = i + 3

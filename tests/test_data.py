@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from esmtpkit import data as data_module
 from esmtpkit.data import CountedReader, DotDecoder, HeaderEvent, HeaderSplitter, dot_stuff, has_bare_newline
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
@@ -128,6 +129,22 @@ class DotDecoderTests(SynchronousTestCase):
         self.assertEqual(decoder.bare_newline, has_bare_newline(terminated(content)))
 
     @SETTINGS
+    @given(content=CONTENT, tail=st.binary(max_size=30), cuts=st.lists(st.integers(0, 200), max_size=8))
+    def test_pure_python_scans(self, content: bytes, tail: bytes, cuts: list[int]) -> None:
+        """Built without the native scans, the decoder gives exactly the same results."""
+        stuffed = split(dot_stuff(content) + tail, cuts)
+        expected, native = decode(stuffed)
+        saved = data_module.find_mark, data_module.has_bare_newline
+        data_module.find_mark, data_module.has_bare_newline = (data_module.python_find_mark,
+                                                               data_module.python_has_bare_newline)
+        try:
+            out, decoder = decode(stuffed)
+        finally:
+            data_module.find_mark, data_module.has_bare_newline = saved
+        self.assertEqual((out, decoder.done, decoder.rest, decoder.bare_newline),
+                         (expected, native.done, native.rest, native.bare_newline))
+
+    @SETTINGS
     @given(data=CONTENT, cuts=st.lists(st.integers(0, 200), max_size=8))
     def test_split_invariant(self, data: bytes, cuts: list[int]) -> None:
         """Any bytes, stuffed or not: the outcome does not depend on how they were split."""
@@ -214,17 +231,108 @@ class CountedReaderTests(SynchronousTestCase):
         self.assertEqual(reader.feed(b"NOOP\r\n"), (b"", b"NOOP\r\n"))
 
 
+def definition(data: bytes) -> bool:
+    """The plain meaning: some CR is not part of a CRLF pair, or some LF is not."""
+    pairs = data.count(b"\r\n")
+    return data.count(b"\n") != pairs or data.count(b"\r") != pairs
+
+
+def scanners() -> list:
+    """Both scans when the native one was built; the module's choice must be the native one then."""
+    try:
+        from esmtpkit._scan import has_bare_newline as native
+    except ImportError:
+        return [data_module.python_has_bare_newline]
+    return [data_module.python_has_bare_newline, native]
+
+
+def finders() -> list:
+    """Both searches for dot-led lines when the native one was built."""
+    try:
+        from esmtpkit._scan import find_mark as native
+    except ImportError:
+        return [data_module.python_find_mark]
+    return [data_module.python_find_mark, native]
+
+
+class FindMarkTests(SynchronousTestCase):
+    @SETTINGS
+    @given(data=st.binary(max_size=300) | st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"x", b".", b"\r\n."]),
+                                                    max_size=200).map(b"".join),
+           start=st.integers(-400, 400))
+    def test_same_as_find(self, data: bytes, start: int) -> None:
+        """Any bytes, any start (negative and past the end too): the answer of ``bytes.find``."""
+        for find in finders():
+            self.assertEqual(find(data, start), data.find(b"\r\n.", start), find)
+
+    def test_long_regions(self) -> None:
+        """Every position in a body of several 4 KiB blocks, and every start, finds the first mark."""
+        clean = b"0123456789abcdef0123456789abc\r\n" * 400
+        for find in finders():
+            self.assertEqual(find(clean), -1)
+            for at in [0, 1, 4093, 4094, 4095, 4096, 8190, 8191, 8192, len(clean) - 3, len(clean) - 2]:
+                data = clean[:at] + b"\r\n." + clean[at + 3:]
+                self.assertEqual(find(data), data.find(b"\r\n."), (find, at))
+                self.assertEqual(find(data, at + 1), data.find(b"\r\n.", at + 1), (find, at))
+            marks = clean.replace(b"\r\n", b"\r\n.")
+            for start in range(0, 9000, 97):
+                self.assertEqual(find(marks, start), marks.find(b"\r\n.", start), (find, start))
+
+    def test_native_in_use_when_built(self) -> None:
+        self.assertIs(data_module.find_mark, finders()[-1])
+        for find in finders()[1:]:
+            for args in [(), ("text",), (b"a", "1"), (b"a", 1, 2), (None,)]:
+                self.assertRaises(TypeError, find, *args)
+
+
 class HasBareNewlineExhaustiveTests(SynchronousTestCase):
     def test_matches_definition(self) -> None:
         """Every string of CR, LF and 'a' up to six bytes, and every prefix end: same answer as the definition."""
         import itertools
 
-        def definition(data: bytes) -> bool:
-            pairs = data.count(b"\r\n")
-            return data.count(b"\n") != pairs or data.count(b"\r") != pairs
+        for scan in scanners():
+            for n in range(7):
+                for parts in itertools.product([b"\r", b"\n", b"a"], repeat=n):
+                    data = b"".join(parts)
+                    for end in range(len(data) + 1):
+                        self.assertEqual(scan(data, end), definition(data[:end]), (scan, data, end))
+                    self.assertEqual(scan(data), definition(data), (scan, data))
 
-        for n in range(7):
-            for parts in itertools.product([b"\r", b"\n", b"a"], repeat=n):
-                data = b"".join(parts)
-                for end in range(len(data) + 1):
-                    self.assertEqual(has_bare_newline(data, end), definition(data[:end]), (data, end))
+    @SETTINGS
+    @given(data=st.binary(max_size=300) | st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"x", b"."]),
+                                                    max_size=200).map(b"".join),
+           end=st.none() | st.integers(-400, 400))
+    def test_scanners_agree(self, data: bytes, end: int | None) -> None:
+        """Any bytes and any slice end (negative and past the end too): every scan gives the definition's answer."""
+        expected = definition(data[:end])
+        for scan in scanners():
+            self.assertEqual(scan(data, end), expected, scan)
+
+    def test_native_in_use_when_built(self) -> None:
+        """The module picks the native scan whenever it was built."""
+        chosen = scanners()[-1]
+        self.assertIs(has_bare_newline, chosen)
+        self.assertEqual(data_module.NATIVE_SCAN, len(scanners()) == 2)
+
+    def test_long_regions(self) -> None:
+        """Bodies of many kilobytes: one bad byte anywhere, including around the native scan's 4 KiB blocks."""
+        clean = b"0123456789abcdef0123456789abc\r\n" * 400  # 12800 bytes, CRLF straddles block edges
+        for scan in scanners():
+            self.assertFalse(scan(clean))
+            self.assertFalse(scan(bytearray(clean), len(clean)))
+            for at in [0, 1, 4094, 4095, 4096, 4097, 8191, 8192, 8193, len(clean) - 3, len(clean) - 1]:
+                for bad in (b"\r", b"\n", b"\x00"):
+                    data = clean[:at] + bad + clean[at + 1:]
+                    self.assertEqual(scan(data), definition(data), (scan, at, bad))
+            self.assertTrue(scan(clean + b"\r"))
+            self.assertFalse(scan(clean + b"\r", -1))
+            self.assertTrue(scan(clean, len(clean) - 1))  # the region ends with a CR whose LF lies outside it
+
+    def test_native_refuses_bad_arguments(self) -> None:
+        """The native scan raises TypeError like a Python function would, never crashes."""
+        for scan in scanners()[1:]:
+            for args in [(), ("text",), (b"a", "1"), (b"a", 1, 2), (None,)]:
+                self.assertRaises(TypeError, scan, *args)
+            self.assertRaises(OverflowError, scan, b"a", 2 ** 70)
+            self.assertFalse(scan(memoryview(b"a\r\nb")))
+            self.assertTrue(scan(memoryview(b"a\nb")))
