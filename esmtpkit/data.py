@@ -47,7 +47,9 @@ except ImportError:  # built without a C compiler: same answers, the body path a
 
 #: True when the native scans (``esmtpkit._scan``, an optional C extension) were built and are in use.
 NATIVE_SCAN: Final = _native_has_bare_newline is not None
+#: ``has_bare_newline(data, end=None)``: the native scan when built, else :func:`python_has_bare_newline`.
 has_bare_newline: Final = _native_has_bare_newline or python_has_bare_newline
+#: ``find_mark(data, start=0)``: the native search when built, else :func:`python_find_mark`.
 find_mark: Final = _native_find_mark or python_find_mark
 
 
