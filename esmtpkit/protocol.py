@@ -9,10 +9,10 @@ The extensions the protocol serves itself: STARTTLS (RFC 3207), AUTH (RFC 4954),
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections import deque
-from typing import Any, Callable
+from types import CoroutineType
+from typing import Any, Callable, Final
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -69,6 +69,8 @@ _SILENT = Monitor()
 
 #: Extension verbs; each is an unknown command (the handler's ``unknown``) unless its extension is enabled.
 _EXTENSION_VERBS = frozenset((Verb.STARTTLS, Verb.AUTH, Verb.BDAT, Verb.LHLO))
+_LABELS: Final = {verb: verb.value for verb in Verb}  # the monitor's verb label (Enum.value is a slow property)
+_METHODS: Final = {verb: f"_do_{verb.value}" for verb in Verb}
 #: RFC 3030 §2: chunk-size is 1*DIGIT; more than 20 digits is no size a server could read.
 _MAX_CHUNK_DIGITS = 20
 
@@ -342,11 +344,15 @@ class ESMTPProtocol(LineReceiver):
         while self._todo and not self._waiting and self.phase is not Phase.CLOSED:
             pending = self._todo.popleft()()
             if pending is not None:
-                self._waiting = True
-                self.pauseProducing()
-                self._cancel_timer()
-                pending.addBoth(self._resume)
+                self._wait_for(pending)
                 return
+
+    def _wait_for(self, pending: "Deferred[Any]") -> None:
+        """A handler result is pending: read nothing more (and run no timer) until it comes."""
+        self._waiting = True
+        self.pauseProducing()
+        self._cancel_timer()
+        pending.addBoth(self._resume)
 
     def _resume(self, _: object) -> None:
         self._waiting = False
@@ -364,7 +370,7 @@ class ESMTPProtocol(LineReceiver):
             then = self._timed(method, then)
         try:
             result = method(*args)
-            if inspect.iscoroutine(result):
+            if isinstance(result, CoroutineType):
                 result = Deferred.fromCoroutine(result)
         except Exception:
             then(Failure())
@@ -532,7 +538,14 @@ class ESMTPProtocol(LineReceiver):
         if message is not None and not message.chunked:
             self._header_line(line)
             return
-        self._schedule(lambda: self._command(line))
+        if self._todo or self._waiting:
+            self._schedule(lambda: self._command(line))
+            return
+        pending = self._command(line)  # nothing queued: run it now, as _drive would
+        if pending is not None:
+            self._wait_for(pending)
+        elif self._todo:
+            self._drive()  # the command queued steps of its own (a tarpit delay)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """An over-long line: drain it to its CRLF in raw mode, then answer (never drop the connection)."""
@@ -560,7 +573,7 @@ class ESMTPProtocol(LineReceiver):
             self.send(e.reply)
             return None
         verb = self._effective_verb(command)
-        self._verb = verb.value
+        self._verb = _LABELS[verb]
         if len(raw) > line_limit(verb, self.policy.max_command_length):
             self.send(LINE_TOO_LONG)
             return None
@@ -574,7 +587,7 @@ class ESMTPProtocol(LineReceiver):
                     return self._drain(command, refusal)  # RFC 3030 §2: the chunk's octets come anyway
                 self.send(refusal)
                 return None
-            return getattr(self, "_do_" + verb.value)(command)
+            return getattr(self, _METHODS[verb])(command)
         except CommandError as e:
             self.send(e.reply, plain=verb in (Verb.HELO, Verb.EHLO))  # RFC 2034 §3: no enhanced code there
             return None
@@ -1080,7 +1093,7 @@ class ESMTPProtocol(LineReceiver):
     def _abort_now(self, reason: str) -> None:
         try:
             result = self.handler.abort(reason)
-            if inspect.iscoroutine(result):
+            if isinstance(result, CoroutineType):
                 result = Deferred.fromCoroutine(result)
             if isinstance(result, Deferred):
                 result.addErrback(lambda f: self.log.failure("handler abort failed", f))

@@ -17,6 +17,8 @@ __all__ = ["Phase", "ADVANCE", "allowed", "advance", "refusal", "ALWAYS"]
 class Phase(enum.Enum):
     """Where one SMTP dialogue stands."""
 
+    __hash__ = object.__hash__  # members are singletons: identity hashing is exact and cheaper in table lookups
+
     CONNECTED = "connected"  # greeting sent, no HELO/EHLO yet
     GREETED = "greeted"  # HELO/EHLO done, no transaction open
     SENDER = "sender"  # MAIL accepted
