@@ -4,7 +4,7 @@
 No sockets and no reactor: a `StringTransport` and a `Clock`, so the profile shows only esmtpkit's own work
 (parsing, the step queue, replies, the DATA decoder) and Twisted's LineReceiver, not epoll or the kernel.
 
-    python benchmarks/profile_protocol.py one-session|pipelined|big [--count N] [--top 25] [--sort tottime]
+    python benchmarks/profile_protocol.py one-session|per-connection|pipelined|big [--count N] [--top 25] [--sort tottime]
 
 Run it with the interpreter esmtpkit is installed in (e.g. /tmp/venv/bin/python).
 """
@@ -69,6 +69,42 @@ def one_session(proto: ESMTPProtocol, count: int) -> None:
     feed(b"QUIT\r\n")
 
 
+def per_connection(_: ESMTPProtocol, count: int) -> None:
+    """One message per connection, as smtp-source without -d: each built by the factory, greeted, closed."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.logger import LogLevel
+    from twisted.python.failure import Failure
+
+    from esmtpkit.factory import ESMTPFactory
+    from esmtpkit.monitor import EventLog
+
+    # as the benchmark runs the server: --log-events warn
+    factory = ESMTPFactory(Null, Policy(hostname="localhost", max_message_size=0), Clock(),
+                           EventLog(minimum=LogLevel.warn))
+    mail, rcpt = f"MAIL FROM:<{SENDER}>\r\n".encode(), f"RCPT TO:<{RECIPIENT}>\r\n".encode()
+    content = message_1k() + b".\r\n"
+    done = Failure(ConnectionDone())
+    global LAST_TRANSPORT
+    LAST_TRANSPORT = total = Sink()
+    for _ in range(count):
+        transport = Sink()
+        proto = factory.buildProtocol(transport.getPeer())
+        proto.makeConnection(transport)
+        feed = proto.dataReceived
+        feed(b"HELO localhost\r\n")
+        feed(mail)
+        feed(rcpt)
+        feed(b"DATA\r\n")
+        feed(content)
+        feed(b"QUIT\r\n")
+        proto.connectionLost(done)
+        total.written += transport.written
+        total.replies250 += transport.replies250
+
+
+LAST_TRANSPORT: Sink | None = None
+
+
 def pipelined(proto: ESMTPProtocol, count: int) -> None:
     """Everything written at once, arriving in 64 KiB reads."""
     proto.dataReceived(b"EHLO bench.example\r\n")
@@ -94,6 +130,7 @@ def big(proto: ESMTPProtocol, count: int) -> None:
 
 
 SCENARIOS = {"one-session": (one_session, 2000, "msg"), "pipelined": (pipelined, 1000, "msg"),
+             "per-connection": (per_connection, 2000, "msg"),
              "big": (big, 100, "MiB")}
 
 
@@ -117,11 +154,13 @@ def main() -> int:
     if profiler is not None:
         profiler.disable()
     spent = time.process_time() - start
+    if LAST_TRANSPORT is not None:  # per-connection: the replies of all the connections
+        transport = LAST_TRANSPORT
     messages = count if unit == "msg" else 1
     print(f"{args.scenario}: {count} {unit}, {spent * 1e6 / count:.1f} µs/{unit} of CPU"
           f"{' (with profiler overhead)' if profiler else ''}; {transport.replies250} replies 250, "
           f"{transport.written} bytes written")
-    wanted = 3 * messages + 1  # HELO/EHLO, then MAIL, RCPT and end of data for each message
+    wanted = 3 * messages + (messages if args.scenario == "per-connection" else 1)  # HELO/EHLO, MAIL, RCPT, end
     if transport.replies250 != wanted:
         print(f"warning: expected {wanted} replies 250", file=sys.stderr)
     if profiler is not None:

@@ -669,3 +669,34 @@ class ConversationTests(ServerMixin, SynchronousTestCase):
         self.assertEqual(parse_replies(b"250\r\n250-a\r\n250 b\r\n354 go\r\n250-incomplete\r\n"),
                          [Reply.of(250), Reply.of(250, "a", "b"), Reply.of(354, "go")])
         self.assertRaises(ValueError, parse_replies, b"hello\r\n")
+
+
+class FootprintTests(SynchronousTestCase):
+    """Idle connections stay small: every attribute the protocol sets per connection is a slot, not a __dict__ entry.
+
+    An attribute added without a slot would, past 30 of them, give every connection a private dict of about 1.5 KiB.
+    """
+
+    def test_no_instance_dict_after_a_whole_session(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        class Slow(RecordingHandler):
+            pending: Deferred[Any] | None = None
+
+            def rcpt(self, recipient: Any, params: Any) -> Any:
+                self.pending = Deferred()  # pauses reading until it fires
+                return self.pending
+
+        handler = Slow()
+        talk = Conversation(handler, policy(max_command_length=512))
+        talk.write(b"EHLO c.test\r\nMAIL FROM:<a@b.test> SIZE=10\r\nRCPT TO:<c@d.test>\r\nNOOP\r\n")
+        assert handler.pending is not None
+        handler.pending.callback(Reply(250, ("OK",)))
+        talk.write(b"DATA\r\nSubject: x\r\n\r\nbody\r\n..dot\r\n.\r\n")
+        talk.write(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n")
+        handler.pending.callback(Reply(250, ("OK",)))
+        talk.write(b"BDAT 6 LAST\r\nabc\r\n" + b"X" * 2000 + b"\r\nRSET\r\nVRFY x\r\nHELP\r\nQUIT\r\n")
+        replies = [r.code for r in talk.replies()]
+        self.assertEqual(replies, [250, 250, 250, 250, 354, 250, 250, 250, 250, 500, 250, 252, 214, 221])
+        talk.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(getattr(talk.protocol, "__dict__", {}), {})
