@@ -10,6 +10,7 @@ The extensions the protocol serves itself: STARTTLS (RFC 3207), AUTH (RFC 4954),
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from types import CoroutineType
 from typing import Any, Callable, Final
 
@@ -151,6 +152,12 @@ def _parse_bdat(argument: str) -> tuple[int | None, bool, bool]:
     return int(size), False, False
 
 
+@lru_cache(maxsize=32)
+def _longest_command(base: int, auth: bool) -> int:
+    """The longest command line any verb may have (RFC 4954 §4: 12288 octets for AUTH lines, when AUTH is on)."""
+    return max(line_limit(verb, base) for verb in Verb if verb is not Verb.AUTH or auth)
+
+
 @implementer(IHandshakeListener)
 class ESMTPProtocol(LineReceiver):
     """Speaks ESMTP on one connection and delegates every verb to ``handler``."""
@@ -206,8 +213,7 @@ class ESMTPProtocol(LineReceiver):
         p = self.policy
         self._mechanisms = tuple(sasl.mechanisms_for(p.portal, p.auth_mechanisms)) if p.portal is not None else ()
         self.session.lmtp = p.lmtp
-        self._command_limit = max(line_limit(v, p.max_command_length) for v in Verb
-                                  if v is not Verb.AUTH or self._mechanisms)  # RFC 4954 §4: 12288 for AUTH lines
+        self._command_limit = _longest_command(p.max_command_length, bool(self._mechanisms))
 
     # ---- extensions -------------------------------------------------------------------------------------------
 
