@@ -196,7 +196,9 @@ class ESMTPProtocol(LineReceiver):
         self.phase = Phase.CONNECTED
         self.errors = 0
         self._refused = False
-        self._todo: list[_Step] = []  # short: reading pauses while a step waits (a list is 700 bytes smaller)
+        # The step queue, kept in reverse (the next step is last): taking a step is O(1) however many one read
+        # brings (one per line for a chunk_mode=False handler), and an empty list is 700 bytes smaller than a deque.
+        self._todo: list[_Step] = []
         self._waiting = False
         self._reprocess = False
         self._skipping_line = False
@@ -356,13 +358,13 @@ class ESMTPProtocol(LineReceiver):
     # ---- the step queue: handler calls in order, pausing while one is pending ----------------------------------
 
     def _schedule(self, *steps: _Step) -> None:
-        self._todo.extend(steps)
+        self._todo[:0] = steps[::-1]  # after everything already queued
         if not self._waiting:
             self._drive()
 
     def _drive(self) -> None:
         while self._todo and not self._waiting and self.phase is not Phase.CLOSED:
-            pending = self._todo.pop(0)()
+            pending = self._todo.pop()()
             if pending is not None:
                 self._wait_for(pending)
                 return
@@ -478,7 +480,7 @@ class ESMTPProtocol(LineReceiver):
                 self._close("too many errors")
                 return
             if self.policy.error_delay and self.errors > self.policy.soft_error_limit and self.clock is not None:
-                self._todo.insert(0, self._tarpit)
+                self._todo.append(self._tarpit)  # next, before anything queued
         if reply.code == 421 or getattr(self.handler, "disconnect", False):
             self._close("closed by server")
         elif self._closing and self.idle:
@@ -981,7 +983,7 @@ class ESMTPProtocol(LineReceiver):
             self.setRawMode()
             return
         # BDAT 0 [LAST]: no octets follow; its end comes next in the queue, before any later command.
-        self._todo[:0] = self._chunk_complete(chunk, b"")
+        self._todo.extend(reversed(self._chunk_complete(chunk, b"")))
 
     def _chunk_bytes(self, data: bytes) -> None:
         """Raw octets of the chunk being read: content for the handler, or drained; the rest is commands."""
