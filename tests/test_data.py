@@ -237,22 +237,24 @@ def definition(data: bytes) -> bool:
     return data.count(b"\n") != pairs or data.count(b"\r") != pairs
 
 
-def scanners() -> list:
-    """Both scans when the native one was built; the module's choice must be the native one then."""
+def implementations(name: str) -> list:
+    """The pure-Python ``name`` from esmtpkit.data, then the native one when it was built."""
+    pure = getattr(data_module, "python_" + name)
     try:
-        from esmtpkit._scan import has_bare_newline as native
+        from esmtpkit import _scan
     except ImportError:
-        return [data_module.python_has_bare_newline]
-    return [data_module.python_has_bare_newline, native]
+        return [pure]
+    return [pure, getattr(_scan, name)]
+
+
+def scanners() -> list:
+    return implementations("has_bare_newline")
 
 
 def finders() -> list:
-    """Both searches for dot-led lines when the native one was built."""
-    try:
-        from esmtpkit._scan import find_mark as native
-    except ImportError:
-        return [data_module.python_find_mark]
-    return [data_module.python_find_mark, native]
+    return implementations("find_mark")
+
+
 
 
 class FindMarkTests(SynchronousTestCase):
