@@ -1,7 +1,9 @@
 """RFC 5321 §4.1.2 paths: parse ``<local@domain>``, ``<>`` and source routes into `Address` values.
 
 Pure core. `Address` is a `str` (the mailbox, ``""`` for the null sender) carrying its parts, so handlers can
-compare and log it like text. UTF-8 mailboxes (RFC 6531) are accepted only when the caller allows them.
+compare and log it like text. UTF-8 mailboxes (RFC 6531) are accepted only when the caller allows them. No path
+holds a control character (C0, DEL, C1), U+2028/U+2029 or a bidirectional formatting character (`escape.UNSAFE`),
+quoted or not: such an address could not be written into a trace field or a log line as it is.
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ import ipaddress
 import re
 from typing import Final
 
-__all__ = ["Address", "AddressError", "parse_path"]
+from .escape import UNSAFE
+
+__all__ = ["Address", "AddressError", "parse_path", "quote_local_part"]
 
 _ATEXT: Final = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _DOT_STRING: Final = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
 _DOT_STRING_UTF8: Final = re.compile(rf"[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*\Z")
 _QUOTED: Final = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
 _QUOTED_UTF8: Final = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"\Z')
+_QUOTED_PAIR: Final = re.compile(r"\\(.)", re.DOTALL)
+_NEEDS_BACKSLASH: Final = re.compile(r'(["\\])')
 _SUBDOMAIN: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\Z")
 _SUBDOMAIN_UTF8: Final = re.compile(r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?\Z")
 _LABEL: Final = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -61,8 +67,27 @@ class Address(str):
         """The path as it appears on the wire: ``<local@domain>``."""
         return f"<{self}>"
 
+    def canonical(self) -> str:
+        """The mailbox with its local part quoted as little as possible (`quote_local_part`): ``"bob"@x`` is
+        ``bob@x``, ``"a\\ b"@x`` is ``"a b"@x`` (RFC 5321 §4.1.2: all quoted forms of a local part are the same)."""
+        local = self.local_part
+        if not local:
+            return str(self)
+        if len(local) >= 2 and local[0] == local[-1] == '"':
+            local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+        local = quote_local_part(local)
+        return f"{local}@{self.domain}" if self.domain else local
+
     def __repr__(self) -> str:
         return f"Address({str(self)!r})"
+
+
+def quote_local_part(text: str) -> str:
+    """``text`` as a local part: a dot-string when it is one, else a quoted string that escapes only ``"`` and
+    ``\\`` (RFC 5321 §4.1.2: "the form that uses the minimum quoting possible"; UTF-8 as in RFC 6531 §3.3)."""
+    if (_DOT_STRING if text.isascii() else _DOT_STRING_UTF8).match(text):
+        return text
+    return '"' + _NEEDS_BACKSLASH.sub(r"\\\1", text) + '"'
 
 
 def _check_domain(domain: str, utf8: bool) -> None:
@@ -145,6 +170,9 @@ def parse_path(path: str, *, allow_null: bool = False, allow_postmaster: bool = 
         inner = path
     if len(inner.encode("utf-8")) > MAX_PATH:
         raise AddressError("path too long")
+    unsafe = UNSAFE.search(inner)
+    if unsafe is not None:  # RFC 5321 §4.1.2: no control characters in MAIL or RCPT; named, never echoed
+        raise AddressError(f"character U+{ord(unsafe.group()):04X} not allowed in an address")
     if not inner:
         if allow_null:
             return Address("")

@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["DotDecoder", "HeaderSplitter", "CountedReader", "dot_stuff", "has_bare_newline", "HeaderEvent",
-           "NATIVE_SCAN"]
+__all__ = ["DotDecoder", "HeaderSplitter", "HeaderLimits", "CountedReader", "dot_stuff", "has_bare_newline",
+           "HeaderEvent", "NATIVE_SCAN"]
 
 _MARK: Final = b"\r\n."
 
@@ -195,6 +195,64 @@ class HeaderSplitter:
     def finish(self) -> list[HeaderEvent]:
         """End of data reached inside the headers: return the last pending header."""
         return self._flush()
+
+
+class HeaderLimits:
+    """The header limits for content passed on raw (a handler with ``chunk_mode = True``), which no splitter sees.
+
+    ``feed(content)`` looks at decoded content until the header section ends where `HeaderSplitter` would end it
+    (an empty line, or a line that is not a header field) and returns ``"line"`` once a line is longer than
+    ``max_line`` octets with its CRLF, ``"size"`` once the section is larger than ``max_size`` octets, else None;
+    ``done`` tells that the section ended and nothing more needs feeding. 0 turns a limit off. The usual case, a
+    section that ends in the first piece within both limits, costs one search and one split.
+    """
+
+    __slots__ = ("_max_line", "_max_size", "size", "_line", "_seen_header", "done")
+
+    def __init__(self, max_line: int, max_size: int) -> None:
+        self._max_line = max_line
+        self._max_size = max_size
+        self.size = 0  # octets of complete lines of the section so far, CRLF included (as HeaderSplitter counts)
+        self._line = b""  # the section's last, incomplete line
+        self._seen_header = False  # a continuation line needs a header before it
+        self.done = False
+
+    def _fits(self, longest: int, size: int) -> bool:
+        return (not self._max_line or longest <= self._max_line) and (not self._max_size or size <= self._max_size)
+
+    def feed(self, data: bytes) -> str | None:
+        """Look at the next content octets; see the class docstring."""
+        if self.done or not data:
+            return None
+        buf = self._line + data if self._line else data
+        if not self.size and not self._line:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0 and self._fits(max(map(len, buf[:end].split(b"\r\n"))) + 2, end + 4):
+                # Every line up to the first empty one fits; the section ends there or earlier.
+                self.done = True
+                return None
+        pos = 0
+        while True:
+            cut = buf.find(b"\r\n", pos)
+            if cut < 0:
+                break
+            line = buf[pos:cut]
+            pos = cut + 2
+            self.size += len(line) + 2
+            if not self._fits(len(line) + 2, self.size):
+                self.done = True
+                return "line" if self._max_line and len(line) + 2 > self._max_line else "size"
+            if not line or not (line[0] in (32, 9) and self._seen_header or _HEADER.match(line)):
+                self.done = True
+                return None
+            self._seen_header = True
+        self._line = line = buf[pos:]
+        # The incomplete line will be at least this long (a CR at its end may be the first half of its CRLF).
+        pending = len(line) - 1 if line.endswith(b"\r") else len(line)
+        if line and not self._fits(pending + 2, self.size + pending + 2):
+            self.done = True
+            return "line" if self._max_line and pending + 2 > self._max_line else "size"
+        return None
 
 
 class CountedReader:

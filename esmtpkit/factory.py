@@ -10,6 +10,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from .authlimit import AuthThrottle
 from .interfaces import IMessageHandler
 from .monitor import EventLog, Monitor, guarded
 from .policy import Policy
@@ -28,7 +29,8 @@ class ESMTPFactory(Factory):
     ``handler_factory`` is called with no arguments once per connection (a class is fine) and must return an
     `IMessageHandler` provider. ``clock`` drives timeouts; it defaults to the global reactor, looked up lazily.
     ``monitor`` hears what happens on every connection (`esmtpkit.monitor`); the default, `EventLog`, logs the
-    documented events. Pass ``Monitors([EventLog(), Metrics()])`` to add Prometheus metrics.
+    documented events. Pass ``Monitors([EventLog(), Metrics()])`` to add Prometheus metrics. ``auth_throttle``
+    counts wrong AUTH passwords across all its connections (`esmtpkit.authlimit`; None when the policy turns it off).
     """
 
     protocol = ESMTPProtocol
@@ -41,6 +43,7 @@ class ESMTPFactory(Factory):
         self.policy = policy if policy is not None else Policy()
         self._clock = clock
         self.monitor = guarded(monitor if monitor is not None else EventLog())
+        self.auth_throttle = AuthThrottle.from_policy(self.policy)
         self.connections: set[ESMTPProtocol] = set()
         self._per_client: Counter[str] = Counter()
         self._stopping = False

@@ -72,6 +72,9 @@ class Metrics(Monitor):
                            registry=r)
         self.auth = Counter("esmtpkit_auth", "AUTH attempts, by mechanism and result (ok, failed).",
                             ["mechanism", "result"], registry=r)
+        self.auth_cool_offs = Counter("esmtpkit_auth_throttled",
+                                      "Cool-offs begun: a client address or user name reached its AUTH failure limit.",
+                                      ["scope"], registry=r)
         self.timeouts = Counter("esmtpkit_timeouts", "Connections closed because the client was silent too long.",
                                 registry=r)
         self._children: dict[Any, Any] = {}
@@ -110,6 +113,9 @@ class Metrics(Monitor):
 
     def auth_failed(self, session: Session, mechanism: str, user: str | None, reply: Reply) -> None:
         self._child(self.auth, mechanism, "failed").inc()
+
+    def auth_throttled(self, session: Session, scope: str, user: str | None, seconds: float) -> None:
+        self._child(self.auth_cool_offs, scope).inc()
 
     def timed_out(self, session: Session, phase: str) -> None:
         self.timeouts.inc()

@@ -4,7 +4,8 @@ The protocol calls one `Monitor` per factory at fixed points (connection opened 
 reply, every message's end). The base class does nothing, so a monitor overrides only what it needs; `Monitors`
 passes each call to several. `EventLog` turns the calls into `twisted.logger` events with a stable vocabulary
 (the ``event`` field), which text, JSON and syslog observers all show: docs/operating.md lists every field.
-AUTH arguments, passwords and message content are never part of an event.
+AUTH arguments, passwords and message content are never part of an event. Text a client may have chosen (its
+address, the sender, user names, reply text, reasons) goes into an event through `escape`: one event, one line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Iterable
 from twisted.logger import Logger, LogLevel
 
 from .commands import Verb
+from .escape import escape
 from .reply import Reply
 from .session import Envelope, Session
 
@@ -28,6 +30,7 @@ EVENTS = {
     "tls.failed": LogLevel.info,
     "auth.succeeded": LogLevel.info,
     "auth.failed": LogLevel.warn,
+    "auth.throttled": LogLevel.warn,
     "reply.error": LogLevel.info,
     "session.timeout": LogLevel.info,
     "message.accepted": LogLevel.info,
@@ -76,6 +79,10 @@ class Monitor:
 
     def auth_failed(self, session: Session, mechanism: str, user: str | None, reply: Reply) -> None:
         """AUTH failed (wrong credentials, a malformed or cancelled exchange); ``user`` when the client named one."""
+
+    def auth_throttled(self, session: Session, scope: str, user: str | None, seconds: float) -> None:
+        """A wrong password brought the client's address (``scope`` "address") or the user name it named ("user")
+        to its failure limit: AUTH from that address, or for that user, gets 454 4.7.0 for ``seconds``."""
 
     def timed_out(self, session: Session, phase: str) -> None:
         """The client said nothing for the command (or data) timeout; the connection closes with 421."""
@@ -131,19 +138,18 @@ def guarded(monitor: Monitor) -> Monitors:
     return monitor if isinstance(monitor, Monitors) else Monitors([monitor])
 
 
-def _printable(text: str | None) -> str:
-    """Client-chosen text (an AUTH user name) with control characters escaped: one event stays one log line."""
-    if text is None:
-        return ""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+def _user(text: str | None) -> str:
+    """An AUTH user name as the event shows it (``""`` when none was given)."""
+    return "" if text is None else escape(text)
 
 
 def _common(session: Session) -> dict[str, Any]:
-    return {"conn": session.id, "peer": session.peer_ip}
+    # A PROXY header read by Twisted's own haproxy: endpoint can name any text as the peer's address.
+    return {"conn": session.id, "peer": escape(session.peer_ip)}
 
 
 def _envelope(envelope: Envelope) -> dict[str, Any]:
-    return {"id": envelope.id, "sender": str(envelope.sender) if envelope.sender is not None else "",
+    return {"id": envelope.id, "sender": escape(str(envelope.sender)) if envelope.sender is not None else "",
             "recipients": len(envelope.recipients)}
 
 
@@ -156,6 +162,7 @@ _EMITS = {
     "tls_failed": ("tls.failed",),
     "auth_succeeded": ("auth.succeeded",),
     "auth_failed": ("auth.failed",),
+    "auth_throttled": ("auth.throttled",),
     "replied": ("reply.error",),
     "timed_out": ("session.timeout",),
     "message_accepted": ("message.accepted",),
@@ -185,20 +192,20 @@ class EventLog(Monitor):
     def connection_opened(self, session: Session) -> None:
         host = session.host
         self._emit("connection.opened", "connection {conn} from {peer} port {port}", **_common(session),
-                   port=getattr(session.peer, "port", None), local=str(getattr(host, "host", "") or ""),
+                   port=getattr(session.peer, "port", None), local=escape(str(getattr(host, "host", "") or "")),
                    local_port=getattr(host, "port", None), tls=session.tls)
 
     def connection_refused(self, session: Session, reply: Reply) -> None:
         self._emit("connection.refused", "connection {conn} from {peer} refused: {code} {reply_text}",
-                   **_common(session), code=reply.code, enhanced=reply.enhanced or "", reply_text=reply.text)
+                   **_common(session), code=reply.code, enhanced=reply.enhanced or "", reply_text=escape(reply.text))
 
     def connection_closed(self, session: Session, duration: float, reason: str) -> None:
         info = session.tls_info
         self._emit("connection.closed",
                    "connection {conn} from {peer} closed after {duration}s ({messages} message(s)): {reason}",
-                   **_common(session), duration=round(duration, 3), reason=reason, messages=session.transactions,
-                   tls_version=info.get("version", ""), tls_cipher=info.get("cipher", ""),
-                   user=_printable(session.authenticated))
+                   **_common(session), duration=round(duration, 3), reason=escape(reason),
+                   messages=session.transactions, tls_version=info.get("version", ""),
+                   tls_cipher=info.get("cipher", ""), user=_user(session.authenticated))
 
     def tls_established(self, session: Session) -> None:
         info = session.tls_info
@@ -208,21 +215,26 @@ class EventLog(Monitor):
 
     def tls_failed(self, session: Session, reason: str) -> None:
         self._emit("tls.failed", "connection {conn} from {peer}: TLS handshake failed: {reason}",
-                   **_common(session), reason=reason)
+                   **_common(session), reason=escape(reason))
 
     def auth_succeeded(self, session: Session, mechanism: str, user: str) -> None:
         self._emit("auth.succeeded", "connection {conn} from {peer}: AUTH {mechanism} as {user}", **_common(session),
-                   mechanism=mechanism, user=_printable(user))
+                   mechanism=mechanism, user=_user(user))
 
     def auth_failed(self, session: Session, mechanism: str, user: str | None, reply: Reply) -> None:
         self._emit("auth.failed", "connection {conn} from {peer}: AUTH {mechanism} failed for {user}: {code}",
-                   **_common(session), mechanism=mechanism, user=_printable(user), code=reply.code,
+                   **_common(session), mechanism=mechanism, user=_user(user), code=reply.code,
                    enhanced=reply.enhanced or "")
+
+    def auth_throttled(self, session: Session, scope: str, user: str | None, seconds: float) -> None:
+        self._emit("auth.throttled", "connection {conn} from {peer}: AUTH failure limit of this {scope} reached "
+                   "(user {user}): AUTH refused for {cool_off}s", **_common(session), scope=scope,
+                   user=_user(user), cool_off=seconds)
 
     def replied(self, session: Session, verb: str, reply: Reply) -> None:
         if reply.code < 400:
             return
-        text = "" if verb in _UNSAFE_TEXT else reply.lines[0]
+        text = "" if verb in _UNSAFE_TEXT else escape(reply.lines[0])
         self._emit("reply.error", "connection {conn} from {peer}: {verb} answered {code} {enhanced}"
                    + (" {reply_text}" if text else ""),
                    **_common(session), verb=verb, code=reply.code, enhanced=reply.enhanced or "", reply_text=text)
@@ -244,7 +256,7 @@ class EventLog(Monitor):
                    "message {id} rejected: {code} {enhanced} {reply_text} from=<{sender}> recipients={recipients} "
                    "size={size} conn={conn} peer={peer}",
                    **_common(session), **_envelope(envelope), size=size, code=reply.code,
-                   enhanced=reply.enhanced or "", reply_text=reply.lines[0])
+                   enhanced=reply.enhanced or "", reply_text=escape(reply.lines[0]))
 
     def message_aborted(self, session: Session, envelope: Envelope, size: int, reason: str) -> None:
         self._emit("message.aborted",

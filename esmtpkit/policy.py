@@ -30,9 +30,12 @@ class Policy:
     max_recipients: int = 1000
     #: Base command line limit, CRLF included (RFC 5321 §4.5.3.1.4); extensions add their allowance.
     max_command_length: int = 512
-    #: Longest header line in message content, CRLF included (RFC 5321 §4.5.3.1.6).
+    #: Longest header line in message content, CRLF included (RFC 5321 §4.5.3.1.6), whatever the handler's
+    #: ``chunk_mode``. 0: no limit of its own (a header line the handler is given parsed must still fit within
+    #: ``max_header_size``, or 1 MiB).
     max_line_length: int = 1000
-    #: Largest header section, in bytes (like Postfix's header_size_limit).
+    #: Largest header section, in bytes (like Postfix's header_size_limit), whatever the handler's ``chunk_mode``.
+    #: 0: no limit.
     max_header_size: int = 102400
     #: Seconds to wait for the next command line (RFC 5321 §4.5.3.2.7).
     command_timeout: float = 300.0
@@ -50,6 +53,10 @@ class Policy:
     max_connections_per_client: int = 50
     #: Most mail transactions (MAIL commands accepted) per connection (421 4.7.0 beyond); 0 for no limit.
     max_transactions: int = 0
+    #: Commands that move no mail (NOOP, RSET, VRFY, EXPN, HELP, HELO/EHLO) a session may send before each further
+    #: one counts as an error toward ``error_limit`` (Postfix's smtpd_junk_command_limit); a delivered message
+    #: starts the count again. 0 for no limit.
+    junk_command_limit: int = 100
     #: Seconds to wait before greeting; a client that talks first is refused (postscreen's pregreet test). 0: off.
     pregreet_delay: float = 0.0
     #: Seconds that transactions in flight may take to finish when the server shuts down.
@@ -86,6 +93,18 @@ class Policy:
     require_auth: bool = False
     #: Whether an authenticated user (first argument) may act as another identity (second, PLAIN's authzid).
     auth_authorize: Callable[[str, str], bool] | None = field(default=None, compare=False)
+    #: Password guessing, counted across connections (`esmtpkit.authlimit`): wrong passwords from one client
+    #: address (an IPv6 /64) that start a cool-off of ``auth_cool_off`` seconds, in which AUTH gets 454 4.7.0
+    #: (RFC 4954 §6); one failure is forgotten every ``auth_cool_off / limit`` seconds. 0: not counted.
+    auth_failure_limit: int = 10
+    #: The same for one user name, whatever the address (a guessing network); 0: not counted.
+    auth_user_failure_limit: int = 30
+    #: Seconds of a cool-off; 0 turns the whole throttle off.
+    auth_cool_off: float = 300.0
+    #: Seconds the reply to a failure is held once its address or user name has more than ``auth_delay_after``;
+    #: doubled for each further one, up to 8 times (Dovecot's auth_failure_delay is 2 s). 0: no delay.
+    auth_failure_delay: float = 2.0
+    auth_delay_after: int = 3
     #: Extra keyword arguments kept for extensions configured elsewhere (TLS, AUTH, ...).
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -94,7 +113,12 @@ class Policy:
             raise ValueError("bare_newline must be 'reject' or 'allow'")
         for name in ("max_message_size", "max_recipients", "error_limit", "soft_error_limit", "error_delay",
                      "max_connections", "max_connections_per_client", "max_transactions", "pregreet_delay",
+                     "junk_command_limit", "max_line_length", "max_header_size",
                      "shutdown_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        for name in ("auth_failure_limit", "auth_user_failure_limit", "auth_cool_off", "auth_failure_delay",
+                     "auth_delay_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.max_command_length < 512:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Final
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime, ITLSTransport
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -25,8 +25,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import sasl, state
+from .authlimit import AUTH_THROTTLED, AuthThrottle
 from .commands import Command, CommandError, Verb, line_limit, parse_command, parse_mail_rcpt
-from .data import CountedReader, DotDecoder, HeaderSplitter, has_bare_newline
+from .data import CountedReader, DotDecoder, HeaderLimits, HeaderSplitter, has_bare_newline
+from .escape import escape
 from .ids import new_id
 from .interfaces import IMessageHandler
 from .monitor import Monitor
@@ -72,6 +74,12 @@ _EXTENSION_VERBS = frozenset((Verb.STARTTLS, Verb.AUTH, Verb.BDAT, Verb.LHLO))
 _LABELS: Final = {verb: verb.value for verb in Verb}  # the monitor's verb label (Enum.value is a slow property)
 _NO_KEYWORDS: Final[frozenset[str]] = frozenset()  # shared: each frozenset() call makes a new 216-byte set
 _METHODS: Final = {verb: f"_do_{verb.value}" for verb in Verb}
+#: Commands that move no mail (Postfix's smtpd_junk_command_limit counts NOOP, VRFY, ETRN and RSET); past
+#: ``Policy.junk_command_limit`` of them in a session without a delivered message, each counts as an error.
+_JUNK: Final = frozenset((Verb.NOOP, Verb.RSET, Verb.VRFY, Verb.EXPN, Verb.HELP, Verb.HELO, Verb.EHLO, Verb.LHLO))
+#: Where a header line has no limit of its own (``max_line_length`` 0), a parsed header line may still not
+#: outgrow this: the handler is given it whole, so it has to fit in memory.
+_PARSED_LINE_CAP = 1024 * 1024
 #: RFC 3030 §2: chunk-size is 1*DIGIT; more than 20 digits is no size a server could read.
 _MAX_CHUNK_DIGITS = 20
 
@@ -99,7 +107,7 @@ class _Message:
     """State of one message's content while it arrives (by DATA, or by BDAT when ``chunked``)."""
 
     __slots__ = ("decoder", "headers", "size", "error", "chunk", "lines", "partial", "ended", "chunked", "line",
-                 "received", "check_bare", "cr")
+                 "received", "check_bare", "cr", "limits")
 
     def __init__(self, chunk: int, lines: bool) -> None:
         self.decoder: DotDecoder | None = None
@@ -115,6 +123,7 @@ class _Message:
         self.received = 0  # BDAT: octets announced by the chunks accepted so far
         self.check_bare = False  # BDAT: the bare CR/LF policy applies (the body is not BINARYMIME)
         self.cr = False  # BDAT: the content so far ends with a CR that the next octet may pair with an LF
+        self.limits: HeaderLimits | None = None  # the header limits, for content passed on raw
 
 
 class _Chunk:
@@ -158,9 +167,14 @@ def _longest_command(base: int, auth: bool) -> int:
     return max(line_limit(verb, base) for verb in Verb if verb is not Verb.AUTH or auth)
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class ESMTPProtocol(LineReceiver):
-    """Speaks ESMTP on one connection and delegates every verb to ``handler``."""
+    """Speaks ESMTP on one connection and delegates every verb to ``handler``.
+
+    It is its transport's streaming producer (as Twisted's HTTP server is): when the replies waiting to be sent
+    pass the transport's buffer size, the transport calls `pauseProducing` and nothing more is read from a
+    client that does not read what it is sent, until `resumeProducing`.
+    """
 
     log = Logger()
     delimiter = b"\r\n"
@@ -171,7 +185,8 @@ class ESMTPProtocol(LineReceiver):
                  "handler", "policy", "clock", "monitor", "session", "phase", "errors", "_verb", "_opened_at",
                  "_mail_at", "_admitted", "_close_reason", "_refused", "_todo", "_waiting", "_reprocess",
                  "_skipping_line", "_skip_cr", "_message", "_timer", "_pregreet", "_early_talker", "_closing",
-                 "_keywords", "_chunk", "_sasl", "_identity", "_mechanisms", "_command_limit")
+                 "_keywords", "_chunk", "_sasl", "_identity", "_mechanisms", "_command_limit", "_write_blocked", "_junk",
+                 "_penalty", "_producing")
 
     def __init__(self, handler: IMessageHandler, policy: Policy | None = None,
                  clock: IReactorTime | None = None, monitor: Monitor | None = None) -> None:
@@ -216,6 +231,10 @@ class ESMTPProtocol(LineReceiver):
         self._mechanisms = tuple(sasl.mechanisms_for(p.portal, p.auth_mechanisms)) if p.portal is not None else ()
         self.session.lmtp = p.lmtp
         self._command_limit = _longest_command(p.max_command_length, bool(self._mechanisms))
+        self._write_blocked = False  # the transport asked us to stop producing replies (its buffer is full)
+        self._producing = False  # registered as the transport's producer
+        self._junk = 0  # junk commands since the session began or last delivered a message
+        self._penalty = False  # the reply being made counts as an error whatever its code (a junk command too many)
 
     # ---- extensions -------------------------------------------------------------------------------------------
 
@@ -267,6 +286,8 @@ class ESMTPProtocol(LineReceiver):
             self.monitor.connection_refused(session, refusal)
             return
         self._admitted = True
+        if not session.tls:
+            self._start_producing()  # over TLS, once the handshake is done (handshakeCompleted)
         self.monitor.connection_opened(session)
         if self.policy.pregreet_delay and self.clock is not None:
             self._pregreet = self.clock.callLater(self.policy.pregreet_delay, self._pregreet_over)
@@ -307,6 +328,53 @@ class ESMTPProtocol(LineReceiver):
             super().dataReceived(b"")
         self._reset_timer()
 
+    # ---- reading: paused while a handler result is pending, or while the client does not read our replies ---
+
+    def pauseProducing(self) -> None:
+        """The transport's outgoing buffer is full (IPushProducer): read nothing more until it drains."""
+        self._write_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """The transport's outgoing buffer drained (IPushProducer): read again, unless a handler result is pending."""
+        self._write_blocked = False
+        self._update_reading()
+
+    def stopProducing(self) -> None:
+        """The connection is going away (IPushProducer): nothing more is read."""
+        self._write_blocked = True
+        self.paused = True
+
+    def _start_producing(self) -> None:
+        """Hear the transport's backpressure from now on.
+
+        Never during a TLS handshake: the TLS layer holds back what is written until the handshake is done and
+        asks its producer to pause meanwhile, and pausing reading then would stall the handshake itself.
+        """
+        if not self._producing and self._admitted and self.phase is not Phase.CLOSED:
+            self._producing = True
+            self.transport.registerProducer(self, True)
+
+    def _stop_producing(self) -> None:
+        if self._producing:
+            self._producing = False
+            self._write_blocked = False
+            self.transport.unregisterProducer()
+
+    def _update_reading(self) -> None:
+        """Read from the transport exactly when no handler result is pending and the client takes our replies."""
+        hold = self._waiting or self._write_blocked
+        if hold == self.paused or self.transport is None:
+            return
+        self.paused = hold
+        if hold:
+            self.transport.pauseProducing()
+            return
+        if self.phase is Phase.CLOSED:
+            return
+        self.transport.resumeProducing()
+        self.dataReceived(b"")  # lines already read and waiting in the buffer
+
     def _report_close(self, reason: Failure) -> None:
         """Tell the monitor how the connection ended (and that TLS failed, if it never came up)."""
         session = self.session
@@ -322,12 +390,13 @@ class ESMTPProtocol(LineReceiver):
         """TLS is up (after STARTTLS, or on an implicit-TLS listener): note what was negotiated."""
         self.session.tls_info = tls_info(self.transport)
         self.monitor.tls_established(self.session)
+        self._start_producing()
 
     def _pregreet_over(self) -> None:
         """The greeting delay passed: greet, or refuse a client that talked first (postscreen's pregreet test)."""
         self._pregreet = None
         if self._early_talker:
-            self.log.info("early talker {peer} refused", peer=self.session.peer_ip)
+            self.log.info("early talker {peer} refused", peer=escape(self.session.peer_ip))
             self._refused = True
             self.send(EARLY_TALKER, count_error=False, plain=True)
             self._reset_timer()
@@ -372,7 +441,7 @@ class ESMTPProtocol(LineReceiver):
     def _wait_for(self, pending: "Deferred[Any]") -> None:
         """A handler result is pending: read nothing more (and run no timer) until it comes."""
         self._waiting = True
-        self.pauseProducing()
+        self._update_reading()
         self._cancel_timer()
         pending.addBoth(self._resume)
 
@@ -383,7 +452,7 @@ class ESMTPProtocol(LineReceiver):
         self._drive()
         if not self._waiting and self.phase is not Phase.CLOSED:
             self._reset_timer()
-            self.resumeProducing()
+            self._update_reading()
 
     def _call(self, method: Callable[..., Any], args: tuple[Any, ...],
               then: Callable[[Any], None]) -> "Deferred[Any] | None":
@@ -473,7 +542,8 @@ class ESMTPProtocol(LineReceiver):
             return
         self.transport.write(reply.render(not plain and self._enhanced()))
         self.monitor.replied(self.session, self._verb, reply)
-        if reply.code >= 500 and count_error:  # client errors; the server's own 4xx troubles do not count
+        penalty, self._penalty = self._penalty, False
+        if (reply.code >= 500 and count_error) or penalty:  # client errors; the server's own 4xx troubles do not
             self.errors += 1
             if self.policy.error_limit and self.errors >= self.policy.error_limit:
                 self._unsolicited("ERRORS", TOO_MANY_ERRORS)
@@ -505,7 +575,13 @@ class ESMTPProtocol(LineReceiver):
         self.phase = Phase.CLOSED
         self._cancel_timer()
         self._todo.clear()
-        self.transport.loseConnection()
+        # The client reads nothing: what is queued (our last reply included) would never drain. Drop it.
+        blocked = self._write_blocked
+        self._stop_producing()  # a transport with a producer registered never finishes closing
+        if blocked:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     def _with_hostname(self, reply: Reply) -> Reply:
         first = f"{self.policy.hostname} {reply.lines[0]}".rstrip(" ")
@@ -602,6 +678,10 @@ class ESMTPProtocol(LineReceiver):
         if self._refused and command.verb is not Verb.QUIT:
             self.send(NO_SERVICE)
             return None
+        if verb in _JUNK:
+            self._junk += 1
+            limit = self.policy.junk_command_limit
+            self._penalty = bool(limit) and self._junk > limit
         try:
             if not state.allowed(self.phase, verb):
                 refusal = Reply(503, (state.refusal(self.phase, verb),), "5.5.1")
@@ -708,6 +788,8 @@ class ESMTPProtocol(LineReceiver):
             self.session.tls_info = tls_info(self.transport)
             if self.session.tls_info:
                 self.monitor.tls_established(self.session)
+        if self.session.tls:
+            self._start_producing()  # a command came over TLS: the handshake is done, even if no one said so
 
     def _do_MAIL(self, command: Command) -> "Deferred[Any] | None":
         if self.policy.require_tls and not self.session.tls:
@@ -831,13 +913,16 @@ class ESMTPProtocol(LineReceiver):
         self._reprocess = self._skipping_line = self._skip_cr = False
         if dropped:
             self.log.info("discarded {count} plaintext bytes sent after STARTTLS by {peer}", count=dropped,
-                          peer=self.session.peer_ip)
+                          peer=escape(self.session.peer_ip))
         self._reset_transaction("STARTTLS")
         self._logout()
         session = self.session
         session.helo, session.esmtp, session.authenticated, session.auth_mechanism = None, False, None, None
         self._keywords = _NO_KEYWORDS
         self.phase = state.advance(self.phase, Verb.STARTTLS)
+        self._stop_producing()  # again once the handshake is done (see _start_producing)
+        if self._write_blocked or self.paused:
+            self._update_reading()
         self.transport.startTLS(self.policy.tls_context)
         session.tls = True
         return None
@@ -860,6 +945,9 @@ class ESMTPProtocol(LineReceiver):
         if mechanism is None:
             self.send(sasl.AUTH_MECHANISM_UNKNOWN)
             return None
+        throttle: AuthThrottle | None = getattr(self.factory, "auth_throttle", None)
+        if throttle is not None and throttle.refuses(self.session.peer_ip, None, self._now()):
+            return self._auth_held(AUTH_THROTTLED, throttle.delay)  # the address is in its cool-off
         return self._auth_step(mechanism, mechanism.start(initial))
 
     def _auth_response(self, line: bytes) -> "Deferred[Any] | None":
@@ -878,13 +966,32 @@ class ESMTPProtocol(LineReceiver):
             self.monitor.auth_failed(self.session, mechanism.name, None, step.reply)
             self.send(step.reply)  # counts toward the error limit, as every failure does
             return None
+        user = _username(step)
+        # Password guessing is counted across connections (esmtpkit.authlimit): a check in progress counts toward
+        # the limits until its result, so parallel connections cannot run more guesses than the limit allows.
+        throttle: AuthThrottle | None = getattr(self.factory, "auth_throttle", None)
+        attempt = throttle.begin(self.session.peer_ip, user, self._now()) if throttle is not None else None
+        if throttle is not None and attempt is None:
+            return self._auth_held(AUTH_THROTTLED, throttle.delay)
 
         def then(value: Any) -> None:
             if isinstance(value, Failure):
                 reply = self._reply_from(value, "auth")
-                self.monitor.auth_failed(self.session, mechanism.name, _username(step), reply)
+                self.monitor.auth_failed(self.session, mechanism.name, user, reply)
+                if throttle is not None and attempt is not None:
+                    if reply.code < 500:  # the checker failed (454), not the client: no guess was judged
+                        throttle.ended(attempt, self._now())
+                    else:
+                        verdict = throttle.failed(attempt, self._now())
+                        for scope in verdict.scopes:
+                            self.monitor.auth_throttled(self.session, scope, user, throttle.cool_off)
+                        if verdict.delay and self.phase is not Phase.CLOSED:
+                            self._todo.append(lambda: self._auth_held(reply, verdict.delay))  # next, before the rest
+                            return
                 self.send(reply)
                 return
+            if throttle is not None and attempt is not None:
+                throttle.ended(attempt, self._now())
             if self.phase is Phase.CLOSED:
                 value.logout()
                 return
@@ -896,6 +1003,13 @@ class ESMTPProtocol(LineReceiver):
 
         return self._call(sasl.authenticate, (self.policy.portal, step), then)
 
+    def _auth_held(self, reply: Reply, delay: float) -> "Deferred[Any] | None":
+        """Send an AUTH refusal after ``delay`` seconds in which nothing is read from this connection."""
+        if not delay or self.clock is None:
+            self.send(reply)
+            return None
+        return deferLater(self.clock, delay, self.send, reply)
+
     def _logout(self) -> None:
         """Release the authenticated identity (its realm's logout), if any."""
         identity, self._identity = self._identity, None
@@ -903,7 +1017,7 @@ class ESMTPProtocol(LineReceiver):
             try:
                 identity.logout()
             except Exception:
-                self.log.failure("logout of {name} failed", name=identity.name)
+                self.log.failure("logout of {name} failed", name=escape(identity.name))
 
     # ---- BDAT (RFC 3030) ---------------------------------------------------------------------------------------
 
@@ -972,6 +1086,8 @@ class ESMTPProtocol(LineReceiver):
                               and self.session.envelope.mail_params.get("BODY") != "BINARYMIME")
         if mode is not True:
             message.headers = HeaderSplitter()
+        else:
+            message.limits = self._raw_limits()
         self._message = message
         return message
 
@@ -1013,7 +1129,8 @@ class ESMTPProtocol(LineReceiver):
         if headers is None:
             return self._body_steps(message, data)
         buf = message.line + data if message.line else data
-        longest = self.policy.max_line_length - 2
+        longest = self._header_line_limit() - 2
+        most = self.policy.max_header_size
         steps: list[_Step] = []
         pos = 0
         while True:
@@ -1028,7 +1145,7 @@ class ESMTPProtocol(LineReceiver):
             events, done, body = headers.line(line)
             if not body:
                 self._message_size(message, len(line) + 2)
-            if headers.size > self.policy.max_header_size:
+            if most and headers.size > most:
                 self._fail_message(HEADER_TOO_BIG)
             if message.error is not None:
                 return []
@@ -1063,7 +1180,7 @@ class ESMTPProtocol(LineReceiver):
                     body = body[:-2]  # the splitter gave it the CRLF the message does not have
                     if not body:
                         self._message_size(message, len(line))
-                    if headers.size > self.policy.max_header_size:
+                    if self.policy.max_header_size and headers.size > self.policy.max_header_size:
                         self._fail_message(HEADER_TOO_BIG)
                         return [self._chunk_end_step(chunk, rest)]
                 events += headers.finish()
@@ -1139,10 +1256,23 @@ class ESMTPProtocol(LineReceiver):
         self._message = message
         if mode is True:
             message.decoder = DotDecoder(at_line_start=True, check_bare=self.policy.bare_newline == "reject")
+            message.limits = self._raw_limits()
             self.setRawMode()
         else:
             message.headers = HeaderSplitter()
-            self.MAX_LENGTH = self.policy.max_line_length - 2
+            self.MAX_LENGTH = self._header_line_limit() - 2
+
+    def _header_line_limit(self) -> int:
+        """The longest header line read as a line, CRLF included (bounded even when ``max_line_length`` is 0)."""
+        p = self.policy
+        return p.max_line_length or min(p.max_header_size or _PARSED_LINE_CAP, _PARSED_LINE_CAP)
+
+    def _raw_limits(self) -> HeaderLimits | None:
+        """The header limits for content passed on raw; None when both are off."""
+        p = self.policy
+        if not (p.max_line_length or p.max_header_size):
+            return None
+        return HeaderLimits(p.max_line_length, p.max_header_size)
 
     def _fail_message(self, reply: Reply) -> None:
         message = self._message
@@ -1164,7 +1294,7 @@ class ESMTPProtocol(LineReceiver):
         events, done, body = message.headers.line(line)
         if not body:
             self._message_size(message, len(line) + 2)  # a non-header line is counted as body below
-        if message.headers.size > self.policy.max_header_size:
+        if self.policy.max_header_size and message.headers.size > self.policy.max_header_size:
             self._fail_message(HEADER_TOO_BIG)
         if message.error is not None:
             self._drain_headers(message)
@@ -1212,6 +1342,13 @@ class ESMTPProtocol(LineReceiver):
         return True
 
     def _body_steps(self, message: _Message, data: bytes) -> list[_Step]:
+        limits = message.limits
+        if limits is not None and data:
+            exceeded = limits.feed(data)
+            if exceeded is not None:
+                self._fail_message(LINE_TOO_LONG if exceeded == "line" else HEADER_TOO_BIG)
+            if limits.done:
+                message.limits = None
         if not data or not self._message_size(message, len(data)) or message.error is not None:
             return []
         size = message.chunk
@@ -1312,6 +1449,7 @@ class ESMTPProtocol(LineReceiver):
         """Tell the monitor the message's fate: accepted if any reply is positive (LMTP: for some recipients)."""
         accepted = next((r for r in replies if r.is_positive), None)
         if accepted is not None:
+            self._junk = 0  # a session that delivers mail may keep resetting between messages
             self.monitor.message_accepted(self.session, envelope, size, self._now() - self._mail_at, accepted)
         else:
             self.monitor.message_rejected(self.session, envelope, size, replies[0])

@@ -20,6 +20,7 @@ from twisted.python import reflect, usage
 
 from . import sasl
 from .authfile import PasswordFileError, password_files, replace_file_databases
+from .backlog import sized_listeners
 from .factory import ESMTPFactory
 from .interfaces import IMessageHandler
 from .monitor import EventLog, Monitor, Monitors
@@ -42,6 +43,19 @@ def _positive_int(name: str) -> Callable[[str], int]:
             raise usage.UsageError(f"--{name} takes a whole number, not {value!r}") from None
         if number < 0:
             raise usage.UsageError(f"--{name} must not be negative")
+        return number
+
+    return parse
+
+
+def _not_negative(name: str) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} takes seconds, not {value!r}") from None
+        if not number >= 0 or number == float("inf"):
+            raise usage.UsageError(f"--{name} takes a finite number of seconds, 0 or more")
         return number
 
     return parse
@@ -99,6 +113,14 @@ class Options(strcred.AuthOptionMixin, usage.Options):
          _positive_int("max-connections-per-client")],
         ["max-transactions", None, Policy.max_transactions, "Most messages per connection; 0 for no limit.",
          _positive_int("max-transactions")],
+        ["junk-command-limit", None, Policy.junk_command_limit,
+         "NOOP/RSET/VRFY/EXPN/HELP/HELO/EHLO commands a session may send before each counts as an error; 0: none.",
+         _positive_int("junk-command-limit")],
+        ["max-line-length", None, Policy.max_line_length,
+         "Longest header line in a message, CRLF included; 0 for no limit of its own.",
+         _positive_int("max-line-length")],
+        ["max-header-size", None, Policy.max_header_size, "Largest header section of a message in bytes; 0 for no "
+         "limit.", _positive_int("max-header-size")],
         ["soft-error-limit", None, Policy.soft_error_limit, "Errors after which --error-delay applies.",
          _positive_int("soft-error-limit")],
         ["error-delay", None, Policy.error_delay, "Seconds of silence after each error beyond --soft-error-limit.",
@@ -110,6 +132,20 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["tls-cert", None, None, "PEM file with the server certificate (and chain) for STARTTLS and ssl: listeners."],
         ["tls-key", None, None, "PEM file with the certificate's private key (default: read from --tls-cert)."],
         ["auth-mechanisms", None, ",".join(sasl.DEFAULT_ORDER), "SASL mechanisms to offer, comma-separated, in order."],
+        ["auth-failure-limit", None, Policy.auth_failure_limit,
+         "Wrong passwords from one address (IPv6: /64) before AUTH from it gets 454 for --auth-cool-off; 0: none.",
+         _positive_int("auth-failure-limit")],
+        ["auth-user-failure-limit", None, Policy.auth_user_failure_limit,
+         "Wrong passwords for one user name, from any address, before its cool-off; 0: none.",
+         _positive_int("auth-user-failure-limit")],
+        ["auth-cool-off", None, Policy.auth_cool_off,
+         "Seconds AUTH is refused after a failure limit is reached; 0 turns password-guessing limits off.",
+         _not_negative("auth-cool-off")],
+        ["auth-failure-delay", None, Policy.auth_failure_delay,
+         "Seconds the reply to a wrong password is held beyond --auth-delay-after failures (doubling); 0: none.",
+         _not_negative("auth-failure-delay")],
+        ["auth-delay-after", None, Policy.auth_delay_after,
+         "Wrong passwords from one address or user name answered without delay.", _positive_int("auth-delay-after")],
         ["maildir", None, "Maildir", "Maildir folder for the Maildir handler (created if missing)."],
         ["workers", None, "1", "Worker processes sharing the listening sockets: a number, or auto for one per CPU."],
         ["proxy-timeout", None, DEFAULT_PROXY_TIMEOUT, "Seconds a connection may take to send its PROXY header.",
@@ -366,6 +402,9 @@ def build_policy(options: usage.Options) -> Policy:
         max_connections=options["max-connections"],
         max_connections_per_client=options["max-connections-per-client"],
         max_transactions=options["max-transactions"],
+        junk_command_limit=options["junk-command-limit"],
+        max_line_length=options["max-line-length"],
+        max_header_size=options["max-header-size"],
         soft_error_limit=options["soft-error-limit"],
         error_delay=options["error-delay"],
         pregreet_delay=options["pregreet-delay"],
@@ -380,6 +419,11 @@ def build_policy(options: usage.Options) -> Policy:
         auth_mechanisms=options["auth-mechanisms"],
         auth_require_tls=not options["auth-over-plaintext"],
         require_auth=bool(options["require-auth"]),
+        auth_failure_limit=options["auth-failure-limit"],
+        auth_user_failure_limit=options["auth-user-failure-limit"],
+        auth_cool_off=options["auth-cool-off"],
+        auth_failure_delay=options["auth-failure-delay"],
+        auth_delay_after=options["auth-delay-after"],
     )
     if options["hostname"]:
         kwargs["hostname"] = options["hostname"]
@@ -410,7 +454,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         listening = ProxyProtocolFactory(factory, trusted=options["proxy-trusted"] or DEFAULT_TRUSTED,
                                          timeout=options["proxy-timeout"], clock=reactor)
     tls = options["tls"]
-    for description in options["listen"]:
+    for description in sized_listeners(options["listen"], options["policy"].max_connections):
         if options.get("reuse-port"):
             from ._reuseport import reuse_port_service
 

@@ -467,6 +467,7 @@ def supervise(options: usage.Options, reactor: Any = None) -> IService:
         reactor = global_reactor
     for description in options["listen"]:
         shareable(description)
+    from .backlog import sized_listeners
     from .tap import reloadables
 
     metrics = None
@@ -474,6 +475,7 @@ def supervise(options: usage.Options, reactor: Any = None) -> IService:
         from .metrics import WorkerMetrics
 
         metrics = WorkerMetrics(options["metrics"], reactor)
-    return Supervisor(options["listen"], options["workers"], worker_arguments(options), reactor,
+    listen = sized_listeners(options["listen"], options["policy"].max_connections)
+    return Supervisor(listen, options["workers"], worker_arguments(options), reactor,
                       stop_timeout=options["policy"].shutdown_timeout + KILL_GRACE,
                       reload_tls=bool(reloadables(options)), metrics=metrics)

@@ -5,13 +5,17 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.address import Address, AddressError, parse_path
+from esmtpkit.address import Address, AddressError, parse_path, quote_local_part
+from esmtpkit.escape import UNSAFE
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 
 _ATOM = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~",
                 min_size=1, max_size=10)
 _LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+#: Characters no path may hold, quoted or not: C0, DEL, C1, U+2028/U+2029, bidirectional formatting characters.
+_UNSAFE = ("\x00\x01\t\x0b\x0c\x1b\x1c\x1d\x1e\x7f\x80\x85\x9b\x9f"
+           "\u061c\u200e\u200f\u2028\u2029\u202a\u202e\u2066\u2069")
 
 
 class ParsePathTests(SynchronousTestCase):
@@ -125,3 +129,72 @@ class ParsePathTests(SynchronousTestCase):
                 parse_path(path, **options)  # type: ignore[arg-type]
             except AddressError:
                 pass
+
+
+class ControlCharacterTests(SynchronousTestCase):
+    """No address holds a character that could act on a log reader or a header field (RFC 5321 §4.1.2)."""
+
+    def test_refused_everywhere_in_the_path(self) -> None:
+        """In a dot-string, a quoted string, the domain or a source route, with or without SMTPUTF8."""
+        for char in _UNSAFE:
+            for path in (f"<x{char}y@example.com>", f'<"x{char}y"@example.com>', f"<xy@exa{char}mple.com>",
+                         f"<@relay{char}.example:xy@example.com>", f"<x@[IPv6:{char}::1]>"):
+                for utf8 in (False, True):
+                    with self.assertRaises(AddressError, msg=repr(path)) as caught:
+                        parse_path(path, utf8=utf8)
+                    self.assertEqual(str(caught.exception), f"character U+{ord(char):04X} not allowed in an address")
+
+    def test_the_message_never_echoes_the_character(self) -> None:
+        """The refusal names the code point, so the 501 reply and its log line stay clean."""
+        with self.assertRaises(AddressError) as caught:
+            parse_path("<x\x1b[2J@example.com>")
+        self.assertIsNone(UNSAFE.search(str(caught.exception)))
+
+    def test_other_unicode_is_still_accepted(self) -> None:
+        """Letters, marks and the zero-width joiners some scripts need stay legal in RFC 6531 mailboxes."""
+        for mailbox in ("j\u00f6rg@b\u00fccher.example", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645@example.ir",
+                        "\u0939\u093f\u0902\u0926\u0940@example.in", '"j\u00f6 rg"@example.org',
+                        "emoji\U0001f469\u200d\U0001f4bb@example.org"):
+            self.assertEqual(parse_path(f"<{mailbox}>", utf8=True), mailbox)
+
+    @SETTINGS
+    @given(st.text(max_size=20), st.sampled_from(_UNSAFE), st.text(max_size=20))
+    def test_never_parses(self, before: str, char: str, after: str) -> None:
+        """Whatever surrounds one such character, the path is refused."""
+        for options in ({}, {"allow_null": True, "allow_postmaster": True, "utf8": True}):
+            self.assertRaises(AddressError, parse_path, f"<{before}{char}{after}>", **options)  # type: ignore[arg-type]
+
+
+class CanonicalTests(SynchronousTestCase):
+    """The least-quoted form of a mailbox (RFC 5321 §4.1.2: all quoted forms are equivalent)."""
+
+    def test_quote_local_part(self) -> None:
+        self.assertEqual(quote_local_part("alice.b"), "alice.b")
+        self.assertEqual(quote_local_part("j\u00f6rg"), "j\u00f6rg")
+        self.assertEqual(quote_local_part("john smith"), '"john smith"')
+        self.assertEqual(quote_local_part('a"b\\c'), '"a\\"b\\\\c"')
+        self.assertEqual(quote_local_part("a..b"), '"a..b"')
+        self.assertEqual(quote_local_part(""), '""')
+
+    def test_canonical(self) -> None:
+        cases = {
+            "<alice@example.org>": "alice@example.org",
+            '<"alice"@example.org>': "alice@example.org",
+            '<"a\\ b"@example.org>': '"a b"@example.org',
+            '<"a\\"b"@example.org>': '"a\\"b"@example.org',
+            '<"a\\\\b"@example.org>': '"a\\\\b"@example.org',
+            '<"x; Tue, 1 Jan 2030 00:00:00 +0000 (authenticated as root)"@evil.test>':
+                '"x; Tue, 1 Jan 2030 00:00:00 +0000 (authenticated as root)"@evil.test',
+            '<"a@b"@example.org>': '"a@b"@example.org',
+            "<>": "",
+            "<Postmaster>": "Postmaster",
+        }
+        for path, canonical in cases.items():
+            address = parse_path(path, allow_null=True, allow_postmaster=True)
+            self.assertEqual(address.canonical(), canonical, path)
+            if address:
+                self.assertEqual(parse_path(f"<{canonical}>", allow_postmaster=True).canonical(), canonical)
+
+    def test_address_from_text(self) -> None:
+        """An Address made from text by a handler gets quoted where its local part needs it."""
+        self.assertEqual(Address("john smith@example.org").canonical(), '"john smith"@example.org')

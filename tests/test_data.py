@@ -6,7 +6,8 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit import data as data_module
-from esmtpkit.data import CountedReader, DotDecoder, HeaderEvent, HeaderSplitter, dot_stuff, has_bare_newline
+from esmtpkit.data import (CountedReader, DotDecoder, HeaderEvent, HeaderLimits, HeaderSplitter, dot_stuff,
+                           has_bare_newline)
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 
@@ -338,3 +339,81 @@ class HasBareNewlineExhaustiveTests(SynchronousTestCase):
             self.assertRaises(OverflowError, scan, b"a", 2 ** 70)
             self.assertFalse(scan(memoryview(b"a\r\nb")))
             self.assertTrue(scan(memoryview(b"a\nb")))
+
+
+def splitter_verdict(content: bytes, max_line: int, max_size: int) -> str | None:
+    """What reading ``content`` as lines through `HeaderSplitter` says of the limits (the definition)."""
+    splitter = HeaderSplitter()
+    lines = content.split(b"\r\n")
+    last = lines.pop()  # after the final CRLF (empty), or a last line without one
+    for line in lines + ([last] if last else []):
+        if max_line and len(line) + 2 > max_line:
+            return "line"
+        _, done, _ = splitter.line(line)
+        if max_size and splitter.size > max_size:
+            return "size"
+        if done:
+            return None
+    return None
+
+
+#: Header-ish content: names, colons, folding, empty lines and long runs, so every rule comes up.
+HEADERS = st.lists(st.sampled_from([b"Subject: hi", b"X:", b" folded", b"\tmore", b"", b"not a header",
+                                    b"A: " + b"v" * 40, b"B" * 30 + b": x", b"\r", b"\n"]),
+                   max_size=12).map(lambda lines: b"\r\n".join(lines) + b"\r\n")
+
+
+class HeaderLimitsTests(SynchronousTestCase):
+    """The header limits on raw content agree with reading the same content as lines, however it is split."""
+
+    def feed(self, pieces: list[bytes], max_line: int, max_size: int) -> str | None:
+        limits = HeaderLimits(max_line, max_size)
+        for piece in pieces:
+            verdict = limits.feed(piece)
+            if verdict is not None:
+                self.assertTrue(limits.done)
+                return verdict
+            if limits.done:
+                return None
+        return None
+
+    @SETTINGS
+    @given(HEADERS, st.lists(st.integers(0, 200), max_size=5), st.sampled_from([0, 20, 40, 1000]),
+           st.sampled_from([0, 30, 60, 10000]))
+    def test_agrees_with_the_splitter(self, content: bytes, cuts: list[int], max_line: int, max_size: int) -> None:
+        expected = splitter_verdict(content, max_line, max_size)
+        self.assertEqual(self.feed(split(content, cuts), max_line, max_size), expected)
+
+    def test_usual_message_is_one_search(self) -> None:
+        limits = HeaderLimits(1000, 102400)
+        self.assertIsNone(limits.feed(b"From: a@example.org\r\nSubject: hi\r\n\r\n" + b"x" * 5000 + b"\r\n"))
+        self.assertTrue(limits.done)
+
+    def test_long_line_straddling_pieces(self) -> None:
+        limits = HeaderLimits(1000, 102400)
+        self.assertIsNone(limits.feed(b"X: " + b"v" * 500))
+        self.assertIsNone(limits.feed(b"v" * 495 + b"\r"))  # 998 octets and a CR that may begin the CRLF
+        self.assertIsNone(limits.feed(b"\n\r\n"))
+        self.assertTrue(limits.done)
+        limits = HeaderLimits(1000, 102400)
+        self.assertIsNone(limits.feed(b"X: " + b"v" * 995))
+        self.assertEqual(limits.feed(b"vv"), "line")
+
+    def test_endless_line_is_caught_early(self) -> None:
+        limits = HeaderLimits(1000, 102400)
+        self.assertEqual(limits.feed(b"X: " + b"v" * 64 * 1024), "line")
+
+    def test_section_size(self) -> None:
+        limits = HeaderLimits(1000, 100)
+        self.assertIsNone(limits.feed(b"X: 123456789\r\n" * 7))  # 98 octets
+        self.assertEqual(limits.feed(b"X"), "size")
+
+    def test_a_body_line_ends_the_section(self) -> None:
+        limits = HeaderLimits(1000, 100)
+        self.assertIsNone(limits.feed(b"X: 1\r\nthis is the body\r\n" + b"y" * 5000))
+        self.assertTrue(limits.done)
+
+    def test_no_limits(self) -> None:
+        limits = HeaderLimits(0, 0)
+        self.assertIsNone(limits.feed(b"X: " + b"v" * 100000 + b"\r\n" * 2))
+        self.assertTrue(limits.done)

@@ -52,6 +52,7 @@ def emitted_events() -> dict[str, set[str]]:
     log.tls_failed(session, "handshake")
     log.auth_succeeded(session, "PLAIN", "alice")
     log.auth_failed(session, "PLAIN", "alice", Reply(535, ("Authentication credentials invalid",), "5.7.8"))
+    log.auth_throttled(session, "address", "alice", 300.0)
     log.replied(session, "RCPT", refused)
     log.timed_out(session, "greeted")
     log.message_accepted(session, envelope, 10, 0.5, ok)
@@ -83,7 +84,7 @@ class MetricsListTests(SynchronousTestCase):
     def test_every_metric_is_listed_with_its_type(self) -> None:
         registry = Metrics().registry
         families = {name: family.type for name, family in zip(exposed_names(registry), registry.collect())}
-        self.assertEqual(len(families), 11)
+        self.assertEqual(len(families), 12)
         for name, kind in families.items():
             row = table_row(f"`{name}`")
             self.assertEqual(row.split("|")[2].strip(), kind, name)

@@ -86,6 +86,16 @@ class DebugTests(Base):
             "------------ END MESSAGE ------------"))
         self.assertEqual(event["recipients"], ["bob@example.net", "carol@example.net"])
 
+    def test_controls_in_the_content_are_escaped(self) -> None:
+        """Lines stay lines; an escape sequence, a form feed or U+2028 in the message cannot act on a terminal."""
+        talk = self.talk(self.handler)
+        reply = talk.message("alice@example.com", ["bob@example.net"],
+                             b"Subject: \x1b[2J\x0c\r\n\r\none\xe2\x80\xa8two\x1b]0;title\x07\r\n")
+        self.assertEqual(reply.code, 250)
+        [event] = self.events
+        self.assertEqual(event["content"], "Subject: \\x1b[2J\\x0c\n\none\\u2028two\\x1b]0;title\\x07\n")
+        self.assertNotIn("\x1b", formatEvent(event))
+
     def test_each_message_separately(self) -> None:
         talk = self.talk(self.handler)
         talk.message("a@x.test", ["b@y.test"], b"one\r\n")

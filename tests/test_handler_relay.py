@@ -7,6 +7,7 @@ integration tests run an esmtpkit Relay in front of an esmtpkit Collecting serve
 from __future__ import annotations
 
 import base64
+import re
 import smtplib
 import socket
 from typing import Any
@@ -27,7 +28,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from esmtpkit.address import Address
-from esmtpkit.data import DotDecoder, dot_stuff
+from esmtpkit.data import DotDecoder, dot_stuff, python_has_bare_newline
 from esmtpkit.handlers import Collecting, MessageStore, Relay
 from esmtpkit.handlers.relay import DotStuffer, parse_networks
 from esmtpkit.interfaces import IMessageHandler
@@ -144,11 +145,14 @@ class UpstreamDialogueTests(Base):
         self.finish_upstream()
 
     def test_dot_stuffing_across_file_chunks(self) -> None:
-        """Dots at the very start and right after a chunk boundary of the spooled file are stuffed too."""
+        """Dots at the very start and right after a chunk boundary of the spooled file are stuffed too.
+
+        The long lines are body lines (after an empty header section), so header line limits do not apply.
+        """
         chunk = 2 ** 14  # Twisted's FileSender reads this much at a time
         for content in (b".first line\r\n" + b"x" * (chunk - 15) + b"\r\n.after\r\n",
-                        b"x" * (chunk - 2) + b"\r\n.on the boundary\r\n",
-                        b"x" * (chunk - 1) + b"\r\n.split CRLF\r\n"):
+                        b"\r\n" + b"x" * (chunk - 4) + b"\r\n.on the boundary\r\n",
+                        b"\r\n" + b"x" * (chunk - 3) + b"\r\n.split CRLF\r\n"):
             self.upstream = ScriptedUpstream()
             talk = self.talk(self.relay())
             self.send_message(talk, content)
@@ -320,6 +324,61 @@ class ReplyMappingTests(Base):
         self.finish_upstream()
 
 
+class LineEndTests(Base):
+    """Nothing a lenient upstream could read as a line end, or as the end of the data, goes upstream but CRLF."""
+
+    SMUGGLED = (b"Subject: hello\r\n\r\nhello\n.\nMAIL FROM:<ceo@bank.example>\nRCPT TO:<victim@example.net>\n"
+                b"DATA\nSubject: forged\n\nsend money\r.\r\n")
+
+    def relay_content(self, talk: Conversation, commands: bytes, content: bytes) -> bytes:
+        """Send ``commands`` and ``content`` as given; play the upstream; the octets it got after DATA."""
+        talk.write(commands + content)
+        self.greet()
+        self.upstream.say(b"250 ok", b"250 ok", b"354 go")
+        wire = self.upstream.sent()
+        self.upstream.say(b"250 ok")
+        self.assertEqual(self.final(talk), b"250 2.0.0 Ok: relayed (ok)")
+        self.finish_upstream()
+        head = b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
+        self.assertTrue(wire.startswith(head), wire)
+        return wire[len(head):]
+
+    def test_bare_line_ends_in_data(self) -> None:
+        """Allowed in by ``bare_newline="allow"``, bare LF and CR go upstream as CRLF, stuffed where dot-led."""
+        talk = self.talk(self.relay(), bare_newline="allow")
+        sent = self.relay_content(talk, START, self.SMUGGLED + b".\r\n")
+        self.assertEqual(sent, b"Subject: hello\r\n\r\nhello\r\n..\r\nMAIL FROM:<ceo@bank.example>\r\n"
+                               b"RCPT TO:<victim@example.net>\r\nDATA\r\nSubject: forged\r\n\r\nsend money\r\n"
+                               b"..\r\n.\r\n")
+
+    def test_bdat_without_final_line_end(self) -> None:
+        """BDAT content may end anywhere (RFC 3030 §2): the data still ends CRLF before the dot."""
+        for last, ending in ((b"no line end", b"no line end\r\n"), (b"bare LF\n", b"bare LF\r\n"),
+                             (b"bare CR\r", b"bare CR\r\n"), (b"CRLF\r\n", b"CRLF\r\n")):
+            self.upstream = ScriptedUpstream()
+            content = b"Subject: bdat\r\n\r\n" + last
+            talk = self.talk(self.relay(), bare_newline="allow")
+            sent = self.relay_content(talk, b"EHLO client.test\r\nMAIL FROM:<alice@example.com> BODY=8BITMIME\r\n"
+                                      b"RCPT TO:<bob@example.net>\r\nBDAT %d LAST\r\n" % len(content), content)
+            self.assertEqual(sent, b"Subject: bdat\r\n\r\n" + ending + b".\r\n")
+
+    def test_binarymime_refused_at_mail(self) -> None:
+        """Binary content cannot go over DATA (RFC 3030 §3): 555 5.6.3 before any content; nothing goes upstream."""
+        talk = self.talk(self.relay())
+        talk.write(b"EHLO client.test\r\n")
+        self.assertIn("BINARYMIME", talk.replies()[0].lines)
+        reply = talk.send("MAIL FROM:<alice@example.com> BODY=BINARYMIME")
+        assert reply is not None
+        self.assertEqual((reply.code, reply.enhanced), (555, "5.6.3"))
+        self.assertIn("BINARYMIME", reply.text)
+        talk.write(b"RCPT TO:<bob@example.net>\r\nBDAT 4 LAST\r\nx\n.\n")
+        self.assertEqual([r.code for r in talk.replies()], [503, 503])
+        reply = talk.send("MAIL FROM:<alice@example.com> BODY=8BITMIME")
+        assert reply is not None
+        self.assertEqual(reply.code, 250)
+        self.assertEqual(self.upstream.connections, 0)
+
+
 class DSNTests(Base):
     """RFC 3461 §5.2.1: DSN parameters go upstream with MAIL and RCPT only when the upstream offers DSN."""
 
@@ -462,16 +521,71 @@ class SettingsTests(SynchronousTestCase):
         self.assertEqual(parse_networks(""), ())
 
 
+#: Content octets that matter to line ends and dot-stuffing, and ends of data as lenient next hops read them.
+PIECES = [b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"a", b"..", b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n"]
+SMUGGLING = [b"hi\n.\nMAIL FROM:<ceo@bank.example>\n", b"hi\r\n.\nX\r", b"\r.\r\n.\n\r", b".\n..\r\r\n.",
+             b"Subject: s\r\n\r\nhi\n.\r\nRSET\n"]
+LENIENT_END = re.compile(rb"(?:\r\n|\r|\n)\.(?:\r\n|\r|\n)")
+
+
+def encode_whole(content: bytes) -> bytes:
+    """The reference: every bare CR and LF made CRLF, then stuffed and terminated in one piece (RFC 5321 §4.5.2)."""
+    return dot_stuff(re.sub(rb"\r\n|\r|\n", b"\r\n", content))
+
+
+def encode_pieces(content: bytes, points: list[int]) -> bytes:
+    """``content`` cut at ``points`` (sorted offsets) and fed to one DotStuffer, then finished."""
+    stuffer = DotStuffer()
+    bounds = [0] + points + [len(content)]
+    return b"".join(stuffer(content[a:b]) for a, b in zip(bounds, bounds[1:])) + stuffer.finish()
+
+
 class DotStufferTests(SynchronousTestCase):
-    @given(st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"a", b".."]), max_size=40).map(b"".join),
-           st.lists(st.integers(min_value=0, max_value=200), max_size=6))
+    """What the relay sends after DATA has CRLF line ends only and ends with CRLF, a dot line, CRLF."""
+
+    def assert_clean(self, content: bytes, wire: bytes) -> None:
+        self.assertFalse(python_has_bare_newline(wire), wire)
+        self.assertTrue(wire == b".\r\n" or wire.endswith(b"\r\n.\r\n"), wire)
+        ends = [m.start() for m in LENIENT_END.finditer(b"\r\n" + wire)]
+        self.assertEqual(ends, [len(wire) - 3], "only the last line may be a lone dot, however line ends are read")
+        decoder = DotDecoder()
+        decoded = decoder.feed(wire)
+        self.assertTrue(decoder.done)
+        self.assertEqual(decoder.rest, b"")
+        lines = re.sub(rb"\r\n|\r|\n", b"\r\n", content)
+        self.assertEqual(decoded, lines if lines.endswith(b"\r\n") or not lines else lines + b"\r\n")
+
+    @given(st.lists(st.sampled_from(PIECES), max_size=40).map(b"".join),
+           st.lists(st.integers(min_value=0, max_value=200), max_size=8))
     def test_any_split(self, content: bytes, cuts: list[int]) -> None:
-        """Stuffing chunk by chunk equals stuffing the whole (RFC 5321 §4.5.2), wherever the chunks are cut."""
-        content += b"\r\n"
-        points = sorted({min(c, len(content)) for c in cuts})
-        pieces = [content[a:b] for a, b in zip([0] + points, points + [len(content)])]
+        """Chunk by chunk equals all at once wherever the chunks are cut (empty chunks included)."""
+        wire = encode_pieces(content, sorted(min(c, len(content)) for c in cuts))
+        self.assertEqual(wire, encode_whole(content))
+        self.assert_clean(content, wire)
+
+    def test_every_split_point(self) -> None:
+        """Smuggling sequences cut at every one and every two points give the same clean bytes."""
+        for content in SMUGGLING:
+            whole = encode_whole(content)
+            self.assert_clean(content, whole)
+            for i in range(len(content) + 1):
+                for j in range(i, len(content) + 1):
+                    self.assertEqual(encode_pieces(content, [i, j]), whole, (content, i, j))
+
+    def test_line_ends(self) -> None:
+        """Bare CR and bare LF become CRLF; the data always ends CRLF before the dot."""
+        cases = {b"": b".\r\n", b"a": b"a\r\n.\r\n", b"a\r\n": b"a\r\n.\r\n", b"a\n": b"a\r\n.\r\n",
+                 b"a\r": b"a\r\n.\r\n", b"\r\r\n\n": b"\r\n\r\n\r\n.\r\n", b"a\n.\nb": b"a\r\n..\r\nb\r\n.\r\n",
+                 b".a\r.b": b"..a\r\n..b\r\n.\r\n"}
+        for content, wire in cases.items():
+            self.assertEqual(encode_pieces(content, []), wire, content)
+
+    def test_unchanged_when_clean(self) -> None:
+        """CRLF content goes as it came, only dot-stuffed; a CR ending a chunk is sent at once, not held back."""
         stuffer = DotStuffer()
-        self.assertEqual(b"".join(stuffer(p) for p in pieces), dot_stuff(content)[:-3])
+        self.assertEqual(stuffer(b".a\r\nb\r"), b"..a\r\nb\r")
+        self.assertEqual(stuffer(b"\n.c\r\n"), b"\n..c\r\n")
+        self.assertEqual(stuffer.finish(), b".\r\n")
 
 
 # ---- integration: two real servers on loopback -----------------------------------------------------------------

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import email
 import email.policy
+from email.errors import NonASCIILocalPartDefect
 from email.utils import formatdate
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.address import Address
+from esmtpkit.address import Address, parse_path
 from esmtpkit.handlers.trace import address_literal, received_header, return_path_header
 from esmtpkit.session import Envelope, Session
 
@@ -117,6 +118,70 @@ class ReturnPathTests(SynchronousTestCase):
     def test_null_sender(self) -> None:
         """Bounces (``MAIL FROM:<>``) get ``<>`` (RFC 5321 §4.4)."""
         self.assertEqual(return_path_header(Address("")), b"Return-Path: <>\r\n")
+
+
+#: A legal quoted local part that reads like the end of the field, a date and a comment of our own.
+FORGED = '"x; Tue, 1 Jan 2030 00:00:00 +0000 (authenticated as root)"@evil.test'
+
+
+def received_for(recipient: str) -> bytes:
+    return received_header(session(), id="Q1", recipients=[recipient], timestamp=WHEN)
+
+
+class TraceAddressTests(SynchronousTestCase):
+    """Addresses in ``for`` and ``Return-Path:`` cannot forge the fields' structure (RFC 5321 §4.4)."""
+
+    def test_quoted_local_part_is_not_named_in_for(self) -> None:
+        """``for`` is optional: a recipient whose local part needs quotes is left out, so the field has exactly one
+        ``;`` (before our date) and no comment the client wrote."""
+        recipient = parse_path(f"<{FORGED}>")
+        got = received_for(recipient)
+        self.assertEqual(got, (
+            "Received: from client.test (192.0.2.7 [192.0.2.7]) by mx.test with ESMTP\r\n"
+            f"\tid Q1; {DATE}\r\n").encode())
+        self.assertEqual(got.count(b";"), 1)
+        parsed = email.message_from_bytes(got + b"\r\n", policy=email.policy.SMTP)
+        self.assertEqual(email.utils.parsedate_to_datetime(parsed["Received"].split(";")[1].strip()).timestamp(),
+                         WHEN)
+
+    def test_needless_quotes_are_dropped(self) -> None:
+        """``"bob"@x`` is ``bob@x`` (RFC 5321 §4.1.2): named, in the least-quoted form."""
+        self.assertIn(b"\tfor <bob@example.net>; ", received_for(parse_path('<"bob"@example.net>')))
+
+    def test_unusual_but_plain_addresses_are_named(self) -> None:
+        """Every atext character, an IP literal and UTF-8 letters fit in ``for`` as they are."""
+        for recipient in ("a!#$%&'*+-/=?^_`{|}~.z@example.net", "u@[192.0.2.1]", "u@[IPv6:2001:db8::1]",
+                          "\u00fcn\u00efcode@b\u00fccher.example", "\u0939\u093f\u0902\u0926\u0940@example.in"):
+            got = received_for(parse_path(f"<{recipient}>", utf8=True))
+            unfolded = b" ".join(got.split(b"\r\n\t")).decode()
+            self.assertIn(f" for <{recipient}>; ", unfolded)
+
+    def test_what_a_reader_could_take_for_structure_is_left_out(self) -> None:
+        """General address literals may hold ``;`` and parentheses; full-width look-alikes of them are not letters;
+        a domain-less ``Postmaster`` is no Path; text from a handler is checked as well."""
+        for recipient in ("u@[x-tag:;(a)]", "x\uff1by\uff08z\uff09@example.net", "x\u037ey@example.net", "Postmaster",
+                          "a b@example.net", "x@example.net>; forged", "x\r\nBcc: y@example.net"):
+            got = received_for(recipient)
+            self.assertNotIn(b"for", got, recipient)
+            self.assertEqual(got.count(b";"), 1, recipient)
+
+    def test_return_path_is_one_angle_addr(self) -> None:
+        """The sender is kept exactly, canonically quoted; an RFC 5322 parser reads back the same mailbox."""
+        for path, field in ((f"<{FORGED}>", f"<{FORGED}>"), ('<"bob"@example.net>', "<bob@example.net>"),
+                            ('<"a\\ b\\\\c"@example.net>', '<"a b\\\\c"@example.net>'),
+                            ("<j\u00f6rg@b\u00fccher.example>", "<j\u00f6rg@b\u00fccher.example>")):
+            sender = parse_path(path, utf8=True)
+            got = return_path_header(sender)
+            self.assertEqual(got, f"Return-Path: {field}\r\n".encode())
+            value = got.decode()[len("Return-Path: "):-2]
+            as_sender = email.policy.SMTPUTF8.header_factory("Sender", value)  # the same single-address syntax
+            defects = [d for d in as_sender.defects if not isinstance(d, NonASCIILocalPartDefect)]  # RFC 6532 allows
+            self.assertEqual((as_sender.address.addr_spec, defects), (sender.canonical(), []))
+
+    def test_return_path_refuses_controls(self) -> None:
+        """No parsed path holds one; a handler's own text that does is refused rather than written."""
+        self.assertRaises(ValueError, return_path_header, "x\r\nBcc: y@example.net")
+        self.assertRaises(ValueError, return_path_header, Address("x\x1b[2J@example.net"))
 
 
 class AddressLiteralTests(SynchronousTestCase):

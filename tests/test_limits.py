@@ -278,3 +278,184 @@ class CleanupTests(SynchronousTestCase):
         talk.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(handler.verbs, ["connect", "quit"])
         self.assertEqual(talk.clock.getDelayedCalls(), [])
+
+
+def bdat(content: bytes) -> bytes:
+    """The whole of ``content`` as one BDAT LAST chunk, after MAIL and RCPT."""
+    return (b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
+            + b"BDAT %d LAST\r\n" % len(content) + content)
+
+
+BDAT_START_REPLIES = b"250 2.1.0 <a@example.org>, sender ok\r\n250 2.1.5 <b@example.org>, recipient ok\r\n"
+HEADER_TOO_BIG = b"552 5.3.4 Message header size exceeds limit\r\n"
+
+
+class HeaderLimitsInEveryModeTests(ServerMixin, SynchronousTestCase):
+    """``max_line_length`` and ``max_header_size`` hold whatever the handler's chunk_mode, by DATA or by BDAT."""
+
+    def exchange_message(self, mode: bool | None, framing: str, content: bytes, **changes: object) -> bytes:
+        handler = RecordingHandler()
+        handler.chunk_mode = mode
+        talk = self.ehlo(handler, **changes)
+        if framing == "DATA":
+            wire = self.exchange(talk, START + content.replace(b"\r\n.", b"\r\n..") + b".\r\nNOOP\r\n")
+            self.assertTrue(wire.startswith(START_REPLIES), wire[:300])
+            wire = wire[len(START_REPLIES):]
+        else:
+            wire = self.exchange(talk, bdat(content) + b"NOOP\r\n")
+            self.assertTrue(wire.startswith(BDAT_START_REPLIES), wire[:300])
+            wire = wire[len(BDAT_START_REPLIES):]
+        self.assertTrue(wire.endswith(b"250 2.0.0 OK\r\n"), wire[-200:])  # the session goes on
+        verbs = talk.handler.verbs
+        if wire.startswith(b"250"):
+            self.assertEqual(verbs[-2:], ["eom", "noop"])
+        else:
+            self.assertEqual(verbs[-2:], ["abort", "noop"])
+        return wire[: -len(b"250 2.0.0 OK\r\n")]
+
+    def each_mode(self) -> list[tuple[bool | None, str]]:
+        return [(mode, framing) for mode in (None, True, False) for framing in ("DATA", "BDAT")]
+
+    def test_line_too_long(self) -> None:
+        content = b"A: 1\r\nX: " + b"v" * 996 + b"\r\n\r\nbody\r\n"
+        for mode, framing in self.each_mode():
+            self.assertEqual(self.exchange_message(mode, framing, content), TOO_LONG, (mode, framing))
+
+    def test_longest_line_accepted(self) -> None:
+        content = b"A: 1\r\nX: " + b"v" * 995 + b"\r\n\r\n" + b"b" * 5000 + b"\r\n"
+        for mode, framing in self.each_mode():
+            self.assertEqual(self.exchange_message(mode, framing, content), ACCEPTED, (mode, framing))
+
+    def test_section_too_big(self) -> None:
+        content = b"X: 123456789\r\n" * 20 + b"\r\nbody\r\n"
+        for mode, framing in self.each_mode():
+            self.assertEqual(self.exchange_message(mode, framing, content, max_header_size=100), HEADER_TOO_BIG,
+                             (mode, framing))
+
+    def test_huge_header_line_and_section(self) -> None:
+        """A 200 KB header line, and a 0.6 MB section of ordinary lines: refused in every mode."""
+        huge_line = b"X: " + b"v" * 200_000 + b"\r\n\r\nbody\r\n"
+        huge_section = (b"X-Filler: " + b"f" * 60 + b"\r\n") * 8600 + b"\r\nbody\r\n"
+        for content, refusal in ((huge_line, TOO_LONG), (huge_section, HEADER_TOO_BIG)):
+            for mode, framing in self.each_mode():
+                self.assertEqual(self.exchange_message(mode, framing, content), refusal, (mode, framing))
+
+    def test_body_lines_are_not_header_lines(self) -> None:
+        content = b"Subject: hi\r\n\r\n" + b"x" * 5000 + b"\r\n"
+        for mode, framing in self.each_mode():
+            self.assertEqual(self.exchange_message(mode, framing, content), ACCEPTED, (mode, framing))
+
+    def test_a_last_line_without_crlf_counts(self) -> None:
+        """BDAT content need not end with CRLF; a header line that never ends still has a length."""
+        for mode in (None, True, False):
+            self.assertEqual(self.exchange_message(mode, "BDAT", b"A: 1\r\nX: " + b"v" * 1200), TOO_LONG, mode)
+
+    def test_limits_off_for_raw_content(self) -> None:
+        """0 turns each limit off: a handler given the bytes raw gets them whatever their lines."""
+        content = b"X: " + b"v" * 200_000 + b"\r\n\r\nbody\r\n"
+        for framing in ("DATA", "BDAT"):
+            self.assertEqual(self.exchange_message(True, framing, content, max_line_length=0, max_header_size=0),
+                             ACCEPTED, framing)
+
+
+class JunkCommandTests(ServerMixin, SynchronousTestCase):
+    """Postfix's smtpd_junk_command_limit: past the limit each command that moves no mail counts as an error."""
+
+    def test_noop_flood_is_closed(self) -> None:
+        talk = self.ehlo(junk_command_limit=10, error_limit=5)  # the EHLO was the first junk command
+        wire = self.exchange(talk, b"NOOP\r\n" * 100)
+        self.assertEqual(wire, b"250 2.0.0 OK\r\n" * 14 + b"421 4.7.0 Too many errors, closing connection\r\n")
+        self.assertTrue(talk.closed)
+
+    def test_every_kind_counts(self) -> None:
+        talk = self.ehlo(junk_command_limit=5, error_limit=3)  # EXPN's 502 is one error, HELO and EHLO two more
+        wire = self.exchange(talk, b"RSET\r\nVRFY x\r\nEXPN y\r\nHELP\r\nHELO a\r\nEHLO b\r\nNOOP\r\n")
+        self.assertTrue(wire.endswith(b"421 4.7.0 Too many errors, closing connection\r\n"), wire)
+        self.assertEqual(talk.handler.verbs[-1], "ehlo")
+
+    def test_delivered_message_starts_again(self) -> None:
+        talk = self.ehlo(junk_command_limit=3, error_limit=1)
+        self.exchange(talk, b"NOOP\r\nRSET\r\n")
+        self.assertEqual(self.exchange(talk, START + b"Hi\r\n.\r\n"), START_REPLIES + ACCEPTED)
+        self.assertEqual(self.exchange(talk, b"RSET\r\nNOOP\r\nNOOP\r\n"), b"250 2.0.0 OK\r\n" * 3)
+        self.assertFalse(talk.closed)
+        self.assertEqual(self.exchange(talk, b"NOOP\r\n"),
+                         b"250 2.0.0 OK\r\n421 4.7.0 Too many errors, closing connection\r\n")
+
+    def test_off(self) -> None:
+        talk = self.ehlo(junk_command_limit=0, error_limit=1)
+        self.assertEqual(self.exchange(talk, b"NOOP\r\n" * 500), b"250 2.0.0 OK\r\n" * 500)
+        self.assertFalse(talk.closed)
+
+
+class WriteBackpressureTests(ServerMixin, SynchronousTestCase):
+    """The protocol is its transport's streaming producer: while the replies are not taken, nothing is read."""
+
+    def test_registered_as_streaming_producer(self) -> None:
+        talk = self.connect()
+        self.assertIs(talk.transport.producer, talk.protocol)
+        self.assertTrue(talk.transport.streaming)
+
+    def test_paused_reads_nothing_more(self) -> None:
+        talk = self.ehlo()
+        talk.protocol.pauseProducing()  # as the transport does when its buffer passes its size
+        self.assertEqual(talk.transport.producerState, "paused")
+        self.assertEqual(self.exchange(talk, b"NOOP\r\n" * 10), b"")
+        self.assertEqual(talk.handler.verbs.count("noop"), 0)
+        before = len(talk.transport.value())
+        talk.protocol.resumeProducing()
+        self.assertEqual(talk.transport.value()[before:], b"250 2.0.0 OK\r\n" * 10)
+        self.assertEqual(talk.transport.producerState, "producing")
+
+    def test_stops_in_the_middle_of_a_read(self) -> None:
+        """A full buffer after the second reply: the third and later lines wait in the line buffer."""
+        talk = self.ehlo()
+        original = talk.transport.write
+        count = []
+
+        def write(data: bytes) -> None:
+            original(data)
+            count.append(data)
+            if len(count) == 2:
+                talk.protocol.pauseProducing()
+
+        talk.transport.write = write  # type: ignore[method-assign]
+        self.assertEqual(self.exchange(talk, b"NOOP\r\n" * 5), b"250 2.0.0 OK\r\n" * 2)
+        talk.protocol.resumeProducing()
+        self.assertEqual(talk.handler.verbs.count("noop"), 5)
+
+    def test_handler_wait_and_full_buffer_both_hold_reading(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        class Slow(RecordingHandler):
+            pending: Deferred[object] | None = None
+
+            def noop(self) -> Deferred[object]:
+                self.pending = Deferred()
+                return self.pending
+
+        talk = self.ehlo(Slow())
+        self.exchange(talk, b"NOOP\r\nRSET\r\n")
+        talk.protocol.pauseProducing()
+        talk.handler.pending.callback((250, "OK"))
+        self.assertEqual(talk.transport.producerState, "paused")  # the buffer is still full
+        self.assertNotIn("rset", talk.handler.verbs)
+        talk.protocol.resumeProducing()
+        self.assertEqual(talk.handler.verbs[-1], "rset")
+        self.assertEqual(talk.transport.producerState, "producing")
+
+    def test_timeout_while_blocked_aborts(self) -> None:
+        """A client that reads nothing would never take a 421: the connection is dropped, not left to drain."""
+        talk = self.ehlo(command_timeout=60)
+        talk.protocol.pauseProducing()
+        talk.clock.advance(60)
+        self.assertTrue(talk.transport.disconnected)  # abortConnection
+        self.assertIsNone(talk.transport.producer)
+
+    def test_close_unregisters(self) -> None:
+        """A transport with a producer registered never finishes closing: QUIT unregisters first."""
+        talk = self.ehlo()
+        self.exchange(talk, b"QUIT\r\n")
+        self.assertTrue(talk.closed)
+        self.assertFalse(talk.transport.disconnected)  # a clean close, the reply flushed first
+        self.assertIsNone(talk.transport.producer)

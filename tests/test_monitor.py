@@ -321,6 +321,42 @@ class EventLogTests(SynchronousTestCase):
         self.assertEqual(failed["user"], "alice\\nforged: line")
         self.assertNotIn("\n", formatEvent(failed))
 
+    def test_every_event_escapes_client_text(self) -> None:
+        """Each method, given control characters wherever text may come from a client, emits none raw."""
+        from twisted.internet.address import IPv4Address
+
+        from esmtpkit.address import Address
+        from esmtpkit.escape import UNSAFE
+        from esmtpkit.session import Envelope, Session
+
+        bad = "\x1b[2J\r\n\x0c\x85\u2028\u202e"
+        session = Session(hostname="mx.test", peer=IPv4Address("TCP", "192.0.2.1" + bad, 1),
+                          host=IPv4Address("TCP", "192.0.2.2" + bad, 25), helo="c" + bad,
+                          authenticated="u" + bad,
+                          envelope=Envelope(id="M1", sender=Address("s" + bad + "@example.org"),
+                                            recipients=[Address("r" + bad + "@example.org")]))
+        reply = Reply.of(550, "5.1.1 <r" + bad + "@example.org> unknown")
+        monitor = self.monitor
+        monitor.connection_opened(session)
+        monitor.connection_refused(session, Reply.of(421, "4.3.2 busy " + bad))
+        monitor.tls_established(session)
+        monitor.tls_failed(session, "alert " + bad)
+        monitor.auth_succeeded(session, "PLAIN", "u" + bad)
+        monitor.auth_failed(session, "PLAIN", "u" + bad, Reply.of(535))
+        monitor.replied(session, "RCPT", reply)
+        monitor.timed_out(session, "greeted")
+        monitor.message_accepted(session, session.envelope, 1, 0.5, Reply.of(250, "ok " + bad))
+        monitor.message_rejected(session, session.envelope, 1, reply)
+        monitor.message_aborted(session, session.envelope, 1, "reset by RSET")
+        monitor.connection_closed(session, 1.0, "connection lost: " + bad)
+        self.assertEqual(len(self.events), 12)
+        for event in self.events:
+            fields = [v for k, v in event.items() if isinstance(v, str)] + [formatEvent(event)]
+            for text in fields:
+                self.assertIsNone(UNSAFE.search(text), f"{event['event']}: {text!r}")
+        self.assertEqual(self.by_name("reply.error")[0]["reply_text"],
+                         "<r\\x1b[2J  \\x0c\\x85\\u2028\\u202e@example.org> unknown")  # Reply made CR LF spaces
+
     def test_unknown_command_text_is_not_logged(self) -> None:
         """An unknown command's reply may echo the line (here, credentials for an AUTH that is not offered)."""
         t = talk(monitor=self.monitor)

@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from ..escape import escape, escape_lines
 from .base import MessageHandler
 
 __all__ = ["Debug"]
@@ -14,7 +15,8 @@ __all__ = ["Debug"]
 class Debug(MessageHandler):
     """Log every message (envelope and content) through `twisted.logger` at info level, then answer 250.
 
-    Content is decoded as UTF-8 with undecodable bytes replaced, and CRLF shown as a newline. The whole message is
+    Content is decoded as UTF-8 with undecodable bytes replaced, CRLF shown as a newline and other controls escaped
+    (``\\x1b``; `esmtpkit.escape`), so a message cannot act on the terminal that shows the log. The whole message is
     held in memory until the final dot (bounded by ``Policy.max_message_size``). A 250 means "logged", not "kept".
     """
 
@@ -37,16 +39,16 @@ class Debug(MessageHandler):
         """Log the envelope and the content, then ``250 Message accepted for delivery``."""
         session = self.session
         envelope = session.envelope if session is not None else None
-        sender = str(envelope.sender) if envelope is not None and envelope.sender is not None else ""
-        recipients = [str(r) for r in envelope.recipients] if envelope is not None else []
-        content = b"".join(self._chunks).replace(b"\r\n", b"\n").decode("utf-8", "replace")
+        sender = escape(str(envelope.sender)) if envelope is not None and envelope.sender is not None else ""
+        recipients = [escape(str(r)) for r in envelope.recipients] if envelope is not None else []
+        content = escape_lines(b"".join(self._chunks).replace(b"\r\n", b"\n").decode("utf-8", "replace"))
         self._chunks = []
         self.log.info(
             "---------- MESSAGE FOLLOWS ----------\n"
             "X-Queue-Id: {id}\nX-Peer: {peer}\nX-Mail-From: <{sender}>\nX-Rcpt-To: {rcpt_list}\n\n{content}"
             "------------ END MESSAGE ------------",
             id=envelope.id if envelope is not None else "",
-            peer=session.peer_ip if session is not None else "",
+            peer=escape(session.peer_ip) if session is not None else "",
             sender=sender,
             recipients=recipients,
             rcpt_list=", ".join(f"<{r}>" for r in recipients),

@@ -20,12 +20,17 @@ from ..reply import Reply, SMTPReply
 from .base import MessageHandler
 from .trace import received_header, return_path_header
 
-__all__ = ["Maildir", "unique_name"]
+__all__ = ["Maildir", "unique_name", "clean_tmp", "TMP_MAX_AGE"]
 
 #: What a client gets when the message could not be stored: try again later (RFC 3463 4.3.0).
 STORE_FAILED = Reply(451, ("Requested action aborted: error in local storage, try again later",), "4.3.0")
 
 _deliveries = itertools.count(1)
+#: A file in tmp/ neither read nor written for this long is a delivery that will never finish (the Maildir
+#: convention: 36 hours, as qmail's maildir(5) and Python's ``mailbox.Maildir.clean`` have it).
+TMP_MAX_AGE = 36 * 3600
+#: Maildir paths whose folders this process has made or found; `Maildir.data` still re-makes any that vanished.
+_prepared: set[str] = set()
 
 
 def _escaped_hostname() -> str:
@@ -59,7 +64,8 @@ class Maildir(MessageHandler):
 
     The stored file is ``Return-Path:`` and ``Received:`` trace fields followed by exactly the bytes the client
     sent (dot-unstuffed). A 250 after the final dot means the file is in ``new/`` and synced to disk; any error
-    answers 451 4.3.0 and leaves nothing behind in ``tmp/`` or ``new/``.
+    answers 451 4.3.0 and leaves nothing behind in ``tmp/`` or ``new/``. The first handler made for a folder in a
+    process removes what killed deliveries left in its ``tmp/`` (`clean_tmp`).
     """
 
     chunk_mode = True
@@ -69,10 +75,14 @@ class Maildir(MessageHandler):
         self.path = os.path.abspath(os.path.expanduser(str(path)))
         self._file: BinaryIO | None = None
         self._name = ""
-        try:
-            self._prepare()
-        except OSError as e:
-            self.log.warn("Maildir {path} is not usable yet: {error}", path=self.path, error=e)
+        if self.path not in _prepared:  # one handler per connection: make the folders once, not at every accept
+            try:
+                self._prepare()
+            except OSError as e:
+                self.log.warn("Maildir {path} is not usable yet: {error}", path=self.path, error=e)
+            else:
+                _prepared.add(self.path)
+                clean_tmp(os.path.join(self.path, "tmp"), time.time())
 
     def _prepare(self) -> None:
         for sub in ("tmp", "new", "cur"):
@@ -154,6 +164,36 @@ class Maildir(MessageHandler):
                 pass
         if tmp:
             _unlink(tmp)
+
+
+def clean_tmp(folder: str, now: float, max_age: float = TMP_MAX_AGE) -> int:
+    """Remove the regular files in ``folder`` (a Maildir's tmp/) not read or written for ``max_age`` seconds before
+    ``now``: what a delivery killed half-way left behind. Logs and returns how many went; errors are only logged.
+    """
+    removed = 0
+    try:
+        entries = os.scandir(folder)
+    except OSError as e:
+        Maildir.log.warn("cannot look for old files in {folder}: {error}", folder=folder, error=e)
+        return 0
+    with entries:
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                info = entry.stat(follow_symlinks=False)
+                if now - max(info.st_mtime, info.st_atime) <= max_age:
+                    continue
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                continue  # gone meanwhile (another process cleaning the same folder)
+            except OSError as e:
+                Maildir.log.error("cannot remove {path}: {error}", path=entry.path, error=e)
+    if removed:
+        Maildir.log.info("Maildir {folder}: removed {count} file(s) left unfinished for over {hours:g} hours",
+                         folder=folder, count=removed, hours=max_age / 3600)
+    return removed
 
 
 def _unlink(path: str) -> None:

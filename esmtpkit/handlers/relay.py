@@ -2,7 +2,8 @@
 
 Net::SMTP::Server::Relay in Pythonic form, built on Twisted's own client (``twisted.mail.smtp.ESMTPSenderFactory``).
 Not an open relay: recipients are accepted only for authenticated sessions or clients inside ``networks``.
-The body is spooled while it arrives (memory up to ``spool_max`` bytes, then a temporary file).
+The body is spooled while it arrives (memory up to ``spool_max`` bytes, then a temporary file), and goes upstream
+with CRLF line ends only (RFC 5321 §2.3.8), so no bare CR or LF can end the data early at a lenient next hop.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from twisted.python.failure import Failure
 
 from .. import dsn
 from ..address import Address
+from ..data import has_bare_newline
+from ..escape import escape
 from ..reply import Reply
 from .base import MessageHandler
 from .settings import flag
@@ -32,6 +35,8 @@ DEFAULT_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 _TLS_MODES = ("none", "starttls", "implicit")
 _ENHANCED_PREFIX = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} +")
+#: A line end as a lenient reader might see one: CRLF, or a bare CR, or a bare LF.
+_LINE_END = re.compile(rb"\r\n?|\n")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -43,10 +48,12 @@ def parse_networks(networks: str | Iterable[str]) -> tuple[Network, ...]:
 
 
 class DotStuffer:
-    """Dot-stuff CRLF content chunk by chunk (RFC 5321 §4.5.2), correct across any chunk split.
+    """Encode content for DATA chunk by chunk: CRLF line ends, dot-stuffing (RFC 5321 §2.3.8, §4.5.2).
 
-    Twisted's client stuffs only ``CRLF.`` inside one chunk and also rewrites every LF as CRLF; messages here
-    already have CRLF line ends and must go upstream unchanged, so the relay uses this transform instead.
+    Every bare CR and bare LF becomes CRLF, so no octet sequence a lenient next hop could read as a line end is
+    left to end the data early (SMTP smuggling), and `finish` closes the data with CRLF before the dot so a strict
+    one never waits. Any chunk split gives the same bytes; nothing is held back (a CR ending a chunk is sent at
+    once and completed by the next chunk or by `finish`).
     """
 
     def __init__(self) -> None:
@@ -54,16 +61,38 @@ class DotStuffer:
         self._after_cr = False
 
     def __call__(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return chunk
-        out = chunk.replace(b"\r\n.", b"\r\n..")
-        if self._line_start and chunk[:1] == b".":
-            out = b"." + out
-        elif self._after_cr and chunk[:2] == b"\n.":
-            out = b"\n." + out[1:]
-        self._line_start = chunk.endswith(b"\r\n") or (self._after_cr and chunk == b"\n")
-        self._after_cr = chunk.endswith(b"\r")
-        return out
+        """The encoded form of the next ``chunk`` of content."""
+        head = b""
+        if self._after_cr and chunk:
+            head = b"\n"  # completes the CR sent last time, as CRLF or as a bare CR made CRLF
+            self._after_cr = False
+            self._line_start = True
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        tail = b""
+        if chunk.endswith(b"\r"):
+            tail = b"\r"  # an LF may follow in the next chunk: its CRLF is completed then, or by finish()
+            self._after_cr = True
+            chunk = chunk[:-1]
+        if chunk:
+            if has_bare_newline(chunk):
+                chunk = _LINE_END.sub(b"\r\n", chunk)
+            chunk = chunk.replace(b"\r\n.", b"\r\n..")
+            if self._line_start and chunk[:1] == b".":
+                chunk = b"." + chunk
+            self._line_start = chunk.endswith(b"\r\n")
+        return head + chunk + tail if head or tail else chunk
+
+    def finish(self) -> bytes:
+        """The bytes that end the data: what completes the last line, then the ``.`` line (RFC 5321 §4.1.1.4)."""
+        if self._after_cr:
+            tail = b"\n"
+        elif self._line_start:
+            tail = b""
+        else:
+            tail = b"\r\n"
+        self._line_start, self._after_cr = True, False
+        return tail + b".\r\n"
 
 
 class UpstreamError(Exception):
@@ -141,6 +170,10 @@ def _sender_classes() -> tuple[type, type]:
         def transformChunk(self, chunk: bytes) -> bytes:
             self.resetTimeout()
             return self.factory.stuffer(chunk)
+
+        def finishedFileTransfer(self, lastsent: bytes) -> None:
+            """End the data as the stuffer says: CRLF before the dot, whatever the content's last octet was."""
+            self.transport.write(self.factory.stuffer.finish())
 
         def getMailFrom(self) -> Any:
             if self.done:
@@ -232,7 +265,8 @@ def _unavailable(where: str, detail: str) -> Reply:
 
 
 class Relay(MessageHandler):
-    """Forward every accepted message to the smarthost ``host``:``port``, unchanged but for a ``Received:`` field.
+    """Forward every accepted message to the smarthost ``host``:``port``, unchanged but for a ``Received:`` field
+    and CRLF for any bare CR or LF (`DotStuffer`); ``BODY=BINARYMIME`` is refused at MAIL (see `mail`).
 
     Who may relay: an authenticated session, or a client whose IP is in ``networks`` (default: loopback only);
     every other RCPT gets ``554 5.7.1 Relay access denied``. After the final dot the client waits until the
@@ -288,9 +322,17 @@ class Relay(MessageHandler):
                    if candidate.version == network.version)
 
     def mail(self, sender: Address, params: Any) -> Any:
-        """Refuse what Twisted's client cannot pass on unchanged (SMTPUTF8, non-ASCII paths); else the default."""
+        """Refuse what Twisted's client cannot pass on unchanged (SMTPUTF8, non-ASCII paths, binary content).
+
+        Binary content goes only with BDAT to a next hop offering BINARYMIME (RFC 3030 §3); the upstream is sent
+        DATA, so ``BODY=BINARYMIME`` is refused before any content: 555, a MAIL parameter this server cannot
+        implement (RFC 5321 §4.1.1.11), with 5.6.3, conversion required but not supported (RFC 3463 §3.7).
+        """
         if params.get("SMTPUTF8") or not str(sender).isascii():
             return Reply(555, ("SMTPUTF8 cannot be relayed by this server",), "5.5.4")
+        if params.get("BODY") == "BINARYMIME":
+            return Reply(555, ("BODY=BINARYMIME cannot be relayed by this server: send 7BIT or 8BITMIME content",),
+                         "5.6.3")
         return super().mail(sender, params)
 
     def rcpt(self, recipient: Address, params: Any) -> Any:
@@ -349,7 +391,7 @@ class Relay(MessageHandler):
                 else:
                     self.log.failure("relaying to {where} failed", result, where=factory.where)
                     reply = _unavailable(factory.where, "")
-                self.log.warn("not relayed to {where}: {reply}", where=factory.where, reply=str(reply))
+                self.log.warn("not relayed to {where}: {reply}", where=factory.where, reply=escape(str(reply)))
                 return reply
             return result
 

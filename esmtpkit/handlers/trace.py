@@ -2,16 +2,20 @@
 
 Pure functions of a `Session`: no I/O, no clock unless no time is given. The result is wire bytes (CRLF line ends,
 folded under 78 characters where the parts allow, RFC 5322 §2.1.1), ready to be written before the message.
+Client text cannot change a field's structure: the HELO name and identity are cut down to what their place may
+hold, a recipient is named in ``for`` only when its address is plain, and ``Return-Path:`` quotes canonically.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from email.utils import formatdate
 from typing import Sequence
 
 from ..address import Address
+from ..escape import UNSAFE
 from ..session import Session
 
 __all__ = ["received_header", "return_path_header", "address_literal"]
@@ -23,6 +27,10 @@ FOLD_AT = 78
 _NOT_DOMAINISH = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 # Comment text (RFC 5322 §3.2.2): printable ASCII except the parentheses and backslash that would end it early.
 _NOT_CTEXT = re.compile(r"[^\x21-\x27\x2a-\x5b\x5d-\x7e ]")
+# A mailbox ``for`` may name: a dot-atom at a host name or an IP address literal. Nothing a reader of the field
+# could take for structure (``;`` before the date, comments, quotes, backslashes) fits in it.
+_PLAIN_MAILBOX = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.\x80-\U0010ffff]+"
+                            r"@(?:[A-Za-z0-9.\-\x80-\U0010ffff]+|\[(?:[Ii][Pp][Vv]6:)?[0-9A-Fa-f.:]+\])\Z")
 
 
 def address_literal(ip: str) -> str:
@@ -69,8 +77,11 @@ def received_header(session: Session, *, id: str, recipients: Sequence[str] | No
     ``from`` names the client's HELO/EHLO name and, in the comment, its reverse-DNS name (or IP) and address
     literal; ``with`` is the RFC 3848 keyword (ESMTPS/ESMTPSA after TLS/AUTH), followed by comments naming the
     TLS version and cipher and, with ``show_user``, the authenticated identity. ``for`` is given only when the
-    message has exactly one recipient, so one copy never reveals the others. ``recipients`` defaults to the
-    session's envelope. The date is RFC 5322 local time (``email.utils.formatdate``).
+    message has exactly one recipient, so one copy never reveals the others, and only when that address is plain
+    (a dot-atom at a host name or IP address literal): the clause is optional (RFC 5321 §4.4), and a quoted local
+    part such as ``"x; <a date> (authenticated as root)"`` would read as part of the field. ``recipients``
+    defaults to the session's envelope.
+    The date is RFC 5322 local time (``email.utils.formatdate``).
     """
     helo = _NOT_DOMAINISH.sub("?", session.helo) if session.helo else "unknown"
     ip = session.peer_ip
@@ -89,12 +100,33 @@ def received_header(session: Session, *, id: str, recipients: Sequence[str] | No
     clauses.append(f"id {id}")
     rcpts = list(session.envelope.recipients if recipients is None else recipients)
     if len(rcpts) == 1:
-        clauses.append(f"for <{rcpts[0]}>")
+        mailbox = _plain(rcpts[0])
+        if mailbox is not None:
+            clauses.append(f"for <{mailbox}>")
     clauses[-1] += ";"
     clauses.append(formatdate(timestamp, localtime=True))
     return _fold("Received", clauses).encode("utf-8", "surrogateescape")
 
 
+def _plain(recipient: str) -> str | None:
+    """The recipient as ``for`` may name it (quoting as little as RFC 5321 §4.1.2 asks), or None when even then
+    it is not a dot-atom at a host name or address literal whose non-ASCII characters are letters, marks or
+    digits (a full-width semicolon or parenthesis looks like structure to a reader)."""
+    mailbox = (recipient if isinstance(recipient, Address) else Address(recipient)).canonical()
+    if not _PLAIN_MAILBOX.match(mailbox):
+        return None
+    if not mailbox.isascii() and any(unicodedata.category(c)[0] not in "LMN" for c in mailbox if ord(c) > 0x7f):
+        return None
+    return mailbox
+
+
 def return_path_header(sender: Address | str) -> bytes:
-    """``Return-Path: <sender>`` (RFC 5321 §4.4), added at final delivery; ``<>`` for the null sender."""
-    return f"Return-Path: <{sender}>\r\n".encode("utf-8", "surrogateescape")
+    """``Return-Path: <sender>`` (RFC 5321 §4.4), added at final delivery; ``<>`` for the null sender.
+
+    The sender is kept exactly, in its canonical form (`Address.canonical`): one well-formed angle-addr
+    (RFC 5322 §3.4.1). ValueError for a control character, which no parsed path holds (`escape.UNSAFE`).
+    """
+    mailbox = (sender if isinstance(sender, Address) else Address(sender)).canonical()
+    if UNSAFE.search(mailbox):
+        raise ValueError(f"the sender {mailbox!r} has a control character: no Return-Path can hold it")
+    return f"Return-Path: <{mailbox}>\r\n".encode("utf-8", "surrogateescape")
