@@ -1,6 +1,6 @@
 """Shared handling of the real servers the tests start and talk to.
 
-- `terminate`: stop a real server process as twistd expects.
+- `terminate`: stop a real server process as twistd expects; `wait_for_port`: the port a starting twistd took.
 - `Twistd`: a ``twistd -n esmtpkit`` process listening on a free 127.0.0.1 port.
 - `RecordingNextHop`: an in-process SMTP server on loopback that records every octet a relay sends it.
 - `RawClient`: a blocking SMTP client that sends exactly the bytes it is given (for use in a thread).
@@ -40,6 +40,22 @@ def terminate(process: subprocess.Popen, timeout: float) -> int:
     return process.returncode
 
 
+def wait_for_port(process: subprocess.Popen, log: Path, log_text: Any, timeout: float) -> int:
+    """The port a starting twistd listens on, read from its ``log`` ("... starting on PORT").
+
+    Fails the test, showing ``log_text()``, if the process exits first or no port shows within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(r"starting on (\d+)", log.read_text(errors="replace")) if log.exists() else None
+        if match:
+            return int(match.group(1))
+        if process.poll() is not None:
+            raise AssertionError(f"twistd exited with {process.returncode}:\n{log_text()}")
+        time.sleep(0.02)
+    raise AssertionError(f"twistd did not start listening:\n{log_text()}")
+
+
 #: The ``twistd`` console script installed beside this interpreter, as a user would run it.
 TWISTD = Path(sys.executable).parent / "twistd"
 
@@ -70,15 +86,7 @@ class Twistd:
         return "\n".join(path.read_text(errors="replace") for path in (self.log, self._output) if path.exists())
 
     def _wait_port(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(r"starting on (\d+)", self.log.read_text(errors="replace")) if self.log.exists() else None
-            if match:
-                return int(match.group(1))
-            if self.process.poll() is not None:
-                raise AssertionError(f"twistd exited with {self.process.returncode}:\n{self.log_text()}")
-            time.sleep(0.02)
-        raise AssertionError(f"twistd did not start listening:\n{self.log_text()}")
+        return wait_for_port(self.process, self.log, self.log_text, timeout)
 
     def stop(self) -> int:
         """Stop the process; its exit status."""

@@ -6,17 +6,13 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from esmtpkit import ESMTPFactory, Policy
 from esmtpkit.authlimit import ADDRESS, DEFAULT_MAX_ENTRIES, USER, AuthThrottle, client_key, user_key
@@ -25,6 +21,8 @@ from esmtpkit.monitor import Monitor, Monitors
 from esmtpkit.protocol import ESMTPProtocol
 from esmtpkit.sasl import build_portal, portal_from_strings
 from esmtpkit.testing import RecordingHandler
+
+from .checkers import BrokenChecker, LateChecker
 
 OK = b"235 2.7.0 Authentication successful\r\n"
 INVALID = b"535 5.7.8 Authentication credentials invalid\r\n"
@@ -212,29 +210,6 @@ class Heard(Monitor):
         self.throttled.append((scope, user, seconds))
 
 
-@implementer(ICredentialsChecker)
-class LateChecker:
-    """Answers when the test says: every check stays in progress until then."""
-
-    credentialInterfaces = (IUsernamePassword,)
-
-    def __init__(self) -> None:
-        self.pending: list[Deferred[Any]] = []
-
-    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.pending.append(d)
-        return d
-
-
-@implementer(ICredentialsChecker)
-class BrokenChecker:
-    credentialInterfaces = (IUsernamePassword,)
-
-    def requestAvatarId(self, credentials: Any) -> Any:
-        raise OSError("password database unreachable")
-
-
 class ServerTests(SynchronousTestCase):
     """Several connections of one ESMTPFactory, each from a given address, all on one task.Clock."""
 
@@ -363,7 +338,7 @@ class ServerTests(SynchronousTestCase):
             self.assertEqual(self.send(protocol, plain("alice", "guess")), b"")
         self.assertEqual(self.send(self.connect(factory), plain("alice", "guess")), THROTTLED)
         self.assertEqual(len(checker.pending), 10)
-        for d in checker.pending:
+        for d, _ in checker.pending:
             d.errback(UnauthorizedLogin())
         self.assertEqual([p.transport.value().endswith(INVALID) for p in waiting], [True] * 10)
         self.assertEqual(self.heard.throttled, [("address", "alice", 300.0)])

@@ -7,14 +7,11 @@ import hashlib
 import hmac
 from typing import Any
 
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
-from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from esmtpkit.sasl import build_portal, portal_from_strings
 
+from .checkers import BrokenChecker, LateChecker
 from .test_protocol import ServerMixin
 
 OK = b"235 2.7.0 Authentication successful\r\n"
@@ -24,29 +21,6 @@ PLAIN_ALICE = base64.b64encode(b"\x00alice\x00secret")
 
 def b64(data: bytes) -> bytes:
     return base64.b64encode(data)
-
-
-@implementer(ICredentialsChecker)
-class LateChecker:
-    """A checker whose answers the test gives, to pin the order of replies around a slow password database."""
-
-    credentialInterfaces = (IUsernamePassword,)
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Deferred[Any], Any]] = []
-
-    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.pending.append((d, credentials))
-        return d
-
-
-@implementer(ICredentialsChecker)
-class BrokenChecker:
-    credentialInterfaces = (IUsernamePassword,)
-
-    def requestAvatarId(self, credentials: Any) -> Any:
-        raise OSError("password database unreachable")
 
 
 class AuthMixin(ServerMixin):

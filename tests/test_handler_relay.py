@@ -27,7 +27,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from esmtpkit.address import Address
 from esmtpkit.data import DotDecoder, dot_stuff, python_has_bare_newline
 from esmtpkit.handlers import Collecting, MessageStore, Relay
 from esmtpkit.handlers.relay import DotStuffer, parse_networks

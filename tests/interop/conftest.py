@@ -12,7 +12,6 @@ import functools
 import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
-from ..processes import terminate
+from ..processes import TWISTD, terminate, wait_for_port
 
-#: The ``twistd`` console script installed beside this interpreter, as a user would run it.
-TWISTD = Path(sys.executable).parent / "twistd"
 
 #: The name the server gives in its greeting and in ``Received: ... by <HOSTNAME>``.
 HOSTNAME = "mx.test"
@@ -131,16 +128,7 @@ class EsmtpkitProcess:
         return "\n".join(parts)
 
     def _wait_port(self) -> int:
-        deadline = time.monotonic() + CLIENT_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.log.exists():
-                match = re.search(r"starting on (\d+)", self.log.read_text(errors="replace"))
-                if match:
-                    return int(match.group(1))
-            if self.process.poll() is not None:
-                raise AssertionError(f"twistd exited with {self.process.returncode}:\n{self.log_text()}")
-            time.sleep(0.02)
-        raise AssertionError(f"twistd did not start listening:\n{self.log_text()}")
+        return wait_for_port(self.process, self.log, self.log_text, CLIENT_TIMEOUT)
 
     def stored(self) -> list[str]:
         """Names of the files in ``new/``, in delivery order."""
