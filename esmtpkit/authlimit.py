@@ -29,6 +29,8 @@ AUTH_THROTTLED: Final = Reply(454, ("Too many failed authentications, try again 
 
 #: Keys kept per kind (addresses, user names): each costs about 260 bytes, so a full table takes about 4 MiB.
 DEFAULT_MAX_ENTRIES: Final = 16384
+#: How many of the oldest records a full table looks at for one it can drop without forgetting a cool-off.
+EVICTION_SCAN: Final = 64
 #: The longest delay, as a multiple of the first: 2 s, 4 s, 8 s, then 16 s (Dovecot caps its penalty at 15 s).
 MAX_DELAY_FACTOR: Final = 8
 #: The scopes a cool-off can have: a client address (or IPv6 /64), or a user name.
@@ -115,11 +117,23 @@ class _Table:
         record = self.settled(key, now)
         if record is None:
             record = self.records[key] = _Record()
-            while len(self.records) > self.max_entries:
-                self.records.popitem(last=False)
+            if len(self.records) > self.max_entries:
+                self._evict(now)
         else:
             self.records.move_to_end(key)
         return record
+
+    def _evict(self, now: float) -> None:
+        """Make room: drop the least recently touched record that is in no cool-off and has no check in progress,
+        looking at the oldest `EVICTION_SCAN` only; if all of those are busy, the oldest of all goes anyway (memory
+        stays bounded even against an attacker with more addresses than the table holds)."""
+        for scanned, (key, record) in enumerate(self.records.items()):
+            if scanned >= EVICTION_SCAN:
+                break
+            if not record.pending and record.until <= now:
+                del self.records[key]
+                return
+        self.records.popitem(last=False)
 
     def refuses(self, key: bytes, now: float) -> bool:
         """True while ``key`` is in a cool-off, or its failures and checks in progress fill its limit."""

@@ -262,4 +262,4 @@ class EventLog(Monitor):
         self._emit("message.aborted",
                    "message {id} aborted: {reason} from=<{sender}> recipients={recipients} size={size} "
                    "conn={conn} peer={peer}",
-                   **_common(session), **_envelope(envelope), size=size, reason=reason)
+                   **_common(session), **_envelope(envelope), size=size, reason=escape(reason))

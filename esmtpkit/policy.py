@@ -104,6 +104,7 @@ class Policy:
     #: Seconds the reply to a failure is held once its address or user name has more than ``auth_delay_after``;
     #: doubled for each further one, up to 8 times (Dovecot's auth_failure_delay is 2 s). 0: no delay.
     auth_failure_delay: float = 2.0
+    #: Failures of an address or user name answered without delay before ``auth_failure_delay`` applies.
     auth_delay_after: int = 3
     #: Extra keyword arguments kept for extensions configured elsewhere (TLS, AUTH, ...).
     extras: dict[str, Any] = field(default_factory=dict, compare=False)

@@ -66,6 +66,10 @@ CHUNK_FAILED = Reply(503, ("Transaction failed at an earlier BDAT: send RSET",),
 BINARY_NEEDS_BDAT = Reply(503, ("BODY=BINARYMIME needs BDAT, not DATA",), "5.5.1")
 LMTP_GREETING = Reply(500, ("This is an LMTP server: use LHLO",), "5.5.1")
 
+#: Seconds a closing connection may take to hand its last replies to the client before it is dropped: a client
+#: that reads nothing would otherwise keep its connection (and its slot against the limits) open for ever.
+CLOSE_DRAIN_TIMEOUT: Final = 30.0
+
 #: The monitor of a protocol made without one: it hears everything and does nothing.
 _SILENT = Monitor()
 
@@ -186,7 +190,7 @@ class ESMTPProtocol(LineReceiver):
                  "_mail_at", "_admitted", "_close_reason", "_refused", "_todo", "_waiting", "_reprocess",
                  "_skipping_line", "_skip_cr", "_message", "_timer", "_pregreet", "_early_talker", "_closing",
                  "_keywords", "_chunk", "_sasl", "_identity", "_mechanisms", "_command_limit", "_write_blocked", "_junk",
-                 "_penalty", "_producing")
+                 "_penalty", "_producing", "_delay", "_auth_attempt")
 
     def __init__(self, handler: IMessageHandler, policy: Policy | None = None,
                  clock: IReactorTime | None = None, monitor: Monitor | None = None) -> None:
@@ -233,6 +237,8 @@ class ESMTPProtocol(LineReceiver):
         self._command_limit = _longest_command(p.max_command_length, bool(self._mechanisms))
         self._write_blocked = False  # the transport asked us to stop producing replies (its buffer is full)
         self._producing = False  # registered as the transport's producer
+        self._delay: Deferred[Any] | None = None  # a pause of our own (tarpit, AUTH failure delay) in progress
+        self._auth_attempt: Any = None  # the AUTH check in progress, as the cross-connection throttle counts it
         self._junk = 0  # junk commands since the session began or last delivered a message
         self._penalty = False  # the reply being made counts as an error whatever its code (a junk command too many)
 
@@ -304,6 +310,10 @@ class ESMTPProtocol(LineReceiver):
                 self._abort("connection lost")
             self.phase = Phase.CLOSED
             self._todo.clear()
+            delay, self._delay = self._delay, None
+            if delay is not None:
+                delay.cancel()  # no timer outlives the connection
+            self._end_auth_attempt()
             self._chunk = None
             self._sasl = None
             self._logout()
@@ -322,6 +332,8 @@ class ESMTPProtocol(LineReceiver):
         if self._pregreet is not None:
             self._early_talker = True  # RFC 5321 §3.1: the client waits for the greeting; this one did not
             return
+        if not self._producing and self.session.tls:
+            self._start_producing()  # data came over TLS: the handshake is done, even if no one said so
         super().dataReceived(data)
         while self._reprocess and not self.paused and self.phase is not Phase.CLOSED:
             self._reprocess = False
@@ -341,7 +353,8 @@ class ESMTPProtocol(LineReceiver):
         self._update_reading()
 
     def stopProducing(self) -> None:
-        """The connection is going away (IPushProducer): nothing more is read."""
+        """The connection is going away (IPushProducer): nothing more is read. Unlike LineReceiver's, this does not
+        close the transport: the transport calls it as it closes."""
         self._write_blocked = True
         self.paused = True
 
@@ -565,7 +578,19 @@ class ESMTPProtocol(LineReceiver):
 
     def _tarpit(self) -> "Deferred[Any]":
         """Read nothing for ``error_delay`` seconds (Postfix's smtpd_error_sleep_time)."""
-        return deferLater(self.clock, self.policy.error_delay, lambda: None)
+        return self._pause(self.policy.error_delay, lambda: None)
+
+    def _pause(self, seconds: float, then: Callable[[], None]) -> "Deferred[Any]":
+        """A step that waits ``seconds`` on the clock, then calls ``then``; cancelled if the connection is lost."""
+        assert self.clock is not None
+        delay = self._delay = deferLater(self.clock, seconds, then)
+
+        def over(result: Any) -> Any:
+            if self._delay is delay:
+                self._delay = None
+            return result
+
+        return delay.addBoth(over)
 
     def _close(self, reason: str) -> None:
         if self.phase is Phase.CLOSED:
@@ -575,13 +600,11 @@ class ESMTPProtocol(LineReceiver):
         self.phase = Phase.CLOSED
         self._cancel_timer()
         self._todo.clear()
-        # The client reads nothing: what is queued (our last reply included) would never drain. Drop it.
-        blocked = self._write_blocked
         self._stop_producing()  # a transport with a producer registered never finishes closing
-        if blocked:
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+        self.transport.loseConnection()
+        if self.clock is not None:
+            # The last replies go out first; a client that never takes them is dropped (connectionLost cancels this).
+            self._timer = self.clock.callLater(CLOSE_DRAIN_TIMEOUT, self.transport.abortConnection)
 
     def _with_hostname(self, reply: Reply) -> Reply:
         first = f"{self.policy.hostname} {reply.lines[0]}".rstrip(" ")
@@ -788,8 +811,6 @@ class ESMTPProtocol(LineReceiver):
             self.session.tls_info = tls_info(self.transport)
             if self.session.tls_info:
                 self.monitor.tls_established(self.session)
-        if self.session.tls:
-            self._start_producing()  # a command came over TLS: the handshake is done, even if no one said so
 
     def _do_MAIL(self, command: Command) -> "Deferred[Any] | None":
         if self.policy.require_tls and not self.session.tls:
@@ -973,12 +994,16 @@ class ESMTPProtocol(LineReceiver):
         attempt = throttle.begin(self.session.peer_ip, user, self._now()) if throttle is not None else None
         if throttle is not None and attempt is None:
             return self._auth_held(AUTH_THROTTLED, throttle.delay)
+        self._auth_attempt = attempt
 
         def then(value: Any) -> None:
+            # A check whose connection was lost first was ended then: its client learns nothing, so it is no guess.
+            counted = throttle is not None and attempt is not None and self._auth_attempt is attempt
+            self._auth_attempt = None
             if isinstance(value, Failure):
                 reply = self._reply_from(value, "auth")
                 self.monitor.auth_failed(self.session, mechanism.name, user, reply)
-                if throttle is not None and attempt is not None:
+                if counted:
                     if reply.code < 500:  # the checker failed (454), not the client: no guess was judged
                         throttle.ended(attempt, self._now())
                     else:
@@ -990,7 +1015,7 @@ class ESMTPProtocol(LineReceiver):
                             return
                 self.send(reply)
                 return
-            if throttle is not None and attempt is not None:
+            if counted:
                 throttle.ended(attempt, self._now())
             if self.phase is Phase.CLOSED:
                 value.logout()
@@ -1003,12 +1028,19 @@ class ESMTPProtocol(LineReceiver):
 
         return self._call(sasl.authenticate, (self.policy.portal, step), then)
 
+    def _end_auth_attempt(self) -> None:
+        """The connection is gone with a check in progress: that check no longer counts against its client."""
+        attempt, self._auth_attempt = self._auth_attempt, None
+        throttle = getattr(self.factory, "auth_throttle", None)
+        if attempt is not None and throttle is not None:
+            throttle.ended(attempt, self._now())
+
     def _auth_held(self, reply: Reply, delay: float) -> "Deferred[Any] | None":
         """Send an AUTH refusal after ``delay`` seconds in which nothing is read from this connection."""
         if not delay or self.clock is None:
             self.send(reply)
             return None
-        return deferLater(self.clock, delay, self.send, reply)
+        return self._pause(delay, lambda: self.send(reply))
 
     def _logout(self) -> None:
         """Release the authenticated identity (its realm's logout), if any."""
@@ -1272,7 +1304,7 @@ class ESMTPProtocol(LineReceiver):
         p = self.policy
         if not (p.max_line_length or p.max_header_size):
             return None
-        return HeaderLimits(p.max_line_length, p.max_header_size)
+        return HeaderLimits(self._header_line_limit(), p.max_header_size)
 
     def _fail_message(self, reply: Reply) -> None:
         message = self._message

@@ -146,6 +146,21 @@ class ThrottleTests(SynchronousTestCase):
         self.assertEqual([throttle.refuses("", f"u{i}", now) for i in (count - 1001, count - 1000)], [False, True])
         self.assertEqual(DEFAULT_MAX_ENTRIES, 16384)
 
+    def test_a_full_table_keeps_cool_offs(self) -> None:
+        """Rotating through more addresses than the table holds does not wipe out one in its cool-off."""
+        throttle = AuthThrottle(address_limit=2, user_limit=0, max_entries=10)
+        for _ in range(2):
+            attempt = throttle.begin("192.0.2.1", None, 0.0)
+            assert attempt is not None
+            throttle.failed(attempt, 0.0)
+        self.assertTrue(throttle.refuses("192.0.2.1", None, 1.0))
+        for i in range(100):
+            attempt = throttle.begin(f"198.51.100.{i}", None, 1.0)
+            assert attempt is not None
+            throttle.failed(attempt, 1.0)
+        self.assertLessEqual(len(throttle), 10)
+        self.assertTrue(throttle.refuses("192.0.2.1", None, 2.0))
+
     def test_clock_going_back_never_refuses_longer_than_a_cool_off(self) -> None:
         throttle = AuthThrottle(user_limit=0)
         for _ in range(10):

@@ -7,7 +7,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.protocol import ESMTPProtocol
+from esmtpkit.protocol import CLOSE_DRAIN_TIMEOUT, ESMTPProtocol
 from esmtpkit.testing import Conversation, RecordingHandler
 
 from .test_protocol import ACCEPTED, EHLO_REPLY, GO_AHEAD, GREETING, ServerMixin, policy
@@ -184,8 +184,7 @@ class TimeoutTests(ServerMixin, SynchronousTestCase):
         self.assertFalse(talk.closed)
         talk.clock.advance(1)
         self.assertEqual(talk.transport.value(), GREETING + b"421 Timeout exceeded, closing connection\r\n")
-        self.assertTrue(talk.closed)
-        self.assertEqual(talk.clock.getDelayedCalls(), [])
+        self.assert_closed_cleanly(talk)
 
     def test_activity_restarts_timer(self) -> None:
         talk = self.ehlo(command_timeout=60)
@@ -220,7 +219,7 @@ class TimeoutTests(ServerMixin, SynchronousTestCase):
         self.assertTrue(talk.closed)
         self.assertEqual(talk.handler.verbs[-1], "abort")
         self.assertNotIn("eom", talk.handler.verbs)
-        self.assertEqual(talk.clock.getDelayedCalls(), [])
+        self.assert_closed_cleanly(talk)
 
     def test_data_timeout_starts_at_go_ahead(self) -> None:
         """DATA in the same read as the envelope: the data timeout, not the command timeout, runs after 354."""
@@ -253,8 +252,7 @@ class ErrorLimitTests(ServerMixin, SynchronousTestCase):
         self.assertEqual(wire, b"500 5.5.2 Command unrecognized: FROB\r\n250 2.0.0 OK\r\n503 5.5.1 Need MAIL command\r\n"
                                b"501 5.1.7 Bad address syntax: bad local part a b\r\n"
                                b"421 4.7.0 Too many errors, closing connection\r\n")
-        self.assertTrue(talk.closed)
-        self.assertEqual(talk.clock.getDelayedCalls(), [])
+        self.assert_closed_cleanly(talk)
 
     def test_error_limit_mid_transaction_aborts(self) -> None:
         talk = self.ehlo(error_limit=2)
@@ -444,13 +442,36 @@ class WriteBackpressureTests(ServerMixin, SynchronousTestCase):
         self.assertEqual(talk.handler.verbs[-1], "rset")
         self.assertEqual(talk.transport.producerState, "producing")
 
-    def test_timeout_while_blocked_aborts(self) -> None:
-        """A client that reads nothing would never take a 421: the connection is dropped, not left to drain."""
+    def test_a_client_that_never_takes_its_last_replies_is_dropped(self) -> None:
+        """The 421 is queued and the connection closed gracefully; a client that still reads nothing is dropped
+        after the drain deadline, so it cannot hold its slot against the connection limits."""
         talk = self.ehlo(command_timeout=60)
         talk.protocol.pauseProducing()
         talk.clock.advance(60)
-        self.assertTrue(talk.transport.disconnected)  # abortConnection
+        self.assertTrue(talk.transport.value().endswith(TIMEOUT))
+        self.assertTrue(talk.closed)
+        self.assertFalse(talk.transport.disconnected)
         self.assertIsNone(talk.transport.producer)
+        talk.clock.advance(CLOSE_DRAIN_TIMEOUT)
+        self.assertTrue(talk.transport.disconnected)  # abortConnection
+
+    def test_replies_before_quit_are_kept_when_the_buffer_is_full(self) -> None:
+        """A full buffer at QUIT means only that this read made many replies: they are all handed over, not
+        thrown away with an abort."""
+        talk = self.ehlo()
+        self.exchange(talk, b"NOOP\r\n")
+        talk.protocol.pauseProducing()
+        talk.protocol.resumeProducing()
+        original = talk.transport.write
+
+        def write(data: bytes) -> None:
+            original(data)
+            talk.protocol.pauseProducing()  # every reply fills the buffer
+
+        talk.transport.write = write  # type: ignore[method-assign]
+        self.assertEqual(self.exchange(talk, b"QUIT\r\n"), b"221 2.0.0 Closing connection\r\n")
+        self.assertTrue(talk.closed)
+        self.assertFalse(talk.transport.disconnected)
 
     def test_close_unregisters(self) -> None:
         """A transport with a producer registered never finishes closing: QUIT unregisters first."""
