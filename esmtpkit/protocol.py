@@ -601,10 +601,10 @@ class ESMTPProtocol(LineReceiver):
         self._cancel_timer()
         self._todo.clear()
         self._stop_producing()  # a transport with a producer registered never finishes closing
-        self.transport.loseConnection()
         if self.clock is not None:
             # The last replies go out first; a client that never takes them is dropped (connectionLost cancels this).
             self._timer = self.clock.callLater(CLOSE_DRAIN_TIMEOUT, self.transport.abortConnection)
+        self.transport.loseConnection()
 
     def _with_hostname(self, reply: Reply) -> Reply:
         first = f"{self.policy.hostname} {reply.lines[0]}".rstrip(" ")

@@ -55,8 +55,31 @@ def _without_enhanced(reply: Reply) -> Reply:
     return Reply(reply.code, reply.lines[:1] + rest, code)
 
 
+class _ClosingTransport(StringTransport):
+    """A StringTransport that ends the connection when the server closes it, as a real one does once the client
+    has taken the last replies (unless ``reading`` is False: a client that takes nothing)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reading = True
+        self.protocol: Any = None
+
+    def loseConnection(self) -> None:
+        already = self.disconnecting
+        super().loseConnection()
+        if not already and self.reading and self.protocol is not None:
+            from twisted.internet.error import ConnectionDone
+            from twisted.python.failure import Failure
+
+            self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
 class Conversation:
     """Talk to an `ESMTPProtocol` in memory: no sockets, no reactor; time moves only with ``clock.advance``.
+
+    When the server closes, the connection ends at once, as it does for a client that takes its last replies;
+    set ``transport.reading = False`` first to play a client that takes nothing (the server then drops it
+    after `esmtpkit.protocol.CLOSE_DRAIN_TIMEOUT` seconds).
 
     >>> talk = Conversation(MessageHandler(), Policy(hostname="mx.test"))
     >>> talk.greeting.code
@@ -74,8 +97,9 @@ class Conversation:
         self.clock = clock if clock is not None else Clock()
         self.policy = policy if policy is not None else Policy(hostname="mx.test")
         self.protocol = ESMTPProtocol(handler, self.policy, self.clock, monitor)
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", *peer),
+        self.transport = _ClosingTransport(peerAddress=IPv4Address("TCP", *peer),
                                          hostAddress=IPv4Address("TCP", "127.0.0.1", 25))
+        self.transport.protocol = self.protocol
         self.protocol.makeConnection(self.transport)
         self._seen = 0
         replies = self.replies()

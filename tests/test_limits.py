@@ -446,6 +446,7 @@ class WriteBackpressureTests(ServerMixin, SynchronousTestCase):
         """The 421 is queued and the connection closed gracefully; a client that still reads nothing is dropped
         after the drain deadline, so it cannot hold its slot against the connection limits."""
         talk = self.ehlo(command_timeout=60)
+        talk.transport.reading = False
         talk.protocol.pauseProducing()
         talk.clock.advance(60)
         self.assertTrue(talk.transport.value().endswith(TIMEOUT))
