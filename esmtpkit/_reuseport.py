@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.tcp import makeBinding
 from twisted.python import usage
 
+from .listening import Listener
 from .workers import split_description
 
 __all__ = ["check_reuse_port", "reuse_port_endpoint", "reuse_port_service"]
@@ -56,11 +56,9 @@ def reuse_port_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint
 
 
 def reuse_port_service(description: str, factory: IProtocolFactory, reactor: Any = None) -> IService:
-    """A service listening on ``description`` with SO_REUSEPORT; a port it cannot bind stops twistd with the error."""
+    """A service listening on ``description`` with SO_REUSEPORT; a port it cannot bind stops twistd in one line."""
     if reactor is None:
         from twisted.internet import reactor as default
 
         reactor = default
-    svc = StreamServerEndpointService(reuse_port_endpoint(reactor, description), factory)
-    svc._raiseSynchronously = True  # as strports.service does
-    return svc
+    return Listener("--listen", reuse_port_endpoint(reactor, description), factory)

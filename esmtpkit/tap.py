@@ -8,13 +8,16 @@ become `Policy` fields; ``ssl:`` listeners without their own key serve the ``--t
 from __future__ import annotations
 
 import inspect
+import os
+import re
 import signal
+import sys
+import tempfile
 from typing import Any, Callable
 
-from twisted.application import strports
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
 from twisted.cred import strcred
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, LogLevel
 from twisted.python import reflect, usage
 
@@ -23,16 +26,31 @@ from .authfile import PasswordFileError, password_files, replace_file_databases
 from .backlog import sized_listeners
 from .factory import ESMTPFactory
 from .interfaces import IMessageHandler
+from .listening import Listener, check_endpoint
 from .monitor import EventLog, Monitor, Monitors
 from .policy import Policy
 from .proxy import DEFAULT_TIMEOUT as DEFAULT_PROXY_TIMEOUT
 from .service import ESMTPService
 from .tls import ServerTLS, TLSConfigError
 
-__all__ = ["Options", "makeService", "DEFAULT_LISTEN", "DEFAULT_HANDLER"]
+__all__ = ["Options", "makeService", "DEFAULT_LISTEN", "DEFAULT_HANDLER", "USAGE_ERROR", "installed_version"]
 
 DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
 DEFAULT_HANDLER = "esmtpkit.handlers.maildir.Maildir"
+#: Exit status of ``twistd esmtpkit`` when its command line is wrong (nothing was started).
+USAGE_ERROR = 2
+
+
+def installed_version() -> str:
+    """The version of the installed esmtpkit distribution (the package's own when it is run uninstalled)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("esmtpkit")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return f"{__version__} (not installed)"
 
 
 def _positive_int(name: str) -> Callable[[str], int]:
@@ -42,7 +60,7 @@ def _positive_int(name: str) -> Callable[[str], int]:
         except ValueError:
             raise usage.UsageError(f"--{name} takes a whole number, not {value!r}") from None
         if number < 0:
-            raise usage.UsageError(f"--{name} must not be negative")
+            raise usage.UsageError(f"--{name} must not be negative, not {value!r}")
         return number
 
     return parse
@@ -55,20 +73,23 @@ def _not_negative(name: str) -> Callable[[str], float]:
         except ValueError:
             raise usage.UsageError(f"--{name} takes seconds, not {value!r}") from None
         if not number >= 0 or number == float("inf"):
-            raise usage.UsageError(f"--{name} takes a finite number of seconds, 0 or more")
+            raise usage.UsageError(f"--{name} takes a finite number of seconds, 0 or more, not {value!r}")
         return number
 
     return parse
 
 
-def _seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise usage.UsageError(f"a timeout takes seconds, not {value!r}") from None
-    if number <= 0:
-        raise usage.UsageError("a timeout must be positive")
-    return number
+def _seconds(name: str) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} takes seconds, not {value!r}") from None
+        if not number > 0:
+            raise usage.UsageError(f"--{name} takes a number of seconds above 0, not {value!r}")
+        return number
+
+    return parse
 
 
 class Options(strcred.AuthOptionMixin, usage.Options):
@@ -77,7 +98,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
     synopsis = "[options]"
     longdesc = ("Run an ESMTP server whose every verb is decided by a handler class (default: deliver to a Maildir). "
                 "--listen takes any Twisted endpoint string and may be repeated. --auth (repeatable) names the "
-                "credential checkers for AUTH; --help-auth lists the kinds.")
+                "credential checkers for AUTH; --help-auth lists the kinds. A wrong option stops it with one line on "
+                "stderr and exit status 2; an address it cannot listen on, with exit status 1.")
     #: What our SASL mechanisms produce; --auth accepts checkers for these (PLAIN/LOGIN, and CRAM-MD5).
     supportedInterfaces = sasl.SUPPORTED_INTERFACES
 
@@ -100,8 +122,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["max-message-size", None, Policy.max_message_size, "Largest message in bytes (SIZE); 0 for no limit.",
          _positive_int("max-message-size")],
         ["max-recipients", None, Policy.max_recipients, "Most recipients per message.", _positive_int("max-recipients")],
-        ["timeout", None, Policy.command_timeout, "Seconds to wait for a command before closing with 421.", _seconds],
-        ["data-timeout", None, Policy.data_timeout, "Seconds to wait for the next piece of a message.", _seconds],
+        ["timeout", None, Policy.command_timeout, "Seconds to wait for a command before closing with 421.",
+         _seconds("timeout")],
+        ["data-timeout", None, Policy.data_timeout, "Seconds to wait for the next piece of a message.",
+         _seconds("data-timeout")],
         ["error-limit", None, Policy.error_limit,
          "Client errors (5xx replies) after which the connection is closed; 0 for none.",
          _positive_int("error-limit")],
@@ -124,11 +148,12 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["soft-error-limit", None, Policy.soft_error_limit, "Errors after which --error-delay applies.",
          _positive_int("soft-error-limit")],
         ["error-delay", None, Policy.error_delay, "Seconds of silence after each error beyond --soft-error-limit.",
-         float],
+         _not_negative("error-delay")],
         ["pregreet-delay", None, Policy.pregreet_delay,
-         "Seconds to wait before the greeting; clients that talk first are refused. 0: off.", float],
+         "Seconds to wait before the greeting; clients that talk first are refused. 0: off.",
+         _not_negative("pregreet-delay")],
         ["shutdown-timeout", None, Policy.shutdown_timeout,
-         "Seconds transactions in flight may take to finish when the server stops.", float],
+         "Seconds transactions in flight may take to finish when the server stops.", _not_negative("shutdown-timeout")],
         ["tls-cert", None, None, "PEM file with the server certificate (and chain) for STARTTLS and ssl: listeners."],
         ["tls-key", None, None, "PEM file with the certificate's private key (default: read from --tls-cert)."],
         ["auth-mechanisms", None, ",".join(sasl.DEFAULT_ORDER), "SASL mechanisms to offer, comma-separated, in order."],
@@ -149,11 +174,11 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["maildir", None, "Maildir", "Maildir folder for the Maildir handler (created if missing)."],
         ["workers", None, "1", "Worker processes sharing the listening sockets: a number, or auto for one per CPU."],
         ["proxy-timeout", None, DEFAULT_PROXY_TIMEOUT, "Seconds a connection may take to send its PROXY header.",
-         _seconds],
+         _seconds("proxy-timeout")],
         ["amqp-url", None, None, "AMQP handler: the broker, e.g. amqp://user:pass@127.0.0.1:5672/%2F."],
         ["amqp-queue", None, None, "AMQP handler: the (quorum) queue to publish to (default: mail)."],
         ["amqp-confirm-timeout", None, None, "AMQP handler: seconds to wait for the broker's confirm (default 30).",
-         _seconds],
+         _seconds("amqp-confirm-timeout")],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
          "tcp:9101:interface=127.0.0.1 (off by default)."],
         ["log-events", None, "all", "Connection and message events to log: all, warn (refused connections and "
@@ -169,11 +194,51 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         self["proxy-trusted"] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
-        """Parse, keeping the raw arguments (``self["argv"]``) so a supervisor can pass them on to workers."""
-        import sys
+        """Parse, keeping the raw arguments (``self["argv"]``) so a supervisor can pass them on to workers.
 
+        Run by twistd (as its ``esmtpkit`` command), a usage error ends the process with one line saying what is
+        wrong and one pointing to ``--help``, on stderr, and exit status `USAGE_ERROR` (twistd would print the
+        whole help first, on stdout). Called directly, it raises `usage.UsageError` as any `usage.Options` does.
+        """
         self["argv"] = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            sys.stderr.write(f"twistd esmtpkit: {_one_line(e)}\nsee twistd esmtpkit --help\n")
+            raise SystemExit(USAGE_ERROR) from None
+
+    def getSynopsis(self) -> str:
+        """The usage line, and which esmtpkit (and Twisted) this is."""
+        from twisted import version as twisted
+
+        return f"{super().getSynopsis()}\nesmtpkit {installed_version()} (Twisted {twisted.short()})"
+
+    def opt_version(self) -> None:
+        """Show the esmtpkit, Twisted and Python versions, and exit."""
+        import platform
+
+        from twisted import version as twisted
+
+        print(f"esmtpkit {installed_version()} (Twisted {twisted.short()}, Python {platform.python_version()})")
+        sys.exit(0)
+
+    def opt_auth(self, description: str) -> None:
+        """A checker for AUTH, e.g. memory:user:password, file:PATH (user:password lines, re-read on SIGHUP) or
+        unix; repeat for several. --help-auth lists the kinds, --help-auth-type KIND explains one."""
+        kind, _, argument = description.partition(":")
+        if kind == "file" and argument.strip():
+            try:
+                with open(argument, "rb"):
+                    pass
+            except OSError as e:
+                raise usage.UsageError(f"--auth {description}: cannot read it: {(e.strerror or str(e)).lower()}"
+                                       ) from None
+        try:
+            super().opt_auth(description)
+        except usage.UsageError as e:
+            raise usage.UsageError(f"--auth {description}: {e}") from None
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:25, ssl:465:privateKey=k.pem:certKey=c.pem, unix:/run/smtp.sock,
@@ -209,9 +274,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
 
             for description in self["listen"]:
                 shareable(description)
+        check_endpoints(self)
         check_proxy(self)
         if self["bare-newline"] not in ("reject", "allow"):
-            raise usage.UsageError("--bare-newline takes reject or allow")
+            raise usage.UsageError(f"--bare-newline takes reject or allow, not {self['bare-newline']!r}")
         check_log_format(self)
         self["tls"] = load_tls(self)
         self["portal"] = build_auth(self)
@@ -220,12 +286,37 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         self["policy"] = build_policy(self)
 
 
+#: How `getopt` words an unknown option or a missing value: "option --timeout requires argument".
+_GETOPT_ERROR = re.compile(r"^option (-{1,2}\S+) (.*)$")
+
+
+def _one_line(error: usage.UsageError) -> str:
+    """A usage error as one line that starts with the option: "--timeout requires argument"."""
+    text = " ".join(str(error).split())
+    return _GETOPT_ERROR.sub(r"\1: \2", text)
+
+
+def check_endpoints(options: usage.Options) -> None:
+    """Every ``--listen`` string, and ``--metrics``, must be an endpoint Twisted can listen on (`check_endpoint`).
+
+    An ``ssl:`` listener without a key of its own is TCP wrapped in the ``--tls-cert`` certificate, so it is
+    checked as ``tcp:``.
+    """
+    from twisted.internet import reactor
+
+    for description in options["listen"]:
+        built = "tcp:" + description[len("ssl:"):] if _own_tls(description) else description
+        check_endpoint(f"--listen {description}", built, reactor)
+    if options["metrics"]:
+        check_endpoint(f"--metrics {options['metrics']}", options["metrics"], reactor)
+
+
 def check_log_format(options: usage.Options) -> None:
     """``--log-format json``: have twistd log through `esmtpkit.logformat.json_observer` (its ``--logger``)."""
     if options["log-format"] not in ("text", "json"):
-        raise usage.UsageError("--log-format takes text or json")
+        raise usage.UsageError(f"--log-format takes text or json, not {options['log-format']!r}")
     if options["log-events"] not in ("all", "warn", "none"):
-        raise usage.UsageError("--log-events takes all, warn or none")
+        raise usage.UsageError(f"--log-events takes all, warn or none, not {options['log-events']!r}")
     twistd = getattr(options, "parent", None)
     if options["log-format"] != "json" or twistd is None:
         return
@@ -292,7 +383,8 @@ def load_tls(options: usage.Options) -> ServerTLS | None:
     try:
         return ServerTLS(options["tls-cert"], options["tls-key"])
     except TLSConfigError as e:
-        raise usage.UsageError(str(e)) from None
+        given = f"--tls-cert {options['tls-cert']}" + (f" --tls-key {options['tls-key']}" if options["tls-key"] else "")
+        raise usage.UsageError(f"{given}: {e}") from None
 
 
 def build_auth(options: usage.Options) -> Any:
@@ -339,13 +431,21 @@ def load_handler(name: str) -> Any:
     try:
         found = reflect.namedAny(name)
     except (reflect.ModuleNotFound, reflect.ObjectNotFound, reflect.InvalidName, AttributeError, ImportError) as e:
-        raise usage.UsageError(f"cannot import handler {name!r}: {e} (twistd does not put the current folder on "
-                               "the import path: if the module is there, run with PYTHONPATH=.)") from None
+        raise usage.UsageError(f"--handler {name}: cannot import it: {e} (twistd does not put the current folder "
+                               "on the import path: if the module is there, run with PYTHONPATH=.)") from None
+    except Exception as e:  # the module itself failed while it was imported
+        raise usage.UsageError(f"--handler {name}: importing it failed: {_described(e)}") from None
     if isinstance(found, type) and IMessageHandler.implementedBy(found):
         return found
     if isinstance(found, type) or not callable(found):
-        raise usage.UsageError(f"handler {name!r} does not provide {IMessageHandler.__name__}")
+        raise usage.UsageError(f"--handler {name}: does not provide {IMessageHandler.__name__}")
     return found
+
+
+def _described(error: BaseException) -> str:
+    """An exception as one line: its type and message."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
@@ -360,7 +460,11 @@ def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
             kwargs[key] = value
     unknown = [k for k in kwargs if accepts is not None and k not in accepts]
     if unknown:
-        raise usage.UsageError(f"handler {options['handler']} takes no option(s) {', '.join(sorted(unknown))}")
+        raise usage.UsageError(f"--handler-option {', '.join(sorted(unknown))}: {options['handler']} takes no such "
+                               "keyword")
+    if "path" in kwargs and _is_maildir(cls):
+        given = "--handler-option path=" if "path" in options["handler-options"] else "--maildir "
+        check_maildir(f"{given}{kwargs['path']}", kwargs["path"])
 
     def make() -> Any:
         handler = cls(**kwargs)
@@ -370,12 +474,36 @@ def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
 
     try:
         sample = make()
-    except (TypeError, ValueError, ImportError) as e:
-        raise usage.UsageError(f"cannot build handler {options['handler']}: {e}") from None
-    close = getattr(sample, "close", None)
-    if callable(close):
-        close()
+        close = getattr(sample, "close", None)
+        if callable(close):
+            close()
+    except Exception as e:  # whatever the constructor raises: the server could not make a handler at all
+        raise usage.UsageError(f"--handler {options['handler']}: cannot make one: {_described(e)}") from None
     return make
+
+
+def _is_maildir(cls: Any) -> bool:
+    """True for esmtpkit's Maildir handler and its subclasses (whose ``path`` is a Maildir)."""
+    from .handlers.maildir import Maildir
+
+    return isinstance(cls, type) and issubclass(cls, Maildir)
+
+
+def check_maildir(option: str, path: str) -> None:
+    """`usage.UsageError` starting with ``option`` unless mail can be delivered to the Maildir at ``path``: its
+    ``tmp``, ``new`` and ``cur`` folders exist or can be made, and a file can be written in ``tmp`` (a probe,
+    removed at once). Otherwise every message would get 451 4.3.0 and be deferred by its sender forever."""
+    folder = os.path.abspath(os.path.expanduser(path))
+    try:
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(folder, sub), mode=0o700, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=os.path.join(folder, "tmp"), prefix=".probe-") as probe:
+            probe.write(b"\r\n")
+            probe.flush()
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        where = f" ({e.filename})" if e.filename else ""
+        raise usage.UsageError(f"{option}: not a usable Maildir: {reason}{where}") from None
 
 
 def _parameters(cls: Any) -> set[str] | None:
@@ -429,24 +557,35 @@ def build_policy(options: usage.Options) -> Policy:
         kwargs["hostname"] = options["hostname"]
     try:
         return Policy(**kwargs)
-    except ValueError as e:
-        raise usage.UsageError(str(e)) from None
+    except ValueError as e:  # the options check their own values first; this names the field as an option
+        raise usage.UsageError(re.sub(r"\b([a-z]+(?:_[a-z]+)+)\b", _as_option, str(e))) from None
+
+
+def _as_option(field: re.Match[str]) -> str:
+    return "--" + field.group(1).replace("_", "-")
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
-    """One listening service per ``--listen``, all serving the same factory (or a supervisor of N workers)."""
+    """One listening service per ``--listen``, all serving the same factory (or a supervisor of N workers).
+
+    Each is a `Listener`: an address it cannot bind stops twistd with one line and exit status 1.
+    """
     if options["workers"] > 1:
         from .workers import supervise
 
         return supervise(options, reactor=reactor)
+    if reactor is None:
+        from twisted.internet import reactor as default
+
+        reactor = default
     factory = ESMTPFactory(options["handler-factory"], policy=options["policy"], clock=reactor,
                            monitor=build_monitor(options))
     top = ESMTPService(factory)  # the ESMTPFactory itself: shutdown drains its connections
     if options["metrics"]:
         from .metrics import metrics_site
 
-        strports.service(options["metrics"], metrics_site(options["metrics-recorder"].registry),
-                         reactor=reactor).setServiceParent(top)
+        site = metrics_site(options["metrics-recorder"].registry)
+        Listener("--metrics", serverFromString(reactor, options["metrics"]), site).setServiceParent(top)
     listening: Any = factory
     if options["proxy-protocol"]:
         from .proxy import DEFAULT_TRUSTED, ProxyProtocolFactory
@@ -462,7 +601,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         elif tls is not None and _own_tls(description):
             svc = _tls_listener(description, tls, listening, reactor)
         else:
-            svc = strports.service(description, listening, reactor=reactor)
+            svc = Listener("--listen", serverFromString(reactor, description), listening)
         svc.setServiceParent(top)
     parts = reloadables(options)
     if parts:
@@ -472,16 +611,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
 def _tls_listener(description: str, tls: ServerTLS, factory: Any, reactor: Any) -> IService:
     """``ssl:PORT[:interface=...]`` without a key: TCP wrapped in TLS with the (reloadable) ``--tls-cert``."""
-    from twisted.internet.endpoints import serverFromString, wrapServerTLS
+    from twisted.internet.endpoints import wrapServerTLS
 
-    if reactor is None:
-        from twisted.internet import reactor as default
-
-        reactor = default
     endpoint = wrapServerTLS(tls, serverFromString(reactor, "tcp:" + description[len("ssl:"):]), clock=reactor)
-    svc = StreamServerEndpointService(endpoint, factory)
-    svc._raiseSynchronously = True  # as strports.service does: a port in use stops twistd with its error
-    return svc
+    return Listener("--listen", endpoint, factory)
 
 
 def reloadables(options: usage.Options) -> list[Any]:

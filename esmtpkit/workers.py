@@ -183,6 +183,9 @@ class SharedSockets(Service):
         self.sockets: list[SharedSocket] = []
 
     def privilegedStartService(self) -> None:
+        """Bind every socket; one that cannot be bound stops twistd in one line (`esmtpkit.listening.ListenFailed`)."""
+        from .listening import listen_failed
+
         super().privilegedStartService()
         if self.sockets:
             return
@@ -192,6 +195,9 @@ class SharedSockets(Service):
                 self.sockets.append(shared)
                 log.info("{description}: listening on {address} for the workers", description=description,
                          address=shared.address())
+        except CannotListenError as e:
+            self._close()
+            raise listen_failed("--listen", e) from None
         except BaseException:
             self._close()
             raise

@@ -2,6 +2,7 @@
 
 Everything is made at test time with `cryptography` and written as PEM files to a temporary directory, so no key
 or certificate is ever kept in the repository. Keys are ECDSA P-256: quick to make, accepted by every TLS stack.
+`serve_implicit_tls` listens on loopback with TLS from the first byte (RFC 8314), with such files.
 """
 
 from __future__ import annotations
@@ -10,13 +11,20 @@ import datetime
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, wrapServerTLS
 
-__all__ = ["Authority", "CertFiles", "make_authority", "make_tls_files"]
+from esmtpkit.factory import ESMTPFactory
+from esmtpkit.testing import LoopbackServer
+from esmtpkit.tls import ServerTLS
+
+__all__ = ["Authority", "CertFiles", "make_authority", "make_tls_files", "serve_implicit_tls"]
 
 _VALIDITY = datetime.timedelta(days=2)
 
@@ -115,3 +123,18 @@ def make_tls_files(directory: Path, authority: Authority | None = None, *, commo
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return CertFiles(authority, ca_path, cert_path, key_path, certificate.public_bytes(serialization.Encoding.DER))
+
+
+def serve_implicit_tls(factory: ESMTPFactory, cert: str | Path, key: str | Path,
+                       reactor: Any = None) -> "Deferred[LoopbackServer]":
+    """Like `esmtpkit.testing.serve`, on a 127.0.0.1 listener that is TLS from the first byte (RFC 8314).
+
+    The TLS side is esmtpkit's `ServerTLS`, which hands pyOpenSSL `cryptography` objects; an ``ssl:`` endpoint
+    string would load the same files as pyOpenSSL ``X509``/``PKey`` objects, which pyOpenSSL deprecates.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default
+
+        reactor = default
+    endpoint = wrapServerTLS(ServerTLS(cert, key), TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+    return endpoint.listen(factory).addCallback(lambda port: LoopbackServer(port.getHost().port, port, factory))

@@ -2,12 +2,14 @@
 
 - `terminate`: stop a real server process as twistd expects; `wait_for_port`: the port a starting twistd took.
 - `Twistd`: a ``twistd -n esmtpkit`` process listening on a free 127.0.0.1 port.
+- `run_twistd`: a ``twistd esmtpkit`` run to its end (one that should refuse to start), with what it printed.
 - `RecordingNextHop`: an in-process SMTP server on loopback that records every octet a relay sends it.
 - `RawClient`: a blocking SMTP client that sends exactly the bytes it is given (for use in a thread).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -58,6 +60,22 @@ def wait_for_port(process: subprocess.Popen, log: Path, log_text: Any, timeout: 
 
 #: The ``twistd`` console script installed beside this interpreter, as a user would run it.
 TWISTD = Path(sys.executable).parent / "twistd"
+
+
+def run_twistd(cwd: Path, *args: str, daemon: bool = False, pythonpath: Path | None = None,
+               timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``twistd -n --pidfile= esmtpkit *args`` (``daemon=True``: ``twistd --pidfile=twistd.pid --logfile=twistd.log
+    esmtpkit *args``) run in ``cwd`` until it exits, with stdout and stderr kept apart.
+
+    The environment has no PYTHONPATH (only the installed esmtpkit is found) unless ``pythonpath`` is given, as a
+    user would set it for a handler module of their own.
+    """
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    twistd = ["--pidfile=twistd.pid", "--logfile=twistd.log"] if daemon else ["-n", "--pidfile="]
+    return subprocess.run([str(TWISTD), *twistd, "esmtpkit", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 class Twistd:

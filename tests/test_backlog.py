@@ -26,6 +26,7 @@ from esmtpkit.workers import supervise
 
 from .certs import make_tls_files
 from .processes import terminate
+from .scratch import ScratchPaths
 from .test_workers import TWISTD, _env, needs_proc, wait_for
 
 
@@ -35,7 +36,7 @@ def parse(*args: str) -> tap.Options:
     return options
 
 
-class BacklogTests(SynchronousTestCase):
+class BacklogTests(ScratchPaths, SynchronousTestCase):
     """Which backlog a listener string gets, and that the strings still parse as Twisted endpoints."""
 
     def test_sized_for_max_connections(self) -> None:
@@ -101,7 +102,7 @@ class BacklogTests(SynchronousTestCase):
         self.assertIsNone(backlog.somaxconn(str(path) + ".missing"))
 
 
-class ServiceTests(SynchronousTestCase):
+class ServiceTests(ScratchPaths, SynchronousTestCase):
     """``twistd esmtpkit`` listens with the backlog: every kind of listener it builds."""
 
     def listen(self, *args: str) -> MemoryReactor:
@@ -147,7 +148,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(service.sockets.descriptions, ["tcp:0:backlog=300", "tcp:0:backlog=8"])
 
 
-class MaildirStartTests(SynchronousTestCase):
+class MaildirStartTests(ScratchPaths, SynchronousTestCase):
     """A Maildir handler is made per connection, between accept and greeting: it makes the folders once per path."""
 
     def test_folders_made_once(self) -> None:

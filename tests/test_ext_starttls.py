@@ -29,6 +29,7 @@ from esmtpkit.testing import RecordingHandler
 from esmtpkit.tls import ServerTLS
 
 from .certs import make_tls_files
+from .scratch import ScratchPaths
 from .test_protocol import GREETING
 
 TLS_EHLO = (b"250-mx.test client.test, pleased to meet you\r\n250-HELP\r\n250-PIPELINING\r\n250-SIZE 33554432\r\n"
@@ -102,7 +103,7 @@ class TLSMixin:
         return protocol.transport.value()[before:]  # type: ignore[attr-defined, no-any-return]
 
 
-class StartTLSTests(TLSMixin, SynchronousTestCase):
+class StartTLSTests(TLSMixin, ScratchPaths, SynchronousTestCase):
     def test_advertised(self) -> None:
         protocol, _ = self.connect()
         self.assertEqual(self.exchange(protocol, b"EHLO client.test\r\n"), TLS_EHLO + b"250 STARTTLS\r\n")
@@ -223,7 +224,7 @@ class StartTLSTests(TLSMixin, SynchronousTestCase):
         self.assertIsNone(transport.tls_context)
 
 
-class ImplicitTLSTests(TLSMixin, SynchronousTestCase):
+class ImplicitTLSTests(TLSMixin, ScratchPaths, SynchronousTestCase):
     """An ``ssl:`` listener: TLS from the first byte (RFC 8314)."""
 
     def transport(self) -> TLSStringTransport:

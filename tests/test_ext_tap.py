@@ -18,6 +18,7 @@ from esmtpkit.factory import ESMTPFactory
 from esmtpkit.tls import ServerTLS
 
 from .certs import make_tls_files
+from .scratch import ScratchPaths
 
 HANDLER = ("--handler", "esmtpkit.handlers.base.MessageHandler")
 
@@ -45,7 +46,7 @@ class ExtensionOptionTests(TapMixin, SynchronousTestCase):
         self.assertEqual((policy.chunking, policy.binarymime, policy.dsn, policy.lmtp), (False, False, True, True))
 
 
-class TLSOptionTests(TapMixin, SynchronousTestCase):
+class TLSOptionTests(TapMixin, ScratchPaths, SynchronousTestCase):
     def setUp(self) -> None:
         self.files = make_tls_files(Path(self.mktemp()))
 
@@ -88,7 +89,7 @@ class TLSOptionTests(TapMixin, SynchronousTestCase):
         self.assertIsInstance(list(service)[-1], tap.ReloadOnHangup)
 
 
-class ReloadTests(SynchronousTestCase):
+class ReloadTests(ScratchPaths, SynchronousTestCase):
     """``kill -HUP`` re-reads the certificate files (see `esmtpkit.tls.ServerTLS.reload`)."""
 
     class Reactor:
@@ -136,7 +137,7 @@ def _der() -> Any:
     return Encoding.DER
 
 
-class AuthOptionTests(TapMixin, SynchronousTestCase):
+class AuthOptionTests(TapMixin, ScratchPaths, SynchronousTestCase):
     def test_memory(self) -> None:
         options = self.parse("--auth", "memory:alice:secret", "--auth-over-plaintext", "--require-auth")
         policy = options["policy"]

@@ -1,5 +1,5 @@
 """Real TLS on 127.0.0.1 with certificates made in the test: smtplib's starttls() and login(), the STARTTLS
-injection case on a real socket, implicit TLS (``ssl:``) with smtplib.SMTP_SSL, and the same through a real
+injection case on a real socket, implicit TLS (RFC 8314) with smtplib.SMTP_SSL, and the same through a real
 ``twistd esmtpkit`` process (``--tls-cert``, ``--auth``, an ``ssl:`` listener without a key, ``kill -HUP``).
 """
 
@@ -24,7 +24,7 @@ from esmtpkit.sasl import portal_from_strings
 from esmtpkit.testing import RecordingHandler, serve
 from esmtpkit.tls import ServerTLS
 
-from .certs import CertFiles, make_tls_files
+from .certs import CertFiles, make_tls_files, serve_implicit_tls
 from .test_twistd import Server, workdir  # noqa: F401  (the fixture)
 
 MESSAGE = b"Subject: over TLS\r\n\r\nsecret body\r\n"
@@ -127,12 +127,11 @@ def test_injected_plaintext_is_not_run(tmp_path: Path) -> Any:
 
 @pytest_twisted.inlineCallbacks
 def test_implicit_tls_with_smtp_ssl(tmp_path: Path) -> Any:
-    """An ``ssl:`` endpoint with its own key (RFC 8314): TLS from the first byte, no STARTTLS, AUTH offered."""
+    """Implicit TLS (RFC 8314): TLS from the first byte, no STARTTLS, AUTH offered."""
     files = make_tls_files(tmp_path)
     handlers: list[RecordingHandler] = []
-    endpoint = f"ssl:0:interface=127.0.0.1:privateKey={files.key}:certKey={files.cert}"
-    server = yield serve(_factory(handlers, portal=portal_from_strings(["memory:alice:secret"]), require_tls=True),
-                         endpoint=endpoint)
+    server = yield serve_implicit_tls(_factory(handlers, portal=portal_from_strings(["memory:alice:secret"]),
+                                               require_tls=True), files.cert, files.key)
 
     def client() -> dict[str, Any]:
         seen: dict[str, Any] = {}

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from twisted.internet import threads
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, fail, succeed
@@ -28,12 +28,15 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from esmtpkit.data import DotDecoder, dot_stuff, python_has_bare_newline
+from esmtpkit.factory import ESMTPFactory
 from esmtpkit.handlers import Collecting, MessageStore, Relay
 from esmtpkit.handlers.relay import DotStuffer, parse_networks
 from esmtpkit.interfaces import IMessageHandler
 from esmtpkit.policy import Policy
 from esmtpkit.session import Session
 from esmtpkit.testing import Conversation, serve
+
+from .certs import serve_implicit_tls
 
 CONTENT = b"Subject: relayed\r\n\r\n.leading dot\r\n..two\r\n.\r\n8-bit \xe9\xff\r\n"
 START = b"EHLO client.test\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
@@ -554,6 +557,7 @@ class DotStufferTests(SynchronousTestCase):
         lines = re.sub(rb"\r\n|\r|\n", b"\r\n", content)
         self.assertEqual(decoded, lines if lines.endswith(b"\r\n") or not lines else lines + b"\r\n")
 
+    @settings(deadline=None, derandomize=True, database=None)
     @given(st.lists(st.sampled_from(PIECES), max_size=40).map(b"".join),
            st.lists(st.integers(min_value=0, max_value=200), max_size=8))
     def test_any_split(self, content: bytes, cuts: list[int]) -> None:
@@ -678,8 +682,8 @@ def test_relay_over_implicit_tls(tmp_path: Any) -> Any:
 
     key, cert = _self_signed(str(tmp_path))
     store = MessageStore()
-    upstream = yield serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"),
-                           endpoint=f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    upstream = yield serve_implicit_tls(ESMTPFactory(Collecting.factory(store), policy=Policy(hostname="up.test"),
+                                                     clock=reactor), cert, key, reactor)
     relay = yield serve(lambda: Relay(port=upstream.port, tls="implicit", tls_hostname="localhost", ca_file=cert,
                                       timeout=10), reactor=reactor, policy=Policy(hostname="relay.test"))
     try:
@@ -698,8 +702,8 @@ def test_relay_refuses_untrusted_upstream(tmp_path: Any) -> Any:
 
     key, cert = _self_signed(str(tmp_path))
     store = MessageStore()
-    upstream = yield serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"),
-                           endpoint=f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    upstream = yield serve_implicit_tls(ESMTPFactory(Collecting.factory(store), policy=Policy(hostname="up.test"),
+                                                     clock=reactor), cert, key, reactor)
     other_dir = tmp_path / "other"
     other_dir.mkdir()
     _, other_cert = _self_signed(str(other_dir))

@@ -26,6 +26,7 @@ from esmtpkit.reply import SMTPReply
 from esmtpkit.tls import ServerTLS
 
 from .certs import make_tls_files
+from .scratch import ScratchPaths
 
 HANDLER = ("--handler", "esmtpkit.handlers.base.MessageHandler")
 
@@ -46,7 +47,7 @@ class LogCapture:
         return [e.get("log_format", "") for e in self.events]
 
 
-class PasswordFileTests(SynchronousTestCase):
+class PasswordFileTests(ScratchPaths, SynchronousTestCase):
     """The file is read once; logins are checked against the table in memory."""
 
     def write(self, content: bytes) -> Path:
@@ -139,7 +140,7 @@ class PasswordFileTests(SynchronousTestCase):
         self.assertEqual(checker.users, {b"alice"})
 
 
-class ReplaceTests(SynchronousTestCase):
+class ReplaceTests(ScratchPaths, SynchronousTestCase):
     """What ``--auth file:`` makes is swapped for a `PasswordFile`; other checkers are left alone."""
 
     def test_replace(self) -> None:
@@ -165,7 +166,7 @@ class ReplaceTests(SynchronousTestCase):
         self.assertEqual(password_files(Portal(sasl.UsernameRealm())), [])
 
 
-class TapTests(SynchronousTestCase):
+class TapTests(ScratchPaths, SynchronousTestCase):
     """``--auth file:PATH`` under twistd: read at start, reloaded by ``kill -HUP`` with the TLS files."""
 
     def setUp(self) -> None:
@@ -197,7 +198,7 @@ class TapTests(SynchronousTestCase):
         self.patch(cred_file.theFileCheckerFactory, "errorOutput", io.StringIO())  # its own warning, on stderr
         missing = Path(self.mktemp())
         error = self.assertRaises(usage.UsageError, self.parse, "--auth", f"file:{missing}")
-        self.assertEqual(str(error), f"--auth file: cannot read {missing}: No such file or directory")
+        self.assertEqual(str(error), f"--auth file:{missing}: cannot read it: no such file or directory")
         self.passwd.write_bytes(b"alice\n")
         error = self.assertRaises(usage.UsageError, self.parse, "--auth", f"file:{self.passwd}")
         self.assertEqual(str(error), f"--auth file: {self.passwd}, line 1: not user:password")
@@ -232,7 +233,7 @@ class Broken:
         raise RuntimeError("unexpected")
 
 
-class HangupTests(SynchronousTestCase):
+class HangupTests(ScratchPaths, SynchronousTestCase):
     """`tap.ReloadOnHangup` over several parts: each is reloaded, a failing one does not stop the others."""
 
     def setUp(self) -> None:

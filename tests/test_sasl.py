@@ -29,6 +29,8 @@ from esmtpkit.sasl import (
     AUTH_TEMPORARY_FAILURE, Challenge, CramMD5, Failed, Identity, Login, Plain, Ready,
 )
 
+from .scratch import ScratchPaths
+
 
 def b64(data: bytes) -> bytes:
     return base64.b64encode(data)
@@ -385,7 +387,7 @@ class AuthenticateTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
 
 
-class PortalTests(SynchronousTestCase):
+class PortalTests(ScratchPaths, SynchronousTestCase):
     def test_realm(self) -> None:
         realm = sasl.UsernameRealm()
         self.assertTrue(verifyObject(IRealm, realm))

@@ -83,6 +83,75 @@ class OptionsTests(SynchronousTestCase):
         self.assertRaises(usage.UsageError, self.parse, "--handler", "tests.test_tap.Configurable",
                           "--handler-option", "novalue")
 
+    def test_handler_constructor_raising(self) -> None:
+        """Whatever a handler's constructor raises is a usage error naming the handler and the exception."""
+        error = self.assertRaises(usage.UsageError, self.parse, "--handler", "tests.test_tap.Raising")
+        self.assertEqual(str(error), "--handler tests.test_tap.Raising: cannot make one: RuntimeError: the database "
+                         "is down")
+
+    def test_unusable_maildir(self) -> None:
+        """A Maildir whose folders cannot be made is refused when the options are read."""
+        with tempfile.TemporaryDirectory() as tmp:
+            taken = os.path.join(tmp, "file")
+            with open(taken, "w") as f:
+                f.write("not a folder")
+            error = self.assertRaises(usage.UsageError, self.parse, "--maildir", taken)
+            self.assertEqual(str(error), f"--maildir {taken}: not a usable Maildir: not a directory ({taken}/tmp)")
+            error = self.assertRaises(usage.UsageError, self.parse, "--handler-option", f"path={taken}")
+            self.assertTrue(str(error).startswith(f"--handler-option path={taken}: not a usable Maildir"))
+
+    def test_maildir_made_and_probed(self) -> None:
+        """A usable Maildir gets its three folders; the probe file in tmp/ is gone again."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "md")
+            self.parse("--maildir", path)
+            self.assertEqual(sorted(os.listdir(path)), ["cur", "new", "tmp"])
+            self.assertEqual(os.listdir(os.path.join(path, "tmp")), [])
+
+    def test_maildir_left_alone_for_other_handlers(self) -> None:
+        """--maildir is probed only for the Maildir handler."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "md")
+            self.parse("--handler", "esmtpkit.handlers.base.MessageHandler", "--maildir", path)
+            self.assertFalse(os.path.exists(path))
+
+    def test_one_line_under_twistd(self) -> None:
+        """As twistd's subcommand a usage error is one line and a hint on stderr, and exit status 2."""
+        import io
+        import sys
+
+        from twisted.scripts.twistd import ServerOptions
+
+        for argv, line in [(["--timeout", "x"], "--timeout takes seconds, not 'x'"),
+                           (["--nosuch"], "--nosuch: not recognized"),
+                           (["--timeout"], "--timeout: requires argument")]:
+            stderr, stdout = io.StringIO(), io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            self.patch(sys, "stdout", stdout)
+            with self.assertRaises(SystemExit) as raised:
+                ServerOptions().parseOptions(["-n", "esmtpkit", "--handler", "esmtpkit.handlers.base.MessageHandler",
+                                              *argv])
+            self.assertEqual(raised.exception.code, tap.USAGE_ERROR)
+            self.assertEqual(stderr.getvalue(), f"twistd esmtpkit: {line}\nsee twistd esmtpkit --help\n")
+            self.assertEqual(stdout.getvalue(), "")
+
+    def test_bad_option_values_name_the_option(self) -> None:
+        """Every value error starts with the option it is about."""
+        for argv in (["--timeout", "x"], ["--data-timeout", "0"], ["--proxy-timeout", "nan"], ["--error-delay", "x"],
+                     ["--pregreet-delay", "-1"], ["--shutdown-timeout", "inf"], ["--max-recipients", "-1"],
+                     ["--bare-newline", "maybe"], ["--log-format", "xml"], ["--listen", "tcp:70000"],
+                     ["--auth", "nosuch:x"], ["--auth", "file:/nonexistent/passwd"], ["--workers", "many"]):
+            error = self.assertRaises(usage.UsageError, self.parse, "--handler",
+                                      "esmtpkit.handlers.base.MessageHandler", *argv)
+            self.assertTrue(str(error).startswith(argv[0]), str(error))
+
+
+class Raising(MessageHandler):
+    """A handler whose constructor fails."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("the database is down")
+
 
 class Configurable(MessageHandler):
     """A handler with one setting, for --handler-option."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from typing import Any
 
 from twisted.logger import Logger
@@ -17,6 +18,8 @@ from esmtpkit.monitor import EventLog, Monitors
 from esmtpkit.tap import Options, build_monitor, makeService
 from esmtpkit.workers import worker_arguments
 
+from .scratch import ScratchWorkingDirectory
+
 
 def twistd(*argv: str) -> ServerOptions:
     config = ServerOptions()
@@ -24,7 +27,7 @@ def twistd(*argv: str) -> ServerOptions:
     return config
 
 
-class LogFormatTests(SynchronousTestCase):
+class LogFormatTests(ScratchWorkingDirectory, SynchronousTestCase):
     def test_json_becomes_twistds_logger(self) -> None:
         self.addCleanup(logformat._destination.update, dict(logformat._destination))
         config = twistd("-n", "--logfile", "x.json", "esmtpkit", "--log-format", "json")
@@ -42,9 +45,14 @@ class LogFormatTests(SynchronousTestCase):
              "leave out --logger"),
             (("--logfile", "-", "esmtpkit", "--log-format", "json"), "a daemon cannot log to stdout"),
         ]:
-            with self.assertRaises(usage.UsageError) as raised:
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            with self.assertRaises(SystemExit) as raised:
                 twistd(*argv)
-            self.assertIn(message, str(raised.exception))
+            self.assertEqual(raised.exception.code, 2)
+            error, hint = stderr.getvalue().splitlines()
+            self.assertIn(message, error)
+            self.assertEqual(hint, "see twistd esmtpkit --help")
 
     def test_json_lines(self) -> None:
         """One JSON object per line, with the formatted message in ``text`` and the event's own fields."""
@@ -59,7 +67,7 @@ class LogFormatTests(SynchronousTestCase):
         self.assertEqual(second["text"], "second")
 
 
-class MetricsOptionTests(SynchronousTestCase):
+class MetricsOptionTests(ScratchWorkingDirectory, SynchronousTestCase):
     def options(self, *argv: str) -> Options:
         options = Options()
         options.parseOptions(list(argv))

@@ -25,9 +25,10 @@ from zope.interface.verify import verifyObject
 from esmtpkit.tls import ServerTLS, TLSConfigError, describe, is_tls, load_options, tls_info
 
 from .certs import make_authority, make_tls_files
+from .scratch import ScratchPaths
 
 
-class LoadTests(SynchronousTestCase):
+class LoadTests(ScratchPaths, SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = Path(self.mktemp())
         self.files = make_tls_files(self.dir)
@@ -97,7 +98,7 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(tls.certificate.public_bytes(serialization.Encoding.DER), self.files.der)
 
 
-class InfoTests(SynchronousTestCase):
+class InfoTests(ScratchPaths, SynchronousTestCase):
     def test_no_tls(self) -> None:
         self.assertEqual(tls_info(StringTransport()), {})
         self.assertEqual(tls_info(None), {})

@@ -36,12 +36,15 @@ def test_twistd_help_lists_plugin(tmp_path: Path) -> None:
     assert re.search(r"^\s+esmtpkit\s", out.stdout, re.M), out.stdout
 
 
-def test_bad_handler_exits_1(tmp_path: Path) -> None:
-    """A handler that cannot be imported is a clear usage error with exit status 1."""
+def test_bad_handler_exits_2(tmp_path: Path) -> None:
+    """A handler that cannot be imported is a usage error: one line naming it and a hint, on stderr; exit status 2."""
     out = subprocess.run(TWISTD_N + ["-n", "--pidfile=", "esmtpkit", "--handler", "nowhere.Nothing"], cwd=tmp_path,
                          env=_clean_env(), capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1
-    assert "cannot import handler 'nowhere.Nothing'" in out.stdout + out.stderr
+    assert out.returncode == 2
+    assert out.stdout == ""
+    error, hint = out.stderr.splitlines()
+    assert error.startswith("twistd esmtpkit: --handler nowhere.Nothing: cannot import it: ")
+    assert hint == "see twistd esmtpkit --help"
 
 
 class Server:
