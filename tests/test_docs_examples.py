@@ -1,44 +1,78 @@
-"""Run the Python examples of docs/testing.md so the documentation cannot rot.
+"""docs/testing.md, followed as a reader would: its handler and its two test modules pass under pytest and trial.
 
-Plain examples run as they are. The pytest example is executed into this module so pytest collects it. The trial
-example runs under trial in a subprocess: trial spins the reactor itself, which must not happen inside a pytest run
-where pytest-twisted already runs it. Examples naming ``mypackage`` are placeholders.
+The page is followed from an empty folder by `tests.docblocks.Reader`: the three files it shows are saved there, and
+its two commands, ``python -m pytest test_mailhandler.py`` and ``python -m twisted.trial trial_mailhandler``, run
+in subprocesses against the installed package. These tests read what the commands reported (how many tests were
+collected, run and passed), check that a bare ``pytest`` in that folder leaves the trial module alone, and that the
+page's tests fail when the handler keeps nothing, so they do look at what it received.
 """
 
+from __future__ import annotations
+
 import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+from typing import Iterator
 
-from twisted.trial.unittest import SynchronousTestCase
+import pytest
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "testing.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
-RUNNABLE = [b for b in BLOCKS if "mypackage" not in b]
-TRIAL = [b for b in RUNNABLE if "from twisted.trial import unittest" in b]
-PYTEST = [b for b in RUNNABLE if b not in TRIAL and re.search(r"^(async )?def test_|^@pytest_twisted", b, re.M)]
-PLAIN = [b for b in RUNNABLE if b not in TRIAL and b not in PYTEST]
+from .docblocks import DOCS, Block, Reader, blocks
 
-for _block in PYTEST:
-    exec(compile(_block, str(DOC), "exec"), globals())
+DOC = DOCS / "testing.md"
+BLOCKS = blocks(DOC)
+#: The number of tests in the page's pytest module and in its trial module.
+PYTEST_TESTS, TRIAL_TESTS = 4, 2
 
 
-class DocExamplesTests(SynchronousTestCase):
-    def test_plain_examples_run(self) -> None:
-        """Each example that is not a test definition runs without error."""
-        self.assertGreaterEqual(len(PLAIN), 2)
-        for block in PLAIN:
-            exec(compile(block, str(DOC), "exec"), {})
+def the_block(predicate: str) -> Block:
+    """The one block of the page whose text holds ``predicate``."""
+    (block,) = [b for b in BLOCKS if predicate in b.text]
+    return block
 
-    def test_examples_found(self) -> None:
-        self.assertEqual((len(TRIAL), len(PYTEST)), (1, 1))
 
-    def test_trial_example_passes_under_trial(self) -> None:
-        """The trial example, saved as a module, passes when run by trial (and fails if its assertion does)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "test_doc_trial_example.py").write_text(TRIAL[0])
-            run = subprocess.run([sys.executable, "-m", "twisted.trial", "test_doc_trial_example"], cwd=tmp,
-                                 capture_output=True, text=True, timeout=120)
-            self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
-            self.assertIn("PASSED (successes=1)", run.stdout)
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reader]:
+    """The page followed once, from an empty folder."""
+    tmp = tmp_path_factory.mktemp("testing-page")
+    with Reader(tmp / "reader", tmp / "logs") as followed:
+        followed.follow(BLOCKS)
+        yield followed
+
+
+def test_page_shows_a_handler_and_two_test_modules() -> None:
+    assert [b.file for b in BLOCKS if b.file] == ["mailhandler.py", "test_mailhandler.py", "trial_mailhandler.py"]
+    assert [b.text for b in BLOCKS if b.language == "sh"] == ["python -m pytest test_mailhandler.py\n",
+                                                              "python -m twisted.trial trial_mailhandler\n"]
+    assert [b for b in BLOCKS if b.language == "python" and not b.file] == []
+
+
+def test_pytest_collects_and_passes_every_test(reader: Reader) -> None:
+    output = reader.output(the_block("python -m pytest"))
+    assert re.search(rf"^collected {PYTEST_TESTS} items$", output, re.M), output
+    assert re.search(rf"^=+ {PYTEST_TESTS} passed in ", output, re.M), output
+
+
+def test_trial_runs_and_passes_every_test(reader: Reader) -> None:
+    output = reader.output(the_block("python -m twisted.trial"))
+    assert f"Ran {TRIAL_TESTS} tests in " in output, output
+    assert re.search(rf"^PASSED \(successes={TRIAL_TESTS}\)$", output, re.M), output
+
+
+def test_bare_pytest_leaves_the_trial_module_alone(reader: Reader) -> None:
+    """``pytest`` with no argument in the folder collects only the pytest module (trial's would never end there)."""
+    run = reader.shell("python -m pytest -p no:cacheprovider")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(rf"^=+ {PYTEST_TESTS} passed in ", run.stdout, re.M), run.stdout
+
+
+def test_page_tests_fail_when_the_handler_keeps_nothing(reader: Reader) -> None:
+    """With ``delivered`` never appended to, the tests that look at what the handler received fail."""
+    handler = reader.folder / "mailhandler.py"
+    kept = handler.read_text()
+    assert kept.count("self.delivered.append(") == 1
+    handler.write_text(kept.replace("self.delivered.append(", "("))
+    try:
+        pytest_run = reader.shell("python -m pytest -p no:cacheprovider test_mailhandler.py")
+        trial_run = reader.shell("python -m twisted.trial trial_mailhandler")
+    finally:
+        handler.write_text(kept)
+    assert re.search(r"^=+ 2 failed, 2 passed in ", pytest_run.stdout, re.M), pytest_run.stdout
+    assert re.search(rf"^FAILED \(failures={TRIAL_TESTS}\)$", trial_run.stdout, re.M), trial_run.stdout
