@@ -25,8 +25,8 @@ from twisted.internet.task import Clock  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
 from esmtpkit.handlers.null import Null  # noqa: E402
-from esmtpkit.policy import Policy  # noqa: E402
-from esmtpkit.protocol import ESMTPProtocol  # noqa: E402
+from esmtpkit.server.policy import Policy  # noqa: E402
+from esmtpkit.server.protocol import ESMTPProtocol  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import MIB, RECIPIENT, SENDER, body_block, message_1k  # noqa: E402
@@ -75,8 +75,8 @@ def per_connection(_: ESMTPProtocol, count: int) -> None:
     from twisted.logger import LogLevel
     from twisted.python.failure import Failure
 
-    from esmtpkit.factory import ESMTPFactory
-    from esmtpkit.monitor import EventLog
+    from esmtpkit.server.factory import ESMTPFactory
+    from esmtpkit.server.monitor import EventLog
 
     # as the benchmark runs the server: --log-events warn
     factory = ESMTPFactory(Null, Policy(hostname="localhost", max_message_size=0), Clock(),

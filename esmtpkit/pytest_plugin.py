@@ -10,10 +10,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from .factory import ESMTPFactory
-from .interfaces import IMessageHandler
-from .policy import Policy
-from .testing import LoopbackServer, RecordingHandler, serve
+from esmtpkit.server.factory import ESMTPFactory
+from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.server.policy import Policy
+from esmtpkit.testing import LoopbackServer, RecordingHandler, serve
 
 __all__ = ["Recorder", "esmtpkit_handler", "esmtpkit_policy", "esmtpkit_server"]
 

@@ -15,15 +15,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from .address import Address
-from .factory import ESMTPFactory
-from .handlers.base import MessageHandler
-from .interfaces import IMessageHandler
-from .monitor import Monitor
-from .policy import Policy
-from .protocol import ESMTPProtocol
-from .reply import Reply
-from .session import Session
+from esmtpkit.core.address import Address
+from esmtpkit.core.reply import Reply
+from esmtpkit.core.session import Session
+from esmtpkit.handlers.base import MessageHandler
+from esmtpkit.server.factory import ESMTPFactory
+from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.server.monitor import Monitor
+from esmtpkit.server.policy import Policy
+from esmtpkit.server.protocol import ESMTPProtocol
 
 __all__ = ["Conversation", "RecordingHandler", "LoopbackServer", "serve", "parse_replies"]
 
@@ -79,7 +79,7 @@ class Conversation:
 
     When the server closes, the connection ends at once, as it does for a client that takes its last replies;
     set ``transport.reading = False`` first to play a client that takes nothing (the server then drops it
-    after `esmtpkit.protocol.CLOSE_DRAIN_TIMEOUT` seconds).
+    after `esmtpkit.server.protocol.CLOSE_DRAIN_TIMEOUT` seconds).
 
     >>> talk = Conversation(MessageHandler(), Policy(hostname="mx.test"))
     >>> talk.greeting.code
@@ -132,7 +132,7 @@ class Conversation:
 
     def message(self, sender: str, recipients: list[str], content: bytes, ehlo: str | None = "client.test") -> Reply:
         """Run a whole transaction (EHLO if given, MAIL, RCPT…, DATA, content, dot); return the final reply."""
-        from .data import dot_stuff
+        from esmtpkit.core.content import dot_stuff
 
         lines = []
         if ehlo:

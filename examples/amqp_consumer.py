@@ -19,7 +19,7 @@ import pika
 
 from esmtpkit.handlers.amqp import DEFAULT_QUEUE, DEFAULT_URL, QUEUE_ARGUMENTS
 from esmtpkit.handlers.maildir import unique_name
-from esmtpkit.handlers.trace import return_path_header
+from esmtpkit.core.trace import return_path_header
 
 
 def fsync_dir(path: str) -> None:

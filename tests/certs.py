@@ -20,9 +20,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, wrapServerTLS
 
-from esmtpkit.factory import ESMTPFactory
+from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.testing import LoopbackServer
-from esmtpkit.tls import ServerTLS
+from esmtpkit.server.tls import ServerTLS
 
 __all__ = ["Authority", "CertFiles", "make_authority", "make_tls_files", "serve_implicit_tls"]
 

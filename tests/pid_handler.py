@@ -6,8 +6,8 @@ import os
 from typing import Any
 
 from esmtpkit.handlers.maildir import Maildir
-from esmtpkit.reply import Reply
-from esmtpkit.session import Session
+from esmtpkit.core.reply import Reply
+from esmtpkit.core.session import Session
 
 
 class PidMaildir(Maildir):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from esmtpkit.handlers.maildir import Maildir
-from esmtpkit.reply import Reply
+from esmtpkit.core.reply import Reply
 
 
 class RefusingMaildir(Maildir):

@@ -9,9 +9,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.data import dot_stuff
-from esmtpkit.factory import ESMTPFactory
-from esmtpkit.policy import Policy
+from esmtpkit.core.content import dot_stuff
+from esmtpkit.server.factory import ESMTPFactory
+from esmtpkit.server.policy import Policy
 from esmtpkit.testing import Conversation, RecordingHandler, parse_replies
 
 START = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"

@@ -12,10 +12,10 @@ import pytest_twisted
 from twisted.application import strports
 from twisted.internet import reactor, threads
 
-from esmtpkit.factory import ESMTPFactory
+from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.handlers.maildir import Maildir
-from esmtpkit.policy import Policy
-from esmtpkit.service import ESMTPService
+from esmtpkit.server.policy import Policy
+from esmtpkit.server.service import ESMTPService
 from esmtpkit.testing import RecordingHandler, serve
 
 

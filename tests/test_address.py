@@ -1,12 +1,12 @@
-"""Tests for `esmtpkit.address`: RFC 5321 §4.1.2 paths into `Address` values."""
+"""Tests for `esmtpkit.core.address`: RFC 5321 §4.1.2 paths into `Address` values."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.address import Address, AddressError, parse_path, quote_local_part
-from esmtpkit.escape import UNSAFE
+from esmtpkit.core.address import Address, AddressError, parse_path, quote_local_part
+from esmtpkit.core.escape import UNSAFE
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 

@@ -1,4 +1,4 @@
-"""Password guessing across connections: the throttle's arithmetic (esmtpkit.authlimit), then the protocol with
+"""Password guessing across connections: the throttle's arithmetic (esmtpkit.server.authlimit), then the protocol with
 several connections of one factory on a task.Clock, exact bytes."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit import ESMTPFactory, Policy
-from esmtpkit.authlimit import ADDRESS, DEFAULT_MAX_ENTRIES, USER, AuthThrottle, client_key, user_key
-from esmtpkit.metrics import Metrics
-from esmtpkit.monitor import Monitor, Monitors
-from esmtpkit.protocol import ESMTPProtocol
-from esmtpkit.sasl import build_portal, portal_from_strings
+from esmtpkit.server.authlimit import ADDRESS, DEFAULT_MAX_ENTRIES, USER, AuthThrottle, client_key, user_key
+from esmtpkit.ops.metrics import Metrics
+from esmtpkit.server.monitor import Monitor, Monitors
+from esmtpkit.server.protocol import ESMTPProtocol
+from esmtpkit.server.sasl import build_portal, portal_from_strings
 from esmtpkit.testing import RecordingHandler
 
 from .checkers import BrokenChecker, LateChecker
@@ -405,7 +405,7 @@ class ServerTests(SynchronousTestCase):
 
 class OptionsTests(SynchronousTestCase):
     def parse(self, *argv: str) -> Any:
-        from esmtpkit import tap
+        from esmtpkit.cli import tap
 
         options = tap.Options()
         options.parseOptions(["--handler", "esmtpkit.handlers.base.MessageHandler", *argv])
@@ -414,7 +414,7 @@ class OptionsTests(SynchronousTestCase):
     def test_options_reach_the_policy_and_the_factory(self) -> None:
         from twisted.internet.testing import MemoryReactor
 
-        from esmtpkit import tap
+        from esmtpkit.cli import tap
 
         options = self.parse("--auth", "memory:alice:secret", "--auth-failure-limit", "4",
                              "--auth-user-failure-limit", "0", "--auth-cool-off", "60", "--auth-failure-delay", "0.5",

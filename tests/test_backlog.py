@@ -19,10 +19,11 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit import backlog, tap
-from esmtpkit.backlog import listen_backlog, requested_backlog, sized_listeners, with_backlog
+from esmtpkit.ops import backlog
+from esmtpkit.cli import tap
+from esmtpkit.ops.backlog import listen_backlog, requested_backlog, sized_listeners, with_backlog
 from esmtpkit.handlers import maildir
-from esmtpkit.workers import supervise
+from esmtpkit.ops.workers import supervise
 
 from .certs import make_tls_files
 from .processes import terminate
@@ -86,14 +87,14 @@ class BacklogTests(ScratchPaths, SynchronousTestCase):
         with capturedLogs() as events:
             sized = sized_listeners(["tcp:25", "tcp:587:backlog=64", "systemd:domain=INET:name=smtp"], 1000, cap=128)
         self.assertEqual(sized, ["tcp:25:backlog=1000", "tcp:587:backlog=64", "systemd:domain=INET:name=smtp"])
-        warnings = [e for e in events if e.get("log_namespace") == "esmtpkit.backlog"]
+        warnings = [e for e in events if e.get("log_namespace") == "esmtpkit.ops.backlog"]
         self.assertEqual([(e["description"], e["asked"], e["cap"]) for e in warnings],
                          [("tcp:25:backlog=1000", 1000, 128)])
 
     def test_quiet_within_cap(self) -> None:
         with capturedLogs() as events:
             sized_listeners(["tcp:25", "tcp:26:backlog=many"], 1000, cap=4096)
-        self.assertEqual([e for e in events if e.get("log_namespace") == "esmtpkit.backlog"], [])
+        self.assertEqual([e for e in events if e.get("log_namespace") == "esmtpkit.ops.backlog"], [])
 
     def test_somaxconn(self) -> None:
         path = Path(self.mktemp())

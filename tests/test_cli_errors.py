@@ -44,7 +44,7 @@ MISTAKES = [
     (["--log-events", "some"], "--log-events"),
     (["--handler", "nosuch.Class"], "--handler nosuch.Class"),
     (["--handler", "esmtpkit.NotAClass"], "--handler esmtpkit.NotAClass"),
-    (["--handler", "esmtpkit.policy.Policy"], "--handler esmtpkit.policy.Policy"),
+    (["--handler", "esmtpkit.server.policy.Policy"], "--handler esmtpkit.server.policy.Policy"),
     (["--handler", "raising.Raising"], "--handler raising.Raising"),
     (["--handler-option", "colour=blue"], "--handler-option colour"),
     (["--nosuch"], "--nosuch"),
@@ -149,5 +149,5 @@ def test_port_in_use_as_a_daemon(tmp_path: Path, taken_port: int) -> None:
     assert f"cannot listen on 127.0.0.1:{taken_port} (--listen): address" in run.stderr
     assert not pidfile.exists()
     log = (tmp_path / "twistd.log").read_text()
-    assert f"[esmtpkit.listening#critical] cannot listen on 127.0.0.1:{taken_port}" in log
+    assert f"[esmtpkit.ops.listening#critical] cannot listen on 127.0.0.1:{taken_port}" in log
     assert "Traceback" not in log

@@ -9,7 +9,7 @@ from pathlib import Path
 from twisted import version as twisted_version
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit import tap
+from esmtpkit.cli import tap
 
 from .processes import run_twistd
 

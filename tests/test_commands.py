@@ -1,15 +1,15 @@
-"""Tests for `esmtpkit.commands` and `esmtpkit.params`: command lines, MAIL/RCPT arguments, ESMTP parameters."""
+"""Tests for `esmtpkit.core.commands` and `esmtpkit.core.params`: command lines, MAIL/RCPT arguments, ESMTP parameters."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.commands import (
+from esmtpkit.core.commands import (
     BASE_LINE_LIMIT, CommandError, Verb, line_limit, parse_command, parse_mail_rcpt, parse_params,
 )
-from esmtpkit.params import check_mail_params, check_rcpt_params
-from esmtpkit.reply import Reply
+from esmtpkit.core.params import check_mail_params, check_rcpt_params
+from esmtpkit.core.reply import Reply
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True, database=None)
 OFFERED = {"SIZE", "8BITMIME", "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES"}

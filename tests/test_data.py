@@ -1,12 +1,12 @@
-"""Tests for `esmtpkit.data`: dot-unstuffing, end-of-data detection, header splitting (RFC 5321 §4.5.2)."""
+"""Tests for `esmtpkit.core.content`: dot-unstuffing, end-of-data detection, header splitting (RFC 5321 §4.5.2)."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit import data as data_module
-from esmtpkit.data import (CountedReader, DotDecoder, HeaderEvent, HeaderLimits, HeaderSplitter, dot_stuff,
+from esmtpkit.core import content as data_module
+from esmtpkit.core.content import (CountedReader, DotDecoder, HeaderEvent, HeaderLimits, HeaderSplitter, dot_stuff,
                            has_bare_newline)
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
@@ -239,10 +239,10 @@ def definition(data: bytes) -> bool:
 
 
 def implementations(name: str) -> list:
-    """The pure-Python ``name`` from esmtpkit.data, then the native one when it was built."""
+    """The pure-Python ``name`` from esmtpkit.core.content, then the native one when it was built."""
     pure = getattr(data_module, "python_" + name)
     try:
-        from esmtpkit import _scan
+        from esmtpkit.core import _scan
     except ImportError:
         return [pure]
     return [pure, getattr(_scan, name)]

@@ -5,8 +5,8 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit.handlers.base import MessageHandler
-from esmtpkit.reply import coerce
-from esmtpkit.state import rulebook_markdown
+from esmtpkit.core.reply import coerce
+from esmtpkit.core.rules import rulebook_markdown
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

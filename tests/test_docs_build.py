@@ -56,8 +56,8 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "WARNING" not in run.stderr, run.stderr
     api = (tmp_path / "html" / "api.html").read_text()
-    for anchor in ("esmtpkit.interfaces.IMessageHandler.rcpt", "esmtpkit.handlers.base.MessageHandler.rcpt",
-                   "esmtpkit.testing.Conversation", "esmtpkit.factory.ESMTPFactory"):
+    for anchor in ("esmtpkit.server.interfaces.IMessageHandler.rcpt", "esmtpkit.handlers.base.MessageHandler.rcpt",
+                   "esmtpkit.testing.Conversation", "esmtpkit.server.factory.ESMTPFactory"):
         assert f'id="{anchor}"' in api, anchor
     for page in DOCS.glob("*.md"):
         assert (tmp_path / "html" / page.with_suffix(".html").name).exists(), page.name

@@ -11,11 +11,11 @@ from twisted.internet.address import IPv4Address
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.address import Address
-from esmtpkit.metrics import Metrics
-from esmtpkit.monitor import EVENTS, EventLog
-from esmtpkit.reply import Reply
-from esmtpkit.session import Envelope, Session
+from esmtpkit.core.address import Address
+from esmtpkit.ops.metrics import Metrics
+from esmtpkit.server.monitor import EVENTS, EventLog
+from esmtpkit.core.reply import Reply
+from esmtpkit.core.session import Envelope, Session
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "operating.md"
 TEXT = DOC.read_text()

@@ -1,16 +1,16 @@
-"""Tests for `esmtpkit.dsn`: xtext, RFC 6533 address encoding, and the RET/ENVID/NOTIFY/ORCPT values."""
+"""Tests for `esmtpkit.core.dsn`: xtext, RFC 6533 address encoding, and the RET/ENVID/NOTIFY/ORCPT values."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.commands import CommandError
-from esmtpkit.dsn import (
+from esmtpkit.core.commands import CommandError
+from esmtpkit.core.dsn import (
     MAX_ENVID_LENGTH, MAX_ORCPT_LENGTH, Notify, OriginalRecipient, Ret, XtextError, parse_envid, parse_notify,
     parse_orcpt, parse_ret, utf8_addr_decode, utf8_addr_encode, xtext_decode, xtext_encode,
 )
-from esmtpkit.reply import Reply
+from esmtpkit.core.reply import Reply
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None)
 

@@ -1,11 +1,11 @@
-"""Tests for `esmtpkit.escape`: client text made safe for one log line."""
+"""Tests for `esmtpkit.core.escape`: client text made safe for one log line."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.escape import UNSAFE, escape, escape_lines
+from esmtpkit.core.escape import UNSAFE, escape, escape_lines
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 

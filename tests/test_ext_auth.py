@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.sasl import build_portal, portal_from_strings
+from esmtpkit.server.sasl import build_portal, portal_from_strings
 
 from .checkers import BrokenChecker, LateChecker
 from .test_protocol import ServerMixin
@@ -194,7 +194,7 @@ class RequireAuthTests(AuthMixin, SynchronousTestCase):
                          b"250 2.1.0 <a@example.org>, sender ok\r\n")
 
     def test_require_auth_needs_a_portal(self) -> None:
-        from esmtpkit.policy import Policy
+        from esmtpkit.server.policy import Policy
 
         self.assertRaises(ValueError, Policy, require_auth=True)
         self.assertRaises(ValueError, Policy, auth_mechanisms=("PLAIN", "XOAUTH2"))

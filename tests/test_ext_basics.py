@@ -6,7 +6,7 @@ import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.sasl import portal_from_strings
+from esmtpkit.server.sasl import portal_from_strings
 
 from .test_ext_starttls import CONTEXT, TLSMixin
 

@@ -10,8 +10,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.reply import Reply, SMTPReply
-from esmtpkit.state import Phase
+from esmtpkit.core.reply import Reply, SMTPReply
+from esmtpkit.core.rules import Phase
 from esmtpkit.testing import RecordingHandler
 
 from .test_protocol import ACCEPTED, EHLO_REPLY, GREETING, SETTINGS, ServerMixin, calls, replay, split

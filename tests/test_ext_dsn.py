@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.dsn import Notify, OriginalRecipient, Ret
+from esmtpkit.core.dsn import Notify, OriginalRecipient, Ret
 
 from .test_protocol import ServerMixin
 

@@ -14,10 +14,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.address import Address
-from esmtpkit.factory import ESMTPFactory
-from esmtpkit.policy import Policy
-from esmtpkit.reply import Reply
+from esmtpkit.core.address import Address
+from esmtpkit.server.factory import ESMTPFactory
+from esmtpkit.server.policy import Policy
+from esmtpkit.core.reply import Reply
 from esmtpkit.testing import RecordingHandler
 
 from .test_protocol import ServerMixin

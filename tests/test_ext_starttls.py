@@ -20,13 +20,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from esmtpkit.policy import Policy
-from esmtpkit.protocol import ESMTPProtocol
-from esmtpkit.reply import Reply
-from esmtpkit.sasl import portal_from_strings
-from esmtpkit.state import Phase
+from esmtpkit.server.policy import Policy
+from esmtpkit.server.protocol import ESMTPProtocol
+from esmtpkit.core.reply import Reply
+from esmtpkit.server.sasl import portal_from_strings
+from esmtpkit.core.rules import Phase
 from esmtpkit.testing import RecordingHandler
-from esmtpkit.tls import ServerTLS
+from esmtpkit.server.tls import ServerTLS
 
 from .certs import make_tls_files
 from .scratch import ScratchPaths

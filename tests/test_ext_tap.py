@@ -13,9 +13,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit import sasl, tap
-from esmtpkit.factory import ESMTPFactory
-from esmtpkit.tls import ServerTLS
+from esmtpkit.server import sasl
+from esmtpkit.cli import tap
+from esmtpkit.server.factory import ESMTPFactory
+from esmtpkit.server.tls import ServerTLS
 
 from .certs import make_tls_files
 from .scratch import ScratchPaths
@@ -90,7 +91,7 @@ class TLSOptionTests(TapMixin, ScratchPaths, SynchronousTestCase):
 
 
 class ReloadTests(ScratchPaths, SynchronousTestCase):
-    """``kill -HUP`` re-reads the certificate files (see `esmtpkit.tls.ServerTLS.reload`)."""
+    """``kill -HUP`` re-reads the certificate files (see `esmtpkit.server.tls.ServerTLS.reload`)."""
 
     class Reactor:
         def __init__(self) -> None:

@@ -17,12 +17,12 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import threads
 
-from esmtpkit.factory import ESMTPFactory
-from esmtpkit.handlers.trace import received_header
-from esmtpkit.policy import Policy
-from esmtpkit.sasl import portal_from_strings
+from esmtpkit.server.factory import ESMTPFactory
+from esmtpkit.core.trace import received_header
+from esmtpkit.server.policy import Policy
+from esmtpkit.server.sasl import portal_from_strings
 from esmtpkit.testing import RecordingHandler, serve
-from esmtpkit.tls import ServerTLS
+from esmtpkit.server.tls import ServerTLS
 
 from .certs import CertFiles, make_tls_files, serve_implicit_tls
 from .test_twistd import Server, workdir  # noqa: F401  (the fixture)

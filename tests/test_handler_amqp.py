@@ -28,11 +28,11 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from esmtpkit.data import dot_stuff
+from esmtpkit.core.content import dot_stuff
 from esmtpkit.handlers import amqp
 from esmtpkit.handlers.amqp import AMQP, NotQueued, Publisher, State, Unroutable
-from esmtpkit.interfaces import IMessageHandler
-from esmtpkit.policy import Policy
+from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.server.policy import Policy
 from esmtpkit.testing import Conversation, serve
 
 from .certs import make_tls_files

@@ -10,11 +10,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from esmtpkit.data import dot_stuff
+from esmtpkit.core.content import dot_stuff
 from esmtpkit.handlers import Collecting, Message, MessageStore
-from esmtpkit.interfaces import IMessageHandler
-from esmtpkit.policy import Policy
-from esmtpkit.reply import SMTPReply
+from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.server.policy import Policy
+from esmtpkit.core.reply import SMTPReply
 from esmtpkit.testing import Conversation
 
 CONTENT = b"Subject: hello\r\n\r\n.starts with a dot\r\n8-bit \xe9\xff\r\n"

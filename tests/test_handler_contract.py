@@ -11,12 +11,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
-from esmtpkit.address import Address
+from esmtpkit.core.address import Address
 from esmtpkit.handlers.base import MessageHandler
-from esmtpkit.interfaces import IMessageHandler
-from esmtpkit.reply import Reply, SMTPReply
-from esmtpkit.session import Session
-from esmtpkit.state import Phase
+from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.core.reply import Reply, SMTPReply
+from esmtpkit.core.session import Session
+from esmtpkit.core.rules import Phase
 from esmtpkit.testing import RecordingHandler
 
 from .test_protocol import ACCEPTED, EHLO_REPLY, GO_AHEAD, GREETING, ServerMixin

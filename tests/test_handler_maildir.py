@@ -18,8 +18,8 @@ from zope.interface.verify import verifyObject
 
 from esmtpkit.handlers import maildir as maildir_module
 from esmtpkit.handlers.maildir import Maildir, unique_name
-from esmtpkit.interfaces import IMessageHandler
-from esmtpkit.policy import Policy
+from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.server.policy import Policy
 from esmtpkit.testing import Conversation
 
 CONTENT = (b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: caf\xc3\xa9\r\n\r\n"

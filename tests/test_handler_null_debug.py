@@ -11,8 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from esmtpkit.handlers import Debug, Null
-from esmtpkit.interfaces import IMessageHandler
-from esmtpkit.policy import Policy
+from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.server.policy import Policy
 from esmtpkit.testing import Conversation
 
 
@@ -119,7 +119,7 @@ class HandlersPageTests(SynchronousTestCase):
         import re
         from pathlib import Path
 
-        from esmtpkit.factory import ESMTPFactory
+        from esmtpkit.server.factory import ESMTPFactory
 
         page = (Path(__file__).resolve().parent.parent / "docs" / "handlers.md").read_text()
         blocks = re.findall(r"```python\n(.*?)```", page, re.S)

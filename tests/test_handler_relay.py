@@ -27,13 +27,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from esmtpkit.data import DotDecoder, dot_stuff, python_has_bare_newline
-from esmtpkit.factory import ESMTPFactory
+from esmtpkit.core.content import DotDecoder, dot_stuff, python_has_bare_newline
+from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.handlers import Collecting, MessageStore, Relay
 from esmtpkit.handlers.relay import DotStuffer, parse_networks
-from esmtpkit.interfaces import IMessageHandler
-from esmtpkit.policy import Policy
-from esmtpkit.session import Session
+from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.server.policy import Policy
+from esmtpkit.core.session import Session
 from esmtpkit.testing import Conversation, serve
 
 from .certs import serve_implicit_tls

@@ -10,9 +10,9 @@ from email.utils import formatdate
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.address import Address, parse_path
-from esmtpkit.handlers.trace import address_literal, received_header, return_path_header
-from esmtpkit.session import Envelope, Session
+from esmtpkit.core.address import Address, parse_path
+from esmtpkit.core.trace import address_literal, received_header, return_path_header
+from esmtpkit.core.session import Envelope, Session
 
 WHEN = 1_700_000_000.0
 DATE = formatdate(WHEN, localtime=True)
@@ -195,7 +195,7 @@ class AddressLiteralTests(SynchronousTestCase):
 class Utf8TraceKeywordTests(SynchronousTestCase):
     def test_smtputf8_transaction(self) -> None:
         """RFC 6531 §3.7.3: a transaction with SMTPUTF8 is recorded as UTF8SMTP (UTF8SMTPSA with TLS and AUTH)."""
-        from esmtpkit.session import Envelope, Session
+        from esmtpkit.core.session import Envelope, Session
 
         session = Session(hostname="mx.test", esmtp=True, envelope=Envelope(mail_params={"SMTPUTF8": True}))
         self.assertEqual(session.with_protocol, "UTF8SMTP")

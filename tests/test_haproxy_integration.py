@@ -25,11 +25,11 @@ from twisted.internet import reactor, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 
-from esmtpkit.factory import ESMTPFactory
-from esmtpkit.handlers.trace import received_header
-from esmtpkit.policy import Policy
-from esmtpkit.proxy import ProxyProtocolFactory
-from esmtpkit.session import Session
+from esmtpkit.server.factory import ESMTPFactory
+from esmtpkit.core.trace import received_header
+from esmtpkit.server.policy import Policy
+from esmtpkit.server.proxy import ProxyProtocolFactory
+from esmtpkit.core.session import Session
 from esmtpkit.testing import RecordingHandler
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
@@ -120,7 +120,7 @@ def _tls_factory(wrapped: ESMTPFactory, directory: Path) -> Any:
     """Implicit TLS (as on port 465) under the PROXY wrapper: the header comes in clear, before the handshake."""
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    from esmtpkit.tls import ServerTLS
+    from esmtpkit.server.tls import ServerTLS
     from tests.certs import make_tls_files
 
     files = make_tls_files(directory)

@@ -12,13 +12,13 @@ from twisted.logger import Logger, LogLevel, eventAsText, formatEvent, globalLog
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.escape import UNSAFE
+from esmtpkit.core.escape import UNSAFE
 from esmtpkit.handlers.base import MessageHandler
-from esmtpkit.logformat import json_lines_observer
-from esmtpkit.monitor import EventLog
-from esmtpkit.policy import Policy
-from esmtpkit.reply import SMTPReply
-from esmtpkit.sasl import portal_from_strings
+from esmtpkit.ops.logformat import json_lines_observer
+from esmtpkit.server.monitor import EventLog
+from esmtpkit.server.policy import Policy
+from esmtpkit.core.reply import SMTPReply
+from esmtpkit.server.sasl import portal_from_strings
 from esmtpkit.testing import Conversation
 
 #: What a hostile client puts in its text: clear the screen, form feed, the separators ``splitlines`` breaks on.

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest_twisted
 from twisted.internet import threads
 
-from esmtpkit.reply import SMTPReply
+from esmtpkit.core.reply import SMTPReply
 from esmtpkit.testing import LoopbackServer, RecordingHandler, serve
 
 FIRST = (b"From: alice@example.org\r\nTo: bob@example.net, carol@example.net\r\nSubject: first\r\n"

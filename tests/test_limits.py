@@ -7,7 +7,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.protocol import CLOSE_DRAIN_TIMEOUT, ESMTPProtocol
+from esmtpkit.server.protocol import CLOSE_DRAIN_TIMEOUT, ESMTPProtocol
 from esmtpkit.testing import Conversation, RecordingHandler
 
 from .test_protocol import ACCEPTED, EHLO_REPLY, GO_AHEAD, GREETING, ServerMixin, policy

@@ -1,4 +1,4 @@
-"""`esmtpkit.listening`: endpoint strings checked at option time, and the `Listener` service, against fake reactors."""
+"""`esmtpkit.ops.listening`: endpoint strings checked at option time, and the `Listener` service, against fake reactors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.listening import ListenFailed, Listener, check_endpoint
+from esmtpkit.ops.listening import ListenFailed, Listener, check_endpoint
 
 
 def in_use(interface: str | None = "127.0.0.1", port: Any = 2525) -> CannotListenError:
@@ -98,7 +98,7 @@ class ListenerTests(SynchronousTestCase):
         self.assertIsInstance(failed, Exception)
         self.assertEqual(failed.code, 1)
         self.assertEqual(str(failed), "cannot listen on 127.0.0.1:2525 (--listen): address already in use")
-        (logged,) = [e for e in events if e.get("log_namespace") == "esmtpkit.listening"]
+        (logged,) = [e for e in events if e.get("log_namespace") == "esmtpkit.ops.listening"]
         self.assertEqual((logged["log_level"], formatEvent(logged)), (LogLevel.critical, str(failed)))
         self.assertIsNone(listener.stopService())
 

@@ -12,11 +12,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit.handlers.base import MessageHandler
-from esmtpkit.ids import ID_LENGTH, id_time, new_id
-from esmtpkit.monitor import EVENTS, EventLog, Monitor, Monitors, guarded
-from esmtpkit.policy import Policy
-from esmtpkit.reply import Reply, SMTPReply
-from esmtpkit.sasl import portal_from_strings
+from esmtpkit.core.ids import ID_LENGTH, id_time, new_id
+from esmtpkit.server.monitor import EVENTS, EventLog, Monitor, Monitors, guarded
+from esmtpkit.server.policy import Policy
+from esmtpkit.core.reply import Reply, SMTPReply
+from esmtpkit.server.sasl import portal_from_strings
 from esmtpkit.testing import Conversation
 
 CONTENT = b"Subject: hi\r\n\r\nbody text that must never be logged\r\n"
@@ -176,7 +176,7 @@ class ProtocolCallsTests(SynchronousTestCase):
 
     def test_refused_connection(self) -> None:
         """A connection the factory refuses is reported refused, never opened or closed."""
-        from esmtpkit.factory import ESMTPFactory
+        from esmtpkit.server.factory import ESMTPFactory
         from twisted.internet.address import IPv4Address
         from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
@@ -325,9 +325,9 @@ class EventLogTests(SynchronousTestCase):
         """Each method, given control characters wherever text may come from a client, emits none raw."""
         from twisted.internet.address import IPv4Address
 
-        from esmtpkit.address import Address
-        from esmtpkit.escape import UNSAFE
-        from esmtpkit.session import Envelope, Session
+        from esmtpkit.core.address import Address
+        from esmtpkit.core.escape import UNSAFE
+        from esmtpkit.core.session import Envelope, Session
 
         bad = "\x1b[2J\r\n\x0c\x85\u2028\u202e"
         session = Session(hostname="mx.test", peer=IPv4Address("TCP", "192.0.2.1" + bad, 1),

@@ -13,12 +13,12 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from esmtpkit.factory import ESMTPFactory
+from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.handlers.base import MessageHandler
-from esmtpkit.monitor import EventLog, Monitors
-from esmtpkit.policy import Policy
+from esmtpkit.server.monitor import EventLog, Monitors
+from esmtpkit.server.policy import Policy
 from esmtpkit.testing import serve
-from esmtpkit.tls import ServerTLS
+from esmtpkit.server.tls import ServerTLS
 
 from .certs import make_tls_files
 from .test_monitor import Recorder

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from esmtpkit.ids import ID_LENGTH
+from esmtpkit.core.ids import ID_LENGTH
 
 from .processes import terminate
 from .test_workers import TWISTD, _env, needs_proc, wait_for

@@ -1,13 +1,13 @@
-"""Tests for `esmtpkit.params` with DSN (RFC 3461) and BINARYMIME (RFC 3030) offered, from the parsed command on."""
+"""Tests for `esmtpkit.core.params` with DSN (RFC 3461) and BINARYMIME (RFC 3030) offered, from the parsed command on."""
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.commands import CommandError, parse_mail_rcpt
-from esmtpkit.dsn import Notify, OriginalRecipient, Ret
-from esmtpkit.params import check_mail_params, check_rcpt_params
-from esmtpkit.reply import Reply
+from esmtpkit.core.commands import CommandError, parse_mail_rcpt
+from esmtpkit.core.dsn import Notify, OriginalRecipient, Ret
+from esmtpkit.core.params import check_mail_params, check_rcpt_params
+from esmtpkit.core.reply import Reply
 
 BASE = {"SIZE", "8BITMIME", "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES"}
 DSN = BASE | {"DSN"}

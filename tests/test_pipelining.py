@@ -11,8 +11,8 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.reply import Reply
-from esmtpkit.state import Phase
+from esmtpkit.core.reply import Reply
+from esmtpkit.core.rules import Phase
 from esmtpkit.testing import Conversation, RecordingHandler
 
 from .test_protocol import (

@@ -1,4 +1,4 @@
-"""Tests for `esmtpkit.protocol.ESMTPProtocol`: exact wire bytes over a StringTransport (RFC 5321, RFC 2034).
+"""Tests for `esmtpkit.server.protocol.ESMTPProtocol`: exact wire bytes over a StringTransport (RFC 5321, RFC 2034).
 
 The helpers at the top (`ServerMixin`, `replay`) are shared with the other protocol test modules.
 """
@@ -12,11 +12,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit import state
-from esmtpkit.commands import Verb
-from esmtpkit.policy import Policy
-from esmtpkit.reply import Reply
-from esmtpkit.state import ADVANCE, Phase
+from esmtpkit.core import rules as state
+from esmtpkit.core.commands import Verb
+from esmtpkit.server.policy import Policy
+from esmtpkit.core.reply import Reply
+from esmtpkit.core.rules import ADVANCE, Phase
 from esmtpkit.testing import Call, Conversation, RecordingHandler, parse_replies
 
 HOST = "mx.test"

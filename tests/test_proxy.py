@@ -28,10 +28,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import alsoProvides, implementer
 
-from esmtpkit.factory import ESMTPFactory
-from esmtpkit.handlers.trace import received_header
-from esmtpkit.policy import Policy
-from esmtpkit.proxy import (
+from esmtpkit.server.factory import ESMTPFactory
+from esmtpkit.core.trace import received_header
+from esmtpkit.server.policy import Policy
+from esmtpkit.server.proxy import (
     MAX_V2_LENGTH,
     HeaderReader,
     MalformedHeader,
@@ -41,7 +41,7 @@ from esmtpkit.proxy import (
     parse_v2,
 )
 from esmtpkit.testing import RecordingHandler
-from esmtpkit.tls import tls_info
+from esmtpkit.server.tls import tls_info
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 GREETING = b"220 mx.test ESMTP Mail Server\r\n"
@@ -714,7 +714,7 @@ async def test_starttls_through_the_wrapper(tmp_path: Any) -> None:
     from twisted.internet.endpoints import serverFromString
     from twisted.internet.protocol import Factory
 
-    from esmtpkit.tls import ServerTLS
+    from esmtpkit.server.tls import ServerTLS
     from tests.certs import make_tls_files
 
     files = make_tls_files(tmp_path)

@@ -18,7 +18,7 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit import Policy
-from esmtpkit.reply import Reply
+from esmtpkit.core.reply import Reply
 from esmtpkit.testing import Conversation
 
 from .docblocks import ROOT, Block, Reader, blocks

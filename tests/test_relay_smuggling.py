@@ -18,9 +18,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
-from esmtpkit.data import python_has_bare_newline
+from esmtpkit.core.content import python_has_bare_newline
 from esmtpkit.handlers import Relay
-from esmtpkit.policy import Policy
+from esmtpkit.server.policy import Policy
 from esmtpkit.testing import serve
 
 from .processes import RawClient, RecordingNextHop, Twistd

@@ -1,4 +1,4 @@
-"""Reloading without a restart: `esmtpkit.authfile.PasswordFile`, and `esmtpkit.tap.ReloadOnHangup` over it and TLS."""
+"""Reloading without a restart: `esmtpkit.server.authfile.PasswordFile`, and `esmtpkit.cli.tap.ReloadOnHangup` over it and TLS."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from esmtpkit import sasl, tap
-from esmtpkit.authfile import PasswordFile, PasswordFileError, password_files, read_passwords, replace_file_databases
-from esmtpkit.reply import SMTPReply
-from esmtpkit.tls import ServerTLS
+from esmtpkit.server import sasl
+from esmtpkit.cli import tap
+from esmtpkit.server.authfile import PasswordFile, PasswordFileError, password_files, read_passwords, replace_file_databases
+from esmtpkit.core.reply import SMTPReply
+from esmtpkit.server.tls import ServerTLS
 
 from .certs import make_tls_files
 from .scratch import ScratchPaths

@@ -1,10 +1,10 @@
-"""Tests for `esmtpkit.reply`: reply values, their wire form (RFC 5321 §4.2, RFC 2034) and `coerce`."""
+"""Tests for `esmtpkit.core.reply`: reply values, their wire form (RFC 5321 §4.2, RFC 2034) and `coerce`."""
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit.reply import Reply, SMTPReply, coerce, default_enhanced
+from esmtpkit.core.reply import Reply, SMTPReply, coerce, default_enhanced
 
 
 class ReplyRenderTests(SynchronousTestCase):

@@ -15,8 +15,8 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit import tap
-from esmtpkit._reuseport import reuse_port_endpoint
+from esmtpkit.cli import tap
+from esmtpkit.ops._reuseport import reuse_port_endpoint
 from tests.test_workers import TWISTD, _env, greeting_pid, needs_proc, wait_for
 
 

@@ -1,4 +1,4 @@
-"""Tests for `esmtpkit.sasl`: the AUTH mechanisms as state machines, and logging in through a real Portal."""
+"""Tests for `esmtpkit.server.sasl`: the AUTH mechanisms as state machines, and logging in through a real Portal."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from esmtpkit import sasl
-from esmtpkit.commands import CommandError
-from esmtpkit.reply import Reply, SMTPReply
-from esmtpkit.sasl import (
+from esmtpkit.server import sasl
+from esmtpkit.core.commands import CommandError
+from esmtpkit.core.reply import Reply, SMTPReply
+from esmtpkit.server.sasl import (
     AUTH_BAD_BASE64, AUTH_CANCELLED, AUTH_FAILED, AUTH_MALFORMED, AUTH_NO_INITIAL_RESPONSE, AUTH_SYNTAX,
     AUTH_TEMPORARY_FAILURE, Challenge, CramMD5, Failed, Identity, Login, Plain, Ready,
 )

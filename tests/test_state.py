@@ -1,12 +1,12 @@
-"""Tests for `esmtpkit.state`: the rule book of command order (RFC 5321 §3.3, §4.1.4)."""
+"""Tests for `esmtpkit.core.rules`: the rule book of command order (RFC 5321 §3.3, §4.1.4)."""
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit import state
-from esmtpkit.commands import Verb
-from esmtpkit.state import ADVANCE, ALWAYS, Phase
+from esmtpkit.core import rules as state
+from esmtpkit.core.commands import Verb
+from esmtpkit.core.rules import ADVANCE, ALWAYS, Phase
 
 #: Phases in which commands are read.
 OPEN = (Phase.CONNECTED, Phase.GREETED, Phase.SENDER, Phase.RECIPIENTS, Phase.CHUNKING)

@@ -9,8 +9,8 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit import tap
-from esmtpkit.factory import ESMTPFactory
+from esmtpkit.cli import tap
+from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.handlers.base import MessageHandler
 
 
@@ -60,7 +60,7 @@ class OptionsTests(SynchronousTestCase):
 
     def test_handler_not_a_handler(self) -> None:
         """A class that does not implement IMessageHandler is a usage error."""
-        error = self.assertRaises(usage.UsageError, self.parse, "--handler", "esmtpkit.policy.Policy")
+        error = self.assertRaises(usage.UsageError, self.parse, "--handler", "esmtpkit.server.policy.Policy")
         self.assertIn("does not provide IMessageHandler", str(error))
 
     def test_handler_without_dot(self) -> None:

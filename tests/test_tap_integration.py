@@ -6,10 +6,10 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit import tap
-from esmtpkit.factory import ESMTPFactory
+from esmtpkit.cli import tap
+from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.handlers.base import MessageHandler
-from esmtpkit.proxy import ProxyProtocolFactory
+from esmtpkit.server.proxy import ProxyProtocolFactory
 
 BASE = ["--handler", "esmtpkit.handlers.base.MessageHandler"]
 

@@ -12,11 +12,11 @@ from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit import logformat
-from esmtpkit.metrics import Metrics
-from esmtpkit.monitor import EventLog, Monitors
-from esmtpkit.tap import Options, build_monitor, makeService
-from esmtpkit.workers import worker_arguments
+from esmtpkit.ops import logformat
+from esmtpkit.ops.metrics import Metrics
+from esmtpkit.server.monitor import EventLog, Monitors
+from esmtpkit.cli.tap import Options, build_monitor, makeService
+from esmtpkit.ops.workers import worker_arguments
 
 from .scratch import ScratchWorkingDirectory
 
@@ -41,7 +41,7 @@ class LogFormatTests(ScratchWorkingDirectory, SynchronousTestCase):
         for argv, message in [
             (("-n", "esmtpkit", "--log-format", "xml"), "--log-format takes text or json"),
             (("-n", "--syslog", "esmtpkit", "--log-format", "json"), "cannot go with --syslog"),
-            (("-n", "--logger", "esmtpkit._worker.log_observer", "esmtpkit", "--log-format", "json"),
+            (("-n", "--logger", "esmtpkit.ops._worker.log_observer", "esmtpkit", "--log-format", "json"),
              "leave out --logger"),
             (("--logfile", "-", "esmtpkit", "--log-format", "json"), "a daemon cannot log to stdout"),
         ]:
@@ -85,7 +85,7 @@ class MetricsOptionTests(ScratchWorkingDirectory, SynchronousTestCase):
     def test_log_events(self) -> None:
         from twisted.logger import LogLevel
 
-        from esmtpkit.monitor import Monitor, _nothing
+        from esmtpkit.server.monitor import Monitor, _nothing
 
         quiet: Any = build_monitor(self.options("--log-events", "warn"))
         self.assertEqual((type(quiet), quiet.minimum), (EventLog, LogLevel.warn))

@@ -1,4 +1,4 @@
-"""Tests for `esmtpkit.tls`: loading PEM files, reloading them, and a real TLS connection on loopback."""
+"""Tests for `esmtpkit.server.tls`: loading PEM files, reloading them, and a real TLS connection on loopback."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from esmtpkit.tls import ServerTLS, TLSConfigError, describe, is_tls, load_options, tls_info
+from esmtpkit.server.tls import ServerTLS, TLSConfigError, describe, is_tls, load_options, tls_info
 
 from .certs import make_authority, make_tls_files
 from .scratch import ScratchPaths

@@ -22,10 +22,11 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from esmtpkit import tap, workers
+from esmtpkit.cli import tap
+from esmtpkit.ops import workers
 
 from .processes import terminate
-from esmtpkit.workers import (KILL_GRACE, MAX_RESTART_DELAY, STABLE_AFTER, Supervisor, WorkerProtocol, bind,
+from esmtpkit.ops.workers import (KILL_GRACE, MAX_RESTART_DELAY, STABLE_AFTER, Supervisor, WorkerProtocol, bind,
                               shareable, split_description, supervise, worker_arguments)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,8 +202,8 @@ class SupervisorTests(SynchronousTestCase):
         call = self.reactor.spawned[0]
         fd = self.supervisor.sockets.sockets[0].sock.fileno()
         self.assertEqual(call["executable"], "/py")
-        self.assertEqual(call["args"], ["/py", "-m", "esmtpkit._worker", "-n", "--pidfile=",
-                                        "--logger=esmtpkit._worker.log_observer", "esmtpkit", "--handler", "h.H",
+        self.assertEqual(call["args"], ["/py", "-m", "esmtpkit.ops._worker", "-n", "--pidfile=",
+                                        "--logger=esmtpkit.ops._worker.log_observer", "esmtpkit", "--handler", "h.H",
                                         "--listen", "systemd:domain=INET:name=esmtpkit-listen-0"])
         self.assertEqual(call["childFDs"], {0: "w", 1: "r", 2: "r", 3: fd})
         self.assertEqual((call["env"]["LISTEN_FDS"], call["env"]["LISTEN_FDNAMES"]), ("1", "esmtpkit-listen-0"))
@@ -343,7 +344,7 @@ class LogForwardingTests(SynchronousTestCase):
     def test_json_event(self) -> None:
         """A JSON record keeps its format, level and time; the system names the worker."""
         record = eventAsJSON({"log_format": "hello {who}", "who": "world", "log_level": LogLevel.warn,
-                              "log_namespace": "esmtpkit.factory", "log_time": 12.5})
+                              "log_namespace": "esmtpkit.server.factory", "log_time": 12.5})
         data = b"\x1e" + record.encode() + b"\n"
         self.worker.childDataReceived(1, data[:10])
         self.assertEqual(self.events, [])
@@ -351,7 +352,7 @@ class LogForwardingTests(SynchronousTestCase):
         (event,) = self.events
         self.assertEqual((formatEvent(event), event["log_level"], event["log_time"], event["worker_pid"]),
                          ("hello world", LogLevel.warn, 12.5, 4242))
-        self.assertEqual(event["log_system"], "worker 4242 esmtpkit.factory#warn")
+        self.assertEqual(event["log_system"], "worker 4242 esmtpkit.server.factory#warn")
 
     def test_json_event_with_system(self) -> None:
         record = eventAsJSON({"log_format": "x", "log_system": "ESMTPProtocol,0,127.0.0.1"})

@@ -1,12 +1,12 @@
 """Handlers to use or subclass: `MessageHandler` gives every verb its default reply."""
 
-from .amqp import AMQP
-from .base import MessageHandler
-from .collecting import Collecting, Message, MessageStore
-from .debug import Debug
-from .maildir import Maildir
-from .null import Null
-from .relay import Relay
+from esmtpkit.handlers.amqp import AMQP
+from esmtpkit.handlers.base import MessageHandler
+from esmtpkit.handlers.collecting import Collecting, Message, MessageStore
+from esmtpkit.handlers.debug import Debug
+from esmtpkit.handlers.maildir import Maildir
+from esmtpkit.handlers.null import Null
+from esmtpkit.handlers.relay import Relay
 
 __all__ = ["MessageHandler"]
 __all__ += ["Collecting", "Debug", "Maildir", "Message", "MessageStore", "Null", "Relay"]

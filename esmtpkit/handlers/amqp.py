@@ -23,12 +23,12 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..address import Address
-from ..reply import Reply, SMTPReply
-from ..session import Session
-from .base import MessageHandler
-from .settings import flag
-from .trace import received_header
+from esmtpkit.core.address import Address
+from esmtpkit.core.reply import Reply, SMTPReply
+from esmtpkit.core.session import Session
+from esmtpkit.core.trace import received_header
+from esmtpkit.handlers.base import MessageHandler
+from esmtpkit.handlers.settings import flag
 
 __all__ = ["AMQP", "Publisher", "State", "NotQueued", "Unroutable", "stop_publishers",
            "DEFAULT_URL", "DEFAULT_QUEUE", "BROKER_MAX_SIZE"]

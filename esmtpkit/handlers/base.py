@@ -9,10 +9,10 @@ from typing import Any, Final, Mapping
 
 from zope.interface import implementer
 
-from ..address import Address
-from ..interfaces import IMessageHandler
-from ..reply import Reply
-from ..session import Session
+from esmtpkit.core.address import Address
+from esmtpkit.core.reply import Reply
+from esmtpkit.core.session import Session
+from esmtpkit.server.interfaces import IMessageHandler
 
 __all__ = ["MessageHandler"]
 

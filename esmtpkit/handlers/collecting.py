@@ -12,8 +12,8 @@ from typing import Any, Callable, ClassVar
 
 from twisted.internet.defer import Deferred, DeferredQueue, maybeDeferred
 
-from ..address import Address
-from .base import MessageHandler
+from esmtpkit.core.address import Address
+from esmtpkit.handlers.base import MessageHandler
 
 __all__ = ["Collecting", "Message", "MessageStore"]
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from ..escape import escape, escape_lines
-from .base import MessageHandler
+from esmtpkit.core.escape import escape, escape_lines
+from esmtpkit.handlers.base import MessageHandler
 
 __all__ = ["Debug"]
 
@@ -16,7 +16,7 @@ class Debug(MessageHandler):
     """Log every message (envelope and content) through `twisted.logger` at info level, then answer 250.
 
     Content is decoded as UTF-8 with undecodable bytes replaced, CRLF shown as a newline and other controls escaped
-    (``\\x1b``; `esmtpkit.escape`), so a message cannot act on the terminal that shows the log. The whole message is
+    (``\\x1b``; `esmtpkit.core.escape`), so a message cannot act on the terminal that shows the log. The whole message is
     held in memory until the final dot (bounded by ``Policy.max_message_size``). A 250 means "logged", not "kept".
     """
 

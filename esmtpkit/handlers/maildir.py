@@ -16,9 +16,9 @@ from typing import Any, BinaryIO
 
 from twisted.logger import Logger
 
-from ..reply import Reply, SMTPReply
-from .base import MessageHandler
-from .trace import received_header, return_path_header
+from esmtpkit.core.reply import Reply, SMTPReply
+from esmtpkit.core.trace import received_header, return_path_header
+from esmtpkit.handlers.base import MessageHandler
 
 __all__ = ["Maildir", "unique_name", "clean_tmp", "TMP_MAX_AGE"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..reply import Reply
-from .base import MessageHandler
+from esmtpkit.core.reply import Reply
+from esmtpkit.handlers.base import MessageHandler
 
 __all__ = ["Null"]
 

@@ -19,14 +19,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .. import dsn
-from ..address import Address
-from ..data import has_bare_newline
-from ..escape import escape
-from ..reply import Reply
-from .base import MessageHandler
-from .settings import flag
-from .trace import received_header
+from esmtpkit.core import dsn
+from esmtpkit.core.address import Address
+from esmtpkit.core.content import has_bare_newline
+from esmtpkit.core.escape import escape
+from esmtpkit.core.reply import Reply
+from esmtpkit.core.trace import received_header
+from esmtpkit.handlers.base import MessageHandler
+from esmtpkit.handlers.settings import flag
 
 __all__ = ["Relay", "DEFAULT_NETWORKS", "DotStuffer", "parse_networks"]
 

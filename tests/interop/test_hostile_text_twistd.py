@@ -9,7 +9,7 @@ import re
 import socket
 from typing import Callable
 
-from esmtpkit.escape import UNSAFE
+from esmtpkit.core.escape import UNSAFE
 
 from .conftest import CLIENT_TIMEOUT, EsmtpkitProcess
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Final, Mapping
 
-from .commands import Verb
+from esmtpkit.core.commands import Verb
 
 __all__ = ["Phase", "ADVANCE", "allowed", "advance", "refusal", "ALWAYS"]
 

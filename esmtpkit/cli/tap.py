@@ -21,17 +21,17 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, LogLevel
 from twisted.python import reflect, usage
 
-from . import sasl
-from .authfile import PasswordFileError, password_files, replace_file_databases
-from .backlog import sized_listeners
-from .factory import ESMTPFactory
-from .interfaces import IMessageHandler
-from .listening import Listener, check_endpoint
-from .monitor import EventLog, Monitor, Monitors
-from .policy import Policy
-from .proxy import DEFAULT_TIMEOUT as DEFAULT_PROXY_TIMEOUT
-from .service import ESMTPService
-from .tls import ServerTLS, TLSConfigError
+from esmtpkit.ops.backlog import sized_listeners
+from esmtpkit.ops.listening import Listener, check_endpoint
+from esmtpkit.server import sasl
+from esmtpkit.server.authfile import PasswordFileError, password_files, replace_file_databases
+from esmtpkit.server.factory import ESMTPFactory
+from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.server.monitor import EventLog, Monitor, Monitors
+from esmtpkit.server.policy import Policy
+from esmtpkit.server.proxy import DEFAULT_TIMEOUT as DEFAULT_PROXY_TIMEOUT
+from esmtpkit.server.service import ESMTPService
+from esmtpkit.server.tls import ServerTLS, TLSConfigError
 
 __all__ = ["Options", "makeService", "DEFAULT_LISTEN", "DEFAULT_HANDLER", "USAGE_ERROR", "installed_version"]
 
@@ -48,7 +48,7 @@ def installed_version() -> str:
     try:
         return version("esmtpkit")
     except PackageNotFoundError:
-        from . import __version__
+        from esmtpkit import __version__
 
         return f"{__version__} (not installed)"
 
@@ -266,11 +266,11 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         self["workers"] = parse_workers(self["workers"])
-        from ._reuseport import check_reuse_port
+        from esmtpkit.ops._reuseport import check_reuse_port
 
         check_reuse_port(self)
         if self["workers"] > 1:
-            from .workers import shareable
+            from esmtpkit.ops.workers import shareable
 
             for description in self["listen"]:
                 shareable(description)
@@ -312,7 +312,7 @@ def check_endpoints(options: usage.Options) -> None:
 
 
 def check_log_format(options: usage.Options) -> None:
-    """``--log-format json``: have twistd log through `esmtpkit.logformat.json_observer` (its ``--logger``)."""
+    """``--log-format json``: have twistd log through `esmtpkit.ops.logformat.json_observer` (its ``--logger``)."""
     if options["log-format"] not in ("text", "json"):
         raise usage.UsageError(f"--log-format takes text or json, not {options['log-format']!r}")
     if options["log-events"] not in ("all", "warn", "none"):
@@ -326,7 +326,7 @@ def check_log_format(options: usage.Options) -> None:
         raise usage.UsageError("--log-format json chooses twistd's log observer; leave out --logger")
     if twistd.get("logfile") == "-" and not twistd.get("nodaemon"):
         raise usage.UsageError("a daemon cannot log to stdout: give --logfile PATH or -n")
-    from .logformat import use_json
+    from esmtpkit.ops.logformat import use_json
 
     twistd["logger"] = use_json(twistd.get("logfile"), bool(twistd.get("nodaemon")))
 
@@ -341,7 +341,7 @@ def build_monitor(options: usage.Options) -> Monitor:
     if chosen != "none":
         monitors.append(EventLog(minimum=LogLevel.warn if chosen == "warn" else LogLevel.info))
     if options["metrics"] or os.environ.get("ESMTPKIT_METRICS"):
-        from .metrics import Metrics
+        from esmtpkit.ops.metrics import Metrics
 
         options["metrics-recorder"] = metrics = Metrics()
         monitors.append(metrics)
@@ -484,7 +484,7 @@ def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
 
 def _is_maildir(cls: Any) -> bool:
     """True for esmtpkit's Maildir handler and its subclasses (whose ``path`` is a Maildir)."""
-    from .handlers.maildir import Maildir
+    from esmtpkit.handlers.maildir import Maildir
 
     return isinstance(cls, type) and issubclass(cls, Maildir)
 
@@ -571,9 +571,9 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     Each is a `Listener`: an address it cannot bind stops twistd with one line and exit status 1.
     """
     if options["workers"] > 1:
-        from .workers import supervise
+        from esmtpkit.ops.workers import supervise
 
-        return supervise(options, reactor=reactor)
+        return supervise(options, reactor=reactor, reload_tls=bool(reloadables(options)))
     if reactor is None:
         from twisted.internet import reactor as default
 
@@ -582,20 +582,20 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
                            monitor=build_monitor(options))
     top = ESMTPService(factory)  # the ESMTPFactory itself: shutdown drains its connections
     if options["metrics"]:
-        from .metrics import metrics_site
+        from esmtpkit.ops.metrics import metrics_site
 
         site = metrics_site(options["metrics-recorder"].registry)
         Listener("--metrics", serverFromString(reactor, options["metrics"]), site).setServiceParent(top)
     listening: Any = factory
     if options["proxy-protocol"]:
-        from .proxy import DEFAULT_TRUSTED, ProxyProtocolFactory
+        from esmtpkit.server.proxy import DEFAULT_TRUSTED, ProxyProtocolFactory
 
         listening = ProxyProtocolFactory(factory, trusted=options["proxy-trusted"] or DEFAULT_TRUSTED,
                                          timeout=options["proxy-timeout"], clock=reactor)
     tls = options["tls"]
     for description in sized_listeners(options["listen"], options["policy"].max_connections):
         if options.get("reuse-port"):
-            from ._reuseport import reuse_port_service
+            from esmtpkit.ops._reuseport import reuse_port_service
 
             svc = reuse_port_service(description, listening, reactor)
         elif tls is not None and _own_tls(description):

@@ -137,7 +137,7 @@ def is_tls(transport: Any) -> bool:
 
 def tls_info(transport: Any) -> dict[str, str]:
     """Negotiated ``version``, ``cipher`` and ``bits`` of a TLS transport, as text; {} before the handshake or
-    without TLS. Suits `esmtpkit.session.Session.tls_info`.
+    without TLS. Suits `esmtpkit.core.session.Session.tls_info`.
     """
     connection = _connection(transport)
     if connection is None:

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from .commands import CommandError
-from .reply import Reply
+from esmtpkit.core.commands import CommandError
+from esmtpkit.core.reply import Reply
 
 __all__ = [
     "Ret", "Notify", "OriginalRecipient", "XtextError",

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .reply import Reply
+from esmtpkit.core.reply import Reply
 
 __all__ = ["AuthThrottle", "Attempt", "Verdict", "client_key", "user_key", "AUTH_THROTTLED", "DEFAULT_MAX_ENTRIES",
            "MAX_DELAY_FACTOR", "ADDRESS", "USER"]

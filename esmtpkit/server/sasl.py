@@ -26,8 +26,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from .commands import CommandError
-from .reply import Reply, SMTPReply
+from esmtpkit.core.commands import CommandError
+from esmtpkit.core.reply import Reply, SMTPReply
 
 __all__ = [
     "AUTH_SUCCEEDED", "AUTH_FAILED", "AUTH_ENCRYPTION_REQUIRED", "AUTH_REQUIRED", "AUTH_MECHANISM_UNKNOWN",
@@ -403,9 +403,9 @@ def build_portal(checkers: Iterable[ICredentialsChecker], realm: IRealm | None =
 def portal_from_strings(descriptions: Iterable[str], realm: IRealm | None = None) -> Portal:
     """A Portal from twistd ``--auth`` strings (``memory:alice:secret``, ``file:/etc/esmtpkit/passwd``, ...).
 
-    ``file:`` passwords are read once, as `esmtpkit.authfile.PasswordFile` (``reload()`` re-reads them). Raises
+    ``file:`` passwords are read once, as `esmtpkit.server.authfile.PasswordFile` (``reload()`` re-reads them). Raises
     ``twisted.cred.strcred.StrcredException`` (or ValueError, PasswordFileError) for a description it cannot use.
     """
-    from .authfile import replace_file_databases
+    from esmtpkit.server.authfile import replace_file_databases
 
     return build_portal(replace_file_databases([makeChecker(d) for d in descriptions]), realm)

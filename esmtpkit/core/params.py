@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Collection
 
-from .commands import CommandError
-from .dsn import XtextError, parse_envid, parse_notify, parse_orcpt, parse_ret, xtext_decode
-from .reply import Reply
+from esmtpkit.core.commands import CommandError
+from esmtpkit.core.dsn import XtextError, parse_envid, parse_notify, parse_orcpt, parse_ret, xtext_decode
+from esmtpkit.core.reply import Reply
 
 __all__ = ["check_mail_params", "check_rcpt_params"]
 

@@ -15,29 +15,30 @@ from types import CoroutineType
 from typing import Any, Callable, Final
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime, ITLSTransport
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime, ITLSTransport
 from twisted.internet.protocol import connectionDone
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import sasl, state
-from .authlimit import AUTH_THROTTLED, AuthThrottle
-from .commands import Command, CommandError, Verb, line_limit, parse_command, parse_mail_rcpt
-from .data import CountedReader, DotDecoder, HeaderLimits, HeaderSplitter, has_bare_newline
-from .escape import escape
-from .ids import new_id
-from .interfaces import IMessageHandler
-from .monitor import Monitor
-from .params import check_mail_params, check_rcpt_params
-from .policy import Policy
-from .reply import Reply, SMTPReply, coerce
-from .session import Envelope, Session
-from .state import Phase
-from .tls import is_tls, tls_info
+from esmtpkit.core import rules as state
+from esmtpkit.core.commands import Command, CommandError, Verb, line_limit, parse_command, parse_mail_rcpt
+from esmtpkit.core.content import CountedReader, DotDecoder, HeaderLimits, HeaderSplitter, has_bare_newline
+from esmtpkit.core.escape import escape
+from esmtpkit.core.ids import new_id
+from esmtpkit.core.params import check_mail_params, check_rcpt_params
+from esmtpkit.core.reply import Reply, SMTPReply, coerce
+from esmtpkit.core.rules import Phase
+from esmtpkit.core.session import Envelope, Session
+from esmtpkit.server import sasl
+from esmtpkit.server.authlimit import AUTH_THROTTLED, AuthThrottle
+from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.server.monitor import Monitor
+from esmtpkit.server.policy import Policy
+from esmtpkit.server.tls import is_tls, tls_info
 
 __all__ = ["ESMTPProtocol"]
 
@@ -988,7 +989,7 @@ class ESMTPProtocol(LineReceiver):
             self.send(step.reply)  # counts toward the error limit, as every failure does
             return None
         user = _username(step)
-        # Password guessing is counted across connections (esmtpkit.authlimit): a check in progress counts toward
+        # Password guessing is counted across connections (esmtpkit.server.authlimit): a check in progress counts toward
         # the limits until its result, so parallel connections cannot run more guesses than the limit allows.
         throttle: AuthThrottle | None = getattr(self.factory, "auth_throttle", None)
         attempt = throttle.begin(self.session.peer_ip, user, self._now()) if throttle is not None else None

@@ -28,7 +28,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
-from .reply import Reply
+from esmtpkit.core.reply import Reply
 
 __all__ = ["ProxyProtocolFactory", "ProxyProtocolWrapper", "ProxyHeader", "HeaderReader", "MalformedHeader",
            "DEFAULT_TRUSTED", "DEFAULT_TIMEOUT", "MAX_V1_LENGTH", "MAX_V2_LENGTH", "HEADER_TIMEOUT"]

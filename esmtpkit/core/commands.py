@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Final, Mapping
 
-from .address import Address, AddressError, parse_path
-from .reply import Reply
+from esmtpkit.core.address import Address, AddressError, parse_path
+from esmtpkit.core.reply import Reply
 
 __all__ = ["Verb", "Command", "CommandError", "parse_command", "parse_mail_rcpt", "parse_params", "line_limit"]
 

@@ -41,11 +41,12 @@ def python_find_mark(data: bytes, start: int = 0) -> int:
 
 
 try:
-    from ._scan import find_mark as _native_find_mark, has_bare_newline as _native_has_bare_newline
+    from esmtpkit.core._scan import find_mark as _native_find_mark
+    from esmtpkit.core._scan import has_bare_newline as _native_has_bare_newline
 except ImportError:  # built without a C compiler: same answers, the body path about 10 times dearer
     _native_find_mark = _native_has_bare_newline = None
 
-#: True when the native scans (``esmtpkit._scan``, an optional C extension) were built and are in use.
+#: True when the native scans (``esmtpkit.core._scan``, an optional C extension) were built and are in use.
 NATIVE_SCAN: Final = _native_has_bare_newline is not None
 #: ``has_bare_newline(data, end=None)``: the native scan when built, else :func:`python_has_bare_newline`.
 has_bare_newline: Final = _native_has_bare_newline or python_has_bare_newline

@@ -9,7 +9,7 @@ and kills what is left once that time and a grace period have passed. SIGHUP is 
 re-read the ``--tls-cert`` files and ``--auth file:`` passwords); without either the supervisor ignores it rather
 than stopping.
 
-Workers get their sockets the way systemd passes them (``LISTEN_FDS``, ``LISTEN_FDNAMES``; `esmtpkit._worker` sets
+Workers get their sockets the way systemd passes them (``LISTEN_FDS``, ``LISTEN_FDNAMES``; `esmtpkit.ops._worker` sets
 ``LISTEN_PID``) and listen with Twisted's ``systemd:`` endpoint, so the code path is the same as under
 ``systemd`` socket activation. Processes are started with ``spawnProcess`` (fork and exec), never a bare fork.
 """
@@ -183,8 +183,8 @@ class SharedSockets(Service):
         self.sockets: list[SharedSocket] = []
 
     def privilegedStartService(self) -> None:
-        """Bind every socket; one that cannot be bound stops twistd in one line (`esmtpkit.listening.ListenFailed`)."""
-        from .listening import listen_failed
+        """Bind every socket; one that cannot be bound stops twistd in one line (`esmtpkit.ops.listening.ListenFailed`)."""
+        from esmtpkit.ops.listening import listen_failed
 
         super().privilegedStartService()
         if self.sockets:
@@ -328,7 +328,7 @@ class Supervisor(MultiService):
         self.workers: dict[int, WorkerProtocol] = {}
         self._delays = [RESTART_DELAY] * count
         self._restarts: dict[int, IDelayedCall] = {}
-        #: `esmtpkit.metrics.WorkerMetrics` with --metrics: the workers record, this process serves the sum.
+        #: `esmtpkit.ops.metrics.WorkerMetrics` with --metrics: the workers record, this process serves the sum.
         self.metrics = metrics
         if metrics is not None:
             metrics.setServiceParent(self)
@@ -361,13 +361,13 @@ class Supervisor(MultiService):
                 self.start_worker(index)
 
     def command(self) -> list[str]:
-        """The worker command line: twistd, through `esmtpkit._worker`, serving the inherited sockets."""
-        twistd = ["-n", "--pidfile=", "--logger=esmtpkit._worker.log_observer"]
+        """The worker command line: twistd, through `esmtpkit.ops._worker`, serving the inherited sockets."""
+        twistd = ["-n", "--pidfile=", "--logger=esmtpkit.ops._worker.log_observer"]
         name = reactor_name(self.reactor)
         if name is not None:
             twistd.append(f"--reactor={name}")
         listen = [arg for i, shared in enumerate(self.sockets.sockets) for arg in ("--listen", shared.worker_listen(i))]
-        return [self.python, "-m", "esmtpkit._worker", *twistd, "esmtpkit", *self.arguments, *listen]
+        return [self.python, "-m", "esmtpkit.ops._worker", *twistd, "esmtpkit", *self.arguments, *listen]
 
     def environment(self) -> dict[str, str]:
         """This process's environment, with the sockets described as systemd would (LISTEN_PID is the worker's own)."""
@@ -465,23 +465,23 @@ def _signal(worker: WorkerProtocol, name: str) -> None:
         pass
 
 
-def supervise(options: usage.Options, reactor: Any = None) -> IService:
-    """The service of ``twistd esmtpkit --workers N``: a `Supervisor` for the parsed options."""
+def supervise(options: usage.Options, reactor: Any = None, reload_tls: bool = False) -> IService:
+    """The service of ``twistd esmtpkit --workers N``: a `Supervisor` for the parsed options; ``reload_tls`` says
+    whether ``kill -HUP`` has files to re-read (the workers are told to re-read them)."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
     for description in options["listen"]:
         shareable(description)
-    from .backlog import sized_listeners
-    from .tap import reloadables
+    from esmtpkit.ops.backlog import sized_listeners
 
     metrics = None
     if options["metrics"]:
-        from .metrics import WorkerMetrics
+        from esmtpkit.ops.metrics import WorkerMetrics
 
         metrics = WorkerMetrics(options["metrics"], reactor)
     listen = sized_listeners(options["listen"], options["policy"].max_connections)
     return Supervisor(listen, options["workers"], worker_arguments(options), reactor,
                       stop_timeout=options["policy"].shutdown_timeout + KILL_GRACE,
-                      reload_tls=bool(reloadables(options)), metrics=metrics)
+                      reload_tls=reload_tls, metrics=metrics)

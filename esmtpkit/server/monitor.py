@@ -1,4 +1,4 @@
-"""Monitors: what happens on each connection, told to the log (`EventLog`) and to metrics (`esmtpkit.metrics`).
+"""Monitors: what happens on each connection, told to the log (`EventLog`) and to metrics (`esmtpkit.ops.metrics`).
 
 The protocol calls one `Monitor` per factory at fixed points (connection opened and closed, TLS, AUTH, every
 reply, every message's end). The base class does nothing, so a monitor overrides only what it needs; `Monitors`
@@ -14,10 +14,10 @@ from typing import Any, Iterable
 
 from twisted.logger import Logger, LogLevel
 
-from .commands import Verb
-from .escape import escape
-from .reply import Reply
-from .session import Envelope, Session
+from esmtpkit.core.commands import Verb
+from esmtpkit.core.escape import escape
+from esmtpkit.core.reply import Reply
+from esmtpkit.core.session import Envelope, Session
 
 __all__ = ["Monitor", "Monitors", "EventLog", "EVENTS", "guarded"]
 

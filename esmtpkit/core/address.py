@@ -12,7 +12,7 @@ import ipaddress
 import re
 from typing import Final
 
-from .escape import UNSAFE
+from esmtpkit.core.escape import UNSAFE
 
 __all__ = ["Address", "AddressError", "parse_path", "quote_local_part"]
 

@@ -4,7 +4,7 @@ Verbs are the Pythonic names of Apache2::Protocol::ESMTP's methods (CONNECT, HEL
 answers the client may return a `Reply`, a ``(code, *lines)`` tuple, a Deferred or a coroutine of either, or raise
 `SMTPReply`; any other exception becomes ``451 4.3.0`` and is logged, and the session goes on. ``header``, ``eoh``
 and ``body`` answer nothing; they may return a Deferred, during which the connection is paused (backpressure).
-STARTTLS and AUTH are the protocol's own; the handler reads their outcome on the `esmtpkit.session.Session`.
+STARTTLS and AUTH are the protocol's own; the handler reads their outcome on the `esmtpkit.core.session.Session`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class IMessageHandler(Interface):
     )
 
     def connect(session):  # type: ignore[no-untyped-def]
-        """A client connected; ``session`` (an `esmtpkit.session.Session`) describes it for the connection's life.
+        """A client connected; ``session`` (an `esmtpkit.core.session.Session`) describes it for the connection's life.
 
         Default: ``220 ESMTP Mail Server``. The protocol puts the server's hostname before the text, as RFC 5321
         §4.3.1 requires. A 421 reply closes the connection; a 554 reply refuses service: every later command but
@@ -56,13 +56,13 @@ class IMessageHandler(Interface):
         """MAIL FROM (RFC 5321 §4.1.1.2). ``sender`` is an `Address` (``""`` for ``<>``), ``params`` a dict of ESMTP
         parameters with parsed values: ``SIZE`` an int, ``BODY`` a str (7BIT, 8BITMIME, BINARYMIME), ``SMTPUTF8``
         True, ``AUTH`` the submitter's mailbox or ``"<>"`` (always ``"<>"`` unless the client authenticated,
-        RFC 4954 §5); with DSN offered, ``RET`` (`esmtpkit.dsn.Ret`) and ``ENVID`` (str, decoded). Default:
+        RFC 4954 §5); with DSN offered, ``RET`` (`esmtpkit.core.dsn.Ret`) and ``ENVID`` (str, decoded). Default:
         ``250 <sender>, sender ok``. A positive reply opens the transaction.
         """
 
     def rcpt(recipient, params):  # type: ignore[no-untyped-def]
         """RCPT TO (RFC 5321 §4.1.1.3). ``recipient`` is an `Address`; ``params`` parsed as for mail(): with DSN
-        offered, ``NOTIFY`` (`esmtpkit.dsn.Notify`) and ``ORCPT`` (`esmtpkit.dsn.OriginalRecipient`). Default:
+        offered, ``NOTIFY`` (`esmtpkit.core.dsn.Notify`) and ``ORCPT`` (`esmtpkit.core.dsn.OriginalRecipient`). Default:
         ``250 <recipient>, recipient ok``. Only recipients answered positively are added to the envelope.
         """
 

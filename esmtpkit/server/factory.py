@@ -10,12 +10,12 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from .authlimit import AuthThrottle
-from .interfaces import IMessageHandler
-from .monitor import EventLog, Monitor, guarded
-from .policy import Policy
-from .protocol import SHUTTING_DOWN, ESMTPProtocol
-from .reply import Reply
+from esmtpkit.core.reply import Reply
+from esmtpkit.server.authlimit import AuthThrottle
+from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.server.monitor import EventLog, Monitor, guarded
+from esmtpkit.server.policy import Policy
+from esmtpkit.server.protocol import SHUTTING_DOWN, ESMTPProtocol
 
 __all__ = ["ESMTPFactory"]
 
@@ -28,9 +28,9 @@ class ESMTPFactory(Factory):
 
     ``handler_factory`` is called with no arguments once per connection (a class is fine) and must return an
     `IMessageHandler` provider. ``clock`` drives timeouts; it defaults to the global reactor, looked up lazily.
-    ``monitor`` hears what happens on every connection (`esmtpkit.monitor`); the default, `EventLog`, logs the
+    ``monitor`` hears what happens on every connection (`esmtpkit.server.monitor`); the default, `EventLog`, logs the
     documented events. Pass ``Monitors([EventLog(), Metrics()])`` to add Prometheus metrics. ``auth_throttle``
-    counts wrong AUTH passwords across all its connections (`esmtpkit.authlimit`; None when the policy turns it off).
+    counts wrong AUTH passwords across all its connections (`esmtpkit.server.authlimit`; None when the policy turns it off).
     """
 
     protocol = ESMTPProtocol

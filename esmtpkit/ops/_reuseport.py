@@ -14,8 +14,8 @@ from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.tcp import makeBinding
 from twisted.python import usage
 
-from .listening import Listener
-from .workers import split_description
+from esmtpkit.ops.listening import Listener
+from esmtpkit.ops.workers import split_description
 
 __all__ = ["check_reuse_port", "reuse_port_endpoint", "reuse_port_service"]
 

@@ -13,13 +13,12 @@ import tempfile
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 from twisted.application import strports
 from twisted.application.service import MultiService
 
-from .monitor import Monitor
-from .reply import Reply
-from .session import Envelope, Session
+from esmtpkit.core.reply import Reply
+from esmtpkit.core.session import Envelope, Session
+from esmtpkit.server.monitor import Monitor
 
 __all__ = ["Metrics", "WorkerMetrics", "metrics_site", "multiprocess_registry", "SIZE_BUCKETS", "LATENCY_BUCKETS"]
 

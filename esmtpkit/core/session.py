@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .address import Address
+from esmtpkit.core.address import Address
 
 __all__ = ["Session", "Envelope"]
 
@@ -14,7 +14,7 @@ __all__ = ["Session", "Envelope"]
 class Envelope:
     """The mail transaction so far: reverse-path, accepted recipients, and their ESMTP parameters (parsed).
 
-    ``id`` names the transaction once MAIL is accepted (see `esmtpkit.ids`): handlers show it in their final
+    ``id`` names the transaction once MAIL is accepted (see `esmtpkit.core.ids`): handlers show it in their final
     reply ("queued as ...") and trace headers, and every log event about the message carries it.
     """
 
@@ -32,7 +32,7 @@ class Session:
     ``peer``/``host`` are Twisted `IAddress` values (``peer.host`` is the client IP). ``helo`` is the name the
     client gave, ``esmtp`` whether it used EHLO (or LHLO); STARTTLS clears both (RFC 3207 §4.2). ``lmtp`` is set
     on an LMTP server. ``tls`` is set after STARTTLS or on an implicit-TLS listener; once the handshake is done
-    ``tls_info`` holds ``version``, ``cipher`` and ``bits`` as text (see `esmtpkit.tls.tls_info`).
+    ``tls_info`` holds ``version``, ``cipher`` and ``bits`` as text (see `esmtpkit.server.tls.tls_info`).
     ``authenticated`` is the identity from AUTH and ``auth_mechanism`` its SASL mechanism (None without AUTH).
     ``transport`` is the connection (the seed's input/output handle) for handlers that need it. ``id`` names the
     connection in log events; ``transactions`` counts the messages it began (MAIL accepted).

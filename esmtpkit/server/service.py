@@ -7,7 +7,7 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from .factory import ESMTPFactory
+from esmtpkit.server.factory import ESMTPFactory
 
 __all__ = ["ESMTPService"]
 

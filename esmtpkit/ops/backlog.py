@@ -15,7 +15,7 @@ from typing import Iterable
 
 from twisted.logger import Logger
 
-from .workers import split_description
+from esmtpkit.ops.workers import split_description
 
 __all__ = ["SOMAXCONN_PATH", "TWISTED_BACKLOG", "somaxconn", "listen_backlog", "requested_backlog", "with_backlog",
            "sized_listeners"]

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from .workers import split_description
+from esmtpkit.ops.workers import split_description
 
 __all__ = ["check_endpoint", "Listener", "ListenFailed", "listen_failed"]
 

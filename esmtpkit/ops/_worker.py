@@ -1,6 +1,6 @@
-"""One worker of ``twistd esmtpkit --workers N``: ``python -m esmtpkit._worker <twistd arguments>``.
+"""One worker of ``twistd esmtpkit --workers N``: ``python -m esmtpkit.ops._worker <twistd arguments>``.
 
-The supervisor (`esmtpkit.workers`) starts this with its listening sockets on fds 3, 4, … and ``LISTEN_FDS`` /
+The supervisor (`esmtpkit.ops.workers`) starts this with its listening sockets on fds 3, 4, … and ``LISTEN_FDS`` /
 ``LISTEN_FDNAMES`` set, and with a pipe on stdin that it never writes to. Before twistd starts, this module claims
 the sockets the way systemd hands them over (``LISTEN_PID`` = this process, sd_listen_fds(3)), so the worker serves
 them through Twisted's own ``systemd:`` endpoint, and it watches stdin so that a supervisor that dies without

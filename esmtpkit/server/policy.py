@@ -6,7 +6,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal
 
-from .sasl import MECHANISMS
+from esmtpkit.server.sasl import MECHANISMS
 
 __all__ = ["Policy"]
 
@@ -78,12 +78,12 @@ class Policy:
     dsn: bool = False
     #: LMTP (RFC 2033) instead of SMTP: LHLO, and one reply per accepted recipient after the content.
     lmtp: bool = False
-    #: STARTTLS (RFC 3207): an IOpenSSLServerConnectionCreator (e.g. `esmtpkit.tls.ServerTLS`) or context
+    #: STARTTLS (RFC 3207): an IOpenSSLServerConnectionCreator (e.g. `esmtpkit.server.tls.ServerTLS`) or context
     #: factory for ``transport.startTLS``; None: STARTTLS is not offered.
     tls_context: Any = field(default=None, compare=False)
     #: MAIL before TLS gets 530 5.7.0 (RFC 3207 §4). Satisfied on implicit-TLS listeners too.
     require_tls: bool = False
-    #: AUTH (RFC 4954): a twisted.cred Portal (see `esmtpkit.sasl.build_portal`); None: AUTH is not offered.
+    #: AUTH (RFC 4954): a twisted.cred Portal (see `esmtpkit.server.sasl.build_portal`); None: AUTH is not offered.
     portal: Any = field(default=None, compare=False)
     #: SASL mechanisms to offer, in order, among those the portal's checkers can verify.
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")
@@ -93,7 +93,7 @@ class Policy:
     require_auth: bool = False
     #: Whether an authenticated user (first argument) may act as another identity (second, PLAIN's authzid).
     auth_authorize: Callable[[str, str], bool] | None = field(default=None, compare=False)
-    #: Password guessing, counted across connections (`esmtpkit.authlimit`): wrong passwords from one client
+    #: Password guessing, counted across connections (`esmtpkit.server.authlimit`): wrong passwords from one client
     #: address (an IPv6 /64) that start a cool-off of ``auth_cool_off`` seconds, in which AUTH gets 454 4.7.0
     #: (RFC 4954 §6); one failure is forgotten every ``auth_cool_off / limit`` seconds. 0: not counted.
     auth_failure_limit: int = 10

@@ -14,9 +14,9 @@ import unicodedata
 from email.utils import formatdate
 from typing import Sequence
 
-from ..address import Address
-from ..escape import UNSAFE
-from ..session import Session
+from esmtpkit.core.address import Address
+from esmtpkit.core.escape import UNSAFE
+from esmtpkit.core.session import Session
 
 __all__ = ["received_header", "return_path_header", "address_literal"]
 

@@ -1,0 +1,1 @@
+"""Ring 3, operations: worker processes, reuse-port and backlog listening, metrics and log formats."""
