@@ -21,9 +21,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import alsoProvides, implementer
@@ -33,12 +30,15 @@ from esmtpkit.core.trace import received_header
 from esmtpkit.server.policy import Policy
 from esmtpkit.server.proxy import (
     MAX_V2_LENGTH,
+    Endpoint,
     HeaderReader,
     MalformedHeader,
     ProxyHeader,
     ProxyProtocolFactory,
+    ReceivedHeader,
     parse_v1,
     parse_v2,
+    twisted_address,
 )
 from esmtpkit.testing import RecordingHandler
 from esmtpkit.server.tls import tls_info
@@ -156,7 +156,9 @@ class AddressesTests(ProxyTestCase):
         self.assertEqual(session.peer, IPv4Address("TCP", "192.0.2.10", 51000))
         self.assertEqual(session.host, IPv4Address("TCP", "198.51.100.1", 25))
         self.assertEqual(session.peer_ip, "192.0.2.10")
-        self.assertEqual(link.protocol.header, ProxyHeader(1, session.peer, session.host, V1_TCP4[:-2]))
+        parsed = ProxyHeader(1, "PROXY", "TCP4", Endpoint("TCP4", "192.0.2.10", 51000),
+                             Endpoint("TCP4", "198.51.100.1", 25), V1_TCP4[:-2])
+        self.assertEqual(link.protocol.header, ReceivedHeader(1, session.peer, session.host, parsed))
 
     def test_v1_tcp6(self) -> None:
         link = self.link()
@@ -179,7 +181,7 @@ class AddressesTests(ProxyTestCase):
         self.assertEqual(link.handler.session.host, IPv4Address("TCP", "198.51.100.1", 25))
 
     def test_v2_tcp6(self) -> None:
-        """Twisted's parser spells IPv6 uncompressed; the session gets the compressed form a socket would give."""
+        """The session gets IPv6 in the compressed form a socket would give."""
         link = self.link()
         link.write(v2(family=0x21, source="2001:db8::10", destination="2001:db8::1"))
         self.assertEqual(link.transport.value(), GREETING)
@@ -633,54 +635,20 @@ class ReaderTests(SynchronousTestCase):
         self.assertEqual(found, expected)
 
     def test_parsers(self) -> None:
-        self.assertEqual(parse_v1(V1_TCP4[:-2]).source, IPv4Address("TCP", "192.0.2.10", 51000))
-        self.assertEqual(parse_v2(v2()).destination, IPv4Address("TCP", "198.51.100.1", 25))
+        self.assertEqual(parse_v1(V1_TCP4[:-2]).source, Endpoint("TCP4", "192.0.2.10", 51000))
+        self.assertEqual(parse_v2(v2()).destination, Endpoint("TCP4", "198.51.100.1", 25))
         self.assertRaises(MalformedHeader, parse_v1, b"PROXY")
         self.assertRaises(MalformedHeader, parse_v2, SIGNATURE)
 
-
-class TwistedParserPinTests(SynchronousTestCase):
-    """What we rely on (and work around) in Twisted's private parsers; a change here means proxy.py needs a look."""
-
-    def test_v1_parse(self) -> None:
-        info = V1Parser.parse(b"PROXY TCP4 192.0.2.10 198.51.100.1 51000 25")
-        self.assertEqual((info.source, info.destination),
-                         (IPv4Address("TCP", "192.0.2.10", 51000), IPv4Address("TCP", "198.51.100.1", 25)))
-        info = V1Parser.parse(b"PROXY TCP6 ::1 ::2 1 2")
-        self.assertEqual(info.source, IPv6Address("TCP", "::1", 1))
-        self.assertIsNone(V1Parser.parse(b"PROXY UNKNOWN ::1 ::2 1 2").source)
-
-    def test_v1_gaps_we_cover(self) -> None:
-        """Bare UNKNOWN is refused; a bad port leaks ValueError; addresses and port ranges are not checked."""
-        self.assertRaises(InvalidProxyHeader, V1Parser.parse, b"PROXY UNKNOWN")
-        self.assertRaises(ValueError, V1Parser.parse, b"PROXY TCP4 1.2.3.4 1.2.3.5 x 25")
-        self.assertNotIsInstance(_raised(V1Parser.parse, b"PROXY TCP4 1.2.3.4 1.2.3.5 x 25"), InvalidProxyHeader)
-        self.assertEqual(V1Parser.parse(b"PROXY TCP4 ::1 nonsense 99999 25").source.port, 99999)
-
-    def test_v2_parse(self) -> None:
-        self.assertEqual(V2Parser.PREFIX, SIGNATURE)
-        info = V2Parser.parse(v2(tlvs=b"\x04\x00\x01x"))
-        self.assertEqual(info.source, IPv4Address("TCP", "192.0.2.10", 51000))
-        self.assertIsNone(V2Parser.parse(v2(command=0, family=0x11)).source)
-        self.assertIsNone(V2Parser.parse(v2(family=0x00)).source)
-        self.assertEqual(V2Parser.parse(v2(family=0x12)).source.type, "UDP")
-        self.assertRaises(InvalidProxyHeader, V2Parser.parse, v2(length=11)[:27])
-
-    def test_v2_gaps_we_cover(self) -> None:
-        """IPv6 text comes uncompressed; feed() refuses fewer than 16 bytes (so it cannot be fed byte by byte);
-        parse() of a short header raises TypeError."""
-        self.assertRaises(TypeError, V2Parser.parse, SIGNATURE)
-        info = V2Parser.parse(v2(family=0x21, source="2001:db8::10", destination="::1"))
-        self.assertEqual(info.source.host, "2001:db8:0:0:0:0:0:10")
-        self.assertRaises(InvalidProxyHeader, V2Parser().feed, SIGNATURE[:1])
-
-
-def _raised(function: Any, *args: Any) -> BaseException | None:
-    try:
-        function(*args)
-    except BaseException as e:
-        return e
-    return None
+    def test_twisted_addresses(self) -> None:
+        """Each endpoint family becomes the Twisted address a socket of that kind would report."""
+        self.assertEqual(twisted_address(Endpoint("TCP4", "192.0.2.10", 51000)),
+                         IPv4Address("TCP", "192.0.2.10", 51000))
+        self.assertEqual(twisted_address(Endpoint("TCP6", "2001:db8::10", 25)), IPv6Address("TCP", "2001:db8::10", 25))
+        self.assertEqual(twisted_address(Endpoint("UNIX", "/run/client", 0)), UNIXAddress(b"/run/client"))
+        self.assertEqual(twisted_address(Endpoint("UNIX", "/run/\udcff", 0)), UNIXAddress(b"/run/\xff"))
+        received = ReceivedHeader.of(parse_v2(v2(command=0, family=0x11)))
+        self.assertEqual((received.version, received.source, received.destination), (2, None, None))
 
 
 class _StartTLSLine(LineReceiver):

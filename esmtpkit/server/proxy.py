@@ -6,14 +6,14 @@ wrapped protocol, so the greeting, the handler's ``connect``, trace headers and 
 client, not the proxy. Twisted's ``haproxy:`` endpoint connects the wrapped protocol at once: an SMTP server
 would send its 220 before the header arrived and see the proxy's address in ``connectionMade``.
 
-Field parsing is delegated to Twisted's parsers (``twisted.protocols.haproxy``); this module frames the header
-(any split, bounded size), checks who may send one, times out, and validates and normalises the addresses.
+Framing and parsing are the pure `esmtpkit.core.proxy_header` (strict, bounded, any split); this module checks who
+may send a header, times out, and turns the header's endpoints into Twisted addresses. Its names `ProxyHeader`,
+`Endpoint`, `HeaderReader`, `MalformedHeader`, `parse_v1`, `parse_v2` and the size limits are importable from here.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import struct
 from dataclasses import dataclass
 from typing import Any, Final, Iterable, Union
 
@@ -21,152 +21,65 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
+from esmtpkit.core.proxy_header import (
+    MAX_V1_LENGTH,
+    MAX_V2_LENGTH,
+    Endpoint,
+    HeaderReader,
+    MalformedHeader,
+    ProxyHeader,
+    parse_v1,
+    parse_v2,
+)
 from esmtpkit.core.reply import Reply
 
-__all__ = ["ProxyProtocolFactory", "ProxyProtocolWrapper", "ProxyHeader", "HeaderReader", "MalformedHeader",
-           "DEFAULT_TRUSTED", "DEFAULT_TIMEOUT", "MAX_V1_LENGTH", "MAX_V2_LENGTH", "HEADER_TIMEOUT"]
+__all__ = ["ProxyProtocolFactory", "ProxyProtocolWrapper", "ReceivedHeader", "twisted_address", "ProxyHeader",
+           "Endpoint", "HeaderReader", "MalformedHeader", "parse_v1", "parse_v2", "DEFAULT_TRUSTED",
+           "DEFAULT_TIMEOUT", "MAX_V1_LENGTH", "MAX_V2_LENGTH", "HEADER_TIMEOUT"]
 
 #: Proxies trusted when none are named: this host only.
 DEFAULT_TRUSTED: Final = ("127.0.0.0/8", "::1/128")
 #: Seconds a connection may take to send its header (the spec asks receivers to wait at least 3).
 DEFAULT_TIMEOUT: Final = 5.0
-#: Longest v1 header, CRLF included (spec §2.1: "PROXY UNKNOWN" with two IPv6 addresses and ports).
-MAX_V1_LENGTH: Final = 107
-#: Largest v2 address block plus TLVs we accept (the 16-byte fixed part not counted; the spec allows 65535).
-MAX_V2_LENGTH: Final = 4096
 #: Written when no complete header came in time (RFC 3463 §3.5: 4.4.2 bad connection).
 HEADER_TIMEOUT: Final = Reply(421, ("PROXY header timeout",), "4.4.2")
-
-_V1_PREFIX: Final = b"PROXY "
-_V2_SIGNATURE: Final = V2Parser.PREFIX  # spec §2.2: \r\n\r\n\0\r\nQUIT\n
-_V2_FIXED: Final = 16
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
-class MalformedHeader(ValueError):
-    """The bytes are not a PROXY header we accept; the message says why (for the log)."""
-
-
 @dataclass(frozen=True)
-class ProxyHeader:
-    """One parsed PROXY header.
+class ReceivedHeader:
+    """The PROXY header a connection began with, its endpoints as the Twisted addresses the connection reports.
 
-    ``source``/``destination`` are the client's and the proxy's listening address, or None when the header
-    carries none (v2 LOCAL for health checks, v2 UNSPEC, v1 UNKNOWN): the socket's own addresses then apply.
-    ``raw`` is the header as received (a v1 line without its CRLF).
+    ``source``/``destination`` are what ``getPeer``/``getHost`` return, or None when the header carries none (v2
+    LOCAL for health checks, v2 UNSPEC, v1 UNKNOWN): the socket's own addresses then apply. ``parsed`` is the
+    header as `esmtpkit.core.proxy_header` read it.
     """
 
     version: int
     source: IAddress | None
     destination: IAddress | None
-    raw: bytes
+    parsed: ProxyHeader
+
+    @classmethod
+    def of(cls, header: ProxyHeader) -> ReceivedHeader:
+        """The Twisted view of a parsed header."""
+        source = None if header.source is None else twisted_address(header.source)
+        destination = None if header.destination is None else twisted_address(header.destination)
+        return cls(header.version, source, destination, header)
 
 
-class HeaderReader:
-    """Collects one PROXY header from bytes arriving in any pieces (I/O free, so it can be fed byte by byte).
-
-    ``feed`` returns None until the header is complete, then ``(header, bytes_after_it)`` and starts afresh; it
-    raises `MalformedHeader` as soon as the bytes cannot start a header, or a header would pass the size limits.
-    """
-
-    def __init__(self, max_v2_length: int = MAX_V2_LENGTH) -> None:
-        self.max_v2_length = max_v2_length
-        self._buffer = b""
-
-    def feed(self, data: bytes) -> tuple[ProxyHeader, bytes] | None:
-        """Add ``data``; return the header and the bytes after it once the header is complete."""
-        buffer = self._buffer = self._buffer + data
-        if not buffer:
-            return None
-        found = self._v2(buffer) if buffer[:1] == _V2_SIGNATURE[:1] else self._v1(buffer)
-        if found is not None:
-            self._buffer = b""
-        return found
-
-    def _v1(self, buffer: bytes) -> tuple[ProxyHeader, bytes] | None:
-        if not buffer.startswith(_V1_PREFIX[:len(buffer)]):
-            raise MalformedHeader("not a PROXY header")
-        end = buffer.find(b"\r\n", 0, MAX_V1_LENGTH)
-        if end < 0:
-            if len(buffer) >= MAX_V1_LENGTH:
-                raise MalformedHeader(f"v1 header longer than {MAX_V1_LENGTH} bytes")
-            return None
-        return parse_v1(buffer[:end]), buffer[end + 2:]
-
-    def _v2(self, buffer: bytes) -> tuple[ProxyHeader, bytes] | None:
-        signature = buffer[:len(_V2_SIGNATURE)]
-        if not _V2_SIGNATURE.startswith(signature):
-            raise MalformedHeader("not a PROXY header")
-        if len(buffer) < _V2_FIXED:
-            return None
-        version, command = buffer[12] >> 4, buffer[12] & 0x0F
-        if version != 2 or command not in (0, 1):
-            raise MalformedHeader(f"v2 header with version {version}, command {command}")
-        length = struct.unpack("!H", buffer[14:16])[0]
-        if length > self.max_v2_length:
-            raise MalformedHeader(f"v2 header declares {length} bytes, more than {self.max_v2_length}")
-        end = _V2_FIXED + length
-        if len(buffer) < end:
-            return None
-        return parse_v2(buffer[:end]), buffer[end:]
-
-
-def parse_v1(line: bytes) -> ProxyHeader:
-    """A v1 header line (CRLF removed) as a `ProxyHeader`; `MalformedHeader` if invalid (spec §2.1)."""
-    if line == b"PROXY UNKNOWN":  # the shortest valid v1 header; Twisted's parser wants more fields
-        return ProxyHeader(1, None, None, line)
-    try:
-        info = V1Parser.parse(line)
-    except (InvalidProxyHeader, ValueError) as e:  # int() of a bad port and bad UTF-8 are not converted
-        raise MalformedHeader(f"invalid v1 header {line!r}") from e
-    if info.source is None or info.destination is None:
-        return ProxyHeader(1, None, None, line)
-    family = 4 if line.startswith(b"PROXY TCP4 ") else 6
-    return ProxyHeader(1, _tcp_address(info.source, family), _tcp_address(info.destination, family), line)
-
-
-def parse_v2(header: bytes) -> ProxyHeader:
-    """A complete v2 header (fixed part, addresses, TLVs) as a `ProxyHeader`; TLVs are skipped (spec §2.2)."""
-    if len(header) < _V2_FIXED:
-        raise MalformedHeader("v2 header shorter than 16 bytes")
-    try:
-        info = V2Parser.parse(header)
-    except (InvalidProxyHeader, ValueError, LookupError, struct.error) as e:
-        raise MalformedHeader(f"invalid v2 header {header[12:16].hex()}") from e
-    source, destination = info.source, info.destination
-    if source is None or destination is None:
-        return ProxyHeader(2, None, None, header)
-    if isinstance(source, UNIXAddress):
-        return ProxyHeader(2, source, destination, header)
-    if getattr(source, "type", None) != "TCP":
-        raise MalformedHeader("v2 header for a datagram connection")
-    family = 4 if isinstance(source, IPv4Address) else 6
-    return ProxyHeader(2, _tcp_address(source, family), _tcp_address(destination, family), header)
-
-
-def _tcp_address(address: Any, family: int) -> IPv4Address | IPv6Address:
-    """A checked TCP address: a real IP of the announced family, a port in range; IPv6 text compressed,
-    IPv4-mapped IPv6 turned into IPv4 (so one client has one spelling for per-address limits)."""
-    try:
-        ip = ipaddress.ip_address(address.host)
-    except ValueError as e:
-        raise MalformedHeader(f"not an IP address: {address.host!r}") from e
-    port = address.port
-    if ip.version != family or not 0 <= port <= 65535:
-        raise MalformedHeader(f"bad TCP{family} address {address.host}:{port}")
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return IPv4Address("TCP", str(ip.ipv4_mapped), port)
-        return IPv6Address("TCP", ip.compressed, port)
-    return IPv4Address("TCP", str(ip), port)
+def twisted_address(endpoint: Endpoint) -> IPv4Address | IPv6Address | UNIXAddress:
+    """A header's endpoint as a Twisted address: a TCP `IPv4Address`/`IPv6Address`, or a `UNIXAddress`."""
+    if endpoint.family == "TCP4":
+        return IPv4Address("TCP", endpoint.host, endpoint.port)
+    if endpoint.family == "TCP6":
+        return IPv6Address("TCP", endpoint.host, endpoint.port)
+    return UNIXAddress(endpoint.host.encode("utf-8", "surrogateescape"))
 
 
 def _ip_of(address: IAddress) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -186,7 +99,8 @@ class ProxyProtocolWrapper(ProtocolWrapper):
     """One connection: reads the PROXY header, then builds the wrapped protocol and becomes its transport.
 
     Until the header is complete nothing is written (no banner) and the wrapped protocol does not exist; after
-    it, ``getPeer``/``getHost`` return the addresses from the header (the socket's own for LOCAL/UNKNOWN).
+    it, ``header`` is the `ReceivedHeader` and ``getPeer``/``getHost`` return the addresses from it (the socket's
+    own for LOCAL/UNKNOWN).
     """
 
     log = Logger()
@@ -194,7 +108,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
     def __init__(self, factory: "ProxyProtocolFactory") -> None:
         self.factory = factory
         self.wrappedProtocol: IProtocol | None = None  # type: ignore[assignment]
-        self.header: ProxyHeader | None = None
+        self.header: ReceivedHeader | None = None
         self._reader: HeaderReader | None = HeaderReader(factory.max_v2_length)
         self._timer: IDelayedCall | None = None
 
@@ -229,7 +143,8 @@ class ProxyProtocolWrapper(ProtocolWrapper):
             return
         if found is None:
             return
-        self.header, rest = found
+        parsed, rest = found
+        self.header = ReceivedHeader.of(parsed)
         self._reader = None
         self._stop_timer()
         self._connect_wrapped(rest)
