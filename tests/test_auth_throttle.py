@@ -22,7 +22,7 @@ from esmtpkit.server.protocol import ESMTPProtocol
 from esmtpkit.server.sasl import build_portal, portal_from_strings
 from esmtpkit.testing import RecordingHandler
 
-from .checkers import BrokenChecker, LateChecker
+from .support import BrokenChecker, LateChecker
 
 OK = b"235 2.7.0 Authentication successful\r\n"
 INVALID = b"535 5.7.8 Authentication credentials invalid\r\n"

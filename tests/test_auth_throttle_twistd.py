@@ -7,7 +7,7 @@ import base64
 import smtplib
 from pathlib import Path
 
-from .processes import Twistd
+from .support import Twistd
 
 #: A bound for each exchange, so a hang fails the test; the delays held here are a fraction of a second.
 TIMEOUT = 60

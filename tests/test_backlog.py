@@ -26,9 +26,7 @@ from esmtpkit.handlers import maildir
 from esmtpkit.ops.workers import supervise
 
 from .certs import make_tls_files
-from .processes import terminate
-from .scratch import ScratchPaths
-from .test_workers import TWISTD, _env, needs_proc, wait_for
+from .support import TWISTD, ScratchPaths, _env, needs_proc, terminate, wait_for
 
 
 def parse(*args: str) -> tap.Options:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from .processes import run_twistd
+from .support import run_twistd
 
 HINT = "see twistd esmtpkit --help"
 

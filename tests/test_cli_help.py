@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit.cli import tap
 
-from .processes import run_twistd
+from .support import run_twistd
 
 RUNNING = Path(__file__).parent.parent / "docs" / "running.md"
 

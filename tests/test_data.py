@@ -6,8 +6,8 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit.core import content as data_module
-from esmtpkit.core.content import (CountedReader, DotDecoder, HeaderEvent, HeaderLimits, HeaderSplitter, dot_stuff,
-                           has_bare_newline)
+from esmtpkit.core.content import (ContentError, ContentMode, ContentReader, CountedReader, DotDecoder, HeaderEvent,
+                                   HeaderSplitter, dot_stuff, has_bare_newline)
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 
@@ -363,18 +363,32 @@ HEADERS = st.lists(st.sampled_from([b"Subject: hi", b"X:", b" folded", b"\tmore"
                    max_size=12).map(lambda lines: b"\r\n".join(lines) + b"\r\n")
 
 
-class HeaderLimitsTests(SynchronousTestCase):
-    """The header limits on raw content agree with reading the same content as lines, however it is split."""
+#: The limit a `ContentReader` found broken, as `splitter_verdict` names it.
+VERDICTS = {ContentError.LINE_TOO_LONG: "line", ContentError.HEADER_TOO_BIG: "size"}
+
+
+class RawHeaderLimitsTests(SynchronousTestCase):
+    """For RAW content (passed on, never split for the handler) the reader still applies the header limits, and
+    agrees with reading the same content as lines, however it is split."""
+
+    def reader(self, max_line: int, max_size: int) -> ContentReader:
+        return ContentReader(ContentMode.RAW, dotted=False, max_line=max_line, max_header=max_size, check_bare=False)
+
+    def verdict(self, reader: ContentReader, piece: bytes) -> str | None:
+        """Feed one piece: the raw piece comes out as it went in; return the limit broken, if any."""
+        events = reader.feed(piece)
+        if reader.error is not None:
+            self.assertEqual(events, [])
+            return VERDICTS[reader.error]
+        self.assertEqual(b"".join(events), piece)
+        return None
 
     def feed(self, pieces: list[bytes], max_line: int, max_size: int) -> str | None:
-        limits = HeaderLimits(max_line, max_size)
+        reader = self.reader(max_line, max_size)
         for piece in pieces:
-            verdict = limits.feed(piece)
-            if verdict is not None:
-                self.assertTrue(limits.done)
+            verdict = self.verdict(reader, piece)
+            if verdict is not None or not reader.in_headers:
                 return verdict
-            if limits.done:
-                return None
         return None
 
     @SETTINGS
@@ -384,36 +398,35 @@ class HeaderLimitsTests(SynchronousTestCase):
         expected = splitter_verdict(content, max_line, max_size)
         self.assertEqual(self.feed(split(content, cuts), max_line, max_size), expected)
 
-    def test_usual_message_is_one_search(self) -> None:
-        limits = HeaderLimits(1000, 102400)
-        self.assertIsNone(limits.feed(b"From: a@example.org\r\nSubject: hi\r\n\r\n" + b"x" * 5000 + b"\r\n"))
-        self.assertTrue(limits.done)
+    def test_usual_message_is_one_pass(self) -> None:
+        reader = self.reader(1000, 102400)
+        self.assertIsNone(self.verdict(reader, b"From: a@example.org\r\nSubject: hi\r\n\r\n" + b"x" * 5000 + b"\r\n"))
+        self.assertFalse(reader.in_headers)
 
     def test_long_line_straddling_pieces(self) -> None:
-        limits = HeaderLimits(1000, 102400)
-        self.assertIsNone(limits.feed(b"X: " + b"v" * 500))
-        self.assertIsNone(limits.feed(b"v" * 495 + b"\r"))  # 998 octets and a CR that may begin the CRLF
-        self.assertIsNone(limits.feed(b"\n\r\n"))
-        self.assertTrue(limits.done)
-        limits = HeaderLimits(1000, 102400)
-        self.assertIsNone(limits.feed(b"X: " + b"v" * 995))
-        self.assertEqual(limits.feed(b"vv"), "line")
+        reader = self.reader(1000, 102400)
+        self.assertIsNone(self.verdict(reader, b"X: " + b"v" * 500))
+        self.assertIsNone(self.verdict(reader, b"v" * 495 + b"\r"))  # 998 octets and a CR that may begin the CRLF
+        self.assertIsNone(self.verdict(reader, b"\n\r\n"))
+        self.assertFalse(reader.in_headers)
+        reader = self.reader(1000, 102400)
+        self.assertIsNone(self.verdict(reader, b"X: " + b"v" * 995))
+        self.assertEqual(self.verdict(reader, b"vv"), "line")
 
     def test_endless_line_is_caught_early(self) -> None:
-        limits = HeaderLimits(1000, 102400)
-        self.assertEqual(limits.feed(b"X: " + b"v" * 64 * 1024), "line")
+        self.assertEqual(self.verdict(self.reader(1000, 102400), b"X: " + b"v" * 64 * 1024), "line")
 
     def test_section_size(self) -> None:
-        limits = HeaderLimits(1000, 100)
-        self.assertIsNone(limits.feed(b"X: 123456789\r\n" * 7))  # 98 octets
-        self.assertEqual(limits.feed(b"X"), "size")
+        reader = self.reader(1000, 100)
+        self.assertIsNone(self.verdict(reader, b"X: 123456789\r\n" * 7))  # 98 octets
+        self.assertEqual(self.verdict(reader, b"X"), "size")
 
     def test_a_body_line_ends_the_section(self) -> None:
-        limits = HeaderLimits(1000, 100)
-        self.assertIsNone(limits.feed(b"X: 1\r\nthis is the body\r\n" + b"y" * 5000))
-        self.assertTrue(limits.done)
+        reader = self.reader(1000, 100)
+        self.assertIsNone(self.verdict(reader, b"X: 1\r\nthis is the body\r\n" + b"y" * 5000))
+        self.assertFalse(reader.in_headers)
 
     def test_no_limits(self) -> None:
-        limits = HeaderLimits(0, 0)
-        self.assertIsNone(limits.feed(b"X: " + b"v" * 100000 + b"\r\n" * 2))
-        self.assertTrue(limits.done)
+        reader = self.reader(0, 0)
+        self.assertIsNone(self.verdict(reader, b"X: " + b"v" * 100000 + b"\r\n" * 2))
+        self.assertFalse(reader.in_headers)

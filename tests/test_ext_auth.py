@@ -11,8 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit.server.sasl import build_portal, portal_from_strings
 
-from .checkers import BrokenChecker, LateChecker
-from .test_protocol import ServerMixin
+from .support import BrokenChecker, LateChecker, ServerMixin
 
 OK = b"235 2.7.0 Authentication successful\r\n"
 INVALID = b"535 5.7.8 Authentication credentials invalid\r\n"

@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit.server.sasl import portal_from_strings
 
-from .test_ext_starttls import CONTEXT, TLSMixin
+from .support import CONTEXT, TLSMixin
 
 EVERYTHING = dict(tls_context=CONTEXT, portal=portal_from_strings(["memory:alice:secret"]), auth_require_tls=False,
                   dsn=True, max_message_size=1000)

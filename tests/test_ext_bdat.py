@@ -14,7 +14,7 @@ from esmtpkit.core.reply import Reply, SMTPReply
 from esmtpkit.core.rules import Phase
 from esmtpkit.testing import RecordingHandler
 
-from .test_protocol import ACCEPTED, EHLO_REPLY, GREETING, SETTINGS, ServerMixin, calls, replay, split
+from .support import ACCEPTED, EHLO_REPLY, GREETING, SETTINGS, ServerMixin, calls, replay, split
 
 ENVELOPE = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
 ENVELOPE_REPLIES = b"250 2.1.0 <a@example.org>, sender ok\r\n250 2.1.5 <b@example.org>, recipient ok\r\n"

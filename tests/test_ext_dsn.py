@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit.core.dsn import Notify, OriginalRecipient, Ret
 
-from .test_protocol import ServerMixin
+from .support import ServerMixin
 
 
 class DSNTests(ServerMixin, SynchronousTestCase):

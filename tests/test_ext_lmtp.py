@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import smtplib
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,16 @@ from twisted.internet import reactor, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from esmtpkit.core.address import Address
 from esmtpkit.server.factory import ESMTPFactory
+from esmtpkit.server.interfaces import ILMTPHandler
 from esmtpkit.server.policy import Policy
 from esmtpkit.core.reply import Reply
 from esmtpkit.testing import RecordingHandler
 
-from .test_protocol import ServerMixin
+from .support import ServerMixin
 
 LHLO_REPLY = (b"250-mx.test client.test, pleased to meet you\r\n250-HELP\r\n250-PIPELINING\r\n250-SIZE 33554432\r\n"
               b"250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250 BINARYMIME\r\n")
@@ -32,8 +35,9 @@ GO_AHEAD = b"354 Enter mail, end with \".\" on a line by itself\r\n"
 ACCEPTED = b"250 2.0.0 Message accepted for delivery\r\n"
 
 
+@implementer(ILMTPHandler)
 class Mailboxes(RecordingHandler):
-    """Knows alice and bob; bob's mailbox is full, so eom() answers per recipient."""
+    """Knows alice and bob; bob's mailbox is full, so it answers per recipient."""
 
     def rcpt(self, recipient: Address, params: Any) -> Any:
         if recipient.local_part not in ("alice", "bob"):
@@ -41,12 +45,25 @@ class Mailboxes(RecordingHandler):
             return Reply.of(550, "No such user", enhanced="5.1.1")
         return super().rcpt(recipient, params)
 
-    def eom(self) -> Any:
-        super().eom()
+    def eom_per_recipient(self) -> Any:
+        self.eom()  # records the message, as eom() did before it answered per recipient
         assert self.session is not None
         return [Reply.of(250, f"<{r}> delivered", enhanced="2.0.0") if r.local_part == "alice"
                 else Reply.of(452, f"<{r}> mailbox full", enhanced="4.2.2")
                 for r in self.session.envelope.recipients]
+
+
+@implementer(ILMTPHandler)
+class PerRecipient(RecordingHandler):
+    """Answers the end of an LMTP message with ``answer`` (or what calling it gives), one reply per recipient."""
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def eom_per_recipient(self) -> Any:
+        self.eom()  # records the message, as eom() did before it answered per recipient
+        return self.answer() if callable(self.answer) else self.answer
 
 
 class LMTPTests(ServerMixin, SynchronousTestCase):
@@ -81,8 +98,9 @@ class LMTPTests(ServerMixin, SynchronousTestCase):
         self.assertEqual(talk.protocol.errors, 1)  # the 550 to RCPT; a partly refused message is no client error
 
     def test_one_reply_for_all(self) -> None:
-        talk = self.lhlo(Mailboxes({"rcpt": None}))
-        talk.handler.eom = lambda: Reply.of(250, "Stored")  # type: ignore[method-assign]
+        """Without ILMTPHandler, eom()'s reply answers for every recipient."""
+        talk = self.lhlo(RecordingHandler({"eom": Reply.of(250, "Stored")}))
+        talk.handler.rcpt = Mailboxes().rcpt  # type: ignore[method-assign]
         wire = self.exchange(talk, THREE + b"DATA\r\n.\r\n")
         self.assertEqual(wire, THREE_REPLIES + GO_AHEAD + b"250 2.0.0 Stored\r\n" * 2)
 
@@ -93,7 +111,7 @@ class LMTPTests(ServerMixin, SynchronousTestCase):
 
     def test_wrong_number_of_replies(self) -> None:
         """A handler that miscounts gets 451 for every recipient (the client retries; nothing is lost)."""
-        talk = self.lhlo(RecordingHandler({"eom": [Reply.of(250, "one")]}))
+        talk = self.lhlo(PerRecipient([Reply.of(250, "one")]))
         wire = self.exchange(talk, b"MAIL FROM:<>\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n.\r\n")
         self.assertTrue(wire.endswith(GO_AHEAD + b"451 4.3.0 Requested action aborted: local error in processing"
                                                  b"\r\n" * 1 + b"451 4.3.0 Requested action aborted: local error in "
@@ -109,7 +127,7 @@ class LMTPTests(ServerMixin, SynchronousTestCase):
 
     def test_pending_eom(self) -> None:
         pending: Deferred[Any] = Deferred()
-        talk = self.lhlo(RecordingHandler({"eom": lambda: pending}))
+        talk = self.lhlo(PerRecipient(lambda: pending))
         self.exchange(talk, b"MAIL FROM:<>\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n")
         self.assertEqual(self.exchange(talk, b".\r\nQUIT\r\n"), b"")
         self.assertNoResult(pending)
@@ -117,6 +135,16 @@ class LMTPTests(ServerMixin, SynchronousTestCase):
         pending.callback([Reply.of(250, "a"), Reply.of(550, "b", enhanced="5.2.1")])
         self.assertEqual(talk.transport.value()[before:],
                          b"250 2.0.0 a\r\n550 5.2.1 b\r\n221 2.0.0 Closing connection\r\n")
+
+    def test_eom_list_still_answers_per_recipient(self) -> None:
+        """A handler written before ILMTPHandler returned the list from eom(): it works, with a warning."""
+        talk = self.lhlo(RecordingHandler({"eom": [Reply.of(250, "a"), Reply.of(452, "b", enhanced="4.2.2")]}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            wire = self.exchange(talk, b"MAIL FROM:<>\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n.\r\n")
+        self.assertTrue(wire.endswith(GO_AHEAD + b"250 2.0.0 a\r\n452 4.2.2 b\r\n"))
+        self.assertEqual([w.category for w in caught], [DeprecationWarning])
+        self.assertIn("ILMTPHandler", str(caught[0].message))
 
     def test_bdat_last(self) -> None:
         """CHUNKING in LMTP: one reply per chunk, and per recipient after BDAT LAST (RFC 3030 §4)."""

@@ -10,18 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
-from esmtpkit.server.policy import Policy
-from esmtpkit.server.protocol import ESMTPProtocol
 from esmtpkit.core.reply import Reply
 from esmtpkit.server.sasl import portal_from_strings
 from esmtpkit.core.rules import Phase
@@ -29,35 +21,11 @@ from esmtpkit.testing import RecordingHandler
 from esmtpkit.server.tls import ServerTLS
 
 from .certs import make_tls_files
-from .scratch import ScratchPaths
-from .test_protocol import GREETING
+from .support import CONTEXT, GREETING, ScratchPaths, TLSMixin, TLSStringTransport
 
 TLS_EHLO = (b"250-mx.test client.test, pleased to meet you\r\n250-HELP\r\n250-PIPELINING\r\n250-SIZE 33554432\r\n"
             b"250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250-BINARYMIME\r\n")
 READY = b"220 2.0.0 Ready to start TLS\r\n"
-CONTEXT = object()  # what the policy hands to startTLS; the fake transport only records it
-
-
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    """A StringTransport that records ``startTLS`` and, once given a handshaken OpenSSL connection, shows it
-    through ``getHandle`` as Twisted's TLS transports do.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000),
-                         hostAddress=IPv4Address("TCP", "127.0.0.1", 25))
-        self.tls_context: Any = None
-        self.tls_started_at: int | None = None
-        self.connection: SSL.Connection | None = None
-
-    def startTLS(self, contextFactory: Any, normal: bool = True) -> None:
-        assert self.tls_context is None, "startTLS called twice"
-        self.tls_context = contextFactory
-        self.tls_started_at = len(self.value())
-
-    def getHandle(self) -> Any:
-        return self.connection if self.connection is not None else object()
 
 
 def handshaken(directory: Path) -> SSL.Connection:
@@ -80,27 +48,6 @@ def handshaken(directory: Path) -> SSL.Connection:
                 pass
     assert server.get_cipher_name() is not None
     return server
-
-
-class TLSMixin:
-    def connect(self, handler: Any = None, transport: StringTransport | None = None,
-                **changes: Any) -> tuple[ESMTPProtocol, Any]:
-        changes.setdefault("tls_context", CONTEXT)
-        protocol = ESMTPProtocol(handler if handler is not None else RecordingHandler(),
-                                 Policy(hostname="mx.test", **changes), Clock())
-        transport = transport if transport is not None else TLSStringTransport()
-        protocol.makeConnection(transport)
-        self.addCleanup(self._hang_up, protocol)  # type: ignore[attr-defined]
-        return protocol, transport
-
-    def _hang_up(self, protocol: ESMTPProtocol) -> None:
-        protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(protocol.clock.getDelayedCalls(), [])  # type: ignore[attr-defined, union-attr]
-
-    def exchange(self, protocol: ESMTPProtocol, data: bytes) -> bytes:
-        before = len(protocol.transport.value())  # type: ignore[attr-defined]
-        protocol.dataReceived(data)
-        return protocol.transport.value()[before:]  # type: ignore[attr-defined, no-any-return]
 
 
 class StartTLSTests(TLSMixin, ScratchPaths, SynchronousTestCase):

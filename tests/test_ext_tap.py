@@ -19,7 +19,7 @@ from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.server.tls import ServerTLS
 
 from .certs import make_tls_files
-from .scratch import ScratchPaths
+from .support import ScratchPaths
 
 HANDLER = ("--handler", "esmtpkit.handlers.base.MessageHandler")
 

@@ -25,7 +25,7 @@ from esmtpkit.testing import RecordingHandler, serve
 from esmtpkit.server.tls import ServerTLS
 
 from .certs import CertFiles, make_tls_files, serve_implicit_tls
-from .test_twistd import Server, workdir  # noqa: F401  (the fixture)
+from .support import Server
 
 MESSAGE = b"Subject: over TLS\r\n\r\nsecret body\r\n"
 
@@ -164,7 +164,7 @@ def _ports(server: Server, count: int) -> list[int]:
     raise AssertionError("twistd did not start every listener")
 
 
-def test_twistd_tls_auth_and_reload(workdir: Path) -> None:  # noqa: F811
+def test_twistd_tls_auth_and_reload(workdir: Path) -> None:
     """``twistd esmtpkit --tls-cert … --auth memory:…`` with an ``ssl:`` listener: STARTTLS + login on the TCP
     port, SMTP_SSL on the other; after new files and ``kill -HUP`` a new connection gets the new certificate.
     """

@@ -5,35 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from esmtpkit.core.content import dot_stuff
 from esmtpkit.handlers import Collecting, Message, MessageStore
 from esmtpkit.server.interfaces import IMessageHandler
-from esmtpkit.server.policy import Policy
 from esmtpkit.core.reply import SMTPReply
 from esmtpkit.testing import Conversation
+
+from .support import HandlerTestCase
 
 CONTENT = b"Subject: hello\r\n\r\n.starts with a dot\r\n8-bit \xe9\xff\r\n"
 START = b"EHLO client.test\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
 
 
-class Base(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.talks: list[Conversation] = []
-
+class Base(HandlerTestCase):
     def talk(self, handler: Collecting, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> Conversation:
-        talk = Conversation(handler, Policy(hostname="mx.test"), peer=peer)
-        self.talks.append(talk)
-        return talk
-
-    def tearDown(self) -> None:
-        for talk in self.talks:
-            talk.protocol.connectionLost(Failure(ConnectionDone()))
-            self.assertEqual(talk.clock.getDelayedCalls(), [])
+        return self.conversation(handler, peer=peer)
 
 
 class CollectingTests(Base):

@@ -13,13 +13,14 @@ from zope.interface.verify import verifyClass, verifyObject
 
 from esmtpkit.core.address import Address
 from esmtpkit.handlers.base import MessageHandler
-from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.server.interfaces import ContentMode, IMessageHandler, content_mode_of
+from esmtpkit.server.policy import Policy
 from esmtpkit.core.reply import Reply, SMTPReply
 from esmtpkit.core.session import Session
 from esmtpkit.core.rules import Phase
 from esmtpkit.testing import RecordingHandler
 
-from .test_protocol import ACCEPTED, EHLO_REPLY, GO_AHEAD, GREETING, ServerMixin
+from .support import ACCEPTED, EHLO_REPLY, GO_AHEAD, GREETING, ServerMixin
 
 LOCAL_ERROR = b"451 4.3.0 Requested action aborted: local error in processing\r\n"
 START = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
@@ -50,11 +51,11 @@ class InterfaceTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IMessageHandler, RecordingHandler()))
 
     def test_every_seed_verb(self) -> None:
-        """Every seed method, Pythonic, plus abort(), plus the seed properties."""
+        """Every seed method, Pythonic, plus abort(), the seed properties, the content mode and the session."""
         names = set(IMessageHandler.names())
         self.assertEqual(names, {"connect", "helo", "ehlo", "mail", "rcpt", "data", "header", "eoh", "body", "eom",
                                  "expn", "vrfy", "noop", "rset", "help", "quit", "unknown", "abort",
-                                 "chunk_mode", "chunk_size", "disconnect"})
+                                 "chunk_mode", "chunk_size", "disconnect", "content_mode", "session"})
 
     def test_seed_defaults(self) -> None:
         """The seed's default replies, word for word (angle brackets around paths, as the design asks)."""
@@ -78,8 +79,18 @@ class InterfaceTests(SynchronousTestCase):
         self.assertIsNone(handler.abort("reset"))
 
     def test_properties(self) -> None:
+        """The seed's properties: line mode for headers then chunks (PARSED), 64 KiB chunks (stated once, by the
+        policy: the handler's None defers to it), no disconnect."""
         handler = MessageHandler()
-        self.assertEqual((handler.chunk_mode, handler.chunk_size, handler.disconnect), (None, 65536, False))
+        self.assertEqual((handler.chunk_mode, handler.content_mode, handler.chunk_size, handler.disconnect),
+                         (None, None, None, False))
+        self.assertIs(content_mode_of(handler), ContentMode.PARSED)
+        self.assertEqual(Policy().chunk_size, 65536)
+        for chunk_mode, mode in ((True, ContentMode.RAW), (False, ContentMode.LINES), (None, ContentMode.PARSED)):
+            handler.chunk_mode = chunk_mode
+            self.assertIs(content_mode_of(handler), mode)
+        handler.content_mode = ContentMode.LINES  # the explicit mode wins over the seed's flag
+        self.assertIs(content_mode_of(handler), ContentMode.LINES)
 
     def test_connect_keeps_session(self) -> None:
         handler = MessageHandler()

@@ -13,14 +13,14 @@ from typing import Any
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from esmtpkit.handlers import maildir as maildir_module
 from esmtpkit.handlers.maildir import Maildir, unique_name
 from esmtpkit.server.interfaces import IMessageHandler
 from esmtpkit.server.policy import Policy
-from esmtpkit.testing import Conversation
+
+from .support import HandlerTestCase
 
 CONTENT = (b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: caf\xc3\xa9\r\n\r\n"
            b".leading dot\r\n..two dots\r\n.\r\n"  # a line that is only a dot, stuffed on the wire
@@ -32,11 +32,11 @@ TRACE = re.compile(
     rb"(?: |\r\n\t)[A-Z][a-z]{2}, \d{1,2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\r\n")
 
 
-class Base(SynchronousTestCase):
+class Base(HandlerTestCase):
     def setUp(self) -> None:
+        super().setUp()
         self.root = os.path.join(self.scratch(), "Maildir")
         self.handler = Maildir(path=self.root)
-        self.talks: list[Conversation] = []
         self.talk = self.conversation(self.handler)
 
     def scratch(self) -> str:
@@ -44,16 +44,6 @@ class Base(SynchronousTestCase):
         path = tempfile.mkdtemp(prefix="esmtpkit-maildir-")
         self.addCleanup(shutil.rmtree, path, True)
         return path
-
-    def conversation(self, handler: Maildir, policy: Policy | None = None) -> Conversation:
-        talk = Conversation(handler, policy or Policy(hostname="mx.test"))
-        self.talks.append(talk)
-        return talk
-
-    def tearDown(self) -> None:
-        for talk in self.talks:
-            talk.protocol.connectionLost(Failure(ConnectionDone()))
-            self.assertEqual(talk.clock.getDelayedCalls(), [])
 
     def listing(self, sub: str) -> list[str]:
         return sorted(os.listdir(os.path.join(self.root, sub)))

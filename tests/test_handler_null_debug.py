@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionLost
 from twisted.logger import LogLevel, Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -12,23 +12,14 @@ from zope.interface.verify import verifyObject
 
 from esmtpkit.handlers import Debug, Null
 from esmtpkit.server.interfaces import IMessageHandler
-from esmtpkit.server.policy import Policy
 from esmtpkit.testing import Conversation
 
+from .support import HandlerTestCase
 
-class Base(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.talks: list[Conversation] = []
 
+class Base(HandlerTestCase):
     def talk(self, handler: Any) -> Conversation:
-        talk = Conversation(handler, Policy(hostname="mx.test"))
-        self.talks.append(talk)
-        return talk
-
-    def tearDown(self) -> None:
-        for talk in self.talks:
-            talk.protocol.connectionLost(Failure(ConnectionDone()))
-            self.assertEqual(talk.clock.getDelayedCalls(), [])
+        return self.conversation(handler)
 
 
 class NullTests(Base):

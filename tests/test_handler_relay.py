@@ -37,6 +37,7 @@ from esmtpkit.core.session import Session
 from esmtpkit.testing import Conversation, serve
 
 from .certs import serve_implicit_tls
+from .support import HandlerTestCase
 
 CONTENT = b"Subject: relayed\r\n\r\n.leading dot\r\n..two\r\n.\r\n8-bit \xe9\xff\r\n"
 START = b"EHLO client.test\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
@@ -74,11 +75,11 @@ class ScriptedUpstream:
         return data
 
 
-class Base(SynchronousTestCase):
+class Base(HandlerTestCase):
     def setUp(self) -> None:
+        super().setUp()
         self.clock = Clock()
         self.upstream = ScriptedUpstream()
-        self.talks: list[Conversation] = []
 
     def relay(self, **settings: Any) -> Relay:
         settings.setdefault("reactor", self.clock)
@@ -87,13 +88,10 @@ class Base(SynchronousTestCase):
         return Relay(**settings)
 
     def talk(self, handler: Relay, peer: tuple[str, int] = ("127.0.0.1", 40000), **policy: Any) -> Conversation:
-        talk = Conversation(handler, Policy(hostname="mx.test", **policy), clock=self.clock, peer=peer)
-        self.talks.append(talk)
-        return talk
+        return self.conversation(handler, Policy(hostname="mx.test", **policy), clock=self.clock, peer=peer)
 
     def tearDown(self) -> None:
-        for talk in self.talks:
-            talk.protocol.connectionLost(Failure(ConnectionDone()))
+        super().tearDown()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def send_message(self, talk: Conversation, content: bytes = CONTENT,

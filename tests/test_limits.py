@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from esmtpkit.server.protocol import CLOSE_DRAIN_TIMEOUT, ESMTPProtocol
 from esmtpkit.testing import Conversation, RecordingHandler
 
-from .test_protocol import ACCEPTED, EHLO_REPLY, GO_AHEAD, GREETING, ServerMixin, policy
+from .support import ACCEPTED, EHLO_REPLY, GO_AHEAD, GREETING, ServerMixin, policy
 
 START = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
 START_REPLIES = b"250 2.1.0 <a@example.org>, sender ok\r\n250 2.1.5 <b@example.org>, recipient ok\r\n" + GO_AHEAD

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit.handlers.maildir import TMP_MAX_AGE, Maildir, clean_tmp
 
-from .processes import Twistd
+from .support import Twistd
 
 HOUR = 3600.0
 

@@ -19,32 +19,9 @@ from esmtpkit.core.reply import Reply, SMTPReply
 from esmtpkit.server.sasl import portal_from_strings
 from esmtpkit.testing import Conversation
 
+from .support import Recorder
+
 CONTENT = b"Subject: hi\r\n\r\nbody text that must never be logged\r\n"
-
-
-class Recorder(Monitor):
-    """Keeps every call as (name, args) with the session replaced by its id."""
-
-    def __init__(self, timing: bool = False) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.timing = timing
-
-    def __getattribute__(self, name: str) -> Any:
-        if name in ("calls", "timing") or name.startswith("_"):
-            return object.__getattribute__(self, name)
-        if not hasattr(Monitor, name):
-            return object.__getattribute__(self, name)
-
-        def record(*args: Any) -> None:
-            self.calls.append((name, *args))
-
-        return record
-
-    def names(self) -> list[str]:
-        return [c[0] for c in self.calls]
-
-    def called(self, name: str) -> list[tuple[Any, ...]]:
-        return [c[1:] for c in self.calls if c[0] == name]
 
 
 class RejectingHandler(MessageHandler):

@@ -21,7 +21,7 @@ from esmtpkit.testing import serve
 from esmtpkit.server.tls import ServerTLS
 
 from .certs import make_tls_files
-from .test_monitor import Recorder
+from .support import Recorder
 
 
 def _serve(tmp_path: Path, events: list[dict[str, Any]], recorder: Recorder) -> Any:

@@ -17,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from esmtpkit.core.ids import ID_LENGTH
 
-from .processes import terminate
-from .test_workers import TWISTD, _env, needs_proc, wait_for
+from .support import TWISTD, _env, needs_proc, terminate, wait_for
 
 PASSWORD = "Corr3ct-h0rse-battery"
 WRONG = "wr0ng-Passw0rd-guess"

@@ -15,7 +15,7 @@ from esmtpkit.core.reply import Reply
 from esmtpkit.core.rules import Phase
 from esmtpkit.testing import Conversation, RecordingHandler
 
-from .test_protocol import (
+from .support import (
     ACCEPTED, GO_AHEAD, SCENARIO, SCENARIO_CALLS, SCENARIO_WIRE, SETTINGS, TOKENS, ServerMixin, calls, policy, replay,
     split,
 )

@@ -1,102 +1,27 @@
 """Tests for `esmtpkit.server.protocol.ESMTPProtocol`: exact wire bytes over a StringTransport (RFC 5321, RFC 2034).
 
-The helpers at the top (`ServerMixin`, `replay`) are shared with the other protocol test modules.
+`ServerMixin`, `replay` and the replies and scenario the protocol test modules share are in `tests.support`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit.core import rules as state
 from esmtpkit.core.commands import Verb
-from esmtpkit.server.policy import Policy
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.rules import ADVANCE, Phase
 from esmtpkit.testing import Call, Conversation, RecordingHandler, parse_replies
 
-HOST = "mx.test"
-GREETING = b"220 mx.test ESMTP Mail Server\r\n"
-EHLO_REPLY = (b"250-mx.test client.test, pleased to meet you\r\n250-HELP\r\n250-PIPELINING\r\n250-SIZE 33554432\r\n"
-              b"250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250 BINARYMIME\r\n")
-SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None)
-
-
-def policy(**changes: Any) -> Policy:
-    """The policy tests use: hostname mx.test, other limits as given."""
-    return Policy(hostname=HOST, **changes)
-
-
-class ServerMixin:
-    """Start conversations that are hung up, and checked for leftover timers, when the test ends."""
-
-    def connect(self, handler: Any = None, **changes: Any) -> Conversation:
-        talk = Conversation(handler if handler is not None else RecordingHandler(), policy(**changes))
-        self.addCleanup(self._hang_up, talk)  # type: ignore[attr-defined]
-        return talk
-
-    def _hang_up(self, talk: Conversation) -> None:
-        talk.protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(talk.clock.getDelayedCalls(), [])  # type: ignore[attr-defined]
-
-    def assert_closed_cleanly(self, talk: Conversation) -> None:
-        """The server closed, the connection ended (the client took the last replies), and no timer is left: the
-        deadline for handing over the last replies went with the connection."""
-        self.assertTrue(talk.closed)  # type: ignore[attr-defined]
-        self.assertEqual(talk.clock.getDelayedCalls(), [])  # type: ignore[attr-defined]
-
-    def exchange(self, talk: Conversation, data: bytes) -> bytes:
-        """Write ``data``; return exactly the bytes the server wrote in response."""
-        before = len(talk.transport.value())
-        talk.write(data)
-        return talk.transport.value()[before:]
-
-    def ehlo(self, handler: Any = None, **changes: Any) -> Conversation:
-        talk = self.connect(handler, **changes)
-        self.assertEqual(self.exchange(talk, b"EHLO client.test\r\n")[-30:], EHLO_REPLY[-30:])
-        return talk
-
-
-def calls(handler: RecordingHandler, merge_body: bool = True) -> list[tuple[Any, ...]]:
-    """The handler's calls as comparable tuples: the session object left out, adjacent body chunks joined."""
-    out: list[tuple[Any, ...]] = []
-    for call in handler.calls:
-        if call.verb == "connect":
-            out.append(("connect",))
-        elif call.verb == "body" and merge_body and out and out[-1][0] == "body":
-            out[-1] = ("body", out[-1][1] + call.args[0])
-        else:
-            out.append((call.verb, *call.args))
-    return out
-
-
-def replay(pieces: list[bytes], chunk_mode: bool | None = None, chunk_size: int = 65536,
-           **changes: Any) -> tuple[bytes, RecordingHandler]:
-    """Feed ``pieces`` to a fresh server one write at a time; return the wire bytes and the handler."""
-    handler = RecordingHandler()
-    handler.chunk_mode = chunk_mode
-    handler.chunk_size = chunk_size
-    talk = Conversation(handler, policy(**changes))
-    for piece in pieces:
-        talk.write(piece)
-    wire = talk.transport.value()
-    talk.protocol.connectionLost(Failure(ConnectionDone()))
-    assert talk.clock.getDelayedCalls() == []
-    return wire, handler
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    """``data`` cut at the given offsets."""
-    points = sorted(min(c, len(data)) for c in cuts)
-    pieces, last = [], 0
-    for point in points:
-        pieces.append(data[last:point])
-        last = point
-    return pieces + [data[last:]]
+from .support import (
+    ACCEPTED, BODY_1, BODY_2, EHLO_REPLY, GO_AHEAD, GREETING, HOST, SCENARIO, SCENARIO_CALLS, SCENARIO_WIRE, SETTINGS,
+    TOKENS, ServerMixin, calls, policy, replay, split,
+)
 
 
 class GreetingTests(ServerMixin, SynchronousTestCase):
@@ -393,60 +318,6 @@ class ArgumentTests(ServerMixin, SynchronousTestCase):
 
 # ---- DATA: headers, body chunks, unstuffing, pipelined commands after the dot ----------------------------------
 
-SCENARIO = (
-    b"EHLO client.test\r\n"
-    b"MAIL FROM:<alice@example.org> SIZE=300\r\n"
-    b"RCPT TO:<bob@example.net>\r\n"
-    b"RCPT TO:<Postmaster>\r\n"
-    b"DATA\r\n"
-    b"From: alice@example.org\r\n"
-    b"Subject: a folded\r\n"
-    b"\tsubject line\r\n"
-    b"..Dotted: header\r\n"
-    b"\r\n"
-    b"Body line 1\r\n"
-    b"..leading dot\r\n"
-    b"...\r\n"
-    b"\r\n"
-    b"last line\r\n"
-    b".\r\n"
-    b"MAIL FROM:<>\r\n"
-    b"RCPT TO:<bob@example.net>\r\n"
-    b"DATA\r\n"
-    b"X-First: 1\r\n"
-    b"This line is not a header\r\n"
-    b"X-Second: 2\r\n"
-    b".\r\n"
-    b"MAIL FROM:<carol@example.org>\r\n"
-    b"RCPT TO:<bob@example.net>\r\n"
-    b"DATA\r\n"
-    b".\r\n"
-    b"QUIT\r\n"
-)
-GO_AHEAD = b"354 Enter mail, end with \".\" on a line by itself\r\n"
-ACCEPTED = b"250 2.0.0 Message accepted for delivery\r\n"
-SCENARIO_WIRE = (
-    GREETING + EHLO_REPLY
-    + b"250 2.1.0 <alice@example.org>, sender ok\r\n250 2.1.5 <bob@example.net>, recipient ok\r\n"
-    + b"250 2.1.5 <Postmaster>, recipient ok\r\n" + GO_AHEAD + ACCEPTED
-    + b"250 2.1.0 <>, sender ok\r\n250 2.1.5 <bob@example.net>, recipient ok\r\n" + GO_AHEAD + ACCEPTED
-    + b"250 2.1.0 <carol@example.org>, sender ok\r\n250 2.1.5 <bob@example.net>, recipient ok\r\n" + GO_AHEAD
-    + ACCEPTED + b"221 2.0.0 Closing connection\r\n"
-)
-BODY_1 = b"Body line 1\r\n.leading dot\r\n..\r\n\r\nlast line\r\n"
-BODY_2 = b"This line is not a header\r\nX-Second: 2\r\n"
-SCENARIO_CALLS = [
-    ("connect",), ("ehlo", "client.test"), ("mail", "alice@example.org", {"SIZE": 300}),
-    ("rcpt", "bob@example.net", {}), ("rcpt", "Postmaster", {}), ("data",),
-    ("header", "From", "alice@example.org"), ("header", "Subject", "a folded\tsubject line"),
-    ("header", ".Dotted", "header"), ("eoh",), ("body", BODY_1), ("eom",),
-    ("mail", "", {}), ("rcpt", "bob@example.net", {}), ("data",),
-    ("header", "X-First", "1"), ("eoh",), ("body", BODY_2), ("eom",),
-    ("mail", "carol@example.org", {}), ("rcpt", "bob@example.net", {}), ("data",), ("eoh",), ("eom",),
-    ("quit",),
-]
-
-
 def raw_calls(scenario_calls: list[tuple[Any, ...]], contents: list[bytes]) -> list[tuple[Any, ...]]:
     """SCENARIO_CALLS as chunk_mode True sees them: no header/eoh calls, the whole content through body()."""
     out: list[tuple[Any, ...]] = []
@@ -625,15 +496,6 @@ class BareNewlineTests(ServerMixin, SynchronousTestCase):
         wire, handler = replay([self.START + b"Subject: x\n.\nY\r\n\r\nbody\r\n.\r\n"], bare_newline="allow")
         self.assertTrue(wire.endswith(ACCEPTED))
         self.assertEqual(handler.messages[0]["headers"], [("Subject", "x\n.\nY")])
-
-
-#: Pieces of client input that exercise every path: commands, content, stray line ends, dots, long runs.
-TOKENS = st.sampled_from([
-    b"EHLO c\r\n", b"HELO c\r\n", b"MAIL FROM:<a@b>\r\n", b"MAIL FROM:<>\r\n", b"RCPT TO:<c@d>\r\n", b"DATA\r\n",
-    b"RSET\r\n", b"NOOP\r\n", b"QUIT\r\n", b"VRFY x\r\n", b"FROB\r\n", b"\r\n", b"\r", b"\n", b".", b"..",
-    b".\r\n", b"Subject: x\r\n", b" folded\r\n", b"body", b"\x00", b"\xff", b"x" * 700, b"y" * 1100,
-    b"MAIL FROM:<a@b> SIZE=99999999999\r\n", b"RCPT TO:<>\r\n", b"\r\n.\r\n",
-])
 
 
 class FuzzTests(SynchronousTestCase):

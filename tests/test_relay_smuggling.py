@@ -23,7 +23,7 @@ from esmtpkit.handlers import Relay
 from esmtpkit.server.policy import Policy
 from esmtpkit.testing import serve
 
-from .processes import RawClient, RecordingNextHop, Twistd
+from .support import RawClient, RecordingNextHop, Twistd
 
 ENVELOPE = b"MAIL FROM:<alice@example.com>%s\r\nRCPT TO:<bob@example.net>\r\n"
 

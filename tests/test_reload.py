@@ -27,7 +27,7 @@ from esmtpkit.core.reply import SMTPReply
 from esmtpkit.server.tls import ServerTLS
 
 from .certs import make_tls_files
-from .scratch import ScratchPaths
+from .support import ScratchPaths
 
 HANDLER = ("--handler", "esmtpkit.handlers.base.MessageHandler")
 

@@ -16,8 +16,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from .certs import CertFiles, make_tls_files
-from .test_twistd import Server
-from .test_workers import Supervised, needs_proc, wait_for
+from .support import Server, Supervised, needs_proc, wait_for
 
 OLD, NEW = "old-Pa55word", "new-Pa55word"
 MESSAGE = b"Subject: begun before the reload\r\n\r\nstill delivered\r\n"

@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from .processes import terminate
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit.cli import tap
 from esmtpkit.ops._reuseport import reuse_port_endpoint
-from tests.test_workers import TWISTD, _env, greeting_pid, needs_proc, wait_for
+
+from .support import TWISTD, _env, greeting_pid, needs_proc, terminate, wait_for
 
 
 def parse(*args: str) -> tap.Options:

@@ -29,7 +29,7 @@ from esmtpkit.server.sasl import (
     AUTH_TEMPORARY_FAILURE, Challenge, CramMD5, Failed, Identity, Login, Plain, Ready,
 )
 
-from .scratch import ScratchPaths
+from .support import ScratchPaths
 
 
 def b64(data: bytes) -> bytes:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from .test_workers import TWISTD, _env, alive, greeting_pid, holds_socket, listening_inodes, wait_for
+from .support import TWISTD, _env, alive, greeting_pid, holds_socket, listening_inodes, wait_for
 
 ACTIVATE = shutil.which("systemd-socket-activate")
 

@@ -18,7 +18,7 @@ from esmtpkit.server.monitor import EventLog, Monitors
 from esmtpkit.cli.tap import Options, build_monitor, makeService
 from esmtpkit.ops.workers import worker_arguments
 
-from .scratch import ScratchWorkingDirectory
+from .support import ScratchWorkingDirectory
 
 
 def twistd(*argv: str) -> ServerOptions:

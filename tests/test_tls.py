@@ -25,7 +25,7 @@ from zope.interface.verify import verifyObject
 from esmtpkit.server.tls import ServerTLS, TLSConfigError, describe, is_tls, load_options, tls_info
 
 from .certs import make_authority, make_tls_files
-from .scratch import ScratchPaths
+from .support import ScratchPaths
 
 
 class LoadTests(ScratchPaths, SynchronousTestCase):

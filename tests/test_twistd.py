@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import mailbox
-import os
 import re
-import shutil
 import smtplib
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
-from .processes import terminate
-
-#: The console script installed beside this interpreter, as a user would run it.
-TWISTD_N = [str(Path(sys.executable).parent / "twistd")]
-
-
-def _clean_env() -> dict[str, str]:
-    """The environment without the checkout on sys.path, so only the installed package is found."""
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    return env
+from .support import TWISTD_N, Server, _clean_env
 
 
 def test_twistd_help_lists_plugin(tmp_path: Path) -> None:
@@ -45,40 +29,6 @@ def test_bad_handler_exits_2(tmp_path: Path) -> None:
     error, hint = out.stderr.splitlines()
     assert error.startswith("twistd esmtpkit: --handler nowhere.Nothing: cannot import it: ")
     assert hint == "see twistd esmtpkit --help"
-
-
-class Server:
-    """A `twistd -n esmtpkit` process on a free loopback port; its log goes to a file."""
-
-    def __init__(self, cwd: Path, *args: str) -> None:
-        self.log = cwd / "twistd.log"
-        self.process = subprocess.Popen(
-            TWISTD_N + ["-n", "--pidfile=", "--logfile", str(self.log), "esmtpkit",
-                        "--listen", "tcp:0:interface=127.0.0.1", "--hostname", "mx.test", *args],
-            cwd=cwd, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.port = self._wait_port()
-
-    def _wait_port(self) -> int:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.log.exists():
-                match = re.search(r"starting on (\d+)", self.log.read_text())
-                if match:
-                    return int(match.group(1))
-            if self.process.poll() is not None:
-                raise AssertionError(f"twistd exited: {self.process.stdout.read() if self.process.stdout else ''}")
-            time.sleep(0.05)
-        raise AssertionError("twistd did not start listening")
-
-    def stop(self) -> None:
-        terminate(self.process, 60)
-
-
-@pytest.fixture
-def workdir():
-    path = Path(tempfile.mkdtemp(prefix="esmtpkit-twistd-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 MESSAGES = [

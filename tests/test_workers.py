@@ -6,10 +6,7 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -24,13 +21,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from esmtpkit.cli import tap
 from esmtpkit.ops import workers
-
-from .processes import terminate
 from esmtpkit.ops.workers import (KILL_GRACE, MAX_RESTART_DELAY, STABLE_AFTER, Supervisor, WorkerProtocol, bind,
                               shareable, split_description, supervise, worker_arguments)
 
-ROOT = Path(__file__).resolve().parent.parent
-TWISTD = str(Path(sys.executable).parent / "twistd")
+from .support import Supervised, alive, greeting_pid, holds_socket, listening_inodes, needs_proc, read_reply, wait_for
 
 
 # ---- unit tests: no processes, a fake reactor --------------------------------------------------------------------
@@ -380,70 +374,6 @@ class LogForwardingTests(SynchronousTestCase):
 
 # ---- real processes on 127.0.0.1 ----------------------------------------------------------------------------------
 
-needs_proc = pytest.mark.skipif(not Path("/proc/net/tcp").exists(),
-                                reason="needs Linux /proc to see processes and listening sockets")
-
-
-def _env() -> dict[str, str]:
-    """The environment with the checkout on sys.path, so the test handler module is found."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    """Poll until ``predicate()`` is truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class Supervised:
-    """A ``twistd -n esmtpkit --workers N`` process on a free loopback port, logging to a file."""
-
-    def __init__(self, cwd: Path, count: int, *args: str) -> None:
-        self.log = cwd / "twistd.log"
-        self.maildir = cwd / "Maildir"
-        self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "esmtpkit", "--workers", str(count),
-             "--handler", "tests.pid_handler.PidMaildir", "--maildir", str(self.maildir), "--hostname", "mx.test",
-             "--listen", "tcp:0:interface=127.0.0.1", *args],
-            cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.port = int(wait_for(lambda: self._find(r"listening on 127\.0\.0\.1:(\d+) for the workers"), "the port"))
-        wait_for(lambda: len(self.started()) >= count, f"{count} workers")
-        wait_for(lambda: len(self.listening()) >= count, f"{count} workers listening")
-
-    def _find(self, pattern: str) -> str | None:
-        if self.process.poll() is not None:
-            raise AssertionError(f"twistd exited: {self.text()}")
-        match = re.search(pattern, self.text())
-        return match.group(1) if match else None
-
-    def text(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
-
-    def started(self) -> list[int]:
-        """Worker pids in the order the supervisor started them."""
-        return [int(pid) for pid in re.findall(r"worker \d+ started: pid (\d+)", self.text())]
-
-    def listening(self) -> list[int]:
-        """Pids of the workers that logged that they serve the shared port."""
-        return [int(pid) for pid in re.findall(rf"\[worker (\d+) [^]]*\] ESMTPFactory starting on {self.port}\n",
-                                               self.text())]
-
-    def stop(self) -> None:
-        terminate(self.process, 60)
-        for pid in self.started():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.fixture
 def supervised(tmp_path: Path) -> Any:
     servers: list[Supervised] = []
@@ -455,56 +385,6 @@ def supervised(tmp_path: Path) -> Any:
     yield start
     for server in servers:
         server.stop()
-
-
-def read_reply(sock: socket.socket) -> bytes:
-    """Read one whole (possibly multi-line) SMTP reply."""
-    data = b""
-    while not re.search(rb"(^|\r\n)\d{3} [^\r\n]*\r\n$", data):
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    return data
-
-
-def greeting_pid(port: int) -> int:
-    """Connect, read the 220 (which names the serving process), QUIT."""
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        greeting = read_reply(sock)
-        match = re.fullmatch(rb"220 mx\.test pid=(\d+)\r\n", greeting)
-        assert match, greeting
-        sock.sendall(b"QUIT\r\n")
-        assert read_reply(sock).startswith(b"221 ")
-        return int(match.group(1))
-
-
-def listening_inodes(port: int) -> list[str]:
-    """Socket inodes in LISTEN state on 127.0.0.1:port, from /proc/net/tcp."""
-    wanted = f"0100007F:{port:04X}"
-    inodes = []
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == wanted and fields[3] == "0A":
-            inodes.append(fields[9])
-    return inodes
-
-
-def holds_socket(pid: int, inode: str) -> bool:
-    """Whether process ``pid`` has socket ``inode`` among its open files."""
-    fd_dir = Path(f"/proc/{pid}/fd")
-    return any(os.readlink(fd_dir / fd) == f"socket:[{inode}]" for fd in os.listdir(fd_dir))
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie nobody has reaped yet counts as ended)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 @needs_proc

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
-from ..processes import TWISTD, terminate, wait_for_port
+from ..support import TWISTD, terminate, wait_for_port
 
 
 #: The name the server gives in its greeting and in ``Received: ... by <HOSTNAME>``.

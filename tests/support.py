@@ -1,0 +1,743 @@
+"""Support code the tests share: one module, so that no test module imports another.
+
+- Scratch paths for trial-style tests: `ScratchPaths`, `ScratchWorkingDirectory`.
+- Credential checkers for AUTH: `LateChecker`, `BrokenChecker`.
+- Protocol conversations over a StringTransport: `ServerMixin`, `policy`, `replay`, `calls`, `split`, the usual
+  replies (`GREETING`, `EHLO_REPLY`, `GO_AHEAD`, `ACCEPTED`) and a pipelined `SCENARIO` with what it should give.
+- STARTTLS without a handshake: `TLSMixin` over a `TLSStringTransport` that records the `CONTEXT` it was given.
+- Handler tests: `HandlerTestCase`, whose conversations are hung up and checked for timers when the test ends.
+- Monitor calls: `Recorder`.
+- Real servers: `Twistd`, `Server`, `Supervised` (``twistd esmtpkit`` processes), `run_twistd`, `terminate`,
+  `wait_for_port`, `wait_for`; `RecordingNextHop` (a next hop that records what a relay sends) and `RawClient`; the
+  /proc probes `greeting_pid`, `listening_inodes`, `holds_socket`, `alive`.
+
+Test certificates are in `tests.certs`; the private RabbitMQ node is in `tests.rabbitmq`; the code blocks of the
+documentation are read by `tests.docblocks`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from hypothesis import settings, strategies as st
+from OpenSSL import SSL
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IListeningPort, ITLSTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from esmtpkit.server.monitor import Monitor
+from esmtpkit.server.policy import Policy
+from esmtpkit.server.protocol import ESMTPProtocol
+from esmtpkit.testing import Conversation, RecordingHandler
+
+
+# ---- scratch paths for trial-style tests --------------------------------------------------------------------------
+
+class ScratchPaths:
+    """Mix in before a trial ``TestCase``: ``mktemp()`` names a path in a temporary directory of its own."""
+
+    def mktemp(self) -> str:
+        """An absolute path that does not exist yet, in a new directory removed after the test (file or folder)."""
+        directory = tempfile.mkdtemp(prefix="esmtpkit-test-")
+        self.addCleanup(shutil.rmtree, directory, True)  # type: ignore[attr-defined]
+        return os.path.join(directory, "temp")
+
+
+class ScratchWorkingDirectory(ScratchPaths):
+    """Mix in before a trial ``TestCase``: each test runs from a new temporary directory, the previous one restored."""
+
+    def setUp(self) -> None:
+        super().setUp()  # type: ignore[misc]
+        here = os.getcwd()
+        scratch = self.mktemp()
+        os.mkdir(scratch)
+        os.chdir(scratch)
+        self.addCleanup(os.chdir, here)  # type: ignore[attr-defined]
+
+
+# ---- credential checkers for AUTH ---------------------------------------------------------------------------------
+
+@implementer(ICredentialsChecker)
+class LateChecker:
+    """A checker whose answers the test gives, to pin the order of replies around a slow password database.
+
+    ``pending`` holds ``(deferred, credentials)`` for every check still waiting for its answer.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Deferred[Any], Any]] = []
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append((d, credentials))
+        return d
+
+
+@implementer(ICredentialsChecker)
+class BrokenChecker:
+    """A checker whose password database is never reachable."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def requestAvatarId(self, credentials: Any) -> Any:
+        raise OSError("password database unreachable")
+
+
+# ---- protocol conversations over a StringTransport ----------------------------------------------------------------
+
+HOST = "mx.test"
+GREETING = b"220 mx.test ESMTP Mail Server\r\n"
+EHLO_REPLY = (b"250-mx.test client.test, pleased to meet you\r\n250-HELP\r\n250-PIPELINING\r\n250-SIZE 33554432\r\n"
+              b"250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250 BINARYMIME\r\n")
+SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None)
+
+
+def policy(**changes: Any) -> Policy:
+    """The policy tests use: hostname mx.test, other limits as given."""
+    return Policy(hostname=HOST, **changes)
+
+
+class ServerMixin:
+    """Start conversations that are hung up, and checked for leftover timers, when the test ends."""
+
+    def connect(self, handler: Any = None, **changes: Any) -> Conversation:
+        talk = Conversation(handler if handler is not None else RecordingHandler(), policy(**changes))
+        self.addCleanup(self._hang_up, talk)  # type: ignore[attr-defined]
+        return talk
+
+    def _hang_up(self, talk: Conversation) -> None:
+        talk.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(talk.clock.getDelayedCalls(), [])  # type: ignore[attr-defined]
+
+    def assert_closed_cleanly(self, talk: Conversation) -> None:
+        """The server closed, the connection ended (the client took the last replies), and no timer is left: the
+        deadline for handing over the last replies went with the connection."""
+        self.assertTrue(talk.closed)  # type: ignore[attr-defined]
+        self.assertEqual(talk.clock.getDelayedCalls(), [])  # type: ignore[attr-defined]
+
+    def exchange(self, talk: Conversation, data: bytes) -> bytes:
+        """Write ``data``; return exactly the bytes the server wrote in response."""
+        before = len(talk.transport.value())
+        talk.write(data)
+        return talk.transport.value()[before:]
+
+    def ehlo(self, handler: Any = None, **changes: Any) -> Conversation:
+        talk = self.connect(handler, **changes)
+        self.assertEqual(self.exchange(talk, b"EHLO client.test\r\n")[-30:], EHLO_REPLY[-30:])
+        return talk
+
+
+def calls(handler: RecordingHandler, merge_body: bool = True) -> list[tuple[Any, ...]]:
+    """The handler's calls as comparable tuples: the session object left out, adjacent body chunks joined."""
+    out: list[tuple[Any, ...]] = []
+    for call in handler.calls:
+        if call.verb == "connect":
+            out.append(("connect",))
+        elif call.verb == "body" and merge_body and out and out[-1][0] == "body":
+            out[-1] = ("body", out[-1][1] + call.args[0])
+        else:
+            out.append((call.verb, *call.args))
+    return out
+
+
+def replay(pieces: list[bytes], chunk_mode: bool | None = None, chunk_size: int = 65536,
+           **changes: Any) -> tuple[bytes, RecordingHandler]:
+    """Feed ``pieces`` to a fresh server one write at a time; return the wire bytes and the handler."""
+    handler = RecordingHandler()
+    handler.chunk_mode = chunk_mode
+    handler.chunk_size = chunk_size
+    talk = Conversation(handler, policy(**changes))
+    for piece in pieces:
+        talk.write(piece)
+    wire = talk.transport.value()
+    talk.protocol.connectionLost(Failure(ConnectionDone()))
+    assert talk.clock.getDelayedCalls() == []
+    return wire, handler
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    """``data`` cut at the given offsets."""
+    points = sorted(min(c, len(data)) for c in cuts)
+    pieces, last = [], 0
+    for point in points:
+        pieces.append(data[last:point])
+        last = point
+    return pieces + [data[last:]]
+
+
+SCENARIO = (
+    b"EHLO client.test\r\n"
+    b"MAIL FROM:<alice@example.org> SIZE=300\r\n"
+    b"RCPT TO:<bob@example.net>\r\n"
+    b"RCPT TO:<Postmaster>\r\n"
+    b"DATA\r\n"
+    b"From: alice@example.org\r\n"
+    b"Subject: a folded\r\n"
+    b"\tsubject line\r\n"
+    b"..Dotted: header\r\n"
+    b"\r\n"
+    b"Body line 1\r\n"
+    b"..leading dot\r\n"
+    b"...\r\n"
+    b"\r\n"
+    b"last line\r\n"
+    b".\r\n"
+    b"MAIL FROM:<>\r\n"
+    b"RCPT TO:<bob@example.net>\r\n"
+    b"DATA\r\n"
+    b"X-First: 1\r\n"
+    b"This line is not a header\r\n"
+    b"X-Second: 2\r\n"
+    b".\r\n"
+    b"MAIL FROM:<carol@example.org>\r\n"
+    b"RCPT TO:<bob@example.net>\r\n"
+    b"DATA\r\n"
+    b".\r\n"
+    b"QUIT\r\n"
+)
+GO_AHEAD = b"354 Enter mail, end with \".\" on a line by itself\r\n"
+ACCEPTED = b"250 2.0.0 Message accepted for delivery\r\n"
+SCENARIO_WIRE = (
+    GREETING + EHLO_REPLY
+    + b"250 2.1.0 <alice@example.org>, sender ok\r\n250 2.1.5 <bob@example.net>, recipient ok\r\n"
+    + b"250 2.1.5 <Postmaster>, recipient ok\r\n" + GO_AHEAD + ACCEPTED
+    + b"250 2.1.0 <>, sender ok\r\n250 2.1.5 <bob@example.net>, recipient ok\r\n" + GO_AHEAD + ACCEPTED
+    + b"250 2.1.0 <carol@example.org>, sender ok\r\n250 2.1.5 <bob@example.net>, recipient ok\r\n" + GO_AHEAD
+    + ACCEPTED + b"221 2.0.0 Closing connection\r\n"
+)
+BODY_1 = b"Body line 1\r\n.leading dot\r\n..\r\n\r\nlast line\r\n"
+BODY_2 = b"This line is not a header\r\nX-Second: 2\r\n"
+SCENARIO_CALLS = [
+    ("connect",), ("ehlo", "client.test"), ("mail", "alice@example.org", {"SIZE": 300}),
+    ("rcpt", "bob@example.net", {}), ("rcpt", "Postmaster", {}), ("data",),
+    ("header", "From", "alice@example.org"), ("header", "Subject", "a folded\tsubject line"),
+    ("header", ".Dotted", "header"), ("eoh",), ("body", BODY_1), ("eom",),
+    ("mail", "", {}), ("rcpt", "bob@example.net", {}), ("data",),
+    ("header", "X-First", "1"), ("eoh",), ("body", BODY_2), ("eom",),
+    ("mail", "carol@example.org", {}), ("rcpt", "bob@example.net", {}), ("data",), ("eoh",), ("eom",),
+    ("quit",),
+]
+
+
+#: Pieces of client input that exercise every path: commands, content, stray line ends, dots, long runs.
+TOKENS = st.sampled_from([
+    b"EHLO c\r\n", b"HELO c\r\n", b"MAIL FROM:<a@b>\r\n", b"MAIL FROM:<>\r\n", b"RCPT TO:<c@d>\r\n", b"DATA\r\n",
+    b"RSET\r\n", b"NOOP\r\n", b"QUIT\r\n", b"VRFY x\r\n", b"FROB\r\n", b"\r\n", b"\r", b"\n", b".", b"..",
+    b".\r\n", b"Subject: x\r\n", b" folded\r\n", b"body", b"\x00", b"\xff", b"x" * 700, b"y" * 1100,
+    b"MAIL FROM:<a@b> SIZE=99999999999\r\n", b"RCPT TO:<>\r\n", b"\r\n.\r\n",
+])
+
+
+# ---- STARTTLS without a handshake ---------------------------------------------------------------------------------
+
+CONTEXT = object()  # what the policy hands to startTLS; the fake transport only records it
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """A StringTransport that records ``startTLS`` and, once given a handshaken OpenSSL connection, shows it
+    through ``getHandle`` as Twisted's TLS transports do.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000),
+                         hostAddress=IPv4Address("TCP", "127.0.0.1", 25))
+        self.tls_context: Any = None
+        self.tls_started_at: int | None = None
+        self.connection: SSL.Connection | None = None
+
+    def startTLS(self, contextFactory: Any, normal: bool = True) -> None:
+        assert self.tls_context is None, "startTLS called twice"
+        self.tls_context = contextFactory
+        self.tls_started_at = len(self.value())
+
+    def getHandle(self) -> Any:
+        return self.connection if self.connection is not None else object()
+
+
+class TLSMixin:
+    """Mix in before a trial ``TestCase``: `connect` gives a protocol offering STARTTLS on a `TLSStringTransport`,
+    hung up and checked for leftover timers when the test ends."""
+
+    def connect(self, handler: Any = None, transport: StringTransport | None = None,
+                **changes: Any) -> tuple[ESMTPProtocol, Any]:
+        changes.setdefault("tls_context", CONTEXT)
+        protocol = ESMTPProtocol(handler if handler is not None else RecordingHandler(),
+                                 Policy(hostname="mx.test", **changes), Clock())
+        transport = transport if transport is not None else TLSStringTransport()
+        protocol.makeConnection(transport)
+        self.addCleanup(self._hang_up, protocol)  # type: ignore[attr-defined]
+        return protocol, transport
+
+    def _hang_up(self, protocol: ESMTPProtocol) -> None:
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(protocol.clock.getDelayedCalls(), [])  # type: ignore[attr-defined, union-attr]
+
+    def exchange(self, protocol: ESMTPProtocol, data: bytes) -> bytes:
+        before = len(protocol.transport.value())  # type: ignore[attr-defined]
+        protocol.dataReceived(data)
+        return protocol.transport.value()[before:]  # type: ignore[attr-defined, no-any-return]
+
+
+# ---- handler tests ------------------------------------------------------------------------------------------------
+
+class HandlerTestCase(SynchronousTestCase):
+    """A trial TestCase for handler tests: `conversation` talks to a handler, as ``mx.test`` unless a policy is
+    given; every conversation is hung up when the test ends, and none may leave a timer behind.
+    """
+
+    def setUp(self) -> None:
+        self.talks: list[Conversation] = []
+
+    def conversation(self, handler: Any, policy: Policy | None = None, **options: Any) -> Conversation:
+        """A `Conversation` with ``handler``; ``options`` go to it as they are (``clock``, ``peer``)."""
+        talk = Conversation(handler, policy or Policy(hostname="mx.test"), **options)
+        self.talks.append(talk)
+        return talk
+
+    def tearDown(self) -> None:
+        for talk in self.talks:
+            talk.protocol.connectionLost(Failure(ConnectionDone()))
+        for talk in self.talks:
+            self.assertEqual(talk.clock.getDelayedCalls(), [])
+
+
+# ---- monitor calls ------------------------------------------------------------------------------------------------
+
+class Recorder(Monitor):
+    """Keeps every call as (name, args) with the session replaced by its id."""
+
+    def __init__(self, timing: bool = False) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.timing = timing
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ("calls", "timing") or name.startswith("_"):
+            return object.__getattribute__(self, name)
+        if not hasattr(Monitor, name):
+            return object.__getattribute__(self, name)
+
+        def record(*args: Any) -> None:
+            self.calls.append((name, *args))
+
+        return record
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+    def called(self, name: str) -> list[tuple[Any, ...]]:
+        return [c[1:] for c in self.calls if c[0] == name]
+
+
+# ---- real servers and clients on 127.0.0.1 ------------------------------------------------------------------------
+
+def terminate(process: subprocess.Popen, timeout: float) -> int:
+    """Stop a process as twistd expects (SIGTERM: graceful shutdown), killing it if it outlives ``timeout``.
+
+    Closes its stdout pipe, if any, and returns its exit status.
+    """
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout:
+        process.stdout.close()
+    return process.returncode
+
+
+def wait_for_port(process: subprocess.Popen, log: Path, log_text: Any, timeout: float) -> int:
+    """The port a starting twistd listens on, read from its ``log`` ("... starting on PORT").
+
+    Fails the test, showing ``log_text()``, if the process exits first or no port shows within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(r"starting on (\d+)", log.read_text(errors="replace")) if log.exists() else None
+        if match:
+            return int(match.group(1))
+        if process.poll() is not None:
+            raise AssertionError(f"twistd exited with {process.returncode}:\n{log_text()}")
+        time.sleep(0.02)
+    raise AssertionError(f"twistd did not start listening:\n{log_text()}")
+
+
+#: The ``twistd`` console script installed beside this interpreter, as a user would run it (a string, so that it
+#: goes as it is into command lines and texts).
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def run_twistd(cwd: Path, *args: str, daemon: bool = False, pythonpath: Path | None = None,
+               timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``twistd -n --pidfile= esmtpkit *args`` (``daemon=True``: ``twistd --pidfile=twistd.pid --logfile=twistd.log
+    esmtpkit *args``) run in ``cwd`` until it exits, with stdout and stderr kept apart.
+
+    The environment has no PYTHONPATH (only the installed esmtpkit is found) unless ``pythonpath`` is given, as a
+    user would set it for a handler module of their own.
+    """
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    twistd = ["--pidfile=twistd.pid", "--logfile=twistd.log"] if daemon else ["-n", "--pidfile="]
+    return subprocess.run([TWISTD, *twistd, "esmtpkit", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class Twistd:
+    """``twistd -n esmtpkit --listen tcp:0:interface=127.0.0.1 *options`` run in ``workdir``, logging to a file.
+
+    ``port`` is known once the log says the listener started; `stop` ends the process (SIGTERM).
+    """
+
+    def __init__(self, workdir: Path, *options: str, timeout: float = 60.0) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "twistd.log"
+        self._output = workdir / "twistd.out"
+        with open(self._output, "wb") as output:
+            self.process = subprocess.Popen(
+                [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "esmtpkit",
+                 "--listen", "tcp:0:interface=127.0.0.1", *options],
+                cwd=workdir, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            self.port = self._wait_port(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def log_text(self) -> str:
+        """The twistd log and anything the process printed, so far."""
+        return "\n".join(path.read_text(errors="replace") for path in (self.log, self._output) if path.exists())
+
+    def _wait_port(self, timeout: float) -> int:
+        return wait_for_port(self.process, self.log, self.log_text, timeout)
+
+    def stop(self) -> int:
+        """Stop the process; its exit status."""
+        return terminate(self.process, 60)
+
+
+@dataclass(frozen=True)
+class HopMessage:
+    """One message as the next hop took it: the envelope, and the data octets before the end-of-data line."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+#: The dot line that ends DATA for a strict reader (RFC 5321 §4.1.1.4) and for a lenient one that takes a bare CR
+#: or LF as a line end, as next hops open to SMTP smuggling do. The line end before the dot is content.
+_STRICT_END = re.compile(rb"(?:^|(?<=\r\n))\.\r\n")
+_LENIENT_END = re.compile(rb"(?:^|(?<=\r)|(?<=\n))\.(?:\r\n|\r|\n)")
+
+
+class _NextHopProtocol(Protocol):
+    """One connection to the next hop: commands end at LF (a trailing CR is dropped), DATA ends as the factory says."""
+
+    factory: "RecordingNextHop"
+
+    def connectionMade(self) -> None:
+        self.raw = bytearray()
+        self.factory.sessions.append(self.raw)
+        self._buffer = b""
+        self._in_data = False
+        self._sender = ""
+        self._recipients: list[str] = []
+        self.transport.write(b"220 next.test ESMTP recording\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.raw += data
+        self._buffer += data
+        while self._buffer and self.transport is not None and not self.transport.disconnecting:
+            if self._in_data:
+                end = (_LENIENT_END if self.factory.lenient else _STRICT_END).search(self._buffer)
+                if end is None:
+                    return
+                content, self._buffer = self._buffer[:end.start()], self._buffer[end.end():]
+                self._in_data = False
+                self.factory.messages.append(HopMessage(self._sender, tuple(self._recipients), content))
+                self.transport.write(b"250 2.0.0 Ok: queued as %d\r\n" % len(self.factory.messages))
+            else:
+                line, lf, rest = self._buffer.partition(b"\n")
+                if not lf:
+                    return
+                self._buffer = rest
+                self._command(line.removesuffix(b"\r"))
+
+    def _command(self, line: bytes) -> None:
+        verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
+        path = line[line.find(b"<") + 1:line.find(b">")].decode("ascii", "replace") if b"<" in line else ""
+        if verb == b"EHLO":
+            self.transport.write(b"250-next.test\r\n250 8BITMIME\r\n")  # no CHUNKING, no BINARYMIME
+        elif verb == b"MAIL":
+            self._sender, self._recipients = path, []
+            self.transport.write(b"250 2.1.0 Ok\r\n")
+        elif verb == b"RCPT":
+            self._recipients.append(path)
+            self.transport.write(b"250 2.1.5 Ok\r\n")
+        elif verb == b"DATA":
+            self._in_data = True
+            self.transport.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        elif verb in (b"HELO", b"RSET", b"NOOP"):
+            self.transport.write(b"250 2.0.0 Ok\r\n")
+        elif verb == b"QUIT":
+            self.transport.write(b"221 2.0.0 Bye\r\n")
+            self.transport.loseConnection()
+        else:
+            self.transport.write(b"500 5.5.2 Error: command not recognized\r\n")
+
+
+class RecordingNextHop(Factory):
+    """A next hop offering only 8BITMIME that records what it is sent: ``sessions`` (each connection's raw octets)
+    and ``messages`` (one `HopMessage` per end of data it saw).
+
+    ``lenient=True`` reads DATA as next hops open to SMTP smuggling do: a dot line between any mix of CR, LF and
+    CRLF ends it, and the rest is read as commands; ``lenient=False`` ends DATA only at CRLF.CRLF.
+    """
+
+    protocol = _NextHopProtocol
+    noisy = False
+
+    def __init__(self, lenient: bool = True) -> None:
+        self.lenient = lenient
+        self.sessions: list[bytearray] = []
+        self.messages: list[HopMessage] = []
+        self.listening: IListeningPort | None = None
+
+    @property
+    def port(self) -> int:
+        """The loopback port it listens on."""
+        assert self.listening is not None
+        return int(self.listening.getHost().port)
+
+    def listen(self, reactor: Any) -> "Deferred[RecordingNextHop]":
+        """Listen on a free 127.0.0.1 port; fires with this factory."""
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        def listening(port: IListeningPort) -> "RecordingNextHop":
+            self.listening = port
+            return self
+
+        return TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self).addCallback(listening)
+
+    def stop(self) -> "Deferred[None]":
+        """Stop listening."""
+        assert self.listening is not None
+        return self.listening.stopListening()  # type: ignore[return-value]
+
+
+class RawClient:
+    """A blocking SMTP client on ``address`` that writes exactly the octets given; `greeting` is the first reply."""
+
+    def __init__(self, address: tuple[str, int], timeout: float = 60.0) -> None:
+        self._sock = socket.create_connection(address, timeout=timeout)
+        self._buffer = b""
+        self.greeting = self.replies(1)[0]
+
+    def send(self, data: bytes, replies: int = 1) -> list[bytes]:
+        """Write ``data`` as it is, then read ``replies`` complete replies (each with its CRLFs)."""
+        self._sock.sendall(data)
+        return self.replies(replies)
+
+    def replies(self, count: int) -> list[bytes]:
+        """Read ``count`` complete replies; a multi-line reply is one item."""
+        out: list[bytes] = []
+        while len(out) < count:
+            match = re.search(rb"(?:^|\r\n)\d{3} [^\r\n]*\r\n", self._buffer)
+            if match is None:
+                data = self._sock.recv(65536)
+                if not data:
+                    raise AssertionError(f"connection closed; unanswered: {self._buffer!r}")
+                self._buffer += data
+                continue
+            end = match.end()
+            out.append(self._buffer[:end])
+            self._buffer = self._buffer[end:]
+        return out
+
+    def close(self) -> None:
+        """QUIT and close."""
+        try:
+            self.send(b"QUIT\r\n")
+        finally:
+            self._sock.close()
+
+
+#: The checkout: `_env` puts it on sys.path, so that twistd finds ``tests.pid_handler`` and the like.
+ROOT = Path(__file__).resolve().parent.parent
+
+needs_proc = pytest.mark.skipif(not Path("/proc/net/tcp").exists(),
+                                reason="needs Linux /proc to see processes and listening sockets")
+
+
+def _env() -> dict[str, str]:
+    """The environment with the checkout on sys.path, so the test handler module is found."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    """Poll until ``predicate()`` is truthy; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Supervised:
+    """A ``twistd -n esmtpkit --workers N`` process on a free loopback port, logging to a file."""
+
+    def __init__(self, cwd: Path, count: int, *args: str) -> None:
+        self.log = cwd / "twistd.log"
+        self.maildir = cwd / "Maildir"
+        self.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "esmtpkit", "--workers", str(count),
+             "--handler", "tests.pid_handler.PidMaildir", "--maildir", str(self.maildir), "--hostname", "mx.test",
+             "--listen", "tcp:0:interface=127.0.0.1", *args],
+            cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.port = int(wait_for(lambda: self._find(r"listening on 127\.0\.0\.1:(\d+) for the workers"), "the port"))
+        wait_for(lambda: len(self.started()) >= count, f"{count} workers")
+        wait_for(lambda: len(self.listening()) >= count, f"{count} workers listening")
+
+    def _find(self, pattern: str) -> str | None:
+        if self.process.poll() is not None:
+            raise AssertionError(f"twistd exited: {self.text()}")
+        match = re.search(pattern, self.text())
+        return match.group(1) if match else None
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def started(self) -> list[int]:
+        """Worker pids in the order the supervisor started them."""
+        return [int(pid) for pid in re.findall(r"worker \d+ started: pid (\d+)", self.text())]
+
+    def listening(self) -> list[int]:
+        """Pids of the workers that logged that they serve the shared port."""
+        return [int(pid) for pid in re.findall(rf"\[worker (\d+) [^]]*\] ESMTPFactory starting on {self.port}\n",
+                                               self.text())]
+
+    def stop(self) -> None:
+        terminate(self.process, 60)
+        for pid in self.started():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """Read one whole (possibly multi-line) SMTP reply."""
+    data = b""
+    while not re.search(rb"(^|\r\n)\d{3} [^\r\n]*\r\n$", data):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    return data
+
+
+def greeting_pid(port: int) -> int:
+    """Connect, read the 220 (which names the serving process), QUIT."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        greeting = read_reply(sock)
+        match = re.fullmatch(rb"220 mx\.test pid=(\d+)\r\n", greeting)
+        assert match, greeting
+        sock.sendall(b"QUIT\r\n")
+        assert read_reply(sock).startswith(b"221 ")
+        return int(match.group(1))
+
+
+def listening_inodes(port: int) -> list[str]:
+    """Socket inodes in LISTEN state on 127.0.0.1:port, from /proc/net/tcp."""
+    wanted = f"0100007F:{port:04X}"
+    inodes = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == wanted and fields[3] == "0A":
+            inodes.append(fields[9])
+    return inodes
+
+
+def holds_socket(pid: int, inode: str) -> bool:
+    """Whether process ``pid`` has socket ``inode`` among its open files."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    return any(os.readlink(fd_dir / fd) == f"socket:[{inode}]" for fd in os.listdir(fd_dir))
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody has reaped yet counts as ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+#: The console script installed beside this interpreter, as a user would run it.
+TWISTD_N = [str(Path(sys.executable).parent / "twistd")]
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment without the checkout on sys.path, so only the installed package is found."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+class Server:
+    """A `twistd -n esmtpkit` process on a free loopback port; its log goes to a file."""
+
+    def __init__(self, cwd: Path, *args: str) -> None:
+        self.log = cwd / "twistd.log"
+        self.process = subprocess.Popen(
+            TWISTD_N + ["-n", "--pidfile=", "--logfile", str(self.log), "esmtpkit",
+                        "--listen", "tcp:0:interface=127.0.0.1", "--hostname", "mx.test", *args],
+            cwd=cwd, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.port = self._wait_port()
+
+    def _wait_port(self) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.log.exists():
+                match = re.search(r"starting on (\d+)", self.log.read_text())
+                if match:
+                    return int(match.group(1))
+            if self.process.poll() is not None:
+                raise AssertionError(f"twistd exited: {self.process.stdout.read() if self.process.stdout else ''}")
+            time.sleep(0.05)
+        raise AssertionError("twistd did not start listening")
+
+    def stop(self) -> None:
+        terminate(self.process, 60)
