@@ -6,12 +6,13 @@ treats a bare CR or bare LF as a line end, so only ``CRLF.CRLF`` ends DATA (the 
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Union
 
-__all__ = ["DotDecoder", "HeaderSplitter", "HeaderLimits", "CountedReader", "dot_stuff", "has_bare_newline",
-           "HeaderEvent", "NATIVE_SCAN"]
+__all__ = ["ContentReader", "ContentMode", "ContentError", "ContentEvent", "EOH", "EndOfHeaders", "DotDecoder",
+           "HeaderSplitter", "CountedReader", "dot_stuff", "has_bare_newline", "HeaderEvent", "NATIVE_SCAN"]
 
 _MARK: Final = b"\r\n."
 
@@ -198,40 +199,155 @@ class HeaderSplitter:
         return self._flush()
 
 
-class HeaderLimits:
-    """The header limits for content passed on raw (a handler with ``chunk_mode = True``), which no splitter sees.
+class ContentMode(enum.Enum):
+    """How message content reaches a handler (its ``content_mode``; the seed's ``chunk_mode`` maps onto it)."""
 
-    ``feed(content)`` looks at decoded content until the header section ends where `HeaderSplitter` would end it
-    (an empty line, or a line that is not a header field) and returns ``"line"`` once a line is longer than
-    ``max_line`` octets with its CRLF, ``"size"`` once the section is larger than ``max_size`` octets, else None;
-    ``done`` tells that the section ended and nothing more needs feeding. 0 turns a limit off. The usual case, a
-    section that ends in the first piece within both limits, costs one search and one split.
+    #: Headers one by one to ``header()``, then ``eoh()``, then the rest in chunks of at most ``chunk_size`` octets
+    #: (the seed's default, ``chunk_mode = None``).
+    PARSED = "parsed"
+    #: As PARSED, but the rest one line per ``body()`` call, CRLF included (``chunk_mode = False``).
+    LINES = "lines"
+    #: Everything, headers included, in raw chunks through ``body()`` (``chunk_mode = True``).
+    RAW = "raw"
+
+
+class ContentError(enum.Enum):
+    """Why content was refused; the server turns each into its reply."""
+
+    LINE_TOO_LONG = "line"  # a header line longer than the line limit
+    HEADER_TOO_BIG = "header"  # the header section larger than its limit
+    TOO_BIG = "size"  # the message larger than its limit
+    BARE_NEWLINE = "bare"  # a CR or LF that is not part of a CRLF
+
+
+class EndOfHeaders:
+    """The header section ended (the event before the first body chunk)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "EOH"
+
+
+#: The one end-of-headers event.
+EOH: Final = EndOfHeaders()
+
+#: What `ContentReader` returns: a complete header, the end of the headers, or body bytes.
+ContentEvent = Union[HeaderEvent, EndOfHeaders, bytes]
+
+
+def _slices(data: bytes, size: int) -> list[bytes]:
+    """``data`` cut into pieces of at most ``size`` octets (none for empty data)."""
+    if len(data) <= size:
+        return [data] if data else []
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+class ContentReader:
+    """The one content path: message content in, handler events out, for DATA and for BDAT alike.
+
+    DATA content is fed as it arrives on the wire (``dotted``): a `DotDecoder` undoes the dot-stuffing and finds the
+    end, after which ``done`` is set and ``rest`` holds the bytes that followed (pipelined commands). BDAT content is
+    fed as the chunks' octets and ended by `end` after BDAT LAST. Either way the decoded content goes through the
+    same header splitter, limits and end-of-headers logic, and comes out as events for ``mode``: `HeaderEvent`,
+    `EOH`, then body ``bytes`` (for RAW, only body bytes; the header section is still read to apply its limits).
+
+    The first limit broken sets ``error`` (a `ContentError`); from then on nothing more is returned, but DATA is
+    still read to its end. Memory held is at most one header line (bounded by ``max_line``, or by ``max_header``)
+    and, for LINES, one body line shorter than ``chunk_size``. A limit of 0 is no limit.
     """
 
-    __slots__ = ("_max_line", "_max_size", "size", "_line", "_seen_header", "done")
+    __slots__ = ("mode", "chunk_size", "max_size", "max_header", "_longest", "decoder", "error", "size", "done",
+                 "_splitter", "_line", "_partial", "_check_bare", "_cr", "_discard")
 
-    def __init__(self, max_line: int, max_size: int) -> None:
-        self._max_line = max_line
-        self._max_size = max_size
-        self.size = 0  # octets of complete lines of the section so far, CRLF included (as HeaderSplitter counts)
-        self._line = b""  # the section's last, incomplete line
-        self._seen_header = False  # a continuation line needs a header before it
+    def __init__(self, mode: ContentMode = ContentMode.PARSED, chunk_size: int = 65536, *, dotted: bool = True,
+                 max_size: int = 0, max_line: int = 0, max_header: int = 0, check_bare: bool = True) -> None:
+        self.mode = mode
+        self.chunk_size = max(1, chunk_size)
+        self.max_size = max_size
+        self.max_header = max_header
+        self._longest = max_line - 2 if max_line else 0  # the longest header line without its CRLF
+        self.decoder = DotDecoder(at_line_start=True, check_bare=check_bare) if dotted else None
+        self.error: ContentError | None = None
+        self.size = 0  # decoded content octets so far
         self.done = False
+        # RAW content is passed on as it comes: its header section is read only to apply the limits, if any.
+        limited = mode is not ContentMode.RAW or max_line or max_header
+        self._splitter: HeaderSplitter | None = HeaderSplitter() if limited else None
+        self._line = b""  # the header section's incomplete last line
+        self._partial = b""  # LINES: the body's incomplete last line
+        self._check_bare = check_bare and not dotted  # BDAT: the CR/LF scan is ours (the decoder does DATA's)
+        self._cr = False  # BDAT: the content so far ends with a CR the next octet may pair with an LF
+        self._discard = False
 
-    def _fits(self, longest: int, size: int) -> bool:
-        return (not self._max_line or longest <= self._max_line) and (not self._max_size or size <= self._max_size)
+    @property
+    def rest(self) -> bytes:
+        """DATA: the bytes after the end-of-data marker, once ``done``."""
+        return self.decoder.rest if self.decoder is not None else b""
 
-    def feed(self, data: bytes) -> str | None:
-        """Look at the next content octets; see the class docstring."""
-        if self.done or not data:
-            return None
+    @property
+    def in_headers(self) -> bool:
+        """True while the header section is being read (for RAW without limits it is never read)."""
+        return self._splitter is not None
+
+    def discard(self) -> None:
+        """Return no more events (the transaction failed elsewhere); DATA is still read to its end."""
+        self._discard = True
+
+    def feed(self, data: bytes) -> list[ContentEvent]:
+        """Consume wire bytes (DATA) or chunk octets (BDAT); return the events they complete."""
+        decoder = self.decoder
+        if decoder is None:
+            if self._check_bare and self.error is None:
+                probe = b"\r" + data if self._cr else data
+                self._cr = probe.endswith(b"\r")
+                if has_bare_newline(probe[:-1] if self._cr else probe):
+                    self._fail(ContentError.BARE_NEWLINE)
+            events = self._content(data)
+        else:
+            events = self._content(decoder.feed(data))
+            if decoder.bare_newline:
+                self._fail(ContentError.BARE_NEWLINE)
+            if decoder.done:
+                events += self._finish()
+        return [] if self.error is not None or self._discard else events
+
+    def end(self) -> list[ContentEvent]:
+        """BDAT LAST: the content is complete (it may end without CRLF); return the last events."""
+        if self._cr:
+            self._fail(ContentError.BARE_NEWLINE)  # a CR at the very end pairs with nothing
+        events = self._finish()
+        return [] if self.error is not None or self._discard else events
+
+    def _fail(self, error: ContentError) -> None:
+        if self.error is None:
+            self.error = error
+
+    def _content(self, data: bytes) -> list[ContentEvent]:
+        if not data or self.error is not None:
+            return []
+        self.size += len(data)
+        if self.max_size and self.size > self.max_size:
+            self._fail(ContentError.TOO_BIG)
+            return []
+        if self._discard:
+            return []
+        if self._splitter is None:
+            return self._body(data)
+        events, body = self._headers(data)
+        if self.mode is ContentMode.RAW:
+            return self._body(data)
+        if body:
+            events += self._body(body)
+        return events
+
+    def _headers(self, data: bytes) -> tuple[list[ContentEvent], bytes]:
+        """Split header lines off ``data``; return the events and, if the section ended, the body bytes after it."""
+        splitter = self._splitter
+        assert splitter is not None
         buf = self._line + data if self._line else data
-        if not self.size and not self._line:
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0 and self._fits(max(map(len, buf[:end].split(b"\r\n"))) + 2, end + 4):
-                # Every line up to the first empty one fits; the section ends there or earlier.
-                self.done = True
-                return None
+        longest, most = self._longest, self.max_header
+        events: list[ContentEvent] = []
         pos = 0
         while True:
             cut = buf.find(b"\r\n", pos)
@@ -239,21 +355,69 @@ class HeaderLimits:
                 break
             line = buf[pos:cut]
             pos = cut + 2
-            self.size += len(line) + 2
-            if not self._fits(len(line) + 2, self.size):
-                self.done = True
-                return "line" if self._max_line and len(line) + 2 > self._max_line else "size"
-            if not line or not (line[0] in (32, 9) and self._seen_header or _HEADER.match(line)):
-                self.done = True
-                return None
-            self._seen_header = True
+            if longest and len(line) > longest:
+                self._fail(ContentError.LINE_TOO_LONG)
+                return [], b""
+            headers, ended, first = splitter.line(line)
+            if most and splitter.size > most:
+                self._fail(ContentError.HEADER_TOO_BIG)
+                return [], b""
+            events += headers
+            if ended:
+                self._splitter = None
+                self._line = b""
+                events.append(EOH)
+                return events, first + buf[pos:] if first else buf[pos:]
         self._line = line = buf[pos:]
         # The incomplete line will be at least this long (a CR at its end may be the first half of its CRLF).
         pending = len(line) - 1 if line.endswith(b"\r") else len(line)
-        if line and not self._fits(pending + 2, self.size + pending + 2):
-            self.done = True
-            return "line" if self._max_line and pending + 2 > self._max_line else "size"
-        return None
+        if line and longest and pending > longest:
+            self._fail(ContentError.LINE_TOO_LONG)
+        elif line and most and splitter.size + pending + 2 > most:
+            self._fail(ContentError.HEADER_TOO_BIG)
+        return events, b""
+
+    def _body(self, data: bytes) -> list[ContentEvent]:
+        size = self.chunk_size
+        if self.mode is not ContentMode.LINES:
+            return _slices(data, size)  # type: ignore[return-value]
+        # One call per line; a line longer than chunk_size still arrives in chunk_size pieces.
+        data = self._partial + data
+        cut = data.rfind(b"\r\n") + 2
+        lines = [line + b"\r\n" for line in data[: cut - 2].split(b"\r\n")] if cut > 1 else []
+        rest = data[cut:] if cut > 1 else data
+        whole = len(rest) - len(rest) % size
+        self._partial = rest[whole:]
+        return [piece for line in lines + [rest[:whole]] for piece in _slices(line, size)]
+
+    def _finish(self) -> list[ContentEvent]:
+        """The content ended: the last header (and a last line without CRLF), the end of the headers, the rest."""
+        self.done = True
+        if self.error is not None:
+            return []
+        events: list[ContentEvent] = []
+        splitter = self._splitter
+        if splitter is not None:
+            self._splitter = None
+            body = b""
+            if self._line:
+                line, self._line = self._line, b""  # BDAT: a last line without CRLF
+                headers, _, body = splitter.line(line)
+                body = body[:-2]  # the splitter gave it the CRLF the message does not have
+                if self.max_header and splitter.size > self.max_header:
+                    self._fail(ContentError.HEADER_TOO_BIG)
+                    return []
+                events += headers
+            events += splitter.finish()
+            events.append(EOH)
+            if self.mode is ContentMode.RAW:
+                events = []
+            elif body:
+                events += self._body(body)
+        if self._partial:
+            events.append(self._partial)
+            self._partial = b""
+        return events
 
 
 class CountedReader:

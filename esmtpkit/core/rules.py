@@ -1,17 +1,23 @@
-"""The rule book: which verb is legal in which phase, and where a positive reply moves the dialogue.
+"""The rule book: which verb is legal in which phase under which policy, and where a reply moves the dialogue.
 
-Pure core. RFC 5321 §3.3 and §4.1.4 (command order), RFC 3207 §4.2 (STARTTLS forgets HELO/EHLO), RFC 4954 §4
-(AUTH outside transactions), RFC 3030 §2 (BDAT). One table, read top to bottom; pairs not listed get 503 5.5.1.
+Pure core, and the only place these rules live. RFC 5321 §3.3 and §4.1.4 (command order), RFC 3207 §4.2 (STARTTLS
+forgets HELO/EHLO), RFC 4954 §4 (AUTH after EHLO, outside transactions), RFC 3030 §2 (BDAT), RFC 2033 §4.1 (LMTP).
+Two parts: `ADVANCE`, one table read top to bottom (pairs not listed get 503 5.5.1), and `ADMISSION`, the rules
+that also look at the connection (TLS, authentication, LMTP, what EHLO offered); `admit` applies both, in order.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Final, Mapping
+from dataclasses import dataclass
+from typing import Callable, Final, Mapping
 
 from esmtpkit.core.commands import Verb
+from esmtpkit.core.reply import Reply
+from esmtpkit.core.session import Session
 
-__all__ = ["Phase", "ADVANCE", "allowed", "advance", "refusal", "ALWAYS"]
+__all__ = ["Phase", "ADVANCE", "ADMISSION", "Standing", "allowed", "advance", "after_reply", "admit",
+           "effective_verb", "refusal", "ALWAYS", "EXTENSION_VERBS"]
 
 
 class Phase(enum.Enum):
@@ -120,3 +126,101 @@ def rulebook_markdown() -> str:
 def in_transaction(phase: Phase) -> bool:
     """True while a mail transaction is open (MAIL accepted, no end of data or RSET yet)."""
     return phase in _TRANSACTION or phase is Phase.DATA
+
+
+#: Extension verbs: each is an unknown command (the handler's ``unknown``) unless its extension is enabled.
+EXTENSION_VERBS: Final = frozenset((Verb.STARTTLS, Verb.AUTH, Verb.BDAT, Verb.LHLO))
+
+
+def after_reply(phase: Phase, verb: Verb, code: int) -> Phase:
+    """The phase after the reply ``code`` to an admitted ``verb``: `ADVANCE` on 2xx/3xx, else unchanged.
+
+    DATA moves on only with 354 (any other reply leaves the transaction open, RFC 5321 §4.1.1.4).
+    """
+    if code >= 400 or (verb is Verb.DATA and code != 354):
+        return phase
+    return ADVANCE[phase, verb]
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """The server's settings that admission depends on (from the policy, fixed for a connection)."""
+
+    lmtp: bool = False
+    starttls: bool = False  # STARTTLS is configured
+    auth: bool = False  # AUTH has mechanisms to offer
+    require_tls: bool = False  # MAIL needs TLS first (RFC 3207 §4)
+    require_auth: bool = False  # MAIL needs AUTH first (RFC 4954 §6)
+    auth_require_tls: bool = False  # AUTH needs TLS first (RFC 4954 §4, 538)
+    max_transactions: int = 0  # MAIL commands accepted per session; 0 = no limit
+
+
+def effective_verb(verb: Verb, standing: Standing, keywords: frozenset[str]) -> Verb:
+    """The verb as this connection knows it: an extension verb not enabled here is UNKNOWN.
+
+    STARTTLS and AUTH are known whenever configured (a second STARTTLS gets 503, AUTH before TLS 538); BDAT only
+    where the last EHLO offered CHUNKING; LHLO only on an LMTP server.
+    """
+    if verb not in EXTENSION_VERBS:
+        return verb
+    if verb is Verb.BDAT:
+        enabled = "CHUNKING" in keywords
+    elif verb is Verb.STARTTLS:
+        enabled = standing.starttls
+    elif verb is Verb.AUTH:
+        enabled = standing.auth
+    else:
+        enabled = standing.lmtp
+    return verb if enabled else Verb.UNKNOWN
+
+
+# The replies admission gives (RFC 3463 codes).
+NO_SERVICE: Final = Reply(503, ("No service: send QUIT",), "5.5.1")
+LMTP_GREETING: Final = Reply(500, ("This is an LMTP server: use LHLO",), "5.5.1")
+TLS_REQUIRED: Final = Reply(530, ("Must issue a STARTTLS command first",), "5.7.0")
+AUTH_REQUIRED: Final = Reply(530, ("Authentication required",), "5.7.0")
+TOO_MANY_TRANSACTIONS: Final = Reply(421, ("Too many transactions in one session, closing connection",), "4.7.0")
+BINARY_NEEDS_BDAT: Final = Reply(503, ("BODY=BINARYMIME needs BDAT, not DATA",), "5.5.1")
+EHLO_FIRST: Final = Reply(503, ("Send EHLO first",), "5.5.1")
+AUTH_ALREADY_DONE: Final = Reply(503, ("Already authenticated",), "5.5.1")
+AUTH_ENCRYPTION_REQUIRED: Final = Reply(538, ("Encryption required for requested authentication mechanism",),
+                                        "5.7.11")
+TLS_ACTIVE: Final = Reply(503, ("TLS already active",), "5.5.1")
+
+Rule = Callable[[Standing, Session], "Reply | None"]
+
+#: The rules beyond the table, by verb, tried in order once the table allows the verb in its phase. Each looks at
+#: the standing and the session and returns the refusal, or None. (A refused session, where connect() answered
+#: 554, is checked before the table: every verb but QUIT gets `NO_SERVICE`.)
+ADMISSION: Final[Mapping[Verb, tuple[Rule, ...]]] = {
+    # RFC 2033 §4.1: LMTP has LHLO only.
+    Verb.HELO: (lambda st, s: LMTP_GREETING if st.lmtp else None,),
+    Verb.EHLO: (lambda st, s: LMTP_GREETING if st.lmtp else None,),
+    Verb.MAIL: (
+        lambda st, s: TLS_REQUIRED if st.require_tls and not s.tls else None,
+        lambda st, s: AUTH_REQUIRED if st.require_auth and s.authenticated is None else None,
+        lambda st, s: TOO_MANY_TRANSACTIONS if st.max_transactions and s.transactions >= st.max_transactions
+        else None,
+    ),
+    # RFC 3030 §3: binary content cannot be dot-stuffed.
+    Verb.DATA: (lambda st, s: BINARY_NEEDS_BDAT if s.envelope.mail_params.get("BODY") == "BINARYMIME" else None,),
+    Verb.AUTH: (
+        lambda st, s: EHLO_FIRST if not s.esmtp else None,  # the table allows GREETED, which HELO reaches too
+        lambda st, s: AUTH_ALREADY_DONE if s.authenticated is not None else None,
+        lambda st, s: AUTH_ENCRYPTION_REQUIRED if st.auth_require_tls and not s.tls else None,
+    ),
+    Verb.STARTTLS: (lambda st, s: TLS_ACTIVE if s.tls else None,),
+}
+
+
+def admit(phase: Phase, verb: Verb, standing: Standing, session: Session, refused: bool = False) -> Reply | None:
+    """Why ``verb`` may not be run now (the refusal to send), or None if it may."""
+    if refused and verb is not Verb.QUIT:
+        return NO_SERVICE
+    if (phase, verb) not in ADVANCE:
+        return Reply(503, (refusal(phase, verb),), "5.5.1")
+    for rule in ADMISSION.get(verb, ()):
+        reply = rule(standing, session)
+        if reply is not None:
+            return reply
+    return None

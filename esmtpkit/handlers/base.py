@@ -10,6 +10,7 @@ from typing import Any, Final, Mapping
 from zope.interface import implementer
 
 from esmtpkit.core.address import Address
+from esmtpkit.core.content import ContentMode
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.session import Session
 from esmtpkit.server.interfaces import IMessageHandler
@@ -31,10 +32,12 @@ BYE: Final = Reply.of(221, "Closing connection", enhanced="2.0.0")
 class MessageHandler:
     """Carries on an SMTP conversation and keeps nothing; override verbs to make it do something."""
 
-    #: None: headers to header()/eoh(), then raw chunks; True: all content raw; False: one body() call per line.
+    #: How content reaches header()/eoh()/body() (`ContentMode`); None: as ``chunk_mode`` says.
+    content_mode: ContentMode | None = None
+    #: The seed's chunkmode: None means PARSED (the default), True RAW, False LINES.
     chunk_mode: bool | None = None
-    #: Largest chunk passed to body(), in bytes.
-    chunk_size: int = 65536
+    #: Largest chunk passed to body(), in bytes; None: the policy's ``chunk_size``.
+    chunk_size: int | None = None
     #: Set true to close the connection after the current reply.
     disconnect: bool = False
     #: The connection, set by connect().

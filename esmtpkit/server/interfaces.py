@@ -5,26 +5,58 @@ answers the client may return a `Reply`, a ``(code, *lines)`` tuple, a Deferred 
 `SMTPReply`; any other exception becomes ``451 4.3.0`` and is logged, and the session goes on. ``header``, ``eoh``
 and ``body`` answer nothing; they may return a Deferred, during which the connection is paused (backpressure).
 STARTTLS and AUTH are the protocol's own; the handler reads their outcome on the `esmtpkit.core.session.Session`.
+
+Every verb has a default in `esmtpkit.handlers.base.MessageHandler`, so a subclass implements only the verbs it
+cares about. A provider written from scratch must have them all, and the attributes ``content_mode`` (or the
+seed's ``chunk_mode``), ``chunk_size`` and ``disconnect``; LMTP servers may add `ILMTPHandler`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from zope.interface import Attribute, Interface
 
-__all__ = ["IMessageHandler"]
+from esmtpkit.core.content import ContentMode
+
+__all__ = ["IMessageHandler", "ILMTPHandler", "ContentMode", "content_mode_of"]
+
+#: The seed's ``chunk_mode`` values and the content modes they stand for.
+_CHUNK_MODES = {None: ContentMode.PARSED, False: ContentMode.LINES, True: ContentMode.RAW}
+
+
+def content_mode_of(handler: Any) -> ContentMode:
+    """How ``handler`` wants message content: its ``content_mode`` if set, else what its ``chunk_mode`` means."""
+    mode = getattr(handler, "content_mode", None)
+    if mode is not None:
+        return ContentMode(mode)
+    return _CHUNK_MODES.get(getattr(handler, "chunk_mode", None), ContentMode.PARSED)
 
 
 class IMessageHandler(Interface):
     """Decides the reply to every SMTP verb on one connection. One provider is made per connection."""
 
-    chunk_mode = Attribute(
-        "How message content reaches body(). None (the default): header lines are parsed and given to header()/eoh(),"
-        " then the rest arrives in raw chunks of at most chunk_size bytes. True: the whole message, headers included,"
-        " arrives raw through body() (header() and eoh() are not called). False: headers as for None, then one body()"
-        " call per line, CRLF included (a line longer than chunk_size arrives in chunk_size pieces). Read when DATA"
-        " or the first BDAT is accepted."
+    session = Attribute(
+        "The `esmtpkit.core.session.Session` given to connect(), kept for the connection's life (MessageHandler"
+        " keeps it). It is the same object throughout: the envelope, TLS and AUTH state on it change as the"
+        " dialogue goes on."
     )
-    chunk_size = Attribute("The largest chunk passed to body(), in bytes (default 65536). Read at DATA/BDAT time.")
+    content_mode = Attribute(
+        "How message content reaches the handler, a `ContentMode`, read when DATA or the first BDAT is accepted."
+        " PARSED: header lines are unfolded and given to header() one by one, then eoh(), then the rest arrives"
+        " through body() in raw chunks of at most chunk_size bytes. LINES: as PARSED, but one body() call per line,"
+        " CRLF included (a line longer than chunk_size arrives in chunk_size pieces). RAW: the whole message,"
+        " headers included, arrives through body() in raw chunks (header() and eoh() are not called). None (the"
+        " default): decided by chunk_mode."
+    )
+    chunk_mode = Attribute(
+        "The seed's chunkmode, still honoured where content_mode is None: None (the default) means PARSED, True"
+        " RAW and False LINES."
+    )
+    chunk_size = Attribute(
+        "The largest chunk passed to body(), in bytes; None (the default) means the policy's chunk_size (64 KiB"
+        " unless configured). Read at DATA/BDAT time."
+    )
     disconnect = Attribute(
         "When set true, the connection is closed once the reply being written is sent (after the current operation)."
         " By default the connection closes only after QUIT."
@@ -96,8 +128,8 @@ class IMessageHandler(Interface):
         """The end of the message (``.`` alone on a line, or BDAT LAST). Default: ``250 Message accepted for delivery``.
 
         A 2xx reply here promises the client the message is safe with the handler: only give it once it is.
-        In LMTP mode (RFC 2033 §4.2) the client gets one reply per recipient of ``session.envelope.recipients``:
-        return a list with one reply for each, in that order, or a single reply that answers for all.
+        In LMTP mode (RFC 2033 §4.2) the client gets one reply per recipient; this reply answers for all of them,
+        unless the handler provides `ILMTPHandler`.
         """
 
     def abort(reason):  # type: ignore[no-untyped-def]
@@ -122,7 +154,8 @@ class IMessageHandler(Interface):
         """
 
     def help(topic):  # type: ignore[no-untyped-def]
-        """HELP [topic]; ``topic`` is None without an argument. Default: ``214 This is SMTP::Proxy 1.0``."""
+        """HELP [topic]; ``topic`` is None without an argument. Default: ``214 This is SMTP::Proxy 1.0`` (the
+        seed's reply, word for word)."""
 
     def quit():  # type: ignore[no-untyped-def]
         """QUIT. Default: ``221 Closing connection``. The connection is closed after this reply, whatever it is."""
@@ -132,4 +165,15 @@ class IMessageHandler(Interface):
         a TLS context, AUTH without a portal, BDAT where CHUNKING was not offered, LHLO outside LMTP), as received.
 
         Default: ``500 Command unrecognized: <line>``. A handler may implement its own verbs here.
+        """
+
+
+class ILMTPHandler(IMessageHandler):
+    """An LMTP handler that answers each recipient on its own (RFC 2033 §4.2), as a delivery agent must when one
+    mailbox is full and the others are not. Optional: without it, eom()'s one reply answers for every recipient."""
+
+    def eom_per_recipient():  # type: ignore[no-untyped-def]
+        """The end of the message, on an LMTP server: return a sequence with one reply per recipient of
+        ``session.envelope.recipients``, in that order (or a Deferred or coroutine of one). Called instead of eom().
+        A 2xx for a recipient promises that recipient's copy is safe.
         """
