@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from esmtpkit import _moved
 
-__all__ = ["Address", "ESMTPFactory", "ESMTPProtocol", "Envelope", "IMessageHandler", "MessageHandler", "Policy",
+__all__ = ["Address", "ContentMode", "ESMTPFactory", "ESMTPProtocol", "Envelope", "IMessageHandler", "MessageHandler", "Policy",
            "Reply", "SMTPReply", "Session"]
 __version__ = "0.1.0"
 
 _HOMES = {
     "Address": "esmtpkit.core.address",
+    "ContentMode": "esmtpkit.core.content",
     "Reply": "esmtpkit.core.reply",
     "SMTPReply": "esmtpkit.core.reply",
     "Envelope": "esmtpkit.core.session",
@@ -31,6 +32,7 @@ _moved.install()
 
 if TYPE_CHECKING:
     from esmtpkit.core.address import Address
+    from esmtpkit.core.content import ContentMode
     from esmtpkit.core.reply import Reply, SMTPReply
     from esmtpkit.core.session import Envelope, Session
     from esmtpkit.handlers.base import MessageHandler

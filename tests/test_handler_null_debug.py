@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from esmtpkit.handlers import Debug, Null
-from esmtpkit.server.interfaces import IMessageHandler
+from esmtpkit.server.interfaces import ContentMode, IMessageHandler, content_mode_of
 from esmtpkit.testing import Conversation
 
 from .support import HandlerTestCase
@@ -42,7 +42,7 @@ class NullTests(Base):
         talk = self.talk(handler)
         talk.message("a@x.test", ["b@y.test"], b"x" * 5000 + b"\r\n")
         self.assertEqual(set(vars(handler)) - set(before), {"session"})
-        self.assertTrue(Null.chunk_mode)
+        self.assertIs(content_mode_of(Null()), ContentMode.RAW)
 
 
 class DebugTests(Base):

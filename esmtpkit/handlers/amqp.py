@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from esmtpkit.core.address import Address
+from esmtpkit.core.content import ContentMode
 from esmtpkit.core.reply import Reply, SMTPReply
 from esmtpkit.core.session import Session
 from esmtpkit.core.trace import received_header
@@ -555,7 +556,7 @@ class AMQP(MessageHandler):
     embedders) replaces the process-wide shared `Publisher`.
     """
 
-    chunk_mode = True
+    content_mode = ContentMode.RAW
     log = Logger()
 
     def __init__(self, url: str = DEFAULT_URL, queue: str = DEFAULT_QUEUE, confirm_timeout: float | str = 30.0,

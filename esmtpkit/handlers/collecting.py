@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar
 from twisted.internet.defer import Deferred, DeferredQueue, maybeDeferred
 
 from esmtpkit.core.address import Address
+from esmtpkit.core.content import ContentMode
 from esmtpkit.handlers.base import MessageHandler
 
 __all__ = ["Collecting", "Message", "MessageStore"]
@@ -69,7 +70,7 @@ class Collecting(MessageHandler):
     the client gets 451 4.3.0 (or the reply of an `SMTPReply` it raised) and the store does not keep the message.
     """
 
-    chunk_mode = True
+    content_mode = ContentMode.RAW
     #: The store used when none is given, e.g. by ``twistd esmtpkit --handler esmtpkit.handlers.Collecting``.
     shared: ClassVar[MessageStore] = MessageStore()
 

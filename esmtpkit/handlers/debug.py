@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from esmtpkit.core.content import ContentMode
 from esmtpkit.core.escape import escape, escape_lines
 from esmtpkit.handlers.base import MessageHandler
 
@@ -20,7 +21,7 @@ class Debug(MessageHandler):
     held in memory until the final dot (bounded by ``Policy.max_message_size``). A 250 means "logged", not "kept".
     """
 
-    chunk_mode = True
+    content_mode = ContentMode.RAW
     log = Logger()
 
     def __init__(self) -> None:

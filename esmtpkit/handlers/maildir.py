@@ -2,7 +2,7 @@
 
 The delivery protocol is the one the Maildir format defines (cr.yp.to/proto/maildir.html): a file is written under
 a unique name in ``tmp/`` and only a complete, synced file is renamed into ``new/``, so a reader never sees half a
-message. The content streams to disk chunk by chunk (``chunk_mode = True``): memory use stays flat whatever the size.
+message. The content streams to disk chunk by chunk (``content_mode = ContentMode.RAW``): memory use stays flat whatever the size.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 from twisted.logger import Logger
 
+from esmtpkit.core.content import ContentMode
 from esmtpkit.core.reply import Reply, SMTPReply
 from esmtpkit.core.trace import received_header, return_path_header
 from esmtpkit.handlers.base import MessageHandler
@@ -68,7 +69,7 @@ class Maildir(MessageHandler):
     process removes what killed deliveries left in its ``tmp/`` (`clean_tmp`).
     """
 
-    chunk_mode = True
+    content_mode = ContentMode.RAW
     log = Logger()
 
     def __init__(self, path: str = "Maildir") -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from esmtpkit.core.content import ContentMode
 from esmtpkit.core.reply import Reply
 from esmtpkit.handlers.base import MessageHandler
 
@@ -15,11 +16,11 @@ _ACCEPTED = Reply(250, ("Ok: discarded",), "2.0.0")
 class Null(MessageHandler):
     """Answer 250 to every message and throw the content away as it arrives.
 
-    A 250 here promises nothing: the message is gone. Content comes raw (``chunk_mode = True``) so the server
+    A 250 here promises nothing: the message is gone. Content comes raw (``content_mode = ContentMode.RAW``) so the server
     does no header parsing, and ``body`` does no work at all.
     """
 
-    chunk_mode = True
+    content_mode = ContentMode.RAW
 
     def body(self, chunk: bytes) -> None:
         """Drop the chunk."""

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from esmtpkit.core import dsn
 from esmtpkit.core.address import Address
-from esmtpkit.core.content import has_bare_newline
+from esmtpkit.core.content import ContentMode, has_bare_newline
 from esmtpkit.core.escape import escape
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.trace import received_header
@@ -276,7 +276,7 @@ class Relay(MessageHandler):
     ``tls_hostname`` tune certificate checks. ``username``/``password`` log in upstream.
     """
 
-    chunk_mode = True
+    content_mode = ContentMode.RAW
     log = Logger()
 
     def __init__(self, host: str = "127.0.0.1", port: int | str = 25,
