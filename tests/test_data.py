@@ -9,6 +9,8 @@ from esmtpkit.core import content as data_module
 from esmtpkit.core.content import (ContentError, ContentMode, ContentReader, CountedReader, DotDecoder, HeaderEvent,
                                    HeaderSplitter, dot_stuff, has_bare_newline)
 
+from .support import split
+
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 
 #: Content made mostly of the bytes that matter to the decoder, so the interesting cases come up often.
@@ -17,17 +19,6 @@ CONTENT = st.one_of(
     st.lists(st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"..", b"a", b"\r\n.\r\n"]),
              max_size=30).map(b"".join),
 )
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    """``data`` cut at the given offsets (any order, repeats allowed: empty pieces are fed too)."""
-    points = sorted(min(c, len(data)) for c in cuts)
-    pieces, last = [], 0
-    for point in points:
-        pieces.append(data[last:point])
-        last = point
-    pieces.append(data[last:])
-    return pieces
 
 
 def decode(pieces: list[bytes]) -> tuple[bytes, DotDecoder]:
