@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
+        if name in _moved.MOVED:  # esmtpkit.protocol and the like, as attributes: the old names, deprecated
+            return importlib.import_module(f"esmtpkit.{name}")
         raise AttributeError(f"module 'esmtpkit' has no attribute {name!r}")
     value = getattr(importlib.import_module(home), name)
     globals()[name] = value

@@ -34,12 +34,14 @@ class _Alias(importlib.abc.Loader):
     def __init__(self, target: str) -> None:
         self.target = target
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        warnings.warn(f"{spec.name} is deprecated: import {self.target}", DeprecationWarning, stacklevel=2)
-        return importlib.import_module(self.target)
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        """A placeholder module; `exec_module` swaps in the real one."""
+        return None
 
     def exec_module(self, module: ModuleType) -> None:
-        """The module is the one at its new home, already executed."""
+        """Put the module at its new home under the old name too (its own spec untouched, so reload works)."""
+        warnings.warn(f"{module.__name__} is deprecated: import {self.target}", DeprecationWarning, stacklevel=2)
+        sys.modules[module.__name__] = importlib.import_module(self.target)
 
 
 class _Finder(importlib.abc.MetaPathFinder):

@@ -89,26 +89,30 @@ class AdmissionTests(SynchronousTestCase):
         self.assertIs(greeted(require_auth=True).receive(b"MAIL FROM:<>").refusal, rules.AUTH_REQUIRED)
         talk = greeted(max_transactions=1)
         self.assertIsNone(talk.receive(b"MAIL FROM:<>").refusal)
+        self.assertIsNone(talk.admit_parsed(Verb.MAIL))
         talk.mail_accepted("", {}, "id1")
         talk.answered(Verb.MAIL, 250)
         talk.drop_transaction()
-        self.assertIs(talk.receive(b"MAIL FROM:<>").refusal, rules.TOO_MANY_TRANSACTIONS)
+        # The limit is checked once the command is known to be well formed (a malformed one gets its 501).
+        self.assertIsNone(talk.receive(b"MAIL FROM:<>").refusal)
+        self.assertIs(talk.admit_parsed(Verb.MAIL), rules.TOO_MANY_TRANSACTIONS)
 
     def test_binarymime_needs_bdat(self) -> None:
         talk = greeted()
         talk.mail_accepted("", {"BODY": "BINARYMIME"}, "id1")
         talk.answered(Verb.MAIL, 250)
         talk.answered(Verb.RCPT, 250)
-        self.assertIs(talk.receive(b"DATA").refusal, rules.BINARY_NEEDS_BDAT)
+        self.assertIsNone(talk.receive(b"DATA").refusal)
+        self.assertIs(talk.admit_parsed(Verb.DATA), rules.BINARY_NEEDS_BDAT)
         self.assertIsNone(talk.receive(b"BDAT 3 LAST").refusal)
+        self.assertIsNone(talk.admit_parsed(Verb.BDAT))
 
     def test_auth_rules(self) -> None:
         talk = conversation(auth=True)
         talk.answered(Verb.HELO, 250)
         talk.greeted("x", extended=False)
         self.assertIs(talk.receive(b"AUTH PLAIN").refusal, rules.EHLO_FIRST)  # the table allows it after HELO
-        self.assertIs(greeted(auth=True, auth_require_tls=True).receive(b"AUTH PLAIN").refusal,
-                      rules.AUTH_ENCRYPTION_REQUIRED)
+        self.assertIs(greeted(auth=True, auth_require_tls=True).admit_parsed(Verb.AUTH), rules.AUTH_ENCRYPTION_REQUIRED)
         talk = greeted(auth=True)
         talk.session.authenticated = "alice"
         self.assertIs(talk.receive(b"AUTH PLAIN").refusal, rules.AUTH_ALREADY_DONE)
@@ -116,7 +120,28 @@ class AdmissionTests(SynchronousTestCase):
     def test_starttls_once(self) -> None:
         talk = greeted(starttls=True)
         talk.session.tls = True
-        self.assertIs(talk.receive(b"STARTTLS").refusal, rules.TLS_ACTIVE)
+        self.assertIs(talk.admit_parsed(Verb.STARTTLS), rules.TLS_ACTIVE)
+
+
+class ContentModeTests(SynchronousTestCase):
+    def test_most_specific_setting_wins(self) -> None:
+        """A subclass's chunk_mode beats a base class's content_mode (handlers written for the seed's flag)."""
+        from esmtpkit.core.content import ContentMode
+        from esmtpkit.handlers import Collecting
+        from esmtpkit.server.interfaces import content_mode_of
+
+        class Parsed(Collecting):
+            chunk_mode = None
+
+        class Lines(Collecting):
+            chunk_mode = False
+
+        self.assertIs(content_mode_of(Collecting()), ContentMode.RAW)
+        self.assertIs(content_mode_of(Parsed()), ContentMode.PARSED)
+        self.assertIs(content_mode_of(Lines()), ContentMode.LINES)
+        handler = Lines()
+        handler.content_mode = ContentMode.RAW  # on the instance: most specific of all
+        self.assertIs(content_mode_of(handler), ContentMode.RAW)
 
 
 class TransitionTests(SynchronousTestCase):

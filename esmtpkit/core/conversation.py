@@ -77,6 +77,10 @@ class ServerConversation:
             self.penalty = bool(self._junk_limit) and self.junk > self._junk_limit
         return Turn(verb, command, rules.admit(self.phase, verb, self.standing, self.session, self.refused))
 
+    def admit_parsed(self, verb: Verb) -> Reply | None:
+        """The rule book's refusal for a well-formed ``verb`` (``rules.ONCE_PARSED``), or None if it may run."""
+        return rules.admit_parsed(verb, self.standing, self.session)
+
     def answered(self, verb: Verb, code: int) -> None:
         """The reply ``code`` was given to the admitted ``verb``: move the dialogue as the rule book says."""
         if self.phase is not Phase.CLOSED:

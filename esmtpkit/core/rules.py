@@ -2,8 +2,9 @@
 
 Pure core, and the only place these rules live. RFC 5321 §3.3 and §4.1.4 (command order), RFC 3207 §4.2 (STARTTLS
 forgets HELO/EHLO), RFC 4954 §4 (AUTH after EHLO, outside transactions), RFC 3030 §2 (BDAT), RFC 2033 §4.1 (LMTP).
-Two parts: `ADVANCE`, one table read top to bottom (pairs not listed get 503 5.5.1), and `ADMISSION`, the rules
-that also look at the connection (TLS, authentication, LMTP, what EHLO offered); `admit` applies both, in order.
+Three parts: `ADVANCE`, one table read top to bottom (pairs not listed get 503 5.5.1); `ADMISSION`, the rules
+that also look at the connection (TLS, authentication, LMTP), which `admit` applies with the table before a
+command runs; and `ONCE_PARSED`, the rules `admit_parsed` applies once the command's syntax was found good.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from esmtpkit.core.commands import Verb
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.session import Session
 
-__all__ = ["Phase", "ADVANCE", "ADMISSION", "Standing", "allowed", "advance", "after_reply", "admit",
+__all__ = ["Phase", "ADVANCE", "ADMISSION", "ONCE_PARSED", "Standing", "allowed", "advance", "after_reply", "admit",
+           "admit_parsed",
            "effective_verb", "refusal", "ALWAYS", "EXTENSION_VERBS"]
 
 
@@ -199,18 +201,34 @@ ADMISSION: Final[Mapping[Verb, tuple[Rule, ...]]] = {
     Verb.MAIL: (
         lambda st, s: TLS_REQUIRED if st.require_tls and not s.tls else None,
         lambda st, s: AUTH_REQUIRED if st.require_auth and s.authenticated is None else None,
+    ),
+    Verb.AUTH: (
+        lambda st, s: EHLO_FIRST if not s.esmtp else None,  # the table allows GREETED, which HELO reaches too
+        lambda st, s: AUTH_ALREADY_DONE if s.authenticated is not None else None,
+    ),
+}
+
+#: The rules applied once the command's own syntax was found good (a malformed command gets its 501 first, as
+#: Postfix answers): `admit_parsed` tries them, in order, for the verb being run.
+ONCE_PARSED: Final[Mapping[Verb, tuple[Rule, ...]]] = {
+    Verb.MAIL: (
         lambda st, s: TOO_MANY_TRANSACTIONS if st.max_transactions and s.transactions >= st.max_transactions
         else None,
     ),
     # RFC 3030 §3: binary content cannot be dot-stuffed.
     Verb.DATA: (lambda st, s: BINARY_NEEDS_BDAT if s.envelope.mail_params.get("BODY") == "BINARYMIME" else None,),
-    Verb.AUTH: (
-        lambda st, s: EHLO_FIRST if not s.esmtp else None,  # the table allows GREETED, which HELO reaches too
-        lambda st, s: AUTH_ALREADY_DONE if s.authenticated is not None else None,
-        lambda st, s: AUTH_ENCRYPTION_REQUIRED if st.auth_require_tls and not s.tls else None,
-    ),
+    Verb.AUTH: (lambda st, s: AUTH_ENCRYPTION_REQUIRED if st.auth_require_tls and not s.tls else None,),
     Verb.STARTTLS: (lambda st, s: TLS_ACTIVE if s.tls else None,),
 }
+
+
+def admit_parsed(verb: Verb, standing: Standing, session: Session) -> Reply | None:
+    """Why ``verb``, well formed, may still not be run now (see `ONCE_PARSED`), or None."""
+    for rule in ONCE_PARSED.get(verb, ()):
+        reply = rule(standing, session)
+        if reply is not None:
+            return reply
+    return None
 
 
 def admit(phase: Phase, verb: Verb, standing: Standing, session: Session, refused: bool = False) -> Reply | None:

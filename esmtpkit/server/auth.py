@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from esmtpkit.core.commands import Command
+from esmtpkit.core.commands import Command, Verb
 from esmtpkit.core.escape import escape
 from esmtpkit.core.reply import Reply
 from esmtpkit.server import sasl
@@ -37,6 +37,8 @@ class Auth:
 
     def _do_AUTH(self, command: Command) -> "Deferred[Any] | None":
         name, initial = sasl.parse_auth(command.argument)
+        if self._refused_once_parsed(Verb.AUTH):
+            return None
         mechanism = sasl.new_mechanism(name, hostname=self.policy.hostname, authorize=self.policy.auth_authorize,
                                        offered=self._mechanisms)
         if mechanism is None:

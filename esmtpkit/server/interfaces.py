@@ -26,11 +26,19 @@ _CHUNK_MODES = {None: ContentMode.PARSED, False: ContentMode.LINES, True: Conten
 
 
 def content_mode_of(handler: Any) -> ContentMode:
-    """How ``handler`` wants message content: its ``content_mode`` if set, else what its ``chunk_mode`` means."""
-    mode = getattr(handler, "content_mode", None)
-    if mode is not None:
-        return ContentMode(mode)
-    return _CHUNK_MODES.get(getattr(handler, "chunk_mode", None), ContentMode.PARSED)
+    """How ``handler`` wants message content: ``content_mode``, or what the seed's ``chunk_mode`` means.
+
+    Whichever of the two the most specific place sets wins (the instance, then its class, then each base class in
+    turn), so a subclass that sets ``chunk_mode`` keeps it even where a base class set ``content_mode``.
+    """
+    places = [getattr(handler, "__dict__", {})] + [vars(cls) for cls in type(handler).__mro__]
+    for place in places:
+        mode = place.get("content_mode")
+        if mode is not None:
+            return ContentMode(mode)
+        if "chunk_mode" in place:
+            return _CHUNK_MODES.get(place["chunk_mode"], ContentMode.PARSED)
+    return ContentMode.PARSED
 
 
 class IMessageHandler(Interface):

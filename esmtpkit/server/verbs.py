@@ -76,6 +76,13 @@ class Verbs:
 
         return self._call(getattr(self.handler, method), args, then)
 
+    def _refused_once_parsed(self, verb: Verb) -> bool:
+        """Send the rule book's refusal of the well-formed ``verb``, if it has one (``rules.ONCE_PARSED``)."""
+        refusal = self.conversation.admit_parsed(verb)
+        if refusal is not None:
+            self.send(refusal)
+        return refusal is not None
+
     def _no_argument(self, command: Command) -> None:
         if command.argument:
             raise CommandError(Reply(501, (f"Syntax: {command.verb.value}",), "5.5.4"))
@@ -189,6 +196,8 @@ class Verbs:
         if limit and params.get("SIZE", 0) > limit:
             self.send(TOO_BIG)
             return None
+        if self._refused_once_parsed(Verb.MAIL):
+            return None
 
         def after(reply: Reply) -> None:
             if reply.is_positive:
@@ -218,6 +227,8 @@ class Verbs:
 
     def _do_DATA(self, command: Command) -> "Deferred[Any] | None":
         self._no_argument(command)
+        if self._refused_once_parsed(Verb.DATA):
+            return None
 
         def after(reply: Reply) -> None:
             self.send(reply)
@@ -266,6 +277,8 @@ class Verbs:
 
     def _do_STARTTLS(self, command: Command) -> None:
         self._no_argument(command)
+        if self._refused_once_parsed(Verb.STARTTLS):
+            return None
         if not ITLSTransport.providedBy(self.transport):
             self.send(TLS_UNAVAILABLE)
             return None
