@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from esmtpkit.server.sasl import MECHANISMS
+from esmtpkit.core.mechanisms import DEFAULT_ORDER, NAMES
 
 __all__ = ["Policy"]
 
@@ -86,7 +86,7 @@ class Policy:
     #: AUTH (RFC 4954): a twisted.cred Portal (see `esmtpkit.server.sasl.build_portal`); None: AUTH is not offered.
     portal: Any = field(default=None, compare=False)
     #: SASL mechanisms to offer, in order, among those the portal's checkers can verify.
-    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")
+    auth_mechanisms: tuple[str, ...] = DEFAULT_ORDER
     #: Offer and accept AUTH only over TLS (RFC 4954 §4: 538 5.7.11 otherwise).
     auth_require_tls: bool = True
     #: MAIL before a successful AUTH gets 530 5.7.0 (a submission server, RFC 6409).
@@ -106,8 +106,6 @@ class Policy:
     auth_failure_delay: float = 2.0
     #: Failures of an address or user name answered without delay before ``auth_failure_delay`` applies.
     auth_delay_after: int = 3
-    #: Extra keyword arguments kept for extensions configured elsewhere (TLS, AUTH, ...).
-    extras: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.bare_newline not in ("reject", "allow"):
@@ -129,12 +127,8 @@ class Policy:
         names = self.auth_mechanisms.replace(",", " ").split() if isinstance(self.auth_mechanisms, str) \
             else self.auth_mechanisms
         object.__setattr__(self, "auth_mechanisms", tuple(m.upper() for m in names))
-        unknown = [m for m in self.auth_mechanisms if m not in MECHANISMS]
+        unknown = [m for m in self.auth_mechanisms if m not in NAMES]
         if unknown:
-            raise ValueError(f"unknown AUTH mechanism(s) {', '.join(unknown)}; known: {', '.join(MECHANISMS)}")
+            raise ValueError(f"unknown AUTH mechanism(s) {', '.join(unknown)}; known: {', '.join(NAMES)}")
         if self.require_auth and self.portal is None:
             raise ValueError("require_auth needs a portal (no client could ever authenticate)")
-
-    def with_(self, **changes: Any) -> "Policy":
-        """A copy with some fields changed."""
-        return replace(self, **changes)

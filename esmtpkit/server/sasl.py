@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from esmtpkit.core.commands import CommandError
+from esmtpkit.core.mechanisms import CRAM_MD5, DEFAULT_ORDER, LOGIN, PLAIN
 from esmtpkit.core.reply import Reply, SMTPReply
 
 __all__ = [
@@ -182,7 +183,7 @@ class Plain(Mechanism):
     An authzid other than the authcid is refused (535) unless ``authorize(authcid, authzid)`` allows it.
     """
 
-    name = "PLAIN"
+    name = PLAIN
 
     def begin(self, data: bytes | None) -> Step:
         if data is None:
@@ -209,7 +210,7 @@ class Login(Mechanism):
     An initial response, when sent, is the user name.
     """
 
-    name = "LOGIN"
+    name = LOGIN
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -243,7 +244,7 @@ class CramMD5(Mechanism):
     ``nonce`` makes the unique part of the challenge (tests pass a fixed one).
     """
 
-    name = "CRAM-MD5"
+    name = CRAM_MD5
     credentials_class = CramMD5Credentials
     plaintext = False
 
@@ -266,11 +267,9 @@ class CramMD5(Mechanism):
         return Ready(self.name, self._credentials)
 
 
-#: Every mechanism esmtpkit implements, by name.
+#: Every mechanism esmtpkit implements, by name: `esmtpkit.core.mechanisms.NAMES`, in that order. The default
+#: order they are offered in, ``DEFAULT_ORDER``, is `esmtpkit.core.mechanisms.DEFAULT_ORDER` (the same object).
 MECHANISMS: Final[Mapping[str, type[Mechanism]]] = {m.name: m for m in (Plain, Login, CramMD5)}
-
-#: The order mechanisms are listed in the EHLO reply.
-DEFAULT_ORDER: Final = ("PLAIN", "LOGIN", "CRAM-MD5")
 
 #: Credential interfaces our mechanisms produce (for ``AuthOptionMixin.supportedInterfaces`` in twistd options).
 SUPPORTED_INTERFACES: Final = (IUsernamePassword, IUsernameHashedPassword)
