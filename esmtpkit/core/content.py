@@ -334,12 +334,27 @@ class ContentReader:
             return []
         if self._splitter is None:
             return self._body(data)
-        events, body = self._headers(data)
         if self.mode is ContentMode.RAW:
+            if not self._section_fits(data):
+                self._headers(data)  # for the limits only: RAW content is passed on as it came
             return self._body(data)
+        events, body = self._headers(data)
         if body:
             events += self._body(body)
         return events
+
+    def _section_fits(self, data: bytes) -> bool:
+        """RAW's usual case, in one search and one split: the first piece holds an empty line, and every line
+        before it fits the limits (the section ends there or earlier, so no limit can be broken)."""
+        if self._line or self._splitter.size:  # type: ignore[union-attr]
+            return False
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or (self.max_header and end + 4 > self.max_header):
+            return False
+        if self._longest and max(map(len, data[:end].split(b"\r\n"))) > self._longest:
+            return False
+        self._splitter = None
+        return True
 
     def _headers(self, data: bytes) -> tuple[list[ContentEvent], bytes]:
         """Split header lines off ``data``; return the events and, if the section ended, the body bytes after it."""

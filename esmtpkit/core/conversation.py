@@ -7,7 +7,8 @@ the edge around it: it reads and writes bytes, runs timers, calls the handler an
 
 from __future__ import annotations
 
-from typing import Any, Final
+from functools import lru_cache
+from typing import Any, Final, Mapping
 
 from esmtpkit.core import rules
 from esmtpkit.core.address import Address
@@ -24,6 +25,12 @@ LINE_TOO_LONG: Final = Reply(500, ("Line too long",), "5.5.2")
 #: limit in a session without a delivered message, each counts as an error.
 JUNK: Final = frozenset((Verb.NOOP, Verb.RSET, Verb.VRFY, Verb.EXPN, Verb.HELP, Verb.HELO, Verb.EHLO, Verb.LHLO))
 _NO_KEYWORDS: Final[frozenset[str]] = frozenset()
+
+
+@lru_cache(maxsize=16)
+def _line_limits(base: int) -> Mapping[Verb, int]:
+    """The longest command line of each verb for a base limit (one table shared by every connection)."""
+    return {verb: line_limit(verb, base) for verb in Verb}
 
 
 class Turn:
@@ -47,7 +54,7 @@ class ServerConversation:
     """
 
     __slots__ = ("phase", "session", "standing", "keywords", "refused", "junk", "penalty", "_junk_limit",
-                 "_max_command")
+                 "_line_limits")
 
     def __init__(self, session: Session, standing: Standing = Standing(), max_command_length: int = BASE_LINE_LIMIT,
                  junk_limit: int = 0) -> None:
@@ -59,7 +66,7 @@ class ServerConversation:
         self.junk = 0  # junk commands since the session began or last delivered a message
         self.penalty = False  # the reply being made counts as an error whatever its code (a junk command too many)
         self._junk_limit = junk_limit
-        self._max_command = max_command_length
+        self._line_limits = _line_limits(max_command_length)
 
     # ---- commands ---------------------------------------------------------------------------------------------
 
@@ -69,12 +76,16 @@ class ServerConversation:
             command = parse_command(raw)
         except CommandError as e:
             return Turn(Verb.UNKNOWN, None, e.reply)
-        verb = rules.effective_verb(command.verb, self.standing, self.keywords)
-        if len(raw) > line_limit(verb, self._max_command):
+        verb = command.verb
+        if verb in rules.EXTENSION_VERBS:
+            verb = rules.effective_verb(verb, self.standing, self.keywords)
+        if len(raw) > self._line_limits[verb]:
             return Turn(verb, command, LINE_TOO_LONG)
         if verb in JUNK and not self.refused:
             self.junk += 1
             self.penalty = bool(self._junk_limit) and self.junk > self._junk_limit
+        if (self.phase, verb) in rules.ADVANCE and verb not in rules.ADMISSION and not self.refused:
+            return Turn(verb, command, None)  # the usual case, decided by the table alone
         return Turn(verb, command, rules.admit(self.phase, verb, self.standing, self.session, self.refused))
 
     def admit_parsed(self, verb: Verb) -> Reply | None:

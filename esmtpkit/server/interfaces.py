@@ -13,6 +13,7 @@ seed's ``chunk_mode``), ``chunk_size`` and ``disconnect``; LMTP servers may add 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from zope.interface import Attribute, Interface
@@ -31,7 +32,22 @@ def content_mode_of(handler: Any) -> ContentMode:
     Whichever of the two the most specific place sets wins (the instance, then its class, then each base class in
     turn), so a subclass that sets ``chunk_mode`` keeps it even where a base class set ``content_mode``.
     """
-    places = [getattr(handler, "__dict__", {})] + [vars(cls) for cls in type(handler).__mro__]
+    own = getattr(handler, "__dict__", None)
+    if own and ("content_mode" in own or "chunk_mode" in own):
+        return _mode_in((own, *(vars(cls) for cls in type(handler).__mro__)))
+    kind = type(handler)
+    mode = _BY_CLASS.get(kind)
+    if mode is None:
+        mode = _BY_CLASS[kind] = _mode_in([vars(cls) for cls in kind.__mro__])
+    return mode
+
+
+#: Each handler class's content mode, worked out once (it is asked for every message; class attributes are read
+#: the first time, an instance's own are read every time).
+_BY_CLASS: "weakref.WeakKeyDictionary[type, ContentMode]" = weakref.WeakKeyDictionary()
+
+
+def _mode_in(places: Any) -> ContentMode:
     for place in places:
         mode = place.get("content_mode")
         if mode is not None:

@@ -10,6 +10,7 @@ handler calls in order in `esmtpkit.server.steps`, and when reading pauses in `e
 from __future__ import annotations
 
 import time
+import weakref
 from functools import lru_cache
 from typing import Any, Callable, Final
 
@@ -59,8 +60,23 @@ def _longest_command(base: int, auth: bool) -> int:
     return max(line_limit(verb, base) for verb in Verb if verb is not Verb.AUTH or auth)
 
 
+#: The admission settings of the policies in use, by identity (equal policies may differ in their TLS context).
+_STANDINGS: dict[int, dict[bool, Standing]] = {}
+
+
 def _standing(policy: Policy, auth: bool) -> Standing:
-    """The admission settings of ``policy`` (not cached by policy: equal policies may differ in their TLS context)."""
+    """The admission settings of ``policy``, one object shared by all its connections."""
+    known = _STANDINGS.get(id(policy))
+    if known is None:
+        known = _STANDINGS[id(policy)] = {}
+        weakref.finalize(policy, _STANDINGS.pop, id(policy), None)
+    standing = known.get(auth)
+    if standing is None:
+        standing = known[auth] = _new_standing(policy, auth)
+    return standing
+
+
+def _new_standing(policy: Policy, auth: bool) -> Standing:
     return Standing(lmtp=policy.lmtp, starttls=policy.tls_context is not None, auth=auth,
                     require_tls=policy.require_tls, require_auth=policy.require_auth,
                     auth_require_tls=policy.auth_require_tls, max_transactions=policy.max_transactions)
@@ -84,7 +100,7 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
                  "_mail_at", "_admitted", "_close_reason", "_todo", "_waiting", "_reprocess", "_unread",
                  "_skipping_line", "_skip_cr", "_message", "_timer", "_pregreet", "_early_talker", "_closing",
                  "_chunk", "_sasl", "_identity", "_mechanisms", "_command_limit", "_write_blocked", "_producing",
-                 "_delay", "_auth_attempt")
+                 "_delay", "_auth_attempt", "_gone")
 
     def __init__(self, handler: IMessageHandler, policy: Policy | None = None,
                  clock: IReactorTime | None = None, monitor: Monitor | None = None) -> None:
@@ -110,6 +126,7 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         self.session = Session(hostname=p.hostname, lmtp=p.lmtp)
         self.conversation = ServerConversation(self.session, _standing(p, bool(self._mechanisms)),
                                                p.max_command_length, p.junk_command_limit)
+        self._gone = False
         self.errors = 0
         # The step queue, kept in reverse (the next step is last): taking a step is O(1) however many one read
         # brings (one per line for a LINES handler), and an empty list is 700 bytes smaller than a deque.
@@ -138,9 +155,10 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         """Where the dialogue stands (the conversation's phase; only the rule book moves it)."""
         return self.conversation.phase
 
-    @property
-    def _gone(self) -> bool:
-        return self.conversation.phase is Phase.CLOSED
+    def _end_dialogue(self) -> None:
+        """The conversation is over; ``_gone`` mirrors it (read on every step, so it is a plain attribute)."""
+        self.conversation.close()
+        self._gone = True
 
     # ---- connection life ---------------------------------------------------------------------------------------
 
@@ -160,7 +178,7 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         refusal = admit(self) if admit is not None else None
         if refusal is not None:
             self.transport.write(refusal.render())
-            self.conversation.close()
+            self._end_dialogue()
             self.transport.loseConnection()
             self.monitor.connection_refused(session, refusal)
             return
@@ -181,7 +199,7 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
             self._pregreet = None
             if not self._gone:
                 self._abort("connection lost")
-            self.conversation.close()
+            self._end_dialogue()
             self._todo.clear()
             delay, self._delay = self._delay, None
             if delay is not None:
@@ -327,7 +345,7 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
             return
         self._close_reason = self._close_reason or reason
         self._abort(self._close_reason)
-        self.conversation.close()
+        self._end_dialogue()
         self._cancel_timer()
         self._todo.clear()
         self._stop_producing()  # a transport with a producer registered never finishes closing
