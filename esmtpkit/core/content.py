@@ -258,7 +258,7 @@ class ContentReader:
     """
 
     __slots__ = ("mode", "chunk_size", "max_size", "max_header", "_longest", "decoder", "error", "size", "done",
-                 "_splitter", "_line", "_partial", "_check_bare", "_cr", "_discard")
+                 "_splitter", "_line", "_partial", "_check_bare", "_cr", "_discard", "_raw_first")
 
     def __init__(self, mode: ContentMode = ContentMode.PARSED, chunk_size: int = 65536, *, dotted: bool = True,
                  max_size: int = 0, max_line: int = 0, max_header: int = 0, check_bare: bool = True) -> None:
@@ -271,9 +271,11 @@ class ContentReader:
         self.error: ContentError | None = None
         self.size = 0  # decoded content octets so far
         self.done = False
-        # RAW content is passed on as it comes: its header section is read only to apply the limits, if any.
-        limited = mode is not ContentMode.RAW or max_line or max_header
-        self._splitter: HeaderSplitter | None = HeaderSplitter() if limited else None
+        # RAW content is passed on as it comes: its header section is read only to apply the limits, if any, and
+        # then only if the first piece does not settle them at once (``_raw_first``).
+        raw = mode is ContentMode.RAW
+        self._splitter: HeaderSplitter | None = None if raw else HeaderSplitter()
+        self._raw_first = raw and bool(max_line or max_header)
         self._line = b""  # the header section's incomplete last line
         self._partial = b""  # LINES: the body's incomplete last line
         self._check_bare = check_bare and not dotted  # BDAT: the CR/LF scan is ours (the decoder does DATA's)
@@ -288,7 +290,7 @@ class ContentReader:
     @property
     def in_headers(self) -> bool:
         """True while the header section is being read (for RAW without limits it is never read)."""
-        return self._splitter is not None
+        return self._splitter is not None or self._raw_first
 
     def discard(self) -> None:
         """Return no more events (the transaction failed elsewhere); DATA is still read to its end."""
@@ -332,11 +334,14 @@ class ContentReader:
             return []
         if self._discard:
             return []
+        if self._raw_first:
+            self._raw_first = False
+            if not self._section_fits(data):
+                self._splitter = HeaderSplitter()  # read the section for its limits, piece by piece
         if self._splitter is None:
             return self._body(data)
         if self.mode is ContentMode.RAW:
-            if not self._section_fits(data):
-                self._headers(data)  # for the limits only: RAW content is passed on as it came
+            self._headers(data)  # for the limits only: RAW content is passed on as it came
             return self._body(data)
         events, body = self._headers(data)
         if body:
@@ -346,15 +351,10 @@ class ContentReader:
     def _section_fits(self, data: bytes) -> bool:
         """RAW's usual case, in one search and one split: the first piece holds an empty line, and every line
         before it fits the limits (the section ends there or earlier, so no limit can be broken)."""
-        if self._line or self._splitter.size:  # type: ignore[union-attr]
-            return False
         end = data.find(b"\r\n\r\n")
         if end < 0 or (self.max_header and end + 4 > self.max_header):
             return False
-        if self._longest and max(map(len, data[:end].split(b"\r\n"))) > self._longest:
-            return False
-        self._splitter = None
-        return True
+        return not self._longest or max(map(len, data[:end].split(b"\r\n"))) <= self._longest
 
     def _headers(self, data: bytes) -> tuple[list[ContentEvent], bytes]:
         """Split header lines off ``data``; return the events and, if the section ended, the body bytes after it."""
