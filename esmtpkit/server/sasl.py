@@ -29,6 +29,8 @@ from zope.interface import Interface, implementer
 from esmtpkit.core.commands import CommandError
 from esmtpkit.core.mechanisms import CRAM_MD5, DEFAULT_ORDER, LOGIN, PLAIN
 from esmtpkit.core.reply import Reply, SMTPReply
+# The refusals that decide whether AUTH may run at all belong to the rule book; they are re-exported here.
+from esmtpkit.core.rules import AUTH_ALREADY_DONE, AUTH_ENCRYPTION_REQUIRED, AUTH_REQUIRED
 
 __all__ = [
     "AUTH_SUCCEEDED", "AUTH_FAILED", "AUTH_ENCRYPTION_REQUIRED", "AUTH_REQUIRED", "AUTH_MECHANISM_UNKNOWN",
@@ -45,11 +47,7 @@ log = Logger()
 
 AUTH_SUCCEEDED: Final = Reply(235, ("Authentication successful",), "2.7.0")
 AUTH_FAILED: Final = Reply(535, ("Authentication credentials invalid",), "5.7.8")
-AUTH_ENCRYPTION_REQUIRED: Final = Reply(538, ("Encryption required for requested authentication mechanism",),
-                                        "5.7.11")
-AUTH_REQUIRED: Final = Reply(530, ("Authentication required",), "5.7.0")
 AUTH_MECHANISM_UNKNOWN: Final = Reply(504, ("Unrecognized authentication type",), "5.5.4")
-AUTH_ALREADY_DONE: Final = Reply(503, ("Already authenticated",), "5.5.1")
 AUTH_CANCELLED: Final = Reply(501, ("Authentication cancelled",), "5.7.0")
 AUTH_BAD_BASE64: Final = Reply(501, ("Invalid base64 data",), "5.5.2")
 AUTH_MALFORMED: Final = Reply(501, ("Malformed authentication response",), "5.5.2")
