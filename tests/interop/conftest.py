@@ -28,8 +28,9 @@ HOSTNAME = "mx.test"
 #: How long a client or a delivery may take before the test fails (a bound, not an expectation).
 CLIENT_TIMEOUT = 60.0
 
-# Maildir file names are <seconds>.M<micro>P<pid>Q<delivery>R<random>.<host>; Q counts deliveries in one process.
-_DELIVERY_NUMBER = re.compile(r"\.M\d+P\d+Q(\d+)R")
+# Maildir file names are <seconds>.M<micro>P<pid>Q<delivery>I<message id>.<host> (R<random> without an id); Q counts
+# deliveries in one process, so it orders them (the microseconds are not zero-padded and do not sort as text).
+_DELIVERY_NUMBER = re.compile(r"\.M\d+P\d+Q(\d+)[RI]")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
