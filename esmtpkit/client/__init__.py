@@ -1,0 +1,1 @@
+"""esmtpkit's ESMTP/LMTP client: sessions, MX routes and delivery to a domain's mail exchangers."""

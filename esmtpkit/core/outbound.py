@@ -1,0 +1,194 @@
+"""The outbound side's shared vocabulary: a message to pass on, its recipients, and what became of each.
+
+The queue stores these, the client sends them and the bounce writer reports on them, so they are plain data with
+a JSON form (`Message.to_json` / `Message.from_json`) and no Twisted.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+from esmtpkit.core.reply import Reply
+
+__all__ = ["Status", "Outcome", "Recipient", "Message", "domain_of"]
+
+
+class Status(enum.StrEnum):
+    """Where one recipient stands: still to deliver, delivered (a 2xx after the data), or failed for good."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one delivery attempt said about one recipient: the reply (ours or the remote's) and who gave it.
+
+    ``remote`` names the host that answered (``mx.example.net[192.0.2.1]``), or is "" when the answer is ours
+    (no route, connection refused, timeout): RFC 3464's Remote-MTA and Diagnostic-Code come from it.
+    """
+
+    code: int
+    enhanced: str
+    text: str
+    remote: str = ""
+
+    @classmethod
+    def of(cls, reply: Reply, remote: str = "") -> "Outcome":
+        """The outcome a reply gives; its enhanced code, or the usual one for its basic code."""
+        enhanced = reply.enhanced or f"{reply.code // 100}.0.0"
+        return cls(reply.code, enhanced, " ".join(line for line in reply.lines if line), remote)
+
+    @classmethod
+    def local(cls, code: int, enhanced: str, text: str) -> "Outcome":
+        """An outcome decided here, with no remote reply (``4.4.1`` no answer, ``5.1.10`` null MX, ...)."""
+        return cls(code, enhanced, text, "")
+
+    @property
+    def delivered(self) -> bool:
+        return self.code < 400
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def to_json(self) -> list[Any]:
+        return [self.code, self.enhanced, self.text, self.remote]
+
+    @classmethod
+    def from_json(cls, data: list[Any]) -> "Outcome":
+        code, enhanced, text, remote = data
+        return cls(int(code), str(enhanced), str(text), str(remote))
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}".rstrip()
+
+
+def domain_of(address: str) -> str:
+    """The domain part of a mailbox, lower-cased (``"<@>"``-free text as the envelope holds it)."""
+    return address.rpartition("@")[2].lower()
+
+
+@dataclass
+class Recipient:
+    """One envelope recipient on its way out, with its DSN parameters (RFC 3461) and where it stands.
+
+    ``notify`` is None when the client gave no NOTIFY (then failures and delays are reported), else a tuple of
+    ``"SUCCESS"``, ``"FAILURE"``, ``"DELAY"`` or just ``("NEVER",)``. ``orcpt`` is ORCPT as received
+    (``"rfc822;user@example.org"``, xtext-encoded). ``outcome`` is the latest attempt's; ``reported`` is True once
+    a DSN covering its final status (or a delay notice, for ``delay_reported``) has been queued.
+    """
+
+    address: str
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+    status: Status = Status.PENDING
+    outcome: Outcome | None = None
+    reported: bool = False
+    delay_reported: bool = False
+
+    @property
+    def domain(self) -> str:
+        return domain_of(self.address)
+
+    def wants(self, event: str) -> bool:
+        """Whether a DSN for ``event`` ("SUCCESS", "FAILURE" or "DELAY") is wanted (RFC 3461 §4.1 defaults)."""
+        if self.notify is None:
+            return event in ("FAILURE", "DELAY")
+        return event in self.notify
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"address": self.address, "status": self.status.value}
+        if self.notify is not None:
+            data["notify"] = list(self.notify)
+        if self.orcpt is not None:
+            data["orcpt"] = self.orcpt
+        if self.outcome is not None:
+            data["outcome"] = self.outcome.to_json()
+        if self.reported:
+            data["reported"] = True
+        if self.delay_reported:
+            data["delay_reported"] = True
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Recipient":
+        notify = data.get("notify")
+        outcome = data.get("outcome")
+        return cls(str(data["address"]), tuple(notify) if notify is not None else None, data.get("orcpt"),
+                   Status(data.get("status", "pending")), Outcome.from_json(outcome) if outcome else None,
+                   bool(data.get("reported")), bool(data.get("delay_reported")))
+
+
+@dataclass
+class Message:
+    """A message on its way out: the envelope as the client gave it, and the state of its delivery.
+
+    ``sender`` is "" for the null reverse-path (a bounce: never bounced itself). ``body`` is None (7BIT),
+    ``"8BITMIME"`` or ``"BINARYMIME"``; ``ret`` is None, ``"FULL"`` or ``"HDRS"``; ``envid`` is ENVID decoded.
+    ``size`` is the content's length in octets. Times are seconds since the epoch: ``arrived`` when it was
+    accepted, ``next_attempt`` when the runner should try again. ``received_from`` describes the client for the
+    DSN's Received-From-MTA (``"dns; client.example (192.0.2.7)"``), ``""`` for mail made here.
+    """
+
+    id: str
+    sender: str
+    recipients: list[Recipient]
+    size: int = 0
+    body: str | None = None
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    arrived: float = 0.0
+    next_attempt: float = 0.0
+    attempts: int = 0
+    held: bool = False
+    received_from: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> list[int]:
+        """Indexes of the recipients still to deliver."""
+        return [i for i, r in enumerate(self.recipients) if r.status is Status.PENDING]
+
+    @property
+    def done(self) -> bool:
+        """True when no recipient is pending (every one delivered or failed)."""
+        return all(r.status is not Status.PENDING for r in self.recipients)
+
+    def by_domain(self, indexes: Iterable[int] | None = None) -> dict[str, list[int]]:
+        """Pending recipient indexes grouped by domain, in first-seen order (one delivery per domain)."""
+        groups: dict[str, list[int]] = {}
+        for i in (self.pending if indexes is None else indexes):
+            groups.setdefault(self.recipients[i].domain, []).append(i)
+        return groups
+
+    def copy(self) -> "Message":
+        return replace(self, recipients=[replace(r) for r in self.recipients], extra=dict(self.extra))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "sender": self.sender, "recipients": [r.to_json() for r in self.recipients],
+            "size": self.size, "body": self.body, "smtputf8": self.smtputf8, "ret": self.ret, "envid": self.envid,
+            "arrived": self.arrived, "next_attempt": self.next_attempt, "attempts": self.attempts,
+            "held": self.held, "received_from": self.received_from, "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Message":
+        return cls(
+            id=str(data["id"]), sender=str(data["sender"]),
+            recipients=[Recipient.from_json(r) for r in data["recipients"]], size=int(data.get("size", 0)),
+            body=data.get("body"), smtputf8=bool(data.get("smtputf8")), ret=data.get("ret"),
+            envid=data.get("envid"), arrived=float(data.get("arrived", 0.0)),
+            next_attempt=float(data.get("next_attempt", 0.0)), attempts=int(data.get("attempts", 0)),
+            held=bool(data.get("held")), received_from=str(data.get("received_from", "")),
+            extra=dict(data.get("extra") or {}),
+        )
