@@ -72,8 +72,9 @@ class Outcome:
 
 
 def domain_of(address: str) -> str:
-    """The domain part of a mailbox, lower-cased (``"<@>"``-free text as the envelope holds it)."""
-    return address.rpartition("@")[2].lower()
+    """The domain part of a mailbox as the envelope holds it, lower-cased; "" for a bare local part."""
+    local, at, domain = address.rpartition("@")
+    return domain.lower() if at else ""
 
 
 @dataclass
