@@ -21,9 +21,10 @@ from twisted.python.failure import Failure
 
 from esmtpkit.core import dsn
 from esmtpkit.core.address import Address
-from esmtpkit.core.content import ContentMode, has_bare_newline
+from esmtpkit.core.content import ContentMode
 from esmtpkit.core.escape import escape
 from esmtpkit.core.reply import Reply
+from esmtpkit.core.stuffing import DotStuffer
 from esmtpkit.core.trace import received_header
 from esmtpkit.handlers.base import MessageHandler
 from esmtpkit.handlers.settings import flag
@@ -35,8 +36,6 @@ DEFAULT_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 _TLS_MODES = ("none", "starttls", "implicit")
 _ENHANCED_PREFIX = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} +")
-#: A line end as a lenient reader might see one: CRLF, or a bare CR, or a bare LF.
-_LINE_END = re.compile(rb"\r\n?|\n")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -45,54 +44,6 @@ def parse_networks(networks: str | Iterable[str]) -> tuple[Network, ...]:
     """Networks from CIDR texts (a comma/space separated string or an iterable); ValueError on a bad one."""
     items = re.split(r"[,\s]+", networks) if isinstance(networks, str) else list(networks)
     return tuple(ipaddress.ip_network(str(item).strip(), strict=False) for item in items if str(item).strip())
-
-
-class DotStuffer:
-    """Encode content for DATA chunk by chunk: CRLF line ends, dot-stuffing (RFC 5321 §2.3.8, §4.5.2).
-
-    Every bare CR and bare LF becomes CRLF, so no octet sequence a lenient next hop could read as a line end is
-    left to end the data early (SMTP smuggling), and `finish` closes the data with CRLF before the dot so a strict
-    one never waits. Any chunk split gives the same bytes; nothing is held back (a CR ending a chunk is sent at
-    once and completed by the next chunk or by `finish`).
-    """
-
-    def __init__(self) -> None:
-        self._line_start = True
-        self._after_cr = False
-
-    def __call__(self, chunk: bytes) -> bytes:
-        """The encoded form of the next ``chunk`` of content."""
-        head = b""
-        if self._after_cr and chunk:
-            head = b"\n"  # completes the CR sent last time, as CRLF or as a bare CR made CRLF
-            self._after_cr = False
-            self._line_start = True
-            if chunk[:1] == b"\n":
-                chunk = chunk[1:]
-        tail = b""
-        if chunk.endswith(b"\r"):
-            tail = b"\r"  # an LF may follow in the next chunk: its CRLF is completed then, or by finish()
-            self._after_cr = True
-            chunk = chunk[:-1]
-        if chunk:
-            if has_bare_newline(chunk):
-                chunk = _LINE_END.sub(b"\r\n", chunk)
-            chunk = chunk.replace(b"\r\n.", b"\r\n..")
-            if self._line_start and chunk[:1] == b".":
-                chunk = b"." + chunk
-            self._line_start = chunk.endswith(b"\r\n")
-        return head + chunk + tail if head or tail else chunk
-
-    def finish(self) -> bytes:
-        """The bytes that end the data: what completes the last line, then the ``.`` line (RFC 5321 §4.1.1.4)."""
-        if self._after_cr:
-            tail = b"\n"
-        elif self._line_start:
-            tail = b""
-        else:
-            tail = b"\r\n"
-        self._line_start, self._after_cr = True, False
-        return tail + b".\r\n"
 
 
 class UpstreamError(Exception):
