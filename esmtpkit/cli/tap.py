@@ -454,7 +454,8 @@ def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
     accepts = _parameters(cls)
     named = {"path": options["maildir"], "url": options["amqp-url"], "queue": options["amqp-queue"],
              "confirm_timeout": options["amqp-confirm-timeout"],
-             "refuse_when_down": True if options["amqp-refuse-when-down"] else None}
+             "refuse_when_down": True if options["amqp-refuse-when-down"] else None,
+             "hostname": options["hostname"]}
     for key, value in named.items():
         if value is not None and accepts is not None and key in accepts and key not in kwargs:
             kwargs[key] = value
@@ -462,6 +463,7 @@ def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
     if unknown:
         raise usage.UsageError(f"--handler-option {', '.join(sorted(unknown))}: {options['handler']} takes no such "
                                "keyword")
+    options["handler-kwargs"] = dict(kwargs)
     if "path" in kwargs and _is_maildir(cls):
         given = "--handler-option path=" if "path" in options["handler-options"] else "--maildir "
         check_maildir(f"{given}{kwargs['path']}", kwargs["path"])
@@ -606,7 +608,30 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     parts = reloadables(options)
     if parts:
         ReloadOnHangup(parts, reactor).setServiceParent(top)
+    attach_process_service(top, options)
     return top
+
+
+def attach_process_service(top: Any, options: usage.Options) -> IService | None:
+    """The handler class's per-process service, if it has one, started and stopped with ``top``.
+
+    A handler class may define a classmethod ``process_service(**handler_kwargs)`` returning an `IService` (or
+    None): the queue handler's delivery runner is one. With ``--metrics`` the service's own metrics, if ops knows
+    it (`esmtpkit.ops.queue_metrics.watch`), go on the same registry as the server's.
+    """
+    make = getattr(options.get("handler-class"), "process_service", None)
+    if make is None:
+        return None
+    service = make(**options.get("handler-kwargs", {}))
+    if service is None:
+        return None
+    recorder = options.get("metrics-recorder")
+    if recorder is not None:
+        from esmtpkit.ops.queue_metrics import watch
+
+        watch(service, recorder.registry)
+    service.setServiceParent(top)
+    return service  # type: ignore[no-any-return]
 
 
 def _tls_listener(description: str, tls: ServerTLS, factory: Any, reactor: Any) -> IService:
@@ -673,5 +698,6 @@ class ReloadOnHangup(Service):
 
 
 __all__ += ["check_log_format", "build_monitor"]
+__all__ += ["attach_process_service"]
 __all__ += ["load_handler", "handler_factory", "build_policy", "load_tls", "build_auth", "reloadables",
             "ReloadOnHangup"]

@@ -1,0 +1,545 @@
+"""The queue runner over an in-memory store, a scripted deliverer and a Clock: outcomes, retries on the schedule,
+expiry, the notices it queues (read back as RFC 3464 reports), and a deliverer that fails.
+
+The in-memory store (`esmtpkit.queue.memory.MemoryStore`) is tested here too, as the runner's partner.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from dataclasses import dataclass
+from email.message import Message as EmailMessage
+from typing import Any, Sequence
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from zope.interface.verify import verifyObject
+
+from esmtpkit.core.outbound import Message, Outcome, Recipient, Status
+from esmtpkit.core.schedule import Schedule
+from esmtpkit.queue.interfaces import IQueueEntry, IQueueStore, OpenContent
+from esmtpkit.queue.memory import MemoryStore
+from esmtpkit.queue.runner import DELIVERER_FAILED, EVENTS, NO_OUTCOME, QueueMonitor, QueueRunner, expired
+
+CONTENT = b"From: alice@example.org\r\nSubject: hello\r\nMessage-ID: <m1@example.org>\r\n\r\nHello there.\r\n"
+OK = Outcome(250, "2.0.0", "Ok: queued as X1", "mx.example.net[192.0.2.1]")
+LATER = Outcome(451, "4.7.1", "Try again later", "mx.example.net[192.0.2.1]")
+UNKNOWN = Outcome(550, "5.1.1", "No such user", "mx.example.net[192.0.2.1]")
+SCHEDULE = Schedule(min_backoff=300.0, max_backoff=1200.0, lifetime=10000.0)
+
+
+@dataclass
+class Call:
+    """One deliver() call: when, which message, which recipients."""
+
+    time: float
+    message_id: str
+    addresses: tuple[str, ...]
+    open_content: OpenContent
+
+
+class ScriptedDeliverer:
+    """Answers each recipient from ``script`` (address -> outcomes, one per attempt, the last repeated; default
+    250). With ``hold``, returns unfired Deferreds kept in ``held`` for the test to fire."""
+
+    def __init__(self, clock: Clock, script: dict[str, Sequence[Outcome]] | None = None, hold: bool = False) -> None:
+        self.clock = clock
+        self.script = dict(script or {})
+        self.hold = hold
+        self.calls: list[Call] = []
+        self.held: list[tuple[Deferred[dict[int, Outcome]], dict[int, Outcome]]] = []
+        self.tries: dict[str, int] = {}
+
+    def deliver(self, message: Message, indexes: Sequence[int], open_content: OpenContent) -> Any:
+        addresses = tuple(message.recipients[i].address for i in indexes)
+        self.calls.append(Call(self.clock.seconds(), message.id, addresses, open_content))
+        outcomes = {}
+        for i, address in zip(indexes, addresses):
+            answers = self.script.get(address, [OK])
+            n = self.tries.get(address, 0)
+            self.tries[address] = n + 1
+            outcomes[i] = answers[min(n, len(answers) - 1)]
+        if self.hold:
+            d: Deferred[dict[int, Outcome]] = Deferred()
+            self.held.append((d, outcomes))
+            return d
+        return succeed(outcomes)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, outcomes in held:
+            d.callback(outcomes)
+
+
+class RecordingMonitor(QueueMonitor):
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def message_queued(self, message: Message, origin: str) -> None:
+        self.calls.append(("queued", message.sender, origin))
+
+    def attempt_started(self, message: Message) -> None:
+        self.calls.append(("started", message.id))
+
+    def attempt_finished(self, message: Message, seconds: float) -> None:
+        self.calls.append(("finished", message.id, seconds))
+
+    def recipient_done(self, message: Message, index: int, result: str) -> None:
+        self.calls.append(("recipient", message.recipients[index].address, result))
+
+    def notice_queued(self, notice: Message, action: str) -> None:
+        self.calls.append(("notice", action, notice.recipients[0].address))
+
+
+class RecordingStore(MemoryStore):
+    """A MemoryStore that keeps a copy of every message enqueued whole (the notices), even once delivered."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.enqueued: list[tuple[Message, bytes]] = []
+
+    def enqueue(self, message: Message, content: bytes) -> Deferred[None]:
+        done = super().enqueue(message, content)
+        if self.failing is None:
+            self.enqueued.append((message.copy(), content))
+        return done
+
+
+class Queue:
+    """A store, a deliverer and a runner on one Clock, with the runner's log events kept in ``events``."""
+
+    def __init__(self, script: dict[str, Sequence[Outcome]] | None = None, schedule: Schedule = SCHEDULE,
+                 hold: bool = False, deliverer: Any = None) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.store = RecordingStore(reactor=self.clock)
+        self.deliverer = deliverer if deliverer is not None else ScriptedDeliverer(self.clock, script, hold)
+        self.monitor = RecordingMonitor()
+        self.runner = QueueRunner(self.store, self.deliverer, reactor=self.clock, schedule=schedule,
+                                  hostname="mx.test", monitor=self.monitor)
+        self.events: list[dict[str, Any]] = []
+        self.runner.log = Logger(namespace="esmtpkit.queue", observer=self.events.append)
+        self.runner.start()
+
+    def add(self, *recipients: Recipient | str, sender: str = "alice@example.org", id: str = "M1",
+            **fields: Any) -> Message:
+        message = Message(id, sender, [r if isinstance(r, Recipient) else Recipient(r) for r in recipients],
+                          size=len(CONTENT), arrived=self.clock.seconds(), next_attempt=self.clock.seconds(),
+                          received_from="dns; client.example (192.0.2.7)", **fields)
+        self.store.enqueue(message, CONTENT)
+        self.clock.advance(0)
+        return message
+
+    def run_for(self, seconds: float) -> None:
+        """Let ``seconds`` pass, stopping at each timer on the way (as real time would)."""
+        end = self.clock.seconds() + seconds
+        while True:
+            due = [c.getTime() for c in self.clock.getDelayedCalls() if c.getTime() <= end]
+            if not due:
+                break
+            self.clock.advance(max(0.0, min(due) - self.clock.seconds()))
+        self.clock.advance(end - self.clock.seconds())
+
+    def notices(self) -> list[tuple[Message, bytes]]:
+        return [(m, data) for m, data in self.store.enqueued if m.sender == ""]
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == event]
+
+    def finish(self) -> None:
+        stopped = self.runner.stop()
+        assert stopped.called
+        assert self.clock.getDelayedCalls() == []
+
+
+def report(data: bytes) -> tuple[EmailMessage, EmailMessage, list[EmailMessage]]:
+    """A notice read back: the whole message, its per-message status fields, and its per-recipient blocks."""
+    notice = email.message_from_bytes(data, policy=email.policy.compat32)
+    assert notice.get_content_type() == "multipart/report"
+    assert notice.get_param("report-type") == "delivery-status"
+    status = notice.get_payload()[1]
+    assert status.get_content_type() == "message/delivery-status"
+    blocks = status.get_payload()
+    return notice, blocks[0], blocks[1:]
+
+
+# ---- the store ----------------------------------------------------------------------------------------------------
+
+def test_memory_store_provides_the_interfaces() -> None:
+    store = MemoryStore(reactor=Clock())
+    assert verifyObject(IQueueStore, store)
+    assert verifyObject(IQueueEntry, store.open_entry())
+
+
+def test_memory_store_keeps_what_an_entry_commits() -> None:
+    store = MemoryStore(reactor=Clock())
+    entry = store.open_entry()
+    entry.write(b"Subject: x\r\n\r\n")
+    entry.write(b"body\r\n")
+    message = Message("A1", "a@example.org", [Recipient("b@example.net")])
+    done = entry.commit(message)
+    assert done.called and done.result is None
+    assert store.contents["A1"] == b"Subject: x\r\n\r\nbody\r\n"
+    assert [m.id for m in store.list()] == ["A1"]
+    with pytest.raises(ValueError):
+        entry.write(b"more")
+
+
+def test_memory_store_refuses_while_failing_and_forgets_discarded_content() -> None:
+    store = MemoryStore(reactor=Clock())
+    store.failing = OSError("No space left on device")
+    entry = store.open_entry()
+    entry.write(b"x")
+    failures: list[Any] = []
+    entry.commit(Message("A1", "a@example.org", [Recipient("b@example.net")])).addErrback(failures.append)
+    assert failures[0].check(OSError) and store.messages == {}
+    other = store.open_entry()
+    other.write(b"y")
+    other.discard()
+    assert store.messages == {} and store.contents == {}
+
+
+def test_memory_store_hands_out_at_most_concurrency_messages() -> None:
+    clock = Clock()
+    store = MemoryStore(reactor=clock, concurrency=2)
+    waiting: list[Deferred[Message]] = []
+
+    def worker(message: Message, open_content: OpenContent) -> Deferred[Message]:
+        d: Deferred[Message] = Deferred()
+        waiting.append(d)
+        return d
+
+    store.start(worker)
+    for n in range(3):
+        store.enqueue(Message(f"A{n}", "a@example.org", [Recipient("b@example.net")]), b"x")
+    clock.advance(0)
+    assert len(waiting) == 2 and store.active == 2
+    stopping = store.stop()
+    assert not stopping.called
+    first = store.messages["A0"].copy()
+    first.recipients[0].status = Status.DELIVERED
+    waiting[0].callback(first)
+    assert "A0" not in store.messages and not stopping.called
+    second = store.messages["A1"].copy()
+    second.next_attempt = 300.0
+    waiting[1].callback(second)
+    assert stopping.called
+    assert store.messages["A1"].next_attempt == 300.0
+    clock.advance(1000)
+    assert len(waiting) == 2  # stopped: nothing more handed out
+    assert clock.getDelayedCalls() == []
+
+
+# ---- delivery -----------------------------------------------------------------------------------------------------
+
+def test_a_delivered_message_leaves_the_queue_with_one_event_per_recipient() -> None:
+    q = Queue()
+    q.add("bob@example.net", "carol@example.net")
+    assert [c.addresses for c in q.deliverer.calls] == [("bob@example.net", "carol@example.net")]
+    assert q.store.messages == {}
+    events = q.named("queue.delivered")
+    assert [(e["recipient"], e["queue_id"], e["remote"], e["status"], e["code"]) for e in events] == [
+        ("bob@example.net", "M1", "mx.example.net[192.0.2.1]", "2.0.0", 250),
+        ("carol@example.net", "M1", "mx.example.net[192.0.2.1]", "2.0.0", 250)]
+    assert all(e["log_level"] is EVENTS["queue.delivered"] for e in events)
+    assert q.notices() == []
+    assert q.monitor.calls == [("started", "M1"), ("recipient", "bob@example.net", "delivered"),
+                               ("recipient", "carol@example.net", "delivered"), ("finished", "M1", 0.0)]
+    q.finish()
+
+
+def test_each_domain_is_delivered_at_the_same_time() -> None:
+    q = Queue(hold=True)
+    q.add("bob@example.net", "dave@example.com", "carol@EXAMPLE.net")
+    assert [c.addresses for c in q.deliverer.calls] == [("bob@example.net", "carol@EXAMPLE.net"),
+                                                         ("dave@example.com",)]
+    assert q.store.active == 1
+    q.deliverer.release()
+    assert q.store.messages == {}
+    q.finish()
+
+
+def test_the_deliverer_reads_the_content_as_queued() -> None:
+    q = Queue(hold=True)
+    q.add("bob@example.net")
+    with q.deliverer.calls[0].open_content() as f:
+        assert f.read() == CONTENT
+    q.deliverer.release()
+    q.finish()
+
+
+def test_temporary_failures_are_retried_on_the_schedule() -> None:
+    q = Queue({"bob@example.net": [LATER] * 5 + [OK]})
+    start = q.clock.seconds()
+    q.add("bob@example.net")
+    q.run_for(10_000 - 1)  # within the lifetime
+    times = [c.time - start for c in q.deliverer.calls]
+    assert times == [0.0, 300.0, 900.0, 2100.0, 3300.0, 4500.0]  # 300, 600, 1200 (capped), 1200, 1200
+    assert q.store.messages == {}
+    deferred = q.named("queue.deferred")
+    assert len(deferred) == 5 and {e["status"] for e in deferred} == {"4.7.1"}
+    assert [e["attempts"] for e in deferred] == [1, 2, 3, 4, 5]
+    assert q.notices() == []
+    q.finish()
+
+
+def test_the_saved_state_carries_attempts_outcome_and_next_attempt() -> None:
+    q = Queue({"bob@example.net": [LATER]})
+    start = q.clock.seconds()
+    q.add("bob@example.net")
+    saved = q.store.messages["M1"]
+    assert (saved.attempts, saved.next_attempt - start) == (1, 300.0)
+    assert saved.recipients[0].status is Status.PENDING and saved.recipients[0].outcome == LATER
+    q.finish()
+
+
+def test_only_pending_recipients_are_tried_again() -> None:
+    q = Queue({"carol@example.net": [UNKNOWN], "dave@example.com": [LATER, OK]})
+    q.add("bob@example.net", "carol@example.net", "dave@example.com")
+    saved = q.store.messages["M1"]
+    assert [r.status for r in saved.recipients] == [Status.DELIVERED, Status.FAILED, Status.PENDING]
+    [(notice, data)] = q.notices()
+    _, _, blocks = report(data)
+    assert [b["Final-Recipient"] for b in blocks] == ["rfc822; carol@example.net"]
+    q.clock.advance(300)
+    assert [c.addresses for c in q.deliverer.calls] == [
+        ("bob@example.net", "carol@example.net"), ("dave@example.com",),  # first attempt, two domains
+        ("alice@example.org",),  # the bounce
+        ("dave@example.com",)]  # the retry: the pending recipient only
+    assert "M1" not in q.store.messages
+    assert len(q.named("queue.bounced")) == 1
+    q.finish()
+
+
+# ---- failures and their notices -----------------------------------------------------------------------------------
+
+def test_a_permanent_failure_bounces_to_the_sender_with_the_dsn_fields() -> None:
+    q = Queue({"bob@example.net": [UNKNOWN]}, hold=True)
+    q.add(Recipient("bob@example.net", orcpt="rfc822;Bob@Example.NET"), envid="QQ314159")
+    q.deliverer.release()
+    assert "M1" not in q.store.messages
+    [(notice, data)] = q.notices()
+    assert notice.sender == "" and [r.address for r in notice.recipients] == ["alice@example.org"]
+    assert notice.recipients[0].notify == ("NEVER",)
+    assert notice.next_attempt <= q.clock.seconds()
+    whole, per_message, [block] = report(data)
+    assert whole["To"] == "<alice@example.org>"
+    assert per_message["Reporting-MTA"] == "dns; mx.test"
+    assert per_message["Original-Envelope-Id"] == "QQ314159"
+    assert per_message["Received-From-MTA"] == "dns; client.example (192.0.2.7)"
+    assert block["Action"] == "failed"
+    assert block["Status"] == "5.1.1"
+    assert block["Final-Recipient"] == "rfc822; bob@example.net"
+    assert block["Original-Recipient"].replace(" ", "") == "rfc822;Bob@Example.NET"
+    assert block["Remote-MTA"] == "dns; mx.example.net"
+    assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 No such user"
+    returned = whole.get_payload()[2]
+    assert returned.get_content_type() == "message/rfc822"
+    assert b"Message-ID: <m1@example.org>" in returned.as_bytes()
+    [bounced] = q.named("queue.bounced")
+    assert (bounced["recipient"], bounced["code"], bounced["status"]) == ("bob@example.net", 550, "5.1.1")
+    assert q.named("queue.notice")[0]["action"] == "failed"
+    assert ("notice", "failed", "alice@example.org") in q.monitor.calls
+    assert ("queued", "", "notice") in q.monitor.calls
+    q.deliverer.hold = False
+    q.clock.advance(0)
+    assert q.deliverer.calls[-1].addresses == ("alice@example.org",)  # the bounce itself goes out
+    assert q.store.messages == {}
+    q.finish()
+
+
+def test_a_recipient_is_reported_once() -> None:
+    q = Queue({"bob@example.net": [UNKNOWN], "carol@example.net": [LATER]})
+    q.add("bob@example.net", "carol@example.net")
+    assert q.store.messages["M1"].recipients[0].reported
+    q.clock.advance(300)
+    q.clock.advance(600)
+    assert q.store.messages["M1"].attempts == 3
+    assert len(q.notices()) == 1
+    assert len([c for c in q.deliverer.calls if c.addresses == ("alice@example.org",)]) == 1
+    q.finish()
+
+
+def test_no_bounce_for_a_null_sender() -> None:
+    q = Queue({"alice@example.org": [UNKNOWN]})
+    q.add("alice@example.org", sender="")
+    assert q.store.messages == {}
+    assert [c.addresses for c in q.deliverer.calls] == [("alice@example.org",)]
+    assert q.named("queue.bounced")[0]["recipient"] == "alice@example.org"
+    assert q.named("queue.notice") == []
+    q.finish()
+
+
+def test_notify_never_sends_no_bounce_and_failure_only_when_asked() -> None:
+    q = Queue({"bob@example.net": [UNKNOWN], "carol@example.net": [UNKNOWN], "dave@example.net": [UNKNOWN]},
+              hold=True)
+    q.add(Recipient("bob@example.net", notify=("NEVER",)), Recipient("carol@example.net", notify=("SUCCESS",)),
+          Recipient("dave@example.net", notify=("SUCCESS", "FAILURE")))
+    q.deliverer.release()
+    [(notice, data)] = q.notices()
+    _, _, blocks = report(data)
+    assert [b["Final-Recipient"] for b in blocks] == ["rfc822; dave@example.net"]
+    q.finish()
+
+
+def test_notify_success_reports_delivery() -> None:
+    q = Queue(hold=True)
+    q.add(Recipient("bob@example.net", notify=("SUCCESS",)), "carol@example.net")
+    q.deliverer.release()
+    [(notice, data)] = q.notices()
+    whole, _, [block] = report(data)
+    assert (block["Action"], block["Status"], block["Final-Recipient"]) == ("delivered", "2.0.0",
+                                                                             "rfc822; bob@example.net")
+    assert whole.get_payload()[2].get_content_type() == "text/rfc822-headers"
+    q.finish()
+
+
+def test_expired_recipients_fail_with_4_4_7_and_bounce() -> None:
+    q = Queue({"bob@example.net": [LATER]}, schedule=Schedule(min_backoff=300, max_backoff=600, lifetime=1000))
+    start = q.clock.seconds()
+    q.add("bob@example.net")
+    q.run_for(2000)
+    assert [c.time - start for c in q.deliverer.calls if c.message_id == "M1"] == [0.0, 300.0, 900.0, 1500.0]
+    assert "M1" not in q.store.messages
+    deferred, bounced = q.named("queue.deferred"), q.named("queue.bounced")
+    assert len(deferred) == 3
+    assert [(e["code"], e["status"], e["remote"]) for e in bounced] == [(554, "4.4.7", "none")]
+    notices = [c for c in q.deliverer.calls if c.addresses == ("alice@example.org",)]
+    assert len(notices) == 1
+    q.finish()
+
+
+def test_the_expiry_notice_says_why() -> None:
+    q = Queue({"bob@example.net": [LATER]}, schedule=Schedule(min_backoff=300, max_backoff=300, lifetime=300),
+              hold=True)
+    q.add("bob@example.net")
+    q.deliverer.release()
+    q.clock.advance(300)
+    q.deliverer.release()
+    [(notice, data)] = q.notices()
+    _, _, [block] = report(data)
+    assert (block["Action"], block["Status"]) == ("failed", "4.4.7")
+    diagnostic = " ".join(block["Diagnostic-Code"].split())
+    assert diagnostic.startswith("X-esmtpkit; Message expired: not delivered within 300 seconds")
+    assert "451 4.7.1 Try again later" in diagnostic
+    q.finish()
+
+
+def test_expired_outcome_text() -> None:
+    assert expired(None, 5 * 86400) == Outcome(554, "4.4.7", "Message expired: not delivered within 5 days")
+    assert expired(LATER, 86400).text == ("Message expired: not delivered within 1 day; last attempt from "
+                                          "mx.example.net[192.0.2.1]: 451 4.7.1 Try again later")
+    assert expired(LATER, 86400).permanent
+
+
+def test_a_delay_notice_goes_once_when_the_schedule_warns() -> None:
+    schedule = Schedule(min_backoff=300, max_backoff=300, lifetime=10000, delay_warning=500)
+    q = Queue({"bob@example.net": [LATER], "carol@example.net": [LATER]}, schedule=schedule, hold=True)
+    q.add("bob@example.net", Recipient("carol@example.net", notify=("FAILURE",)))
+    for _ in range(4):  # attempts at 0, 300, 600, 900
+        q.deliverer.release()
+        q.clock.advance(300)
+    delays = q.notices()
+    assert len(delays) == 1
+    _, _, [block] = report(delays[0][1])
+    assert (block["Action"], block["Final-Recipient"]) == ("delayed", "rfc822; bob@example.net")
+    assert "Will-Retry-Until" in block
+    saved = q.store.messages["M1"]
+    assert saved.recipients[0].delay_reported and not saved.recipients[1].delay_reported
+    q.deliverer.release()
+    q.finish()
+
+
+# ---- the unexpected -----------------------------------------------------------------------------------------------
+
+class BrokenDeliverer:
+    """Fails in one of the ways a deliverer should not: an errback, an exception, or a wrong result."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.calls = 0
+
+    def deliver(self, message: Message, indexes: Sequence[int], open_content: OpenContent) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            return succeed({i: OK for i in indexes})
+        if self.how == "errback":
+            return fail(RuntimeError("resolver exploded"))
+        if self.how == "raise":
+            raise RuntimeError("resolver exploded")
+        if self.how == "partial":
+            return succeed({indexes[0]: OK})
+        return succeed([OK])
+
+
+@pytest.mark.parametrize("how", ["errback", "raise", "garbage"])
+def test_a_failing_deliverer_defers_every_recipient(how: str) -> None:
+    deliverer = BrokenDeliverer(how)
+    q = Queue(deliverer=deliverer)
+    q.add("bob@example.net", "carol@example.net")
+    saved = q.store.messages["M1"]
+    assert [r.outcome for r in saved.recipients] == [DELIVERER_FAILED, DELIVERER_FAILED]
+    assert [r.status for r in saved.recipients] == [Status.PENDING, Status.PENDING]
+    [event] = q.named("queue.deliverer_failed")
+    assert event["domain"] == "example.net" and event["count"] == 2 and event["log_failure"] is not None
+    assert len(q.named("queue.deferred")) == 2
+    q.clock.advance(300)
+    assert "M1" not in q.store.messages and deliverer.calls == 2
+    q.finish()
+
+
+def test_a_recipient_without_an_outcome_is_deferred() -> None:
+    deliverer = BrokenDeliverer("partial")
+    q = Queue(deliverer=deliverer)
+    q.add("bob@example.net", "carol@example.net")
+    saved = q.store.messages["M1"]
+    assert [r.status for r in saved.recipients] == [Status.DELIVERED, Status.PENDING]
+    assert saved.recipients[1].outcome == NO_OUTCOME
+    q.finish()
+
+
+def test_a_notice_the_store_refuses_is_tried_again_with_the_next_attempt() -> None:
+    q = Queue({"bob@example.net": [UNKNOWN], "carol@example.net": [LATER, OK]}, hold=True)
+    q.add("bob@example.net", "carol@example.net")
+    q.store.failing = OSError("No space left on device")
+    q.deliverer.release()
+    saved = q.store.messages["M1"]
+    assert saved.recipients[0].status is Status.FAILED and not saved.recipients[0].reported
+    [event] = q.named("queue.notice_failed")
+    assert event["action"] == "failed" and "tried again" in event["later"]
+    q.store.failing = None
+    q.clock.advance(300)
+    q.deliverer.release()
+    assert "M1" not in q.store.messages
+    [(notice, data)] = q.notices()
+    assert [b["Final-Recipient"] for b in report(data)[2]] == ["rfc822; bob@example.net"]
+    q.finish()
+
+
+def test_an_unreadable_content_still_gives_a_notice() -> None:
+    q = Queue({"bob@example.net": [UNKNOWN]}, hold=True)
+    q.add("bob@example.net")
+    del q.store.contents["M1"]  # the content vanished while the attempt was under way
+    q.deliverer.held[0][0].callback(q.deliverer.held[0][1])
+    q.deliverer.held.clear()
+    [(notice, data)] = q.notices()
+    assert report(data)[2][0]["Action"] == "failed"
+    q.finish()
+
+
+def test_stop_waits_for_the_attempts_under_way() -> None:
+    q = Queue(hold=True)
+    q.add("bob@example.net")
+    stopping = q.runner.stop()
+    assert not stopping.called
+    q.deliverer.release()
+    assert stopping.called and q.store.messages == {}
+    assert q.clock.getDelayedCalls() == []
+
+
+def test_events_go_to_the_queue_namespace() -> None:
+    runner = QueueRunner(MemoryStore(reactor=Clock()), object(), reactor=Clock(), schedule=SCHEDULE, hostname="h")
+    assert runner.log.namespace == "esmtpkit.queue"
