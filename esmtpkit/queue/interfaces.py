@@ -14,13 +14,18 @@ from zope.interface import Attribute, Interface
 
 from esmtpkit.core.outbound import Message
 
-__all__ = ["IQueueEntry", "IQueueStore", "Worker", "OpenContent"]
+__all__ = ["IQueueEntry", "IQueueStore", "Worker", "OpenContent", "MessageTooBig"]
 
 #: Opens a fresh, readable binary file of a queued message's content, positioned at its start.
 OpenContent = Callable[[], IO[bytes]]
 
 #: Given a due message and a way to read its content, attempts delivery and fires with the message's new state.
 Worker = Callable[[Message, OpenContent], "Deferred[Message]"]
+
+
+class MessageTooBig(Exception):
+    """A commit that can never succeed because of the message's size (the store's ``max_size``): retrying cannot
+    help, so the server answers ``552 5.3.4`` (RFC 1870 §6, RFC 3463 §3.4) rather than a temporary failure."""
 
 
 class IQueueEntry(Interface):
@@ -31,14 +36,19 @@ class IQueueEntry(Interface):
 
     def commit(message: Message) -> "Deferred[None]":
         """Store ``message`` with the content written so far; fires only once both are durable (fsync, rename;
-        or the broker's confirm). Fails if they could not be made so: the caller must not answer 250 then."""
+        or the broker's confirm). Fails if they could not be made so: the caller must not answer 250 then;
+        `MessageTooBig` says that no later attempt can succeed either."""
 
     def discard() -> None:
         """Forget the content written so far (the transaction was aborted)."""
 
 
 class IQueueStore(Interface):
-    """Durable storage for queued messages and the schedule of their delivery attempts."""
+    """Durable storage for queued messages and the schedule of their delivery attempts.
+
+    A store that cannot hold a message beyond some size has a ``max_size`` attribute (octets, not part of the
+    required interface): the Queue handler then refuses a larger ``MAIL FROM ... SIZE=`` at once.
+    """
 
     name = Attribute("Short name of the backend for logs and metrics: 'spool' or 'amqp'.")
 
