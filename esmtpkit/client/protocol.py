@@ -8,6 +8,9 @@ BDAT chunks (RFC 3030), read from its file 64 KiB at a time as the connection ta
 (LMTP: one per accepted recipient, RFC 2033 §4.2); QUIT. Every wait has a timeout (RFC 5321 §4.5.3.2) on the
 given clock. The outcomes and `ClientProtocol.session_failed` are final once `ClientProtocol.finished` fires,
 when the connection has closed.
+
+Three layers, one class each: the frame (replies matched to commands, timers, how a session ends), the opening
+(greeting to AUTH), and `ClientProtocol` itself (the transaction and the content).
 """
 
 from __future__ import annotations
@@ -100,59 +103,33 @@ class _Streamer:
 
 
 @implementer(IHandshakeListener)
-class ClientProtocol(LineReceiver):
-    """Send ``message`` to the recipients at ``indexes`` over one connection; see the module docstring.
-
-    ``host`` names the server in outcomes (``mx.example.net[192.0.2.1]``). ``tls_creator`` is what STARTTLS (or,
-    with ``tls="implicit"``, the endpoint) uses. ``tls_failed`` tells a caller that a TLS handshake failed, so an
-    opportunistic sender may try again in clear.
-    """
+class _Connection(LineReceiver):
+    """The frame of a session: each reply matched to the command awaiting it, a timeout on every wait, and the
+    outcomes given when it ends early (connection lost, timed out, or the server broke the protocol)."""
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_REPLY_LINE_LENGTH + 1
 
-    def __init__(self, message: Message, open_content: OpenContent, options: ClientOptions,
-                 indexes: Sequence[int], *, clock: IReactorTime, host: str = "", tls_creator: Any = None) -> None:
-        self.message = message
-        self.open_content = open_content
+    def __init__(self, options: ClientOptions, indexes: Sequence[int], *, clock: IReactorTime, host: str) -> None:
         self.options = options
         self.indexes = list(indexes)
         self.clock = clock
         self.host = host
-        self.tls_creator = tls_creator
         self.finished: Deferred[None] = Deferred()
         self.outcomes: dict[int, Outcome] = {}
         self.session_failed = False
         self.tls_failed = False
-        self.extensions = Extensions()
         self._parser = ReplyParser()
         self._waits: deque[_Wait] = deque()
         self._timer: IDelayedCall | None = None
         self._streamer: _Streamer | None = None
-        self._tls = options.tls == "implicit"
-        self._handshaking = self._tls
-        self._tls_tried = False
-        self._authenticated = False
-        self._pipelining = False
-        self._bdat = False
-        self._mail_refused = False
-        self._accepted: list[int] = []
-        self._rcpts_left = 0
-        self._stuffer = DotStuffer()
-        self._line_ends: LineEnds | None = None
-        self._next_piece: bytes | None = None
-        self._transaction_over = False
+        self._handshaking = options.tls == "implicit"
         self._quitting = False
         self._closed = False
-
-    # ---- the connection -------------------------------------------------------------------------------------
 
     @property
     def _where(self) -> str:
         return self.host or "the server"
-
-    def connectionMade(self) -> None:
-        self._expect("the greeting", self.options.timeouts.greeting, self._greeted)
 
     def handshakeCompleted(self) -> None:
         """The TLS handshake is done (IHandshakeListener): a failure from now on is no TLS failure."""
@@ -307,7 +284,33 @@ class ClientProtocol(LineReceiver):
         self._timer = self.clock.callLater(QUIT_TIMEOUT, self._timed_out)
         self.transport.loseConnection()  # type: ignore[union-attr]
 
-    # ---- greeting, EHLO, STARTTLS, AUTH -----------------------------------------------------------------------
+    def _stop_streaming(self) -> None:
+        streamer, self._streamer = self._streamer, None
+        if streamer is None:
+            return
+        streamer.done = True
+        if self.transport is not None and not self._closed:
+            self.transport.unregisterProducer()
+        try:
+            streamer.file.close()
+        except OSError:
+            pass  # a read-only file that cannot be closed has nothing left to lose
+
+
+class _Opening(_Connection):
+    """From the greeting to a session ready for mail: EHLO (or HELO, or LHLO), STARTTLS and EHLO again, AUTH."""
+
+    def __init__(self, options: ClientOptions, indexes: Sequence[int], *, clock: IReactorTime, host: str,
+                 tls_creator: Any) -> None:
+        super().__init__(options, indexes, clock=clock, host=host)
+        self.tls_creator = tls_creator
+        self.extensions = Extensions()
+        self._tls = options.tls == "implicit"
+        self._tls_tried = False
+        self._authenticated = False
+
+    def connectionMade(self) -> None:
+        self._expect("the greeting", self.options.timeouts.greeting, self._greeted)
 
     def _greeted(self, reply: Reply) -> None:
         if reply.code != 220:
@@ -413,7 +416,33 @@ class ClientProtocol(LineReceiver):
         self._authenticated = True
         self._transaction()
 
-    # ---- the transaction --------------------------------------------------------------------------------------
+    def _transaction(self) -> None:
+        """The mail transaction, once the session is ready (`ClientProtocol`)."""
+        raise NotImplementedError
+
+
+class ClientProtocol(_Opening):
+    """Send ``message`` to the recipients at ``indexes`` over one connection; see the module docstring.
+
+    ``host`` names the server in outcomes (``mx.example.net[192.0.2.1]``). ``tls_creator`` is what STARTTLS (or,
+    with ``tls="implicit"``, the endpoint) uses. ``tls_failed`` tells a caller that a TLS handshake failed, so an
+    opportunistic sender may try again in clear.
+    """
+
+    def __init__(self, message: Message, open_content: OpenContent, options: ClientOptions,
+                 indexes: Sequence[int], *, clock: IReactorTime, host: str = "", tls_creator: Any = None) -> None:
+        super().__init__(options, indexes, clock=clock, host=host, tls_creator=tls_creator)
+        self.message = message
+        self.open_content = open_content
+        self._pipelining = False
+        self._bdat = False
+        self._mail_refused = False
+        self._accepted: list[int] = []
+        self._rcpts_left = 0
+        self._stuffer = DotStuffer()
+        self._line_ends: LineEnds | None = None
+        self._next_piece: bytes | None = None
+        self._transaction_over = False
 
     def _transaction(self) -> None:
         ext = self.extensions
@@ -553,18 +582,6 @@ class ClientProtocol(LineReceiver):
 
     def _content_written(self) -> None:
         self._stop_streaming()
-
-    def _stop_streaming(self) -> None:
-        streamer, self._streamer = self._streamer, None
-        if streamer is None:
-            return
-        streamer.done = True
-        if self.transport is not None and not self._closed:
-            self.transport.unregisterProducer()
-        try:
-            streamer.file.close()
-        except Exception:
-            pass
 
     def _chunk_answered(self, reply: Reply) -> None:
         if self._transaction_over:
