@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from esmtpkit.core.outbound import Message, Outcome, Recipient, Status, domain_of
+from esmtpkit.core.outbound import MAX_OUTCOME_TEXT, Message, Outcome, Recipient, Status, domain_of
 from esmtpkit.core.reply import Reply
 
 
@@ -69,3 +69,11 @@ def test_domain_of_lowers_the_domain_only() -> None:
     assert domain_of("Bob@Example.NET") == "example.net"
     assert domain_of("postmaster") == ""
     assert domain_of('"a@b"@Example.org') == "example.org"
+
+
+def test_outcome_text_is_capped_and_dsn_round_trips() -> None:
+    long = Outcome.of(Reply(550, tuple("x" * 2000 for _ in range(100))), "mx[192.0.2.1]", dsn=True)
+    assert len(long.text) == MAX_OUTCOME_TEXT and long.text.endswith("...")
+    again = Outcome.from_json(json.loads(json.dumps(long.to_json())))
+    assert again == long and again.dsn
+    assert Outcome.from_json([250, "2.0.0", "ok", ""]).dsn is False

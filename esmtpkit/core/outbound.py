@@ -12,7 +12,11 @@ from typing import Any, Iterable
 
 from esmtpkit.core.reply import Reply
 
-__all__ = ["Status", "Outcome", "Recipient", "Message", "domain_of"]
+__all__ = ["Status", "Outcome", "Recipient", "Message", "domain_of", "MAX_OUTCOME_TEXT"]
+
+#: Longest reply text an outcome keeps (as Postfix keeps about 512 octets of a remote reply): a hostile server's
+#: 100-line reply, copied into every recipient's state, would otherwise swell the queue file or broker message.
+MAX_OUTCOME_TEXT = 512
 
 
 class Status(enum.StrEnum):
@@ -28,19 +32,27 @@ class Outcome:
     """What one delivery attempt said about one recipient: the reply (ours or the remote's) and who gave it.
 
     ``remote`` names the host that answered (``mx.example.net[192.0.2.1]``), or is "" when the answer is ours
-    (no route, connection refused, timeout): RFC 3464's Remote-MTA and Diagnostic-Code come from it.
+    (no route, connection refused, timeout): RFC 3464's Remote-MTA and Diagnostic-Code come from it. ``dsn`` is
+    True when that host offered DSN and was given the recipient's NOTIFY and ORCPT, so notices are its to send
+    from then on (RFC 3461 §5.2.1); a delivery without it is "relayed" (§5.2.2). ``text`` is cut to
+    `MAX_OUTCOME_TEXT` characters.
     """
 
     code: int
     enhanced: str
     text: str
     remote: str = ""
+    dsn: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.text) > MAX_OUTCOME_TEXT:
+            object.__setattr__(self, "text", self.text[:MAX_OUTCOME_TEXT - 3] + "...")
 
     @classmethod
-    def of(cls, reply: Reply, remote: str = "") -> "Outcome":
+    def of(cls, reply: Reply, remote: str = "", dsn: bool = False) -> "Outcome":
         """The outcome a reply gives; its enhanced code, or the usual one for its basic code."""
         enhanced = reply.enhanced or f"{reply.code // 100}.0.0"
-        return cls(reply.code, enhanced, " ".join(line for line in reply.lines if line), remote)
+        return cls(reply.code, enhanced, " ".join(line for line in reply.lines if line), remote, dsn)
 
     @classmethod
     def local(cls, code: int, enhanced: str, text: str) -> "Outcome":
@@ -60,12 +72,13 @@ class Outcome:
         return self.code >= 500
 
     def to_json(self) -> list[Any]:
-        return [self.code, self.enhanced, self.text, self.remote]
+        data: list[Any] = [self.code, self.enhanced, self.text, self.remote]
+        return data + [True] if self.dsn else data
 
     @classmethod
     def from_json(cls, data: list[Any]) -> "Outcome":
-        code, enhanced, text, remote = data
-        return cls(int(code), str(enhanced), str(text), str(remote))
+        code, enhanced, text, remote = data[:4]
+        return cls(int(code), str(enhanced), str(text), str(remote), bool(data[4]) if len(data) > 4 else False)
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}".rstrip()
