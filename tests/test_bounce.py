@@ -506,9 +506,9 @@ class HostileTextTests(SynchronousTestCase):
         self.assertNotRegex(data, rb"\r\nX-Injected")
 
     def test_long_reply_is_folded(self) -> None:
-        """A long reply folds at spaces under 78 characters; a run too long for any line is cut below 998."""
-        words = " ".join(f"word{i:04d}" for i in range(600))
-        run = "R" * 3000
+        """A long reply (as long as an outcome keeps) folds at spaces under 78 characters, a long run included."""
+        words = " ".join(f"word{i:04d}" for i in range(40))
+        run = "R" * 100
         message = original(Recipient("bob@example.net", outcome=Outcome(550, "5.7.1", f"{words} {run} end",
                                                                         "mx.example.net[192.0.2.1]")))
         _, data = report(message, [0], "failed", reporting_mta=MTA, content=CONTENT, new_id=NEW_ID, now=NOW)
@@ -517,13 +517,13 @@ class HostileTextTests(SynchronousTestCase):
         status = got.raw[1][1].decode()
         diagnostic = status[status.index("Diagnostic-Code:"):status.index("Last-Attempt-Date:")]
         lines = diagnostic.split("\r\n")[:-1]
-        self.assertGreater(len(lines), 80)
+        self.assertGreater(len(lines), 5)
         self.assertTrue(all(line.startswith(" ") for line in lines[1:]))
         self.assertTrue(all(len(line) <= 78 for line in lines if "R" not in line))
         value = got.recipients[0]["Diagnostic-Code"]
         self.assertTrue(value.startswith(f"smtp; 550 5.7.1 {words} R"))
         self.assertTrue(value.endswith("R end"))
-        self.assertEqual(value.replace(" ", "").count("R"), 3000)
+        self.assertEqual(value.replace(" ", "").count("R"), 100)
         self.assertEqual(got.recipients[0]["Action"], "failed")
         for line in got.text().split("\r\n"):
             self.assertLessEqual(len(line), 76)
