@@ -4,8 +4,9 @@ A recording next hop (`tests.processes.RecordingNextHop`) reads DATA as hops ope
 between any mix of CR, LF and CRLF ends it) or strictly (only CRLF.CRLF). Clients send, octet for octet, the
 payloads that smuggle a second message past a lenient hop: a bare-LF dot line in DATA (the relay server runs with
 ``bare_newline="allow"``), BDAT content ending without CRLF, and ``BODY=BINARYMIME``. Each time the hop must see
-exactly one message per accepted one, no bare CR or LF anywhere, and CRLF before the terminating dot. The same runs
-against an in-process server and against a real ``twistd esmtpkit --handler esmtpkit.handlers.relay.Relay``.
+exactly one message per accepted one, no bare CR or LF anywhere, and CRLF before the terminating dot; binary
+content, which this hop cannot take, is not sent to it at all (the client gets 554 5.6.3 after BDAT LAST). The same
+runs against an in-process server and against a real ``twistd esmtpkit --handler esmtpkit.handlers.relay.Relay``.
 """
 
 from __future__ import annotations
@@ -82,11 +83,14 @@ def send_payloads(address: tuple[str, int]) -> dict[str, list[bytes]]:
 
 
 def check_next_hop(hop: RecordingNextHop, finals: dict[str, list[bytes]]) -> None:
-    """One message at the hop per accepted one, each from the real sender; the wire clean; BINARYMIME refused."""
+    """One message at the hop per accepted one, each from the real sender; the wire clean; binary content never
+    sent to a hop without BINARYMIME (its session: EHLO and QUIT), the client told so after BDAT LAST."""
     accepted = len(finals) - 1
     assert [(m.sender, m.recipients) for m in hop.messages] == [("alice@example.com", ("bob@example.net",))] * accepted
-    assert len(hop.sessions) == accepted
-    for raw in hop.sessions:
+    assert len(hop.sessions) == accepted + 1
+    *sessions, binary = hop.sessions
+    assert bytes(binary) == b"EHLO relay.test\r\nQUIT\r\n", binary
+    for raw in sessions:
         wire = bytes(raw)
         assert not python_has_bare_newline(wire), wire
         data = wire[wire.index(b"\r\nDATA\r\n") + 8:]
@@ -94,7 +98,7 @@ def check_next_hop(hop: RecordingNextHop, finals: dict[str, list[bytes]]) -> Non
         assert data.count(b"\r\n.\r\n") == 1, wire
     for message in hop.messages:
         assert message.data.endswith(b"\r\n")
-    assert [code(reply) for reply in finals.pop("binarymime")] == [b"555 5.6.3", b"503 5.5.1", b"503 5.5.1"]
+    assert [code(reply) for reply in finals.pop("binarymime")] == [b"250 2.1.0", b"250 2.1.5", b"554 5.6.3"]
     assert {name: code(replies[-1]) for name, replies in finals.items()} == {name: b"250 2.0.0" for name in finals}
 
 

@@ -1,4 +1,5 @@
-"""How the client talks to a server: its name, TLS, credentials, LMTP or SMTP, BDAT, and its timeouts."""
+"""How the client talks to a server: its name, TLS, credentials, LMTP or SMTP, BDAT, all or nothing, and its
+timeouts."""
 
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ class ClientOptions:
     ``verify`` checks the server's certificate chain and name (``tls_hostname``, else the host's name) against
     ``ca_file`` or the platform's trust store, where opportunistic TLS takes any certificate. ``username`` and
     ``password`` log in with AUTH PLAIN or LOGIN, only over TLS. ``lmtp`` speaks LMTP (RFC 2033); ``chunking``
-    sends with BDAT when the server offers CHUNKING (binary content always goes that way).
+    sends with BDAT when the server offers CHUNKING (binary content always goes that way). ``all_or_nothing``:
+    when the server refuses any recipient, the content is not completed for the others, so that the message
+    reaches every recipient or none (a relay that already said 250 to each of them can then answer for all).
     """
 
     helo: str = "localhost"
@@ -47,6 +50,7 @@ class ClientOptions:
     lmtp: bool = False
     chunking: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
+    all_or_nothing: bool = False
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:

@@ -5,9 +5,11 @@ The conversation, in order: the greeting; EHLO (HELO when EHLO is unknown and ne
 LHLO for LMTP); STARTTLS and EHLO again; AUTH PLAIN or LOGIN, over TLS only; MAIL, each RCPT and DATA, in one
 write when the server offers PIPELINING (RFC 2920), else one at a time; the content, dot-stuffed after DATA or in
 BDAT chunks (RFC 3030), read from its file 64 KiB at a time as the connection takes it; the reply at the end
-(LMTP: one per accepted recipient, RFC 2033 §4.2); QUIT. Every wait has a timeout (RFC 5321 §4.5.3.2) on the
-given clock. The outcomes and `ClientProtocol.session_failed` are final once `ClientProtocol.finished` fires,
-when the connection has closed.
+(LMTP: one per accepted recipient, RFC 2033 §4.2); QUIT. With ``all_or_nothing``, a refused recipient stops
+the transaction before its end: no DATA or BDAT, or, when DATA was pipelined and got 354, the connection closed
+without the final dot, so the server never processes it (RFC 5321 §4.1.1.4). Every wait has a timeout (RFC 5321
+§4.5.3.2) on the given clock. The outcomes and `ClientProtocol.session_failed` are final once
+`ClientProtocol.finished` fires, when the connection has closed.
 
 Three layers, one class each: the frame (replies matched to commands, timers, how a session ends), the opening
 (greeting to AUTH), and `ClientProtocol` itself (the transaction and the content).
@@ -443,6 +445,7 @@ class ClientProtocol(_Opening):
         self._line_ends: LineEnds | None = None
         self._next_piece: bytes | None = None
         self._transaction_over = False
+        self._abandoned = False
 
     def _transaction(self) -> None:
         ext = self.extensions
@@ -512,6 +515,11 @@ class ClientProtocol(_Opening):
             if self._bdat or not self._pipelining:
                 self._quit()
             return
+        if self.options.all_or_nothing and len(self._accepted) < len(self.indexes):
+            self._abandon()
+            if self._bdat or not self._pipelining:
+                self._quit()
+            return  # the pipelined DATA still has its reply to come
         if self._bdat:
             self._start_content()
         elif not self._pipelining:
@@ -526,10 +534,23 @@ class ClientProtocol(_Opening):
             else:
                 self._quit()
             return
+        if self._abandoned:
+            if reply.code == 354:
+                self._close()  # no final dot: the transaction is never processed, for anyone
+            else:
+                self._quit()
+            return
         if reply.code != 354:
             self._fail(self._refusal(reply, "DATA"), session=reply.code < 500)
             return
         self._start_content()
+
+    def _abandon(self) -> None:
+        """All or nothing: another recipient was refused, so the accepted ones are not sent the message."""
+        self._abandoned = True
+        refused = ", ".join(f"<{self.message.recipients[i].address}>" for i in self.indexes if i in self.outcomes)
+        self._settle(Outcome.local(451, "4.0.0", f"not sent: {self._where} refused {refused}, and the message "
+                                                 f"goes to all of its recipients or to none"), session=False)
 
     # ---- the content ------------------------------------------------------------------------------------------
 

@@ -212,3 +212,49 @@ def test_postfix_starttls_verified(start_postfix: Callable[..., PrivatePostfix],
     assert "with ESMTPS" in header(raw, "Received")[0]
     log = postfix.wait_log(SESSION_LOGGED)
     assert disconnect_counts(log) == ["ehlo=2 starttls=1 mail=1 rcpt=1 data=1 quit=1 commands=7"], log
+
+
+def _smtplib_utf8(port: int, sender: str, recipients: list[str], content: bytes) -> dict[str, Any]:
+    """Send with SMTPUTF8 and BODY=8BITMIME through smtplib (run in a thread)."""
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=60) as client:
+        return client.sendmail(sender, recipients, content, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+
+
+@pytest_twisted.inlineCallbacks
+def test_relay_handler_passes_smtputf8_to_postfix(start_postfix: Callable[..., PrivatePostfix]) -> Any:
+    """The Relay handler in front of Postfix: a message with SMTPUTF8 and non-ASCII paths is accepted, goes on with
+    SMTPUTF8, BODY=8BITMIME and SIZE, and Postfix delivers it, our Received field and the content intact."""
+    from twisted.internet import threads
+
+    from esmtpkit.handlers.relay import Relay
+    from esmtpkit.server.policy import Policy
+    from esmtpkit.testing import serve
+
+    postfix = start_postfix(smtpd_port=free_port(), virtual_domains=DOMAINS)
+    reactor = reactor_()
+    endpoint = RecordingEndpoint(reactor, postfix.smtpd_port or 0)
+    relay = yield serve(lambda: Relay(endpoint=endpoint, timeout=60), reactor=reactor,
+                        policy=Policy(hostname="relay.test"))
+    try:
+        refused = yield threads.deferToThread(_smtplib_utf8, relay.port, "jörg@example.org", ["ü@example.net"],
+                                              CONTENT)
+    finally:
+        yield relay.stop()
+    assert refused == {}
+    sent = b"".join(endpoint.writes)
+    mail = re.search(rb"MAIL FROM:<j\xc3\xb6rg@example\.org> SIZE=(\d+) BODY=8BITMIME SMTPUTF8\r\n", sent)
+    assert mail and int(mail.group(1)) > len(CONTENT), sent[:300]
+    assert "RCPT TO:<ü@example.net>\r\nDATA\r\n".encode() in sent
+
+    [raw] = postfix.delivered(1)
+    assert header(raw, "Return-Path") == ["<jörg@example.org>"]
+    assert header(raw, "X-Original-To") == ["ü@example.net"]
+    received = header(raw, "Received")
+    assert len(received) == 2 and "with UTF8SMTP" in received[0], received
+    assert re.match(r"from relay\.test \(localhost \[127\.0\.0\.1\]\)", received[0]), received
+    assert re.match(r"from client\.test \(.*\)\s+by relay\.test", received[1]), received
+    assert body_after_trace(raw).endswith(CONTENT.replace(b"\r\n", b"\n"))
+    log = postfix.wait_log(SESSION_LOGGED)
+    assert disconnect_counts(log) == ["ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5"], log
