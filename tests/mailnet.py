@@ -260,6 +260,9 @@ class ScriptedHandler(MessageHandler):
 
     def rcpt(self, recipient: Address, params: Mapping[str, Any]) -> Any:
         script = self.mx.rcpt.get(str(recipient).lower(), self.mx.rcpt_default)
+        limit = self.mx.recipient_limit
+        if limit is not None and self.current is not None and len(self.current.recipients) >= limit:
+            script = self.mx.limit_reply
         reply = coerce(super().rcpt(recipient, params) if script is None else _answer(script, recipient, params))
         if self.current is not None:
             (self.current.recipients if reply.code < 300 else self.current.refused).append(str(recipient))
@@ -275,7 +278,13 @@ class ScriptedHandler(MessageHandler):
         return None
 
     def eom(self) -> Any:
-        reply = coerce(super().eom() if self.mx.eom is None else _answer(self.mx.eom))
+        answer = super().eom() if self.mx.eom is None else _answer(self.mx.eom)
+        if isinstance(answer, Deferred):
+            return answer.addCallback(self._answered)
+        return self._answered(answer)
+
+    def _answered(self, answer: Any) -> Reply:
+        reply = coerce(answer)
         self._finish(reply)
         return reply
 
@@ -302,8 +311,11 @@ class ScriptedMX:
 
     ``greeting`` (default 220; 421 hangs up, 554 refuses service), ``ehlo``, ``mail``, ``data`` (the reply to the
     DATA command) and ``eom`` (the reply after the content) are scripts: a Reply, an int code, a
-    ``(code, *lines)`` tuple or a callable given the command's arguments; None keeps esmtpkit's default. ``rcpt``
-    maps a recipient address (any case) to its script, ``rcpt_default`` answers the others; ``lmtp`` maps a
+    ``(code, *lines)`` tuple or a callable given the command's arguments (``eom``'s may return a Deferred, to answer
+    late or never); None keeps esmtpkit's default. ``rcpt``
+    maps a recipient address (any case) to its script, ``rcpt_default`` answers the others; beyond
+    ``recipient_limit`` accepted recipients in one transaction, every RCPT gets ``limit_reply`` (452 4.5.3 Too many
+    recipients, RFC 5321 §4.5.3.1.10); ``lmtp`` maps a
     recipient to its own end-of-data reply on an LMTP server (``Policy(lmtp=True)``). ``policy`` sets the
     extensions offered (default: ``Policy(hostname=name)``: no DSN, no TLS, no AUTH).
 
@@ -315,6 +327,8 @@ class ScriptedMX:
                  ehlo: Script = None, mail: Script = None, rcpt: Mapping[str, Script] | None = None,
                  rcpt_default: Script = None, data: Script = None, eom: Script = None,
                  lmtp: Mapping[str, Script] | None = None, policy: Policy | None = None,
+                 recipient_limit: int | None = None,
+                 limit_reply: Script = Reply.of(452, "Too many recipients", enhanced="4.5.3"),
                  reactor: Any = None) -> None:
         self.address = address
         self.name = name
@@ -324,6 +338,8 @@ class ScriptedMX:
         self.ehlo, self.mail, self.data, self.eom = ehlo, mail, data, eom
         self.rcpt = {k.lower(): v for k, v in (rcpt or {}).items()}
         self.rcpt_default = rcpt_default
+        self.recipient_limit = recipient_limit
+        self.limit_reply = limit_reply
         self.lmtp = {k.lower(): v for k, v in (lmtp or {}).items()}
         self.policy = policy if policy is not None else Policy(hostname=name)
         self.reactor = _reactor(reactor)

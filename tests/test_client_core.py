@@ -180,6 +180,17 @@ def test_check_offer_refusals() -> None:
         552, "5.3.4", "message size 1001 exceeds the server's limit of 1000")
 
 
+def test_check_offer_8bit_content_needs_8bitmime() -> None:
+    """RFC 6152 §3: 8-bit content never goes to a server that does not offer 8BITMIME (nothing is converted)."""
+    no_8bit = Extensions.parse(Reply(250, ("mx", "SIZE 1000", "PIPELINING")))
+    assert check_offer(message(body="8BITMIME"), no_8bit) == Outcome.local(
+        554, "5.6.3", "8-bit content (BODY=8BITMIME) needs 8BITMIME, which the server does not offer (no "
+                      "conversion is made)")
+    assert check_offer(message(body="8BITMIME"), NOTHING) is not None  # a HELO session offers nothing
+    assert check_offer(message(body="8BITMIME"), EVERYTHING) is None
+    assert check_offer(message(), no_8bit) is None  # 7-bit content goes anywhere
+
+
 def test_dot_stuffer_lives_in_the_core_and_is_still_where_relay_had_it() -> None:
     from esmtpkit.handlers.relay import DotStuffer as relayed
 

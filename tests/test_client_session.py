@@ -165,8 +165,8 @@ def test_pipelined_transaction() -> None:
     assert client.said(QUEUED) == b"QUIT\r\n"
     assert not client.protocol.finished.called
     assert client.said(b"221 2.0.0 bye\r\n") == b""
-    assert client.result() == {0: Outcome(250, "2.0.0", "queued as Q1", HOST),
-                               1: Outcome(250, "2.0.0", "queued as Q1", HOST)}
+    assert client.result() == {0: Outcome(250, "2.0.0", "queued as Q1", HOST, dsn=True),
+                               1: Outcome(250, "2.0.0", "queued as Q1", HOST, dsn=True)}
     assert not client.failed
     assert client.opened[0].closed
 
@@ -218,9 +218,22 @@ def test_bare_line_ends_in_content_go_as_crlf() -> None:
 
 def test_helo_when_ehlo_is_unknown() -> None:
     """EHLO refused with 502: HELO, and then no ESMTP parameter at all."""
-    client = Client(make_message(body="8BITMIME"))
+    client = Client(make_message(ret="FULL", envid="e1"))
     assert up_to_mail(client, b"502 5.5.1 what?\r\n") == b"HELO client.test\r\n"
     assert client.said(b"250 mx.test\r\n") == b"MAIL FROM:<a@example.org>\r\n"
+
+
+@pytest.mark.parametrize("ehlo", [EHLO_SERIAL.replace(b"250-8BITMIME\r\n", b""), b"502 5.5.1 what?\r\n"])
+def test_8bit_content_never_goes_to_a_server_without_8bitmime(ehlo: bytes) -> None:
+    """RFC 6152 §3: no MAIL at all, a permanent 5.6.3 for every recipient (esmtpkit converts nothing)."""
+    client = Client(make_message(body="8BITMIME"))
+    sent = up_to_mail(client, ehlo)
+    if sent == b"HELO client.test\r\n":
+        sent = client.said(b"250 mx.test\r\n")
+    assert sent == b"QUIT\r\n"
+    client.said(b"221 bye\r\n")
+    assert client.codes() == {0: (554, "5.6.3"), 1: (554, "5.6.3")}
+    assert not client.failed and client.opened == []
 
 
 @pytest.mark.parametrize("options, enhanced", [({"tls": "required"}, "4.7.4"),
@@ -268,7 +281,7 @@ def test_recipients_with_mixed_replies() -> None:
     client.said(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n450 4.2.1 try later\r\n")
     assert client.said(GO_AHEAD) == STUFFED
     client.said(QUEUED + b"221 bye\r\n")
-    assert client.result() == {0: Outcome(250, "2.0.0", "queued as Q1", HOST),
+    assert client.result() == {0: Outcome(250, "2.0.0", "queued as Q1", HOST, dsn=True),
                                1: Outcome(550, "5.1.1", "no such user", HOST),
                                2: Outcome(450, "4.2.1", "try later", HOST)}
     assert not client.failed
@@ -413,6 +426,37 @@ def test_dsn_parameters() -> None:
                                   b"RCPT TO:<c@example.net>\r\nDATA\r\n")
 
 
+@pytest.mark.parametrize("ehlo, dsn", [(EHLO_ALL, True), (EHLO_ALL.replace(b"250-DSN\r\n", b""), False)])
+def test_a_server_offering_dsn_takes_the_notices_on(ehlo: bytes, dsn: bool) -> None:
+    """RFC 3461 §5.2.1: NOTIFY and ORCPT went along, so a 2xx from a DSN server makes its notices its own."""
+    message = make_message("b@example.net", "c@example.net", "d@example.net")
+    message.recipients[0].notify = ("SUCCESS",)
+    message.recipients[0].orcpt = "rfc822;b@example.net"
+    client = Client(message)
+    up_to_mail(client, ehlo)
+    client.said(OK * 2 + b"550 5.1.1 no such user\r\n" + OK + GO_AHEAD + QUEUED + b"221 bye\r\n")
+    outcomes = client.result()
+    assert [(o.code, o.dsn) for _, o in sorted(outcomes.items())] == [(250, dsn), (550, False), (250, dsn)]
+
+
+def test_lmtp_outcomes_say_whether_dsn_went_along() -> None:
+    client = Client(lmtp=True)
+    client.said(GREETING + EHLO_ALL + OK * 3 + GO_AHEAD + b"250 2.0.0 delivered\r\n"
+                + b"452 4.2.2 mailbox full\r\n221 bye\r\n")
+    assert [(o.code, o.dsn) for _, o in sorted(client.result().items())] == [(250, True), (452, False)]
+
+
+def test_552_to_rcpt_is_the_recipient_limit() -> None:
+    """RFC 5321 §4.5.3.1.10: 552 to RCPT is taken as 452 ("too many recipients"), the server's text kept."""
+    client = Client(make_message("b@example.net", "c@example.net", "d@example.net"))
+    up_to_mail(client)
+    client.said(OK * 2 + b"552 5.5.3 too many recipients\r\n552 mailbox over quota\r\n" + GO_AHEAD)
+    client.said(QUEUED + b"221 bye\r\n")
+    assert client.result()[1] == Outcome(452, "4.5.3", "too many recipients", HOST)
+    assert client.result()[2] == Outcome(452, "4.0.0", "mailbox over quota", HOST)
+    assert client.codes()[0] == (250, "2.0.0") and not client.failed
+
+
 # ---- BDAT -----------------------------------------------------------------------------------------------------
 
 def chunks(content: bytes) -> list[bytes]:
@@ -429,7 +473,7 @@ def test_bdat_pipelined() -> None:
     assert client.said(b"250 2.0.0 chunk ok\r\n" * 2) == b""
     assert client.said(b"250 2.0.0 all of it\r\n") == b"QUIT\r\n"
     client.said(b"221 bye\r\n")
-    assert client.result()[0] == Outcome(250, "2.0.0", "all of it", HOST)
+    assert client.result()[0] == Outcome(250, "2.0.0", "all of it", HOST, dsn=True)
 
 
 def test_text_content_with_bdat_gets_crlf_line_ends() -> None:
@@ -569,6 +613,25 @@ def test_implicit_tls_handshake_failure() -> None:
     client.protocol.connectionLost(Failure(SSL.Error([])))
     assert client.codes()[0] == (454, "4.7.5")
     assert client.protocol.tls_failed
+
+
+def test_verify_makes_tls_required() -> None:
+    """With verify, "opportunistic" means "required": stripping STARTTLS from the EHLO reply gets nothing sent."""
+    assert ClientOptions(tls="opportunistic", verify=True).tls == "required"
+    assert ClientOptions(tls="implicit", verify=True).tls == "implicit"
+    assert ClientOptions(tls="opportunistic").tls == "opportunistic"
+    with pytest.raises(ValueError, match="verify needs TLS"):
+        ClientOptions(tls="none", verify=True)
+    stripped = Client(tls="opportunistic", verify=True)
+    assert up_to_mail(stripped, EHLO_SERIAL) == b"QUIT\r\n"
+    stripped.said(b"221 bye\r\n")
+    assert stripped.codes() == {0: (454, "4.7.4"), 1: (454, "4.7.4")} and stripped.failed
+    refused = Client(tls="opportunistic", verify=True)
+    up_to_mail(refused, EHLO_TLS)
+    assert refused.said(b"454 4.7.0 TLS not available\r\n") == b"QUIT\r\n"
+    refused.said(b"221 bye\r\n")
+    assert refused.codes()[0] == (454, "4.7.0")
+    assert b"MAIL" not in stripped.wire.value() + refused.wire.value()
 
 
 def tls_then(client: Client, ehlo: bytes) -> bytes:
@@ -740,7 +803,7 @@ def test_send_a_whole_session() -> None:
     got = sending(endpoint, clock, message)
     [wire] = endpoint.wires
     wire.protocol.dataReceived(GREETING + EHLO_ALL + OK * 2 + GO_AHEAD + QUEUED + b"221 bye\r\n")
-    assert got == [Attempt(HOST, {0: Outcome(250, "2.0.0", "queued as Q1", HOST)}, False)]
+    assert got == [Attempt(HOST, {0: Outcome(250, "2.0.0", "queued as Q1", HOST, dsn=True)}, False)]
     assert clock.getDelayedCalls() == []
 
 
@@ -759,6 +822,68 @@ def test_send_opportunistic_tls_failing_tries_again_in_clear() -> None:
     second.protocol.dataReceived(OK * 3 + GO_AHEAD + QUEUED + b"221 bye\r\n")
     [attempt] = got
     assert {o.code for o in attempt.outcomes.values()} == {250} and not attempt.session_failed
+
+
+def test_send_verified_tls_failing_never_goes_in_clear() -> None:
+    clock = Clock()
+    endpoint = FakeEndpoint()
+    got = sending(endpoint, clock, tls="opportunistic", verify=True)
+    [wire] = endpoint.wires
+    wire.protocol.dataReceived(GREETING + EHLO_TLS + b"220 go ahead\r\n")
+    wire.protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+    [attempt] = got
+    assert {o.enhanced for o in attempt.outcomes.values()} == {"4.7.5"} and attempt.session_failed
+    assert len(endpoint.wires) == 1 and clock.getDelayedCalls() == []
+
+
+def fired(d: "Deferred[Any]") -> Any:
+    """The result ``d`` has fired with already (a failure fails the test)."""
+    got: list[Any] = []
+    d.addBoth(got.append)
+    assert got and not isinstance(got[0], Failure), got
+    return got[0]
+
+
+def cancelled(text: str) -> Outcome:
+    return Outcome.local(451, "4.4.2", f"attempt timed out ({HOST}, {text})")
+
+
+def test_cancel_aborts_the_session_and_keeps_the_answers_given() -> None:
+    """A cancelled send fires at once with the Attempt as it stands, never with CancelledError."""
+    clock = Clock()
+    endpoint = FakeEndpoint()
+    d = send(clock, endpoint, make_message(), lambda: io.BytesIO(CONTENT), ClientOptions(tls="none"), host=HOST)
+    [wire] = endpoint.wires
+    wire.protocol.dataReceived(GREETING + EHLO_ALL + OK + b"550 5.1.1 no such user\r\n")
+    d.cancel()
+    assert wire.aborted
+    assert fired(d) == Attempt(HOST, {
+        0: Outcome(550, "5.1.1", "no such user", HOST), 1: cancelled("while waiting for the reply to RCPT TO")},
+        True)
+    assert clock.getDelayedCalls() == []
+
+
+def test_cancel_after_the_data_was_taken_keeps_the_delivery() -> None:
+    clock = Clock()
+    endpoint = FakeEndpoint()
+    d = send(clock, endpoint, make_message(), lambda: io.BytesIO(CONTENT), ClientOptions(tls="none"), host=HOST)
+    [wire] = endpoint.wires
+    wire.protocol.dataReceived(GREETING + EHLO_ALL + OK * 3 + GO_AHEAD + QUEUED)
+    assert wire.value().endswith(b"QUIT\r\n")
+    d.cancel()
+    attempt = fired(d)
+    assert {(o.code, o.dsn) for o in attempt.outcomes.values()} == {(250, True)}
+    assert wire.aborted and clock.getDelayedCalls() == []
+
+
+def test_cancel_while_connecting() -> None:
+    clock = Clock()
+    endpoint = FakeEndpoint(None)
+    d = send(clock, endpoint, make_message(), lambda: io.BytesIO(CONTENT), ClientOptions(tls="none"), host=HOST)
+    d.cancel()
+    timed_out = cancelled("while connecting")
+    assert fired(d) == Attempt(HOST, {0: timed_out, 1: timed_out}, True)
+    assert clock.getDelayedCalls() == [] and endpoint.wires == []
 
 
 def test_send_with_unusable_tls_settings(tmp_path: Path) -> None:

@@ -10,10 +10,11 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactor
 
 from esmtpkit.client.delivery import Deliverer
-from esmtpkit.client.mx import Hop, MXRouter, RouteError
+from esmtpkit.client.mx import Hop, MXRouter, RouteError, Smarthost
 from esmtpkit.client.options import ClientOptions, Timeouts
 from esmtpkit.client.session import Attempt
 from esmtpkit.core.outbound import Message, Outcome, Recipient
@@ -167,6 +168,175 @@ def test_routing_surprises_defer(result: Any) -> None:
     assert set(outcomes) == {0, 1}
     assert {(o.code, o.enhanced) for o in outcomes.values()} == {(451, "4.4.3")}
     assert send.calls == []
+
+
+# ---- the server's recipient limit: 452 (or 552) to RCPT --------------------------------------------------------
+
+TOO_MANY = Outcome(452, "4.5.3", "too many recipients", "remote")
+
+
+def limited(limit: int) -> Callable[[list[int]], Attempt]:
+    """A hop that takes ``limit`` recipients per session and answers the rest 452."""
+    return lambda indexes: Attempt("", {i: OK if n < limit else TOO_MANY for n, i in enumerate(indexes)}, False)
+
+
+def test_recipients_over_the_limit_go_again_at_once() -> None:
+    """RFC 5321 §4.5.3.1.10: the rest go in a new session to the same hop, as long as each round delivers."""
+    send = FakeSend(**{"mx1.example.net": limited(2), "mx2.example.net": all_get(OK, failed=False)})
+    five = message(*(f"{c}@example.net" for c in "abcde"))
+    assert deliver(FakeRouter([MX1, MX2]), send, five, [0, 1, 2, 3, 4]) == {i: OK for i in range(5)}
+    assert [(host, indexes) for host, indexes, _ in send.calls] == [
+        ("mx1.example.net[127.0.0.2]", [0, 1, 2, 3, 4]), ("mx1.example.net[127.0.0.2]", [2, 3, 4]),
+        ("mx1.example.net[127.0.0.2]", [4])]
+
+
+def test_rounds_stop_when_one_delivers_nothing() -> None:
+    rounds = iter([{0: OK, 1: TOO_MANY, 2: MAILBOX_BUSY}, {1: TOO_MANY}])
+    send = FakeSend(**{"mx1.example.net": lambda indexes: Attempt("", next(rounds), False)})
+    assert deliver(FakeRouter([MX1, MX2]), send, THREE, [0, 1, 2]) == {0: OK, 1: TOO_MANY, 2: MAILBOX_BUSY}
+    assert [indexes for _, indexes, _ in send.calls] == [[0, 1, 2], [1]]
+    nobody = FakeSend(**{"mx1.example.net": all_get(TOO_MANY, failed=False)})
+    assert deliver(FakeRouter([MX1, MX2]), nobody, THREE, [0, 1]) == {0: TOO_MANY, 1: TOO_MANY}
+    assert len(nobody.calls) == 1
+
+
+def test_a_failed_round_sends_its_recipients_to_the_next_hop() -> None:
+    rounds = iter([Attempt("", {0: OK, 1: TOO_MANY, 2: TOO_MANY}, False),
+                   Attempt("", {1: refused_by(MX1), 2: refused_by(MX1)}, True)])
+    send = FakeSend(**{"mx1.example.net": lambda indexes: next(rounds), "mx2.example.net": all_get(OK, False)})
+    assert deliver(FakeRouter([MX1, MX2]), send, THREE, [0, 1, 2]) == {0: OK, 1: OK, 2: OK}
+    assert [(host.partition("[")[0], indexes) for host, indexes, _ in send.calls] == [
+        ("mx1.example.net", [0, 1, 2]), ("mx1.example.net", [1, 2]), ("mx2.example.net", [1, 2])]
+
+
+# ---- connection limits and cancellation -------------------------------------------------------------------------
+
+class HeldSession:
+    """One session a `HeldSend` started: open until the test ends it; cancelled, it answers as send does."""
+
+    def __init__(self, host: str, indexes: list[int]) -> None:
+        self.host = host
+        self.indexes = indexes
+        self.d: Deferred[Attempt] = Deferred(self._cancelled)
+
+    def _cancelled(self, d: "Deferred[Attempt]") -> None:
+        d.callback(Attempt(self.host, {i: Outcome.local(451, "4.4.2", "attempt timed out") for i in self.indexes},
+                           True))
+
+    def end(self, outcomes: dict[int, Outcome] | None = None) -> None:
+        self.d.callback(Attempt(self.host, outcomes or {i: OK for i in self.indexes}, False))
+
+
+class HeldSend:
+    """A send whose sessions stay open until the test ends them."""
+
+    def __init__(self) -> None:
+        self.sessions: list[HeldSession] = []
+
+    def __call__(self, reactor: Any, endpoint: Any, message: Message, open_content: Any, options: ClientOptions,
+                 *, indexes: list[int], host: str) -> "Deferred[Attempt]":
+        self.sessions.append(HeldSession(host, list(indexes)))
+        return self.sessions[-1].d
+
+    def open(self) -> list[HeldSession]:
+        return [s for s in self.sessions if not s.d.called]
+
+
+def held(router: Any, **limits: Any) -> tuple[Deliverer, HeldSend]:
+    send = HeldSend()
+    return Deliverer(MemoryReactor(), router, ClientOptions(), send=send, endpoint_for=lambda hop: hop.label,
+                     **limits), send
+
+
+def fired(d: "Deferred[Any]") -> Any:
+    got: list[Any] = []
+    d.addBoth(got.append)
+    assert got and isinstance(got[0], dict), got
+    return got[0]
+
+
+def test_connection_limits_queue_sessions_and_never_fail_them() -> None:
+    """At most ``max_connections`` sessions at once, ``destination_concurrency`` per domain; the rest wait."""
+    class ByDomain(FakeRouter):
+        def route(self, domain: str) -> "Deferred[list[Hop]]":
+            return succeed([Hop(f"mx.{domain}", "127.0.0.2")])
+
+    deliverer, send = held(ByDomain([]), max_connections=3, destination_concurrency=2)
+    results = [deliverer.deliver(message(f"r{n}@{domain}"), [0], content)
+               for n, domain in enumerate(["a.example", "a.example", "a.example", "b.example", "b.example"])]
+    steps = 0
+    while send.open():
+        open_now = send.open()
+        by_host = [s.host.partition("[")[0] for s in open_now]
+        assert len(open_now) <= 3 and max(by_host.count(h) for h in by_host) <= 2, by_host
+        if steps == 0:
+            assert sorted(by_host) == ["mx.a.example", "mx.a.example", "mx.b.example"]
+        open_now[0].end()
+        steps += 1
+    assert steps == 5
+    assert [fired(d) for d in results] == [{0: OK}] * 5
+    assert deliverer._destinations == {}
+
+
+def test_a_smarthost_is_one_destination_for_every_domain() -> None:
+    deliverer, send = held(Smarthost("127.0.0.9", 2525), destination_concurrency=1)
+    first = deliverer.deliver(message("a@a.example"), [0], content)
+    second = deliverer.deliver(message("b@b.example"), [0], content)
+    assert [s.host for s in send.open()] == ["127.0.0.9[127.0.0.9]"]
+    send.open()[0].end()
+    assert fired(first) == {0: OK}
+    send.open()[0].end()
+    assert fired(second) == {0: OK}
+    assert deliverer.destination("A.Example") == "[127.0.0.9]:2525"
+    assert held(FakeRouter([]))[0].destination("A.Example") == "a.example"
+    mx_router = MXRouter(MemoryReactor(), servers=[("127.0.0.1", 53)])
+    assert held(mx_router)[0].destination("A.Example") == "a.example"
+
+
+@pytest.mark.parametrize("limits", [{"max_connections": 0}, {"destination_concurrency": 0}])
+def test_limits_must_allow_a_connection(limits: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        held(FakeRouter([]), **limits)
+
+
+def test_cancel_during_a_session_keeps_final_answers_and_frees_the_slot() -> None:
+    deliverer, send = held(FakeRouter([MX1, MX2]), max_connections=1)
+    d = deliverer.deliver(THREE, [0, 1, 2], content)
+    send.open()[0].end({0: OK, 1: UNKNOWN_USER, 2: TOO_MANY})
+    [again] = send.open()
+    assert again.indexes == [2]
+    d.cancel()
+    assert fired(d) == {0: OK, 1: UNKNOWN_USER, 2: Outcome.local(451, "4.4.2", "attempt timed out")}
+    other = deliverer.deliver(message("x@example.org"), [0], content)
+    send.open()[0].end()
+    assert fired(other) == {0: OK}
+    assert len(send.sessions) == 3
+
+
+def test_cancel_while_waiting_for_a_connection() -> None:
+    deliverer, send = held(FakeRouter([MX1]), max_connections=1)
+    first = deliverer.deliver(THREE, [0], content)
+    waiting = deliverer.deliver(message("z@example.org"), [0], content)
+    waiting.cancel()
+    assert fired(waiting) == {0: Outcome.local(451, "4.4.2", "attempt timed out while waiting for a connection "
+                                                             "to mx1.example.net[127.0.0.2] (limit for every "
+                                                             "destination)")}
+    send.open()[0].end()
+    assert fired(first) == {0: OK}
+    assert len(send.sessions) == 1 and deliverer._destinations == {}
+
+
+def test_cancel_while_routing() -> None:
+    class Silent(FakeRouter):
+        def route(self, domain: str) -> "Deferred[list[Hop]]":
+            return Deferred()
+
+    deliverer, send = held(Silent([]))
+    d = deliverer.deliver(THREE, [0, 2], content)
+    d.cancel()
+    timed_out = Outcome.local(451, "4.4.2", "attempt timed out while looking up where mail for example.net goes")
+    assert fired(d) == {0: timed_out, 2: timed_out}
+    assert send.sessions == []
 
 
 # ---- the default endpoints ----------------------------------------------------------------------------------------
@@ -324,3 +494,48 @@ async def test_deferred_recipient_stays_deferred(net: PrivateDNS) -> None:
     assert [(o.code, o.enhanced) for o in outcomes.values()] == [(250, "2.0.0"), (450, "4.2.1")]
     assert network.connections() == [1, 0, 0]
     assert network.mxes[0].messages[0].recipients == ["bob@mail.test"]
+
+
+@pytest.mark.parametrize("limit_reply", [Reply.of(452, "Too many recipients", enhanced="4.5.3"),
+                                         Reply.of(552, "Too many recipients", enhanced="5.5.3")])
+@pytest_twisted.ensureDeferred
+async def test_recipient_limit_over_the_network(net: PrivateDNS, limit_reply: Reply) -> None:
+    """An MX taking two recipients per transaction gets five in three sessions; 552 counts as 452 there."""
+    network = Network(net, {"recipient_limit": 2, "limit_reply": limit_reply}, {}, {})
+    addresses = [f"{c}@mail.test" for c in "abcde"]
+    outcomes = await network.deliver(*addresses)
+    assert remote(outcomes) == {(250, "mx1.mail.test[127.0.0.2]")}
+    assert network.connections() == [3, 0, 0]
+    assert [m.recipients for m in network.mxes[0].messages] == [addresses[:2], addresses[2:4], addresses[4:]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_aborts_the_session_under_way(net: PrivateDNS) -> None:
+    """The queue's deadline: the connection is aborted and every recipient gets 4.4.2 at once."""
+    from twisted.internet import reactor
+
+    reached: Deferred[None] = Deferred()
+
+    def eom() -> "Deferred[Reply]":
+        reached.callback(None)
+        return Deferred()  # the MX never answers the end of the data
+
+    network = Network(net, {"eom": eom}, {}, {})
+    router = MXRouter(reactor, servers=net.servers, port=network.port, timeout=(5,))
+    deliverer = Deliverer(reactor, router, ClientOptions(helo="client.test"))
+    msg = Message("m1", "alice@example.org", [Recipient("bob@mail.test"), Recipient("carol@mail.test")],
+                  size=len(CONTENT))
+    d = deliverer.deliver(msg, [0, 1], lambda: io.BytesIO(CONTENT))
+    try:
+        await reached
+        await deferLater(reactor, 0, lambda: None)  # the MX's handler has returned
+        d.cancel()
+        assert d.called
+        outcomes = await d
+    finally:
+        await stop_all([mx for mx in network.mxes if mx is not None])
+    assert {(o.code, o.enhanced) for o in outcomes.values()} == {(451, "4.4.2")}
+    assert outcomes[0].text == ("attempt timed out (mx1.mail.test[127.0.0.2], while waiting for the reply to the "
+                                "end of the data)")
+    assert network.connections() == [1, 0, 0]
+    assert deliverer._destinations == {}

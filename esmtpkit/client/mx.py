@@ -52,7 +52,12 @@ class RouteError(Exception):
 
 
 class Router(Protocol):
-    """Anything that routes a domain: `MXRouter`, `Smarthost`, or a fake in tests."""
+    """Anything that routes a domain: `MXRouter`, `Smarthost`, or a fake in tests.
+
+    A router may also name the destination a domain's mail goes to, ``destination(domain) -> str``, which
+    `esmtpkit.client.delivery.Deliverer` limits connections by (a smarthost: one for every domain); without it,
+    each domain is a destination of its own.
+    """
 
     def route(self, domain: str) -> "Deferred[list[Hop]]":
         """The hops for ``domain``, best first; fails with `RouteError`."""
@@ -222,6 +227,10 @@ class MXRouter:
 
     # ---- the two entry points ----------------------------------------------------------------------------------
 
+    def destination(self, domain: str) -> str:
+        """What connections for ``domain`` are counted under: the domain itself, lower-cased."""
+        return domain.lower()
+
     def route(self, domain: str) -> "Deferred[list[Hop]]":
         """The hops for mail to ``domain``, best first; fails with `RouteError` (never anything else)."""
         return self._guarded(self._route(domain))
@@ -368,6 +377,11 @@ class Smarthost:
         self.host, self.port, self.mx_lookup = _parse_relay(host, port)
         self.router = resolver_router
         self.reactor = reactor
+
+    def destination(self, domain: str) -> str:
+        """What connections for ``domain`` are counted under: the relay, whatever the domain
+        (``[smtp.example.net]:587``)."""
+        return f"[{self.host}]:{self.port}"
 
     def route(self, domain: str) -> "Deferred[list[Hop]]":
         """The relay's hops, whatever ``domain`` is; fails with a temporary `RouteError`."""

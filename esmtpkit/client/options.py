@@ -8,8 +8,8 @@ from typing import Final
 
 __all__ = ["Timeouts", "ClientOptions", "TLS_MODES"]
 
-#: ``none``: never TLS; ``opportunistic``: STARTTLS when offered; ``required``: STARTTLS or fail (4.7.4);
-#: ``implicit``: TLS from the first byte (RFC 8314, the endpoint is wrapped).
+#: ``none``: never TLS; ``opportunistic``: STARTTLS when offered (taken as ``required`` with ``verify``);
+#: ``required``: STARTTLS or fail (4.7.4); ``implicit``: TLS from the first byte (RFC 8314, the endpoint is wrapped).
 TLS_MODES: Final = ("none", "opportunistic", "required", "implicit")
 
 
@@ -33,11 +33,14 @@ class Timeouts:
 class ClientOptions:
     """One session's settings. ``helo`` is the name given in EHLO/HELO/LHLO; ``tls`` one of `TLS_MODES`;
     ``verify`` checks the server's certificate chain and name (``tls_hostname``, else the host's name) against
-    ``ca_file`` or the platform's trust store, where opportunistic TLS takes any certificate. ``username`` and
-    ``password`` log in with AUTH PLAIN or LOGIN, only over TLS. ``lmtp`` speaks LMTP (RFC 2033); ``chunking``
-    sends with BDAT when the server offers CHUNKING (binary content always goes that way). ``all_or_nothing``:
-    when the server refuses any recipient, the content is not completed for the others, so that the message
-    reaches every recipient or none (a relay that already said 250 to each of them can then answer for all).
+    ``ca_file`` or the platform's trust store, where opportunistic TLS takes any certificate; it makes
+    ``"opportunistic"`` mean ``"required"`` (``tls`` then reads ``"required"``), so that a server whose STARTTLS
+    an attacker strips, refuses or breaks never gets the mail in clear, and it needs TLS (``"none"`` is refused).
+    ``username`` and ``password`` log in with AUTH PLAIN or LOGIN, only over TLS. ``lmtp`` speaks LMTP (RFC
+    2033); ``chunking`` sends with BDAT when the server offers CHUNKING (binary content always goes that way).
+    ``all_or_nothing``: when the server refuses any recipient, the content is not completed for the others, so
+    that the message reaches every recipient or none (a relay that already said 250 to each of them can then
+    answer for all).
     """
 
     helo: str = "localhost"
@@ -55,6 +58,10 @@ class ClientOptions:
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:
             raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {self.tls!r}")
+        if self.verify and self.tls == "none":
+            raise ValueError("verify needs TLS: there is no certificate to check without it")
+        if self.verify and self.tls == "opportunistic":
+            object.__setattr__(self, "tls", "required")  # a checked certificate or nothing: no downgrade
         if self.username is not None and self.tls == "none":
             raise ValueError("a username needs TLS: credentials are never sent in clear")
         if not self.helo or any(c.isspace() for c in self.helo) or not self.helo.isprintable():

@@ -5,11 +5,13 @@ The conversation, in order: the greeting; EHLO (HELO when EHLO is unknown and ne
 LHLO for LMTP); STARTTLS and EHLO again; AUTH PLAIN or LOGIN, over TLS only; MAIL, each RCPT and DATA, in one
 write when the server offers PIPELINING (RFC 2920), else one at a time; the content, dot-stuffed after DATA or in
 BDAT chunks (RFC 3030), read from its file 64 KiB at a time as the connection takes it; the reply at the end
-(LMTP: one per accepted recipient, RFC 2033 §4.2); QUIT. With ``all_or_nothing``, a refused recipient stops
+(LMTP: one per accepted recipient, RFC 2033 §4.2); QUIT. A 552 to RCPT counts as 452, the server's recipient
+limit (RFC 5321 §4.5.3.1.10); a 2xx after the data from a server offering DSN is marked ``dsn`` (it was given
+NOTIFY and ORCPT, so the notices are its own, RFC 3461 §5.2.1). With ``all_or_nothing``, a refused recipient stops
 the transaction before its end: no DATA or BDAT, or, when DATA was pipelined and got 354, the connection closed
 without the final dot, so the server never processes it (RFC 5321 §4.1.1.4). Every wait has a timeout (RFC 5321
-§4.5.3.2) on the given clock. The outcomes and `ClientProtocol.session_failed` are final once
-`ClientProtocol.finished` fires, when the connection has closed.
+§4.5.3.2) on the given clock; `ClientProtocol.cancel` stops it at once. The outcomes and
+`ClientProtocol.session_failed` are final once `ClientProtocol.finished` fires, when the connection has closed.
 
 Three layers, one class each: the frame (replies matched to commands, timers, how a session ends), the opening
 (greeting to AUTH), and `ClientProtocol` itself (the transaction and the content).
@@ -54,6 +56,11 @@ class _Wait:
     what: str
     timeout: float
     then: Callable[[Reply], None]
+
+
+def _rcpt_refusal(reply: Reply, host: str) -> Outcome:
+    """A refused RCPT's outcome; 552 is taken as 452, the server's recipient limit (RFC 5321 §4.5.3.1.10)."""
+    return _softened(reply, host) if reply.code == 552 else Outcome.of(reply, host)
 
 
 def _softened(reply: Reply, host: str) -> Outcome:
@@ -264,6 +271,18 @@ class _Connection(LineReceiver):
             return self._violation(f"unexpected reply {reply} to {what}")
         return Outcome.of(reply, self.host)
 
+    def cancel(self) -> None:
+        """Stop now, as the caller's deadline has passed: the recipients with no answer yet get 4.4.2 "attempt
+        timed out" (those answered keep their answer) and the connection is aborted."""
+        if self.finished.called:
+            return
+        self._settle(Outcome.local(451, "4.4.2", f"attempt timed out ({self._where}, {self._doing()})"))
+        if self.transport is None:
+            self._closed = True
+            self._cancel_timer()
+            return
+        self._abort()
+
     def _abort(self) -> None:
         self._stop_streaming()
         self._closed = True
@@ -443,6 +462,7 @@ class ClientProtocol(_Opening):
         self._rcpts_left = 0
         self._stuffer = DotStuffer()
         self._line_ends: LineEnds | None = None
+        self._dsn = False
         self._next_piece: bytes | None = None
         self._transaction_over = False
         self._abandoned = False
@@ -458,6 +478,7 @@ class ClientProtocol(_Opening):
             self._fail(Outcome(refusal.code, refusal.enhanced, f"{refusal.text} ({self._where})", ""), session=False)
             return
         self._pipelining = ext.offers("PIPELINING")
+        self._dsn = ext.offers("DSN")  # NOTIFY and ORCPT go along, so the server reports from then on
         self._bdat = self.message.body == "BINARYMIME" or (self.options.chunking and ext.offers("CHUNKING"))
         self._line_ends = None if self.message.body == "BINARYMIME" else LineEnds()
         timeouts = self.options.timeouts
@@ -497,8 +518,10 @@ class ClientProtocol(_Opening):
             if not self._mail_refused:
                 if 200 <= reply.code < 300:
                     self._accepted.append(index)
-                else:
+                elif reply.code < 400:
                     self.outcomes[index] = self._refusal(reply, "RCPT TO")
+                else:
+                    self.outcomes[index] = _rcpt_refusal(reply, self.host)
             if self._rcpts_left:
                 if not self._pipelining:
                     self._next_rcpt()
@@ -626,14 +649,19 @@ class ClientProtocol(_Opening):
         if self._transaction_over:
             return
         self._transaction_over = True
-        outcome = Outcome.of(reply, self.host) if 200 <= reply.code < 300 else self._refusal(reply, "the data")
+        outcome = self._delivered(reply) if 200 <= reply.code < 300 else self._refusal(reply, "the data")
         self._fail(outcome, session=400 <= outcome.code < 500)
+
+    def _delivered(self, reply: Reply) -> Outcome:
+        """A 2xx to the data: with DSN offered, the server was given NOTIFY and ORCPT and now owes the notices
+        (RFC 3461 §5.2.1), so the outcome says so (``dsn``)."""
+        return Outcome.of(reply, self.host, dsn=self._dsn)
 
     def _lmtp_answer(self, index: int) -> Callable[[Reply], None]:
         def answered(reply: Reply) -> None:
             if self._transaction_over:
                 return
-            self.outcomes[index] = (Outcome.of(reply, self.host) if 200 <= reply.code < 300
+            self.outcomes[index] = (self._delivered(reply) if 200 <= reply.code < 300
                                     else self._refusal(reply, "the data"))
             if self._settled():
                 self._transaction_over = True

@@ -186,13 +186,16 @@ def rcpt_command(recipient: Recipient, ext: Extensions) -> bytes:
 def check_offer(message: Message, ext: Extensions, recipients: list[Recipient] | None = None) -> Outcome | None:
     """A permanent Outcome when ``message`` cannot go to this server at all, before any command is sent; None
     when it can. SMTPUTF8 needed but not offered: 5.6.7 (RFC 6531 §3.2); binary content without CHUNKING and
-    BINARYMIME: 5.6.3 (RFC 3030 §3); over the server's SIZE limit: 5.3.4 (RFC 1870 §6). ``recipients``: those
-    being sent (default: all)."""
+    BINARYMIME, or 8-bit content without 8BITMIME: 5.6.3 (RFC 3030 §3, RFC 6152 §3: nothing is down-converted);
+    over the server's SIZE limit: 5.3.4 (RFC 1870 §6). ``recipients``: those being sent (default: all)."""
     if needs_smtputf8(message, recipients) and not ext.offers("SMTPUTF8"):
         return Outcome.local(553, "5.6.7", "SMTPUTF8 is required, but was not offered by the server")
     if message.body == "BINARYMIME" and not (ext.offers("CHUNKING") and ext.offers("BINARYMIME")):
         return Outcome.local(554, "5.6.3", "binary content (BODY=BINARYMIME) needs CHUNKING and BINARYMIME, "
                                            "which the server does not offer")
+    if message.body == "8BITMIME" and not ext.offers("8BITMIME"):
+        return Outcome.local(554, "5.6.3", "8-bit content (BODY=8BITMIME) needs 8BITMIME, which the server does "
+                                           "not offer (no conversion is made)")
     limit = ext.size_limit
     if limit is not None and message.size > limit:
         return Outcome.local(552, "5.3.4", f"message size {message.size} exceeds the server's limit of {limit}")

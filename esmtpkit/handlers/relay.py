@@ -147,6 +147,7 @@ class Relay(MessageHandler):
         self.options = self._client_options()
         self._spool: Any = None
         self._sending = False
+        self._eight_bit = False
 
     @property
     def where(self) -> str:
@@ -172,6 +173,7 @@ class Relay(MessageHandler):
         """Open the spool and write our ``Received:`` field first (RFC 5321 §4.4)."""
         self._close_spool()
         self._spool = tempfile.SpooledTemporaryFile(max_size=self.spool_max)
+        self._eight_bit = False
         session = self.session
         if self.trace and session is not None:
             trace_id = session.envelope.id or secrets.token_hex(8).upper()
@@ -179,8 +181,10 @@ class Relay(MessageHandler):
         return super().data()
 
     def body(self, chunk: bytes) -> None:
-        """Append to the spool (memory up to ``spool_max``, then a temporary file)."""
+        """Append to the spool (memory up to ``spool_max``, then a temporary file), noting any 8-bit octet."""
         self._spool.write(chunk)
+        if not self._eight_bit and not chunk.isascii():
+            self._eight_bit = True
 
     def eom(self) -> "Deferred[Reply] | Reply":
         """Send the spooled message upstream, all or nothing; the Deferred fires with the reply `relay_reply`
@@ -192,6 +196,8 @@ class Relay(MessageHandler):
             reactor = self._reactor()
             message = to_message(session, session.envelope.id or secrets.token_hex(8).upper(), spool.tell(),
                                  reactor.seconds())
+            if message.body == "8BITMIME" and not self._eight_bit:
+                message.body = None  # plain ASCII is 7BIT: it may go to an upstream without 8BITMIME (RFC 6152)
             options = self._options_for(session.hostname)
             endpoint = self._endpoint()
         except Exception:
