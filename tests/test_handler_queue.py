@@ -4,14 +4,19 @@ its settings as text, and how ``twistd esmtpkit`` attaches its per-process servi
 
 from __future__ import annotations
 
+import os
+import random
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from esmtpkit.cli import tap
@@ -20,17 +25,18 @@ from esmtpkit.core.reply import Reply
 from esmtpkit.core.schedule import Schedule
 from esmtpkit.handlers import Queue, Relay
 from esmtpkit.handlers.access import may_relay, parse_networks
-from esmtpkit.handlers.queue import STORAGE_FAILED, TOO_BIG
+from esmtpkit.handlers.queue import STORAGE_FAILED, TOO_BIG, HeaderScan
 from esmtpkit.core.session import Session
 from esmtpkit.ops.queue_metrics import QueueMetrics, watch
 from esmtpkit.queue.interfaces import MessageTooBig
 from esmtpkit.queue.memory import MemoryEntry, MemoryStore
 from esmtpkit.queue.runner import QueueMonitor
-from esmtpkit.queue.service import QueueConfig, QueueService, parse_relayhost, parse_seconds, parse_servers
+from esmtpkit.queue.service import (QueueConfig, QueueService, listening_addresses, parse_relayhost, parse_seconds,
+                                    parse_servers)
 from esmtpkit.server.interfaces import IMessageHandler
 from esmtpkit.server.policy import Policy
 
-from .support import HandlerTestCase
+from .support import HandlerTestCase, run_twistd
 
 CONTENT = b"From: alice@example.org\r\nSubject: queued\r\n\r\n.leading dot\r\nbody \xe9\r\n"
 #: 100 octets of content: 15 of them are over the limit of the stores below.
@@ -288,12 +294,61 @@ class QueueHandlerTests(HandlerTestCase):
         self.assertEqual((message.sender, message.smtputf8, message.body), ("élise@example.org", True, "BINARYMIME"))
         self.assertTrue(content.endswith(binary))
 
+    def test_8bitmime_content_that_is_all_ascii_is_queued_as_7bit(self) -> None:
+        """BODY=8BITMIME declared, but every octet ASCII: queued with no BODY, so any next hop can take it."""
+        for content, body in ((b"Subject: plain\r\n\r\nonly ascii\r\n", None), (CONTENT, "8BITMIME")):
+            store = MemoryStore(reactor=self.clock)
+            talk = self.conversation(self.handler(store))
+            talk.send("EHLO client.test")
+            talk.send("MAIL FROM:<alice@example.org> BODY=8BITMIME")
+            talk.send("RCPT TO:<bob@example.net>")
+            talk.send("DATA")
+            talk.write(content + b".\r\n")
+            self.assertEqual(talk.replies()[0].code, 250)
+            message, _ = self.only()
+            self.assertEqual(message.body, body)
+
+    def test_a_message_that_passed_too_many_hosts_is_refused(self) -> None:
+        """More than 50 Received: fields (Postfix's hopcount_limit) is a loop: 554 5.4.6, nothing queued; 50 pass.
+        Received: lines in the body do not count."""
+        hops = b"".join(b"Received: from hop%d.example by hop%d.example; Thu, 1 Jan 2026 00:00:00 +0000\r\n"
+                        % (n, n + 1) for n in range(50))
+        talk = self.conversation(self.handler())
+        reply = talk.message("alice@example.org", ["bob@example.net"], b"received: from one.more\r\n" + hops +
+                             b"Subject: loop\r\n\r\nbody\r\n")
+        self.assertEqual((reply.code, reply.enhanced, reply.lines), (554, "5.4.6", ("Too many hops",)))
+        self.assertEqual(self.store.messages, {})
+        reply = talk.message("alice@example.org", ["bob@example.net"], hops + b"Subject: fine\r\n\r\n" +
+                             b"Received: in the body\r\n" * 3)
+        self.assertEqual(reply.code, 250)
+        self.assertEqual(len(self.store.messages), 1)
+
     def test_the_service_hears_of_each_message_queued(self) -> None:
         monitor = RecordingQueued()
         handler = self.handler()
         handler.service.monitor.add(monitor)
         self.conversation(handler).message("alice@example.org", ["bob@example.net"], CONTENT)
         self.assertEqual(monitor.origins, ["smtp"])
+
+
+@pytest.mark.parametrize("split", ["whole", "bytes", "random"])
+def test_header_scan_counts_received_fields_however_the_content_is_split(split: str) -> None:
+    content = (b"Received: a\r\nRECEIVED: b\r\n\tReceived: a continuation\r\nX-Received: no\r\nreceived:c\r\n"
+               b"Received : obsolete spacing, not counted\r\nSubject: s\r\n\r\nReceived: body\r\n")
+    if split == "whole":
+        pieces = [content]
+    elif split == "bytes":
+        pieces = [content[i:i + 1] for i in range(len(content))]
+    else:
+        rng = random.Random(7)
+        cuts = sorted(rng.sample(range(1, len(content)), 12))
+        pieces = [content[a:b] for a, b in zip([0] + cuts, cuts + [len(content)])]
+    scan = HeaderScan()
+    for piece in pieces:
+        scan.feed(piece)
+    assert (scan.received, scan.ascii) == (3, True)
+    scan.feed(b"\xe9", header=False)
+    assert scan.ascii is False
 
 
 class RecordingQueued(QueueMonitor):
@@ -368,6 +423,29 @@ def test_bad_settings_say_which(settings: dict[str, str], word: str) -> None:
         QueueConfig.from_options(**{"hostname": "mx.test", **settings})
 
 
+def test_verify_implies_required_tls_and_refuses_a_downgrade() -> None:
+    """Opportunistic TLS would send in plaintext when the certificate fails: verify=yes makes it required, and
+    refuses an explicit tls=opportunistic (or none) with a line saying so."""
+    assert QueueConfig.from_options(verify="yes", hostname="h").tls == "required"
+    assert QueueConfig.from_options(verify="yes", tls="implicit", relayhost="[r.test]:465", hostname="h").tls == (
+        "implicit")
+    assert QueueConfig.from_options(hostname="h").tls == "opportunistic"
+    for tls in ("opportunistic", "none"):
+        with pytest.raises(ValueError, match=f"verify=yes needs tls=required or tls=implicit, not tls={tls}"):
+            QueueConfig.from_options(verify="yes", tls=tls, hostname="h")
+
+
+def test_local_addresses_and_the_amqp_backend_from_settings() -> None:
+    config = QueueConfig.from_options(local_addresses="192.0.2.1, [2001:db8::1] 127.0.0.1", hostname="h")
+    assert config.local_addresses == ("192.0.2.1", "2001:db8::1", "127.0.0.1")
+    assert QueueConfig.from_options(hostname="h").local_addresses is None
+    with pytest.raises(ValueError, match="local_addresses"):
+        QueueConfig.from_options(local_addresses="192.0.2.1,mx.example", hostname="h")
+    assert QueueConfig.from_options(amqp_url="amqp://mq.test/", hostname="h").backend == "amqp"
+    assert QueueConfig.from_options(amqp_url="amqp://mq.test/", backend="spool", hostname="h").backend == "spool"
+    assert QueueConfig.from_options(attempt_timeout="10m", hostname="h").attempt_timeout == 600
+
+
 def test_durations() -> None:
     assert [parse_seconds("x", v) for v in ("300", "30m", "4h", "5d", "1w", "1.5h", 12)] == [
         300, 1800, 14400, 432000, 604800, 5400, 12]
@@ -379,12 +457,13 @@ def test_no_delay_warning_by_default_or_when_off() -> None:
     assert QueueConfig.from_options(hostname="h", delay_warning="none").schedule.delay_warning is None
 
 
-def test_handlers_with_the_same_settings_share_one_service() -> None:
-    one = Queue(spool="/nonexistent/q1", relayhost="127.0.0.1:2525", hostname="mx.test")
-    two = Queue(spool="/nonexistent/q1", relayhost="127.0.0.1:2525", hostname="mx.test")
-    other = Queue(spool="/nonexistent/q2", relayhost="127.0.0.1:2525", hostname="mx.test")
-    assert one.service is two.service is Queue.process_service(spool="/nonexistent/q1",
-                                                                  relayhost="127.0.0.1:2525", hostname="mx.test")
+def test_handlers_with_the_same_settings_share_one_service(tmp_path: Any) -> None:
+    first, second = str(tmp_path / "q1"), str(tmp_path / "q2")
+    one = Queue(spool=first, relayhost="127.0.0.1:2525", hostname="mx.test")
+    two = Queue(spool=first, relayhost="127.0.0.1:2525", hostname="mx.test")
+    other = Queue(spool=second, relayhost="127.0.0.1:2525", hostname="mx.test")
+    assert one.service is two.service is Queue.process_service(spool=first, relayhost="127.0.0.1:2525",
+                                                                  hostname="mx.test")
     assert other.service is not one.service
     assert isinstance(one.service, QueueService) and IService.providedBy(one.service)
 
@@ -406,6 +485,31 @@ def test_twistd_attaches_the_queue_service_and_its_metrics(tmp_path: Any) -> Non
     assert any(isinstance(m, QueueMetrics) for m in queue.monitor.monitors)
     queue.monitor.message_queued(Message("X", "a@b.example", [Recipient("c@d.example")]), "smtp")
     assert registry.get_sample_value("esmtpkit_queue_messages_queued_total", {"origin": "smtp"}) == 1.0
+
+
+def test_twistd_amqp_options_reach_the_queue_handler(tmp_path: Any) -> None:
+    """``--amqp-url`` and ``--amqp-queue`` work for the Queue handler as for the AMQP one (and imply
+    backend=amqp), as do the handler options of the same names."""
+    url = "amqp://u:p@127.0.0.1:5672/%2F"
+    for args in (["--amqp-url", url, "--amqp-queue", "out"],
+                 ["--handler-option", f"amqp_url={url}", "--handler-option", "amqp_queue=out"]):
+        options = tap.Options()
+        options.parseOptions(["--handler", "esmtpkit.handlers.Queue", "--hostname", "mx.test", *args])
+        assert {k: v for k, v in options["handler-kwargs"].items() if k.startswith("amqp")} == {
+            "amqp_url": url, "amqp_queue": "out"}
+        [queue] = [s for s in tap.makeService(options, reactor=MemoryReactor()) if isinstance(s, QueueService)]
+        assert (queue.config.backend, queue.config.amqp_url, queue.config.amqp_queue) == ("amqp", url, "out")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_twistd_refuses_an_unusable_spool_with_one_line(tmp_path: Any) -> None:
+    """A spool that cannot be made or written stops twistd before it listens: one line, exit status 1."""
+    run = run_twistd(tmp_path, "--listen", "tcp:0:interface=127.0.0.1", "--handler", "esmtpkit.handlers.Queue",
+                     "--handler-option", "spool=/proc/nope")
+    assert run.returncode == 1, (run.stdout, run.stderr)
+    assert run.stdout == ""
+    assert run.stderr.splitlines() == [
+        "twistd esmtpkit: queue spool /proc/nope: not usable: no such file or directory (/proc/nope)"]
 
 
 def test_twistd_attaches_nothing_for_other_handlers(tmp_path: Any) -> None:
@@ -501,6 +605,69 @@ def test_the_service_builds_its_parts_from_the_settings(tmp_path: Any) -> None:
                          reactor=Clock())
     router = by_mx.deliverer.router
     assert isinstance(router, MXRouter) and router.port == 2525 and "mx.test" in router.local_names
+
+
+@implementer(IListeningPort)
+class Bound:
+    """A listening port as the service sees it: only its address."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.address = IPv6Address("TCP", host, port) if ":" in host else IPv4Address("TCP", host, port)
+
+    def startListening(self) -> None:
+        pass
+
+    def stopListening(self) -> None:
+        pass
+
+    def getHost(self) -> Any:
+        return self.address
+
+
+def listener(host: str, port: int) -> Service:
+    service = Service()
+    service.port = Bound(host, port)  # type: ignore[attr-defined]
+    return service
+
+
+def test_mx_routing_knows_the_addresses_this_server_listens_on() -> None:
+    """A loop is an MX whose address is this server's own: the concrete addresses it listens on, on the port
+    mail is delivered to, are local (not 0.0.0.0, and not a listener on another port such as a test's 127.0.0.1)."""
+    top = MultiService()
+    for host, port in (("192.0.2.5", 25), ("2001:db8::5", 25), ("0.0.0.0", 25), ("127.0.0.1", 2525)):
+        listener(host, port).setServiceParent(top)
+    clock = Clock()
+    service = QueueService(QueueConfig.from_options(dns="127.0.0.1:5353", hostname="mx.test"), reactor=clock,
+                           store=MemoryStore(reactor=clock))
+    service.setServiceParent(top)
+    top.startService()
+    assert service.local_addresses() == ("192.0.2.5", "2001:db8::5")
+    assert service.deliverer.router.local_addresses == frozenset({"192.0.2.5", "2001:db8::5"})
+    assert top.stopService().called
+    given = QueueService(QueueConfig.from_options(dns="127.0.0.1:5353", local_addresses="198.51.100.7",
+                                                  hostname="mx.test"), reactor=Clock())
+    assert given.deliverer.router.local_addresses == frozenset({"198.51.100.7"})
+    assert listening_addresses(object(), 25) == ()
+
+
+def test_the_store_counts_reach_the_queue_size_gauge() -> None:
+    registry = CollectorRegistry()
+    clock = Clock()
+    counted: list[Any] = []
+
+    class Counting(MemoryStore):
+        def watch_counts(self, listener: Any) -> None:
+            counted.append(listener)
+
+    service = QueueService(QueueConfig(hostname="mx.test"), reactor=clock, store=Counting(reactor=clock),
+                           deliverer=object())
+    watch(service, registry)
+    service.startService()
+    [listener] = counted
+    listener({"queued": 7, "held": 2, "active": 1})
+    assert registry.get_sample_value("esmtpkit_queue_messages", {"state": "queued"}) == 7
+    assert registry.get_sample_value("esmtpkit_queue_messages", {"state": "held"}) == 2
+    assert service.stopService().called
 
 
 def test_the_amqp_backend_keeps_the_queue_in_rabbitmq() -> None:

@@ -25,11 +25,11 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from esmtpkit.core.outbound import Message, Recipient, Status
+from esmtpkit.core.outbound import Message, Outcome, Recipient, Status
 from esmtpkit.core.schedule import Schedule
-from esmtpkit.queue.amqp import (STATE_ROOM, AMQPStore, Delivery, NotQueued, State, TooBig, decode,
-                                 delay_queue_name, encode)
-from esmtpkit.queue.interfaces import IQueueEntry, IQueueStore, MessageTooBig
+from esmtpkit.queue.amqp import (ATTEMPT_GRACE, ATTEMPT_TIMEOUT, COUNTS_INTERVAL, STATE_ROOM, AMQPStore, Delivery,
+                                 NotQueued, State, TooBig, decode, delay_queue_name, encode)
+from esmtpkit.queue.interfaces import ICheckpoint, IQueueEntry, IQueueStore, MessageTooBig
 
 from .rabbitmq import RabbitMQ, find_server
 
@@ -308,19 +308,145 @@ class StoreTests(SynchronousTestCase):
         self.assertEqual(link.acked, [7])
         self.assertEqual(link.nacked, [])
 
-    def test_new_state_refused_gives_the_message_back_unacked(self) -> None:
+    def test_new_state_refused_gives_the_message_back_after_a_backoff(self) -> None:
+        """The broker does not take the new state: the delivery is given back unacked, but only after the schedule's
+        delay (doubling while it goes on), so confirmed recipients are not delivered again in a tight loop."""
         link = self.running()
+        for attempt, pause in ((1, 300), (2, 600)):
+            link.deliver(7, encode(message(), CONTENT))
+            m, _, result = self.worker.calls[-1]
+            m.attempts = 1
+            result.callback(m)
+            link.published[-1]["confirm"].errback(NotQueued("the broker refused it (nack)"))
+            self.clock.advance(pause - 1)
+            self.assertEqual((len(link.nacked), self.store.running), (attempt - 1, 1))
+            self.clock.advance(1)
+            self.assertEqual(link.nacked[-1], (7, True))
+            self.assertEqual(self.store.running, 0)
+        self.assertEqual(link.acked, [])
+
+    def test_the_backoff_ends_before_the_brokers_consumer_timeout(self) -> None:
+        """However long the backoff, a delivery is not held past ``hold_limit`` (attempt_timeout + 2 × grace)."""
+        link = self.running()
+        self.store._save_failures["M1"] = 10  # refused many times before: the schedule's delay is 4000 s
         link.deliver(7, encode(message(), CONTENT))
-        [(m, _, result)] = self.worker.calls
+        m, _, result = self.worker.calls[0]
+        self.clock.advance(1000)
         m.attempts = 1
         result.callback(m)
-        link.published[0]["confirm"].errback(NotQueued("the broker refused it (nack)"))
+        link.published[-1]["confirm"].errback(NotQueued("the broker refused it (nack)"))
+        self.clock.advance(self.store.hold_limit - 1000 - 1)
         self.assertEqual(link.nacked, [])
-        self.assertEqual(self.store.running, 1)
-        self.clock.advance(5)
+        self.clock.advance(1)
         self.assertEqual(link.nacked, [(7, True)])
+        self.assertLess(self.store.hold_limit, 30 * 60)  # RabbitMQ's default consumer_timeout
+
+    def test_a_new_state_too_big_for_the_broker_is_trimmed(self) -> None:
+        """Outcomes the message no longer needs (final, reported) are dropped, the others' texts cut."""
+        store = AMQPStore("amqp://broker.test/", reactor=self.clock, schedule=Schedule(), opener=self.opener,
+                          max_size=STATE_ROOM + 2000)
+        store.start(self.worker)
+        link = self.opener.succeed()
+        original = message(recipients=150)
+        link.deliver(7, encode(original, CONTENT))
+        m, _, result = self.worker.calls[0]
+        m.attempts = 1
+        for r in m.recipients[:149]:
+            r.status, r.reported = Status.FAILED, True
+            r.outcome = Outcome(550, "5.1.1", "x" * 500, "mx.example.net[192.0.2.1]")
+        m.recipients[149].outcome = Outcome(451, "4.7.1", "y" * 500, "mx.example.net[192.0.2.1]")
+        self.assertGreater(len(encode(m, CONTENT)), store.max_size)
+        result.callback(m)
+        [published] = link.published
+        self.assertEqual(published["queue"], "outbound.delay.300")
+        kept, _ = decode(published["body"])
+        self.assertEqual([r.outcome for r in kept.recipients[:149]], [None] * 149)
+        self.assertEqual(kept.recipients[149].outcome.text, "y" * 64)
+        published["confirm"].callback(None)
+        self.assertEqual(link.acked, [7])
+        store.stop()
+
+    def test_a_new_state_that_cannot_fit_is_set_aside_not_given_back(self) -> None:
+        """Still too big once trimmed: the message goes, in its old state, to the unreadable queue with a reason
+        (and a critical log line); it is not given back to be attempted again forever."""
+        store = AMQPStore("amqp://broker.test/", reactor=self.clock, schedule=Schedule(), opener=self.opener,
+                          max_size=STATE_ROOM + 2000)
+        store.start(self.worker)
+        link = self.opener.succeed()
+        original = message(recipients=1)
+        link.deliver(7, encode(original, CONTENT))
+        m, _, result = self.worker.calls[0]
+        m.attempts = 1
+        m.extra["note"] = "z" * (store.max_size + 1)  # nothing trimming can shorten
+        result.callback(m)
+        [published] = link.published
+        self.assertEqual(published["queue"], "outbound.unreadable")
+        self.assertEqual(decode(published["body"]), (original, CONTENT))
+        self.assertIn("does not fit", published["properties"]["headers"]["reason"])
+        published["confirm"].callback(None)
+        self.assertEqual((link.acked, link.nacked), ([7], []))
+        store.stop()
+
+    def test_a_worker_that_never_answers_is_given_up_before_the_consumer_timeout(self) -> None:
+        link = self.running()
+        self.assertEqual(self.store.attempt_timeout, ATTEMPT_TIMEOUT)
+        link.deliver(7, encode(message(), CONTENT))
+        self.clock.advance(ATTEMPT_TIMEOUT + ATTEMPT_GRACE - 1)
+        self.assertEqual(link.nacked, [])
+        self.clock.advance(1)
+        self.assertEqual((link.nacked, self.store.running), ([(7, True)], 0))
+        m, _, result = self.worker.calls[0]
+        result.callback(delivered(m))  # too late: nothing more happens
         self.assertEqual(link.acked, [])
-        self.assertEqual(self.store.running, 0)
+
+    def test_the_runner_ends_its_attempt_within_the_attempt_timeout(self) -> None:
+        """With a deliverer that hangs, the runner gives the message back by ``attempt_timeout``: its new state
+        (the recipient deferred) goes to a delay queue and the delivery is acked, long before RabbitMQ would close
+        the channel (consumer_timeout)."""
+        from esmtpkit.queue.runner import ATTEMPT_TIMED_OUT, QueueRunner
+
+        class Hanging:
+            def deliver(self, m: Message, indexes: Any, open_content: Any) -> "Deferred[Any]":
+                return Deferred()
+
+        store = AMQPStore("amqp://broker.test/", reactor=self.clock, schedule=Schedule(), opener=self.opener,
+                          attempt_timeout=600)
+        runner = QueueRunner(store, Hanging(), reactor=self.clock, schedule=Schedule(), hostname="mx.test")
+        runner.start()
+        link = self.opener.succeed()
+        link.deliver(7, encode(message(), CONTENT))
+        self.clock.advance(599)
+        self.assertEqual(link.published, [])
+        self.clock.advance(1)
+        [published] = link.published
+        saved, _ = decode(published["body"])
+        self.assertEqual((published["queue"], saved.attempts), ("outbound.delay.300", 1))
+        self.assertEqual(saved.recipients[0].outcome, ATTEMPT_TIMED_OUT)
+        published["confirm"].callback(None)
+        self.assertEqual(link.acked, [7])
+        self.successResultOf(runner.stop())
+
+    def test_checkpoints_save_nothing(self) -> None:
+        self.assertTrue(verifyObject(ICheckpoint, self.store))
+        self.assertIsNone(self.successResultOf(self.store.checkpoint(message())))
+        self.assertEqual(self.opener.attempts, [])
+
+    def test_started_it_counts_its_queues_every_minute(self) -> None:
+        seen: list[dict[str, int]] = []
+        self.store.watch_counts(lambda counts: seen.append(dict(counts)))
+        link = self.running()
+        link.ready = {"outbound": 2, "outbound.delay.300": 3, "outbound.unreadable": 4}
+        link.deliver(7, encode(message(), CONTENT))
+        self.assertEqual(seen, [])
+        self.clock.advance(COUNTS_INTERVAL)
+        self.assertEqual(seen, [{"queued": 6, "held": 0, "active": 1}])
+        link.drop()
+        self.clock.advance(COUNTS_INTERVAL)
+        self.assertEqual(len(seen), 1, "no count while the broker is away")
+        m, _, result = self.worker.calls[0]
+        result.callback(delivered(m))
+        self.clock.advance(0.5)
+        self.opener.succeed()
 
     def test_worker_failure_gives_the_message_back_after_a_pause(self) -> None:
         link = self.running()

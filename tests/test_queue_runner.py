@@ -20,9 +20,10 @@ from zope.interface.verify import verifyObject
 
 from esmtpkit.core.outbound import Message, Outcome, Recipient, Status
 from esmtpkit.core.schedule import Schedule
-from esmtpkit.queue.interfaces import IQueueEntry, IQueueStore, OpenContent
+from esmtpkit.queue.interfaces import ICheckpoint, IQueueEntry, IQueueStore, OpenContent
 from esmtpkit.queue.memory import MemoryStore
-from esmtpkit.queue.runner import DELIVERER_FAILED, EVENTS, NO_OUTCOME, QueueMonitor, QueueRunner, expired
+from esmtpkit.queue.runner import (ATTEMPT_TIMED_OUT, DELIVERER_FAILED, EVENTS, NO_OUTCOME, QueueMonitor, QueueRunner,
+                                   expired)
 
 CONTENT = b"From: alice@example.org\r\nSubject: hello\r\nMessage-ID: <m1@example.org>\r\n\r\nHello there.\r\n"
 OK = Outcome(250, "2.0.0", "Ok: queued as X1", "mx.example.net[192.0.2.1]")
@@ -170,7 +171,7 @@ def report(data: bytes) -> tuple[EmailMessage, EmailMessage, list[EmailMessage]]
 
 def test_memory_store_provides_the_interfaces() -> None:
     store = MemoryStore(reactor=Clock())
-    assert verifyObject(IQueueStore, store)
+    assert verifyObject(IQueueStore, store) and verifyObject(ICheckpoint, store)
     assert verifyObject(IQueueEntry, store.open_entry())
 
 
@@ -385,15 +386,30 @@ def test_notify_never_sends_no_bounce_and_failure_only_when_asked() -> None:
     q.finish()
 
 
-def test_notify_success_reports_delivery() -> None:
+def test_notify_success_reports_relayed_where_the_next_hop_does_not_report() -> None:
+    """RFC 3461 §5.2.2: a next hop that did not offer DSN (no ``dsn`` on the outcome) cannot report delivery, so
+    the notice says ``relayed``."""
     q = Queue(hold=True)
     q.add(Recipient("bob@example.net", notify=("SUCCESS",)), "carol@example.net")
     q.deliverer.release()
     [(notice, data)] = q.notices()
     whole, _, [block] = report(data)
-    assert (block["Action"], block["Status"], block["Final-Recipient"]) == ("delivered", "2.0.0",
+    assert (block["Action"], block["Status"], block["Final-Recipient"]) == ("relayed", "2.0.0",
                                                                              "rfc822; bob@example.net")
     assert whole.get_payload()[2].get_content_type() == "text/rfc822-headers"
+    assert q.named("queue.notice")[0]["action"] == "relayed"
+    assert ("notice", "relayed", "alice@example.org") in q.monitor.calls
+    q.finish()
+
+
+def test_no_success_notice_when_the_next_hop_took_over_reporting() -> None:
+    """A next hop that offered DSN and was given NOTIFY and ORCPT (``Outcome.dsn``) reports itself (RFC 3461
+    §5.2.1): no notice here, and the message is done."""
+    took_over = Outcome(250, "2.0.0", "Ok: queued as X1", "mx.example.net[192.0.2.1]", dsn=True)
+    q = Queue({"bob@example.net": [took_over]})
+    q.add(Recipient("bob@example.net", notify=("SUCCESS", "FAILURE")))
+    assert q.notices() == [] and q.named("queue.notice") == []
+    assert q.store.messages == {}
     q.finish()
 
 
@@ -517,6 +533,147 @@ def test_a_notice_the_store_refuses_is_tried_again_with_the_next_attempt() -> No
     [(notice, data)] = q.notices()
     assert [b["Final-Recipient"] for b in report(data)[2]] == ["rfc822; bob@example.net"]
     q.finish()
+
+
+def test_a_bounce_the_store_refuses_keeps_the_message_until_it_is_queued() -> None:
+    """The only recipient failed and its bounce could not be queued (a full disk): the message stays in the store,
+    and the next attempt queues the bounce without delivering again; only then is the message gone."""
+    q = Queue({"bob@example.net": [UNKNOWN]}, hold=True)
+    q.add("bob@example.net")
+    q.store.failing = OSError("No space left on device")
+    q.deliverer.release()
+    saved = q.store.messages["M1"]
+    assert saved.recipients[0].status is Status.FAILED and not saved.recipients[0].reported
+    assert saved.next_attempt == q.clock.seconds() + 300
+    assert q.named("queue.notice_failed")[0]["later"] == "tried again at the next attempt"
+    q.store.failing = None
+    q.deliverer.hold = False
+    q.clock.advance(300)
+    assert "M1" not in q.store.messages
+    [(notice, data)] = q.notices()
+    assert [b["Final-Recipient"] for b in report(data)[2]] == ["rfc822; bob@example.net"]
+    assert [c.addresses for c in q.deliverer.calls] == [("bob@example.net",), ("alice@example.org",)]
+    assert len(q.named("queue.bounced")) == 1
+    q.finish()
+
+
+def test_a_notice_that_cannot_be_written_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault in writing the notice (not the store refusing it) cannot get better by waiting: logged, and the
+    message is not kept for it."""
+    from esmtpkit.core import bounce
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("a fault")
+
+    monkeypatch.setattr(bounce, "report", broken)
+    q = Queue({"bob@example.net": [UNKNOWN]})
+    q.add("bob@example.net")
+    assert q.store.messages == {} and q.notices() == []
+    [event] = q.named("queue.notice_failed")
+    assert event["later"] == "not sent" and event["log_failure"].check(ValueError)
+    q.finish()
+
+
+def test_progress_is_saved_after_each_domain_while_others_are_under_way() -> None:
+    """example.net answers while example.com hangs: its outcome is in the store already (a checkpoint), so a
+    process killed now would not deliver to example.net again."""
+    q = Queue(hold=True)
+    q.add("bob@example.net", "dave@example.com")
+    (net, net_outcomes), (com, com_outcomes) = q.deliverer.held
+    assert q.store.checkpoints == 0
+    net.callback(net_outcomes)
+    assert q.store.checkpoints == 1
+    saved = q.store.messages["M1"]
+    assert [r.status for r in saved.recipients] == [Status.DELIVERED, Status.PENDING]
+    assert q.store.active == 1
+    com.callback(com_outcomes)
+    assert q.store.messages == {} and q.store.checkpoints == 1  # the last domain: saved with the result
+    q.finish()
+
+
+class SlowCheckpoints(RecordingStore):
+    """Checkpoints that end only when the test fires them (``saving``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.saving: list[Deferred[None]] = []
+
+    def checkpoint(self, message: Message) -> Deferred[None]:
+        super().checkpoint(message)
+        d: Deferred[None] = Deferred()
+        self.saving.append(d)
+        return d
+
+
+def test_the_result_waits_for_the_checkpoints_under_way() -> None:
+    """Checkpoints run one after the other, and none may land after the store has saved (or forgotten) the
+    attempt's result."""
+    q = Queue(hold=True)
+    q.store = store = SlowCheckpoints(reactor=q.clock)
+    q.runner.store = store
+    q.runner.start()
+    q.add("bob@example.net", "dave@example.com", "erin@example.org")
+    first, second, third = q.deliverer.held
+    first[0].callback(first[1])
+    second[0].callback(second[1])
+    third[0].callback(third[1])
+    assert len(store.saving) == 1 and store.checkpoints == 1  # the second waits for the first
+    assert store.active == 1 and "M1" in store.messages
+    store.saving[0].callback(None)
+    assert len(store.saving) == 2 and store.active == 1
+    store.saving[1].callback(None)
+    assert store.active == 0 and store.messages == {}
+    q.finish()
+
+
+class TimedStore(RecordingStore):
+    """A store that must have each attempt back within ``attempt_timeout`` seconds (as RabbitMQ's must)."""
+
+    attempt_timeout = 100.0
+
+
+def test_an_attempt_ends_by_the_stores_attempt_timeout() -> None:
+    """A domain still hanging when the store's time is up is deferred (4.4.2) and its session cancelled; what
+    the other domains got is kept, and the message is back with the store on time."""
+    q = Queue(hold=True)
+    q.store = store = TimedStore(reactor=q.clock)
+    q.runner.store = store
+    q.runner.start()
+    q.add("bob@example.net", "dave@example.com")
+    (net, net_outcomes), (com, _) = q.deliverer.held
+    net.callback(net_outcomes)
+    q.clock.advance(99)
+    assert store.active == 1
+    q.clock.advance(1)
+    assert store.active == 0
+    assert com.called  # cancelled
+    saved = store.messages["M1"]
+    assert [r.status for r in saved.recipients] == [Status.DELIVERED, Status.PENDING]
+    assert saved.recipients[1].outcome == ATTEMPT_TIMED_OUT
+    assert (saved.attempts, saved.next_attempt) == (1, q.clock.seconds() + 300)
+    [cut] = q.named("queue.attempt_cut")
+    assert (cut["count"], cut["timeout"]) == (1, 100.0) and cut["log_level"] is EVENTS["queue.attempt_cut"]
+    assert q.named("queue.deliverer_failed") == []
+    q.deliverer.hold = False
+    q.clock.advance(300)
+    assert store.messages == {}
+    assert [c.addresses for c in q.deliverer.calls] == [("bob@example.net",), ("dave@example.com",),
+                                                         ("dave@example.com",)]
+    q.finish()
+
+
+def test_the_queue_counts_reach_every_monitor() -> None:
+    class Counts(QueueMonitor):
+        seen: list[Any] = []
+
+        def queue_counts(self, counts: Any) -> None:
+            self.seen.append(dict(counts))
+
+    from esmtpkit.queue.runner import Monitors
+
+    monitors = Monitors([Counts()])
+    monitors.queue_counts({"queued": 3, "held": 1, "active": 2})
+    assert Counts.seen == [{"queued": 3, "held": 1, "active": 2}]
 
 
 def test_an_unreadable_content_still_gives_a_notice() -> None:

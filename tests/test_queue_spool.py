@@ -26,7 +26,7 @@ from zope.interface.verify import verifyObject
 from esmtpkit.core.ids import new_id
 from esmtpkit.core.outbound import Message, Outcome, Recipient, Status
 from esmtpkit.queue import spool, spool_files
-from esmtpkit.queue.interfaces import IQueueEntry, IQueueStore
+from esmtpkit.queue.interfaces import ICheckpoint, IQueueEntry, IQueueStore
 from esmtpkit.queue.spool import HELD_MTIME, STALE_AGE, MessageBusy, NoSuchMessage, SpoolStore
 from esmtpkit.queue.spool_admin import SpoolAdmin
 
@@ -164,7 +164,7 @@ def stores(clock: Clock, tmp_path: Path) -> Iterator[Callable[..., SpoolStore]]:
 
 def test_store_and_entry_provide_the_interfaces(stores: Callable[..., SpoolStore]) -> None:
     store = stores()
-    assert verifyObject(IQueueStore, store)
+    assert verifyObject(IQueueStore, store) and verifyObject(ICheckpoint, store)
     entry = store.open_entry()
     assert verifyObject(IQueueEntry, entry)
     entry.discard()
@@ -186,8 +186,9 @@ def test_commit_stores_content_and_envelope(stores: Callable[..., SpoolStore], c
 
 
 def test_commit_is_durable_in_order_before_it_fires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fsync content, rename to .eml, fsync dir; envelope to a temporary file, fsync, rename to .json, fsync dir;
-    the Deferred fires only after the last step (the file work runs in the pool, here driven by the test)."""
+    """fsync content, rename to .eml, fsync dir; envelope to a temporary file, its mtime (the schedule: set before
+    the fsync, so a power cut cannot make it early), fsync, rename to .json, fsync dir; the Deferred fires only
+    after the last step (the file work runs in the pool, here driven by the test)."""
     clock = PoolClock()
     clock.advance(time.time())
     root = tmp_path / "spool"
@@ -198,7 +199,7 @@ def test_commit_is_durable_in_order_before_it_fires(tmp_path: Path, monkeypatch:
         real = getattr(os, name)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            target = os.readlink(f"/proc/self/fd/{args[0]}") if name == "fsync" else str(args[0])
+            target = os.readlink(f"/proc/self/fd/{args[0]}") if isinstance(args[0], int) else str(args[0])
             result = real(*args, **kwargs)
             where = os.path.relpath(target, root)
             steps.append((name, where, files(root / "messages")))
@@ -222,8 +223,8 @@ def test_commit_is_durable_in_order_before_it_fires(tmp_path: Path, monkeypatch:
         ("fsync", f"incoming/{id}"),  # the content
         ("rename", f"incoming/{id}"),  # to messages/<id>.eml
         ("fsync", "messages"),
+        ("utime", f"incoming/{id}"),  # the schedule of the envelope's temporary file, before its fsync
         ("fsync", f"incoming/{id}"),  # the envelope's temporary file
-        ("utime", f"incoming/{id}"),  # its schedule, before it is visible
         ("rename", f"incoming/{id}"),  # to messages/<id>.json
         ("fsync", "messages"),
     ]
@@ -529,7 +530,30 @@ def test_a_finished_message_is_removed(stores: Callable[..., SpoolStore], clock:
     message, _, d = worker.calls[0]
     message.recipients[0].status = Status.DELIVERED
     message.recipients[1].status = Status.FAILED
+    message.recipients[1].reported = True  # its failure notice was queued
     d.callback(message)
+    assert files(tmp_path / "spool" / "messages") == []
+
+
+def test_a_message_owing_a_notice_is_kept(stores: Callable[..., SpoolStore], clock: Clock, tmp_path: Path) -> None:
+    """Every recipient final, but a failure notice not queued (the disk was full): the message stays, scheduled,
+    until an attempt has queued the notice; then it goes."""
+    store = stores()
+    id = commit(store, clock, recipients=[Recipient("a@example.net"), Recipient("b@example.org")])
+    worker = Worker()
+    store.start(worker)
+    message, _, d = worker.calls[0]
+    message.recipients[0].status = Status.DELIVERED
+    message.recipients[1].status = Status.FAILED
+    message.attempts, message.next_attempt = 1, clock.seconds() + 300
+    d.callback(message)
+    assert files(tmp_path / "spool" / "messages") == [f"{id}.eml", f"{id}.json"]
+    assert store.get(id).recipients[1].status is Status.FAILED
+    clock.advance(300)
+    again, _, d = worker.calls[1]
+    assert again.id == id and again.pending == []
+    again.recipients[1].reported = True
+    d.callback(again)
     assert files(tmp_path / "spool" / "messages") == []
 
 
@@ -559,6 +583,18 @@ def test_a_local_commit_goes_straight_to_the_worker(stores: Callable[..., SpoolS
     worker.deliver()
     future = commit(store, clock, next_attempt=clock.seconds() + 100)
     assert worker.ids == [first, second], f"{future} is not due"
+
+
+def test_commits_beyond_the_active_limit_go_out_without_waiting_for_a_scan(stores: Callable[..., SpoolStore],
+                                                                           clock: Clock) -> None:
+    store = stores(concurrency=2, active_limit=3, scan_interval=600)
+    worker = Worker()
+    store.start(worker)
+    ids = [commit(store, clock) for _ in range(8)]
+    assert len(worker.calls) == 2
+    for index in range(8):
+        worker.deliver(index)
+    assert sorted(worker.ids) == sorted(ids), "messages committed while the active set was full wait for no scan"
 
 
 def test_a_failing_worker_postpones_the_message(stores: Callable[..., SpoolStore], clock: Clock) -> None:
@@ -751,6 +787,150 @@ def test_several_stores_on_one_spool_never_share_a_message(stores: Callable[...,
     assert sorted(second.ids) == sorted(first.ids[:2])
     for index in range(2):
         second.deliver(index)
+
+
+# ---- saving: checkpoints, a state that cannot be saved, counts ---------------------------------------------------
+
+def test_a_state_that_cannot_be_saved_postpones_the_message(stores: Callable[..., SpoolStore], clock: Clock,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk is full when the attempt's outcome is saved: the old state stays, but its next attempt moves
+    ``save_failed_delay`` ahead (a utime needs no space), so the deliveries are not repeated at every scan."""
+    store = stores(save_failed_delay=4000)
+    id = commit(store, clock)
+    worker = Worker()
+    store.start(worker)
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_files, "write_json", full)
+    with capturedLogs() as events:
+        worker.defer(0, clock.seconds() + 300)
+    monkeypatch.undo()
+    assert any(e.get("log_failure") and e["log_failure"].check(OSError) for e in events)
+    assert mtime(tmp_path / "spool" / "messages" / f"{id}.json") == pytest.approx(clock.seconds() + 4000, abs=1e-6)
+    assert store.get(id).attempts == 0
+    clock.advance(60 * 60)
+    assert len(worker.calls) == 1, "not offered again at the next scans"
+    clock.advance(400)
+    assert len(worker.calls) == 2 and worker.calls[1][0].attempts == 0
+    worker.deliver()
+
+
+def test_a_checkpoint_saves_the_state_keeps_the_lock_and_schedules_ahead(stores: Callable[..., SpoolStore],
+                                                                         clock: Clock, tmp_path: Path) -> None:
+    store = stores()
+    id = commit(store, clock, recipients=[Recipient("a@example.net"), Recipient("b@example.org")])
+    worker = Worker()
+    store.start(worker)
+    message, _, d = worker.calls[0]
+    message.recipients[0].status = Status.DELIVERED
+    done: list[Any] = []
+    store.checkpoint(message.copy()).addBoth(done.append)
+    assert done == [None]
+    path = tmp_path / "spool" / "messages" / f"{id}.json"
+    assert store.get(id).recipients[0].status is Status.DELIVERED
+    assert mtime(path) == pytest.approx(clock.seconds() + spool.CHECKPOINT_DELAY, abs=1e-6)
+    assert spool_files.try_lock(store.paths, id) is None, "the new envelope is locked too"
+    store.flush()
+    other = stores()
+    second = Worker()
+    other.start(second)
+    assert second.calls == [], "due after the flush, but locked"
+    message.recipients[1].status = Status.DELIVERED
+    d.callback(message)
+    assert files(tmp_path / "spool" / "messages") == []
+    failed: list[Any] = []
+    store.checkpoint(message).addErrback(failed.append)
+    assert failed[0].check(KeyError), "not being attempted any more"
+
+
+CHECKPOINT_THEN_HANG = """
+import sys, time
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from esmtpkit.core.outbound import Outcome
+from esmtpkit.core.schedule import Schedule
+from esmtpkit.queue.runner import QueueRunner
+from esmtpkit.queue.spool import SpoolStore
+
+
+class Deliverer:
+    def deliver(self, message, indexes, open_content):
+        if message.recipients[indexes[0]].domain == "example.net":
+            return succeed({i: Outcome(250, "2.0.0", "Ok", "mx.example.net[192.0.2.1]") for i in indexes})
+        return Deferred()  # example.com hangs
+
+
+class Store(SpoolStore):
+    def checkpoint(self, message):
+        return super().checkpoint(message).addCallback(lambda _: print("checkpointed", flush=True))
+
+
+clock = Clock()
+clock.advance(time.time())
+store = Store(sys.argv[1], reactor=clock)
+QueueRunner(store, Deliverer(), reactor=clock, schedule=Schedule(), hostname="mx.test").start()
+sys.stdin.read()
+"""
+
+
+class Recording:
+    """A deliverer that delivers everything and records the addresses of each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def deliver(self, message: Message, indexes: list[int], open_content: Any) -> Deferred[dict[int, Outcome]]:
+        self.calls.append(tuple(message.recipients[i].address for i in indexes))
+        return succeed({i: Outcome(250, "2.0.0", "Ok", "mx[192.0.2.9]") for i in indexes})
+
+
+def test_kill_9_while_one_domain_hangs_does_not_deliver_the_finished_domain_again(
+        stores: Callable[..., SpoolStore], clock: Clock, tmp_path: Path) -> None:
+    """A runner process delivers to example.net, then hangs on example.com and is killed: the next runner
+    delivers to example.com only (the checkpoint saved example.net's 250)."""
+    from esmtpkit.core.schedule import Schedule
+    from esmtpkit.queue.runner import QueueRunner
+
+    store = stores()
+    id = commit(store, clock, recipients=[Recipient("bob@example.net"), Recipient("dave@example.com")])
+    process = subprocess.Popen([sys.executable, "-c", CHECKPOINT_THEN_HANG, str(tmp_path / "spool")],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "checkpointed\n"
+        assert mtime(tmp_path / "spool" / "messages" / f"{id}.json") > time.time() + 200  # not due for others
+        store.flush()
+        deliverer = Recording()
+        runner = QueueRunner(store, deliverer, reactor=clock, schedule=Schedule(), hostname="mx.test")
+        runner.start()
+        assert deliverer.calls == [], "due after the flush, but the runner under way holds its lock"
+    finally:
+        process.kill()
+        process.wait()
+    clock.advance(60)
+    assert deliverer.calls == [("dave@example.com",)]
+    assert files(tmp_path / "spool" / "messages") == []
+
+
+def test_each_scan_reports_the_queue_counts(stores: Callable[..., SpoolStore], clock: Clock) -> None:
+    store = stores(concurrency=1)
+    counts: list[dict[str, int]] = []
+    store.watch_counts(lambda found: counts.append(dict(found)))
+    for _ in range(3):
+        commit(store, clock)
+    held = commit(store, clock)
+    store.hold(held)
+    worker = Worker()
+    store.start(worker)
+    assert counts == [{"queued": 3, "held": 1, "active": 0}]
+    clock.advance(60)
+    assert counts[-1] == {"queued": 3, "held": 1, "active": 1}
+    worker.deliver()
+    worker.deliver()
+    worker.deliver()
+    clock.advance(60)
+    assert counts[-1] == {"queued": 0, "held": 1, "active": 0}
 
 
 # ---- locks held by another process -------------------------------------------------------------------------------

@@ -72,12 +72,14 @@ def queue_config(args: argparse.Namespace) -> QueueConfig:
         return QueueConfig.from_options(
             spool=args.spool, backend=args.backend, amqp_url=args.amqp_url, amqp_queue=args.amqp_queue,
             relayhost=getattr(args, "relayhost", None), port=getattr(args, "port", 25), dns=getattr(args, "dns", None),
-            tls=getattr(args, "tls", "opportunistic"), verify=getattr(args, "verify", False),
+            tls=getattr(args, "tls", None), verify=getattr(args, "verify", False),
             ca_file=getattr(args, "ca_file", None), username=getattr(args, "username", None),
             password=getattr(args, "password", None), min_backoff=args.min_backoff, max_backoff=args.max_backoff,
             lifetime=getattr(args, "lifetime", None), bounce_lifetime=getattr(args, "bounce_lifetime", None),
             delay_warning=getattr(args, "delay_warning", None), concurrency=getattr(args, "concurrency", 20),
-            hostname=getattr(args, "hostname", "localhost"))  # only run names this host (EHLO, notices)
+            hostname=getattr(args, "hostname", "localhost"),  # only run names this host (EHLO, notices)
+            local_addresses=getattr(args, "local_addresses", None),
+            attempt_timeout=getattr(args, "attempt_timeout", None))
     except ValueError as e:
         raise ValueError(_HYPHENATED.sub(r"\1-\2", str(e))) from None
 
@@ -355,15 +357,22 @@ def _add_run(commands: Any, common: argparse.ArgumentParser) -> None:
     route.add_argument("--port", default="25", help="the port of the MX hosts (default: 25)")
     route.add_argument("--dns", metavar="SERVERS", help="name servers to ask, 127.0.0.1:5353,[::1]:53 (default: "
                                                         "the system's)")
-    route.add_argument("--tls", default="opportunistic", metavar="MODE",
-                       help=f"TLS with the next hop: {', '.join(TLS_MODES)} (default: opportunistic)")
-    route.add_argument("--verify", action="store_true", help="check the next hop's certificate and name")
+    route.add_argument("--tls", metavar="MODE",
+                       help=f"TLS with the next hop: {', '.join(TLS_MODES)} (default: opportunistic; required "
+                            "with --verify)")
+    route.add_argument("--verify", action="store_true",
+                       help="check the next hop's certificate and name (needs --tls required or implicit)")
     route.add_argument("--ca-file", metavar="FILE", help="PEM file of the authorities to trust with --verify")
     route.add_argument("--username", help="log in to the relay host (over TLS only)")
     route.add_argument("--password", help="the password for --username (other users see it in ps: prefer "
                                           "--password-file)")
     route.add_argument("--password-file", metavar="FILE", help="read the password from the first line of FILE")
     route.add_argument("--hostname", help="the name given in EHLO and in notices (default: this host's name)")
+    route.add_argument("--local-addresses", metavar="ADDRESSES",
+                       help="this host's own IP addresses, never delivered to by MX (a loop): 192.0.2.1,2001:db8::1")
+    parser.add_argument("--attempt-timeout", metavar="DURATION",
+                        help="with --backend amqp: the longest one attempt may take, below RabbitMQ's "
+                             "consumer_timeout (default: 20m)")
     parser.add_argument("--concurrency", default="20", metavar="N", help="messages delivered at once (default: 20)")
     parser.add_argument("--stop-timeout", default=60.0, type=_seconds, metavar="SECONDS",
                         help="how long a stop waits for the attempts under way (default: 60)")

@@ -453,6 +453,7 @@ def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
     kwargs: dict[str, Any] = dict(options["handler-options"])
     accepts = _parameters(cls)
     named = {"path": options["maildir"], "url": options["amqp-url"], "queue": options["amqp-queue"],
+             "amqp_url": options["amqp-url"], "amqp_queue": options["amqp-queue"],
              "confirm_timeout": options["amqp-confirm-timeout"],
              "refuse_when_down": True if options["amqp-refuse-when-down"] else None,
              "hostname": options["hostname"]}
@@ -617,12 +618,17 @@ def attach_process_service(top: Any, options: usage.Options) -> IService | None:
 
     A handler class may define a classmethod ``process_service(**handler_kwargs)`` returning an `IService` (or
     None): the queue handler's delivery runner is one. With ``--metrics`` the service's own metrics, if ops knows
-    it (`esmtpkit.ops.queue_metrics.watch`), go on the same registry as the server's.
+    it (`esmtpkit.ops.queue_metrics.watch`), go on the same registry as the server's. A `usage.UsageError` from
+    the hook (a resource the service cannot use) ends twistd with that one line and exit status 1.
     """
     make = getattr(options.get("handler-class"), "process_service", None)
     if make is None:
         return None
-    service = make(**options.get("handler-kwargs", {}))
+    try:
+        service = make(**options.get("handler-kwargs", {}))
+    except usage.UsageError as e:  # e.g. a queue spool that cannot be written: one line, before anything listens
+        sys.stderr.write(f"twistd esmtpkit: {_one_line(e)}\n")
+        raise SystemExit(1) from None
     if service is None:
         return None
     recorder = options.get("metrics-recorder")

@@ -4,7 +4,9 @@ The message (our ``Received:`` field first, then the content exactly as received
 while it arrives; at the end of the data the envelope is committed with it, and only when the store says both
 are durable does the client get ``250 2.0.0 Ok: queued as <id>``. A process-wide `QueueService` (see
 `esmtpkit.queue.service`) then delivers it, to a relay host or by MX, with retries and delivery status
-notifications. Who may send through it is Relay's rule (`esmtpkit.handlers.access`).
+notifications. Who may send through it is Relay's rule (`esmtpkit.handlers.access`). A message that has already
+passed more than `HOP_LIMIT` hosts (``Received:`` fields) is refused as a mail loop; one declared ``BODY=8BITMIME``
+whose content is all ASCII is queued as 7BIT, so that it can go to any next hop.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Iterable, Mapping
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
+from twisted.python import usage
 from twisted.python.failure import Failure
 
 from esmtpkit.core.address import Address
@@ -31,16 +34,58 @@ from esmtpkit.handlers.base import MessageHandler
 from esmtpkit.queue.interfaces import IQueueEntry, IQueueStore, MessageTooBig
 from esmtpkit.queue.service import QueueConfig, QueueService
 
-__all__ = ["Queue", "STORAGE_FAILED", "TOO_BIG", "queued_reply", "to_message"]
+__all__ = ["Queue", "STORAGE_FAILED", "TOO_BIG", "TOO_MANY_HOPS", "HOP_LIMIT", "HeaderScan", "queued_reply",
+           "to_message"]
 
 #: The reply when the message could not be made durable: the client keeps it and tries again (RFC 5321 §4.2.5).
 STORAGE_FAILED = Reply(451, ("Requested action aborted: error in queue storage, try again later",), "4.3.0")
 #: The reply when the store can never hold the message (`MessageTooBig`, or a declared SIZE over the store's
 #: ``max_size``): permanent, RFC 1870 §6 and RFC 3463's 5.3.4 "message too big for system".
 TOO_BIG = Reply(552, ("Message size exceeds the message queue's limit",), "5.3.4")
+#: The most ``Received:`` fields a message may arrive with (Postfix's ``hopcount_limit``): more is a mail loop.
+HOP_LIMIT = 50
+#: The reply to a message with more than `HOP_LIMIT` ``Received:`` fields (RFC 5321 §6.3, RFC 3463 5.4.6).
+TOO_MANY_HOPS = Reply(554, ("Too many hops",), "5.4.6")
 
 # What a HELO name may show in Received-From-MTA: a domain or an address literal, nothing that reads as structure.
 _NOT_DOMAINISH = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+class HeaderScan:
+    """Watches content as it streams: counts the ``Received:`` fields of the header section (lines that start
+    with ``Received:``, in any case, before the first empty line) and notes whether every octet is ASCII."""
+
+    _NAME = b"received:"
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.ascii = True
+        self._in_header = True
+        self._start = b""  # the first octets of the line being read (enough to know its field name)
+        self._length = 0  # the length of the line being read so far
+
+    def feed(self, chunk: bytes, header: bool = True) -> None:
+        """Look at the next ``chunk``; with ``header`` false only its octets count (our own trace field)."""
+        if self.ascii and not chunk.isascii():
+            self.ascii = False
+        if not header or not self._in_header:
+            return
+        keep = len(self._NAME)
+        position = 0
+        while self._in_header:
+            end = chunk.find(b"\n", position)
+            piece = chunk[position:] if end < 0 else chunk[position:end]
+            if len(self._start) < keep:
+                self._start += piece[:keep - len(self._start)]
+            self._length += len(piece)
+            if end < 0:
+                return
+            if self._length == 0 or (self._length == 1 and self._start == b"\r"):
+                self._in_header = False
+            elif self._start.lower() == self._NAME:
+                self.received += 1
+            self._start, self._length = b"", 0
+            position = end + 1
 
 
 def queued_reply(message_id: str) -> Reply:
@@ -120,7 +165,9 @@ class Queue(MessageHandler):
     ``backend=amqp`` with ``amqp_url`` and ``amqp_queue``; ``relayhost`` or MX delivery to ``port`` asking the
     name servers ``dns``; ``tls``, ``verify``, ``ca_file``, ``username``, ``password``; ``min_backoff``,
     ``max_backoff``, ``lifetime``, ``bounce_lifetime``, ``delay_warning``; ``concurrency``; ``runner=no`` to
-    accept only (another process delivers, such as ``esmtpkit-queue run``); ``hostname``.
+    accept only (another process delivers, such as ``esmtpkit-queue run``); ``hostname``; ``local_addresses``
+    (this host's addresses, never delivered to by MX); ``attempt_timeout`` (AMQP). A message that arrives with
+    more than `HOP_LIMIT` ``Received:`` fields gets `TOO_MANY_HOPS`.
     ``store`` (tests: a `esmtpkit.queue.memory.MemoryStore`) or ``service`` replace the shared service's.
     """
 
@@ -128,13 +175,14 @@ class Queue(MessageHandler):
     log = Logger()
 
     def __init__(self, spool: str = "queue", relayhost: str | None = None, port: int | str = 25,
-                 dns: str | None = None, tls: str = "opportunistic", verify: bool | str = False,
+                 dns: str | None = None, tls: str | None = None, verify: bool | str = False,
                  ca_file: str | None = None, username: str | None = None, password: str | None = None,
                  networks: str | Iterable[str] = DEFAULT_NETWORKS, min_backoff: float | str | None = None,
                  max_backoff: float | str | None = None, lifetime: float | str | None = None,
                  bounce_lifetime: float | str | None = None, delay_warning: float | str | None = None,
-                 concurrency: int | str = 20, runner: bool | str = True, backend: str = "spool",
+                 concurrency: int | str = 20, runner: bool | str = True, backend: str | None = None,
                  amqp_url: str | None = None, amqp_queue: str | None = None, hostname: str | None = None,
+                 local_addresses: str | None = None, attempt_timeout: float | str | None = None,
                  reactor: Any = None, store: IQueueStore | None = None,
                  service: QueueService | None = None) -> None:
         self.networks = parse_networks(networks)
@@ -142,7 +190,8 @@ class Queue(MessageHandler):
             spool=spool, backend=backend, amqp_url=amqp_url, amqp_queue=amqp_queue, relayhost=relayhost,
             port=port, dns=dns, tls=tls, verify=verify, ca_file=ca_file, username=username, password=password,
             min_backoff=min_backoff, max_backoff=max_backoff, lifetime=lifetime, bounce_lifetime=bounce_lifetime,
-            delay_warning=delay_warning, concurrency=concurrency, runner=runner, hostname=hostname)
+            delay_warning=delay_warning, concurrency=concurrency, runner=runner, hostname=hostname,
+            local_addresses=local_addresses, attempt_timeout=attempt_timeout)
         self.reactor = reactor
         if service is None:
             if store is not None:
@@ -152,13 +201,20 @@ class Queue(MessageHandler):
         self.service = service
         self._entry: IQueueEntry | None = None
         self._size = 0
+        self._scan = HeaderScan()
         self.message_id = ""
 
     @classmethod
     def process_service(cls, **options: Any) -> IService | None:
         """The queue service the handlers made with ``options`` share: ``twistd esmtpkit`` starts and stops it
-        with the server (see `esmtpkit.cli.tap.makeService`)."""
-        return cls(**options).service
+        with the server (see `esmtpkit.cli.tap.makeService`). A spool that cannot be used is a
+        `usage.UsageError` here, before anything listens."""
+        service = cls(**options).service
+        try:
+            service.check()
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        return service
 
     # ---- who may send, and how much ---------------------------------------------------------------------------
 
@@ -198,10 +254,13 @@ class Queue(MessageHandler):
         session = self.session
         self.message_id = (session.envelope.id if session is not None else "") or new_id(self._now())
         self._size = 0
+        self._scan = HeaderScan()
         try:
             self._entry = self.service.store.open_entry()
             if session is not None:
-                self._write(received_header(session, id=self.message_id, show_user=False))
+                trace = received_header(session, id=self.message_id, show_user=False)
+                self._scan.feed(trace, header=False)
+                self._write(trace)
         except SMTPReply as e:
             return e.reply
         except Exception:
@@ -214,6 +273,7 @@ class Queue(MessageHandler):
         """Append to the entry (the store keeps memory bounded); a storage error answers 451 4.3.0."""
         if self._entry is None:
             raise SMTPReply(STORAGE_FAILED)
+        self._scan.feed(chunk)
         self._write(chunk)
 
     def _write(self, data: bytes) -> None:
@@ -228,12 +288,21 @@ class Queue(MessageHandler):
 
     def eom(self) -> "Deferred[Reply] | Reply":
         """Commit the envelope with the content; 250 once the store made both durable, 552 5.3.4 when it can never
-        hold the message (`MessageTooBig`), 451 4.3.0 on any other failure."""
+        hold the message (`MessageTooBig`), 451 4.3.0 on any other failure; 554 5.4.6 (and nothing queued) for a
+        message with more than `HOP_LIMIT` ``Received:`` fields. 8BITMIME content that is all ASCII is queued
+        as 7BIT."""
+        if self._scan.received > HOP_LIMIT:
+            self.log.warn("message {queue_id} refused: {count} Received: fields, a mail loop",
+                          queue_id=self.message_id, count=self._scan.received)
+            self._discard()
+            return TOO_MANY_HOPS
         entry, self._entry = self._entry, None
         session = self.session
         if entry is None or session is None:
             return STORAGE_FAILED
         message = to_message(session, self.message_id, self._size, self._now())
+        if message.body == "8BITMIME" and self._scan.ascii:
+            message.body = None
         try:
             committing = entry.commit(message)
         except Exception:

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the outbound queue: messages queued, recipient outcomes, notices, attempt latency.
+"""Prometheus metrics of the outbound queue: messages queued, the queue's size, recipient outcomes, notices,
+attempt latency.
 
 ``twistd esmtpkit --handler esmtpkit.handlers.Queue --metrics ...`` registers them on the same registry as the
 server's own metrics (`esmtpkit.ops.metrics.Metrics`), so one scrape shows both; docs/queue.md lists them.
@@ -7,7 +8,7 @@ server's own metrics (`esmtpkit.ops.metrics.Metrics`), so one scrape shows both;
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -21,6 +22,8 @@ __all__ = ["QueueMetrics", "watch", "ATTEMPT_BUCKETS"]
 ATTEMPT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 _RESULTS = ("delivered", "deferred", "bounced")
+#: The states the queue-size gauge shows (the store's counts; attempts under way are `attempts_active`).
+_STATES = ("queued", "held")
 
 _by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, QueueMetrics]" = weakref.WeakKeyDictionary()
 
@@ -42,12 +45,17 @@ class QueueMetrics(QueueMonitor):
                                   "Recipient outcomes of delivery attempts, by result (delivered, deferred, "
                                   "bounced).", ["result"], registry=r)
         self.notices = Counter("esmtpkit_queue_notices",
-                               "Delivery status notifications queued, by action (failed, delayed, delivered).",
+                               "Delivery status notifications queued, by action (failed, delayed, relayed).",
                                ["action"], registry=r)
+        self.messages = Gauge("esmtpkit_queue_messages",
+                              "Messages in the queue as its store last counted them, by state (queued: not held, "
+                              "those being delivered included; held).", ["state"], registry=r,
+                              multiprocess_mode="livemax")
         self.attempt_seconds = Histogram("esmtpkit_queue_attempt_seconds",
                                          "Time a delivery attempt took (every domain of one message).",
                                          buckets=ATTEMPT_BUCKETS, registry=r)
         self._results = {result: self.recipients.labels(result) for result in _RESULTS}
+        self._states = {state: self.messages.labels(state) for state in _STATES}
 
     def message_queued(self, message: Message, origin: str) -> None:
         self.queued.labels(origin).inc()
@@ -66,6 +74,11 @@ class QueueMetrics(QueueMonitor):
 
     def notice_queued(self, notice: Message, action: str) -> None:
         self.notices.labels(action).inc()
+
+    def queue_counts(self, counts: Mapping[str, int]) -> None:
+        for state, gauge in self._states.items():
+            if state in counts:
+                gauge.set(counts[state])
 
 
 def watch(service: Any, registry: CollectorRegistry) -> bool:

@@ -8,7 +8,8 @@ with recipients still pending is published, in its new state, to the delay queue
 (``outbound.delay.300``: a quorum queue whose ``x-message-ttl`` dead-letters it back to ``outbound``, with
 at-least-once dead-lettering), and only once that publish is confirmed is the delivery acknowledged. Delivery is
 therefore at least once: a runner that dies mid-attempt leaves the message unacknowledged and the broker hands it to
-another runner. See docs/queue-amqp.md.
+another runner. Each attempt ends within ``attempt_timeout``, below the broker's consumer timeout; a new state the
+broker does not take is retried only after a pause, and one too big for it is set aside. See docs/queue-amqp.md.
 """
 
 from __future__ import annotations
@@ -18,25 +19,29 @@ import functools
 import io
 import json
 import tempfile
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import IO, TYPE_CHECKING, Any, Callable, Mapping, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, DeferredLock, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpkit.core.outbound import Message
-from esmtpkit.queue.interfaces import IQueueEntry, IQueueStore, MessageTooBig, Worker
+from esmtpkit.core.outbound import Message, Status
+from esmtpkit.queue.interfaces import (ICheckpoint, IQueueEntry, IQueueStore, MessageTooBig, Worker, final_notice,
+                                      finished)
 
 if TYPE_CHECKING:
     from esmtpkit.core.schedule import Schedule
 
 __all__ = ["AMQPStore", "Broker", "Delivery", "Link", "State", "NotQueued", "TooBig", "Unroutable",
            "encode", "decode", "delay_queue_name", "DEFAULT_URL", "DEFAULT_QUEUE", "BROKER_MAX_SIZE",
-           "STATE_ROOM", "CONTENT_TYPE", "DELIVERY_LIMIT"]
+           "STATE_ROOM", "CONTENT_TYPE", "DELIVERY_LIMIT", "ATTEMPT_TIMEOUT", "ATTEMPT_GRACE", "COUNTS_INTERVAL",
+           "TRIMMED_TEXT", "AttemptOverdue"]
 
 T = TypeVar("T")
 
@@ -55,6 +60,18 @@ QUORUM: Mapping[str, Any] = {"x-queue-type": "quorum"}
 #: The main queue's ``x-delivery-limit``: out of reach. RabbitMQ 4 drops a message given back to a quorum queue 20
 #: times by default (a failing attempt, a crashed runner), and the main queue has nowhere to dead-letter it to.
 DELIVERY_LIMIT = 1_000_000
+#: How long one attempt may take by default (seconds): well below RabbitMQ's ``consumer_timeout`` (30 minutes by
+#: default), past which the broker closes the channel and gives back every message a runner holds.
+ATTEMPT_TIMEOUT = 1200.0
+#: Time allowed after ``attempt_timeout`` for the runner's notices and the new state's publish; a worker that has
+#: not answered by then is not waited for. A delivery is held at most ``attempt_timeout`` + 2 × this.
+ATTEMPT_GRACE = 120.0
+#: How often (seconds) a started store counts the messages in its queues for the metrics (`AMQPStore.watch_counts`).
+COUNTS_INTERVAL = 60.0
+#: The reply text kept per outcome when a message's new state must be trimmed to fit in one broker message.
+TRIMMED_TEXT = 64
+#: How many message ids a store remembers whose new state the broker refused (each backs off further).
+_SAVE_FAILURES_KEPT = 10_000
 
 
 class NotQueued(Exception):
@@ -78,6 +95,11 @@ class TooBig(NotQueued, MessageTooBig):
 
 class Unroutable(NotQueued):
     """The broker returned the message: the queue it was published to is gone (declared again on reconnection)."""
+
+
+class AttemptOverdue(Exception):
+    """The worker did not answer within ``attempt_timeout`` + `ATTEMPT_GRACE`: the message is given back before
+    the broker's consumer timeout would close the channel (and give back every other message with it)."""
 
 
 # ---- the message format ---------------------------------------------------------------------------------------
@@ -452,7 +474,7 @@ class _Entry:
             spool.close()
 
 
-@implementer(IQueueStore)
+@implementer(IQueueStore, ICheckpoint)
 class AMQPStore:
     """The outbound queue in RabbitMQ queue ``queue`` at ``url``: quorum queues, publisher confirms, one delay
     queue per retry interval of ``schedule`` (TTL and dead-lettering back to ``queue``, no broker plugin).
@@ -460,7 +482,10 @@ class AMQPStore:
     ``concurrency`` bounds the attempts under way in this process (the consumer's prefetch). ``confirm_timeout``
     bounds every wait for the broker's ack (a connection under way included). ``failure_pause`` is how long a
     message whose attempt failed (the worker raised) stays with this runner before it is given back. ``max_size``
-    is the broker's ``max_message_size``. ``opener`` (tests) replaces the pika connection.
+    is the broker's ``max_message_size``. ``attempt_timeout`` is how long one attempt may take (the runner defers
+    what is still open then); keep it and `ATTEMPT_GRACE` twice below the broker's ``consumer_timeout``.
+    ``counts_interval`` is how often a started store counts its queues for `watch_counts`. ``opener`` (tests)
+    replaces the pika connection.
     """
 
     name = "amqp"
@@ -470,6 +495,7 @@ class AMQPStore:
                  concurrency: int = 20, confirm_timeout: float = 30.0, connect_timeout: float = 10.0,
                  retry_min: float = 0.5, retry_max: float = 30.0, failure_pause: float = 5.0,
                  max_size: int = BROKER_MAX_SIZE, spool_max: int = 1024 * 1024, ca_file: str | None = None,
+                 attempt_timeout: float = ATTEMPT_TIMEOUT, counts_interval: float = COUNTS_INTERVAL,
                  opener: Callable[[], "Deferred[Link]"] | None = None) -> None:
         if not queue:
             raise ValueError("queue must be named")
@@ -485,6 +511,10 @@ class AMQPStore:
         self.failure_pause = max(0.0, float(failure_pause))
         self.max_size = int(max_size)
         self.spool_max = max(1, int(spool_max))  # SpooledTemporaryFile reads 0 as "never roll over"
+        self.attempt_timeout = _positive("attempt_timeout", attempt_timeout)
+        self.counts_interval = _positive("counts_interval", counts_interval)
+        #: The longest a delivery stays with this runner before it is acknowledged or given back.
+        self.hold_limit = self.attempt_timeout + 2 * ATTEMPT_GRACE
         intervals = sorted({float(s) for s in schedule.intervals() if float(s) > 0})
         if not intervals:
             raise ValueError("the schedule gives no retry interval")
@@ -507,6 +537,10 @@ class AMQPStore:
         self._running: dict[Deferred[None], Link] = {}
         self._pauses: dict[Deferred[None], tuple[IDelayedCall, Link]] = {}
         self._flushing = DeferredLock()
+        self._save_failures: OrderedDict[str, int] = OrderedDict()  # id -> new states refused in a row
+        self._counts_listener: Callable[[Mapping[str, int]], None] | None = None
+        self._counts_loop: LoopingCall | None = None
+        self._counting = False
 
     # ---- writing ----------------------------------------------------------------------------------------------
 
@@ -573,6 +607,7 @@ class AMQPStore:
         link = self.broker.link
         if link is not None:
             self._ready(link)
+        self._start_counting()
 
     @property
     def running(self) -> int:
@@ -636,16 +671,25 @@ class AMQPStore:
 
     async def _attempt(self, link: Link, tag: int, body: bytes, worker: Worker) -> None:
         """One message: the worker, then its new state stored (or the message forgotten), then the ack."""
+        started = self.reactor.seconds()
         try:
             message, content = decode(body)
         except ValueError as e:
-            await self._park(link, tag, body, str(e))
+            self.log.error("unreadable message in {queue} ({why}); moved to {target}", queue=self.queue, why=str(e),
+                           target=self.unreadable_queue)
+            await self._set_aside(link, tag, body, str(e), {"timestamp": int(started)})
             return
         del body  # the content is a copy: keep one
+        original = message.copy()  # the state as it was, whatever the worker does to its own
         try:
-            result = await maybeDeferred(worker, message, functools.partial(io.BytesIO, content))
+            result = await self._overdue(maybeDeferred(worker, message, functools.partial(io.BytesIO, content)))
             if not isinstance(result, Message):
                 raise TypeError(f"the worker returned {type(result).__name__}, not a Message")
+        except AttemptOverdue as e:
+            self.log.error("message {id}: {why}; given back now, before the broker's consumer timeout",
+                           id=message.id, why=str(e))
+            _nack(link, tag)
+            return
         except Exception:
             self.log.failure("attempt on message {id} failed; it is given back in {pause:g} s",
                              id=message.id, pause=self.failure_pause)
@@ -655,23 +699,87 @@ class AMQPStore:
             self.log.info("message {id}: connection lost during the attempt; the broker gives it out again",
                           id=message.id)
             return
-        if result.done:
+        if finished(result):
+            self._save_failures.pop(result.id, None)
             _ack(link, tag)
             return
         target = self.delay_queue_for(result.attempts)
-        new_body = encode(result, content)
+        new_body = self._fitted(result, content)
+        if new_body is None:
+            why = "its new state does not fit in one broker message"
+            self.log.critical("message {id}: {why} (max_size {limit} bytes); moved in its old state to {target} "
+                              "for a human to look at: deliveries of this attempt are not recorded there",
+                              id=result.id, why=why, limit=self.max_size, target=self.unreadable_queue)
+            await self._set_aside(link, tag, encode(original, content), why, self._properties(original))
+            return
         try:
-            if len(new_body) > self.max_size:
-                raise NotQueued("its new state does not fit in one broker message", f"{len(new_body)} bytes")
             await self._confirmed(link, target, new_body, self._properties(result))
         except NotQueued as e:
-            self.log.error("message {id}: new state not stored in {queue} ({why}); it is given back",
-                           id=result.id, queue=target, why=str(e))
-            await self._give_back(link, tag)
+            refused = self._save_failed(result.id)
+            pause = min(self.schedule.delay(refused),
+                        max(0.0, started + self.hold_limit - self.reactor.seconds()))
+            self.log.error("message {id}: new state not stored in {queue} ({why}); given back in {pause:g} s in its "
+                           "old state (the deliveries of this attempt will be made again)",
+                           id=result.id, queue=target, why=str(e), pause=pause)
+            await self._give_back(link, tag, pause)
             return
+        self._save_failures.pop(result.id, None)
         if not _ack(link, tag):
             self.log.warn("message {id}: connection lost after its new state was stored; the old state comes back"
                           " too (delivered twice at worst)", id=result.id)
+
+    def checkpoint(self, message: Message) -> "Deferred[None]":
+        """Saves nothing: a queued message is one broker message, whose state changes only by publishing a new one
+        and acknowledging the old, which would end the attempt. A runner killed mid-attempt therefore leaves the
+        whole attempt to be made again, domains already delivered included (docs/queue-amqp.md)."""
+        return succeed(None)
+
+    def _overdue(self, working: "Deferred[T]") -> "Deferred[T]":
+        """``working``'s result, or `AttemptOverdue` once ``attempt_timeout`` + `ATTEMPT_GRACE` have passed."""
+        limit = self.attempt_timeout + ATTEMPT_GRACE
+        result: Deferred[T] = Deferred()
+
+        def settle(outcome: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not result.called:
+                if isinstance(outcome, Failure):
+                    result.errback(outcome)
+                else:
+                    result.callback(outcome)
+
+        timer = self.reactor.callLater(limit, settle, Failure(AttemptOverdue(f"no answer within {limit:g} s")))
+        working.addBoth(settle)
+        return result
+
+    def _fitted(self, message: Message, content: bytes) -> bytes | None:
+        """The body of ``message``'s new state, trimmed if need be to fit in ``max_size``: the outcomes of final
+        recipients owed nothing more are dropped, the others' texts cut to `TRIMMED_TEXT`; None if it still
+        does not fit."""
+        body = encode(message, content)
+        if len(body) <= self.max_size:
+            return body
+        trimmed = message.copy()
+        for index, recipient in enumerate(trimmed.recipients):
+            if recipient.outcome is None:
+                continue
+            if recipient.status is not Status.PENDING and final_notice(trimmed, index) is None:
+                recipient.outcome = None
+            else:
+                recipient.outcome = replace(recipient.outcome, text=recipient.outcome.text[:TRIMMED_TEXT])
+        body = encode(trimmed, content)
+        if len(body) > self.max_size:
+            return None
+        self.log.warn("message {id}: new state trimmed to fit in one broker message", id=message.id)
+        return body
+
+    def _save_failed(self, id: str) -> int:
+        """Count one more refused new state for ``id``; how many in a row (a bounded memory of ids)."""
+        count = self._save_failures.pop(id, 0) + 1
+        self._save_failures[id] = count
+        while len(self._save_failures) > _SAVE_FAILURES_KEPT:
+            self._save_failures.popitem(last=False)
+        return count
 
     def delay_queue_for(self, attempts: int) -> str:
         """The delay queue for a message after ``attempts`` attempts: the shortest interval at least the
@@ -682,31 +790,29 @@ class AMQPStore:
                 return name
         return list(self.delay_queues.values())[-1]
 
-    async def _park(self, link: Link, tag: int, body: bytes, why: str) -> None:
-        """A body that does not decode: keep it, unchanged, in the ``.unreadable`` queue, then ack."""
-        self.log.error("unreadable message in {queue} ({why}); moved to {target}", queue=self.queue, why=why,
-                       target=self.unreadable_queue)
+    async def _set_aside(self, link: Link, tag: int, body: bytes, why: str, properties: Mapping[str, Any]) -> None:
+        """Keep ``body`` in the ``.unreadable`` queue (with a ``reason`` header), then ack the delivery."""
+        headers = {**dict(properties.get("headers") or {}), "reason": why[:200]}
         try:
-            await self._confirmed(link, self.unreadable_queue, body,
-                                  {"timestamp": int(self.reactor.seconds()), "headers": {"reason": why[:200]}})
+            await self._confirmed(link, self.unreadable_queue, body, {**properties, "headers": headers})
         except NotQueued as e:
-            self.log.error("cannot move the unreadable message: {why}", why=str(e))
+            self.log.error("cannot move the message to {target}: {why}", target=self.unreadable_queue, why=str(e))
             await self._give_back(link, tag)
             return
         _ack(link, tag)
 
-    async def _give_back(self, link: Link, tag: int) -> None:
-        """Requeue a delivery after ``failure_pause`` (so that a failing message does not spin); a lost link has
-        given it back already."""
+    async def _give_back(self, link: Link, tag: int, pause: float | None = None) -> None:
+        """Requeue a delivery after ``pause`` seconds (``failure_pause`` by default, so that a failing message does
+        not spin); a lost link has given it back already."""
         if link.lost.called:
             return
-        await self._pause(link)
+        await self._pause(link, self.failure_pause if pause is None else pause)
         _nack(link, tag)
 
-    def _pause(self, link: Link) -> "Deferred[None]":
-        """Fires after ``failure_pause`` seconds, or at once when ``link`` is lost or the store stops."""
+    def _pause(self, link: Link, seconds: float) -> "Deferred[None]":
+        """Fires after ``seconds``, or at once when ``link`` is lost or the store stops."""
         done: Deferred[None] = Deferred()
-        if self._stopping or not self.failure_pause:
+        if self._stopping or seconds <= 0:
             done.callback(None)
             return done
 
@@ -714,7 +820,7 @@ class AMQPStore:
             self._pauses.pop(done, None)
             done.callback(None)
 
-        self._pauses[done] = (self.reactor.callLater(self.failure_pause, over), link)
+        self._pauses[done] = (self.reactor.callLater(seconds, over), link)
         return done
 
     def _end_pauses(self, link: Link | None = None) -> None:
@@ -741,6 +847,9 @@ class AMQPStore:
 
     async def _stop(self) -> None:
         self._stopping = True
+        loop, self._counts_loop = self._counts_loop, None
+        if loop is not None and loop.running:
+            loop.stop()
         consumer, self._consumer = self._consumer, None
         if consumer is not None and not consumer[0].lost.called:
             try:
@@ -753,6 +862,38 @@ class AMQPStore:
         await self.broker.stop()
 
     # ---- management -------------------------------------------------------------------------------------------
+
+    def watch_counts(self, listener: Callable[[Mapping[str, int]], None]) -> None:
+        """Once started, every ``counts_interval`` seconds while the broker is reachable, give ``listener`` the
+        messages waiting (``queued``: the main and delay queues, and this runner's attempts; other runners'
+        attempts are not counted), ``held`` (always 0: nothing is held here) and ``active`` (this runner's)."""
+        self._counts_listener = listener
+        if self._worker is not None:
+            self._start_counting()
+
+    def _start_counting(self) -> None:
+        if self._counts_listener is None or self._counts_loop is not None or self._stopping:
+            return
+        loop = self._counts_loop = LoopingCall(self._count)
+        loop.clock = self.reactor
+        loop.start(self.counts_interval, now=False)
+
+    def _count(self) -> None:
+        listener = self._counts_listener
+        if listener is None or self._counting or self.broker.state is not State.READY:
+            return
+        self._counting = True
+
+        def counted(found: Mapping[str, int]) -> None:
+            waiting = sum(n for name, n in found.items() if name != self.unreadable_queue)
+            listener({"queued": waiting + self.running, "held": 0, "active": self.running})
+
+        def ended(result: object) -> None:
+            self._counting = False
+            if isinstance(result, Failure):
+                self.log.debug("cannot count the queues: {why}", why=str(result.value))
+
+        self.counts().addCallback(counted).addBoth(ended)
 
     def counts(self) -> "Deferred[dict[str, int]]":
         """Messages ready in each queue (main, every delay queue, unreadable), by passive declaration.

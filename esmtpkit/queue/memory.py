@@ -1,9 +1,10 @@
 """`MemoryStore`: an `IQueueStore` kept in memory, for tests of the queue handler and runner (yours and ours).
 
 It behaves as the durable backends do (messages offered when due, at most ``concurrency`` at a time, state saved
-from what the worker returns, finished messages forgotten) but keeps nothing across a restart. Time is the
-injected reactor's, so a test drives retries with `twisted.internet.task.Clock`. Setting ``failing`` makes
-every commit and enqueue fail, as a full disk or an unreachable broker would.
+from what the worker returns and from its checkpoints, finished messages forgotten:
+`esmtpkit.queue.interfaces.finished`) but keeps nothing across a restart. Time is the injected reactor's, so a test
+drives retries with `twisted.internet.task.Clock`. Setting ``failing`` makes every commit and enqueue fail, as a
+full disk or an unreachable broker would.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpkit.core.outbound import Message
-from esmtpkit.queue.interfaces import IQueueEntry, IQueueStore, Worker
+from esmtpkit.queue.interfaces import ICheckpoint, IQueueEntry, IQueueStore, Worker, finished
 
 __all__ = ["MemoryStore", "MemoryEntry"]
 
@@ -51,7 +52,7 @@ class MemoryEntry:
         self._content = io.BytesIO()
 
 
-@implementer(IQueueStore)
+@implementer(IQueueStore, ICheckpoint)
 class MemoryStore:
     """Queued messages in two dictionaries: ``messages`` (id -> `Message`, as last saved) and ``contents``.
 
@@ -70,6 +71,7 @@ class MemoryStore:
         self.concurrency = concurrency
         self.retry_after = retry_after
         self.failing: BaseException | None = None
+        self.checkpoints = 0
         self._reactor = reactor
         self._worker: Worker | None = None
         self._active: dict[str, Deferred[None]] = {}
@@ -108,6 +110,13 @@ class MemoryStore:
         self.messages[message.id] = message.copy()
         self.contents[message.id] = bytes(content)
         self._schedule()
+        return succeed(None)
+
+    def checkpoint(self, message: Message) -> "Deferred[None]":
+        """Save the state so far of a message being attempted (``checkpoints`` counts the calls)."""
+        self.checkpoints += 1
+        if message.id in self._active and message.id in self.messages:
+            self._keep(message)
         return succeed(None)
 
     def start(self, worker: Worker) -> None:
@@ -203,9 +212,12 @@ class MemoryStore:
     def _save(self, message: Message) -> None:
         if message.id not in self.messages:
             return
-        if message.done:
+        if finished(message):
             self.delete(message.id)
             return
+        self._keep(message)
+
+    def _keep(self, message: Message) -> None:
         held = self.messages[message.id].held  # held while the attempt was under way: stays held
         saved = self.messages[message.id] = message.copy()
         saved.held = saved.held or held

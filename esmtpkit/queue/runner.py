@@ -3,16 +3,18 @@
 For one message it delivers the pending recipients, one domain at a time per delivery and all domains in
 parallel, records each recipient's outcome, fails the recipients still pending once the message has outlived
 the schedule's lifetime (RFC 3463 4.4.7), and queues the delivery status notifications (RFC 3464) the
-recipients asked for through the same store *before* it returns the message's new state: once the store has
-saved that state, no notice can be lost. Every recipient outcome is a structured log event in the namespace
-``esmtpkit.queue`` (see docs/queue.md) and a call on its `QueueMonitor` (metrics).
+recipients asked for through the same store *before* it returns the message's new state. A notice the store
+refuses stays owed, and the store keeps the message until it is queued (`esmtpkit.queue.interfaces.finished`): a later
+attempt only queues the notices. While some domains are still under way, the progress of those that ended is
+saved (`ICheckpoint`), so a process killed mid-attempt does not deliver them again. Every recipient outcome is a
+structured log event in the namespace ``esmtpkit.queue`` (see docs/queue.md) and a call on its `QueueMonitor`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults, maybeDeferred
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
@@ -21,9 +23,10 @@ from esmtpkit.core.escape import escape
 from esmtpkit.core.ids import new_id
 from esmtpkit.core.outbound import Message, Outcome, Status
 from esmtpkit.core.schedule import Schedule
-from esmtpkit.queue.interfaces import IQueueStore, OpenContent
+from esmtpkit.queue.interfaces import ICheckpoint, IQueueStore, OpenContent, final_notice, finished
 
-__all__ = ["QueueRunner", "QueueMonitor", "Monitors", "EVENTS", "NAMESPACE", "DELIVERER_FAILED", "NO_OUTCOME", "expired"]
+__all__ = ["QueueRunner", "QueueMonitor", "Monitors", "EVENTS", "NAMESPACE", "DELIVERER_FAILED", "NO_OUTCOME",
+           "ATTEMPT_TIMED_OUT", "expired"]
 
 #: The log namespace of the runner's events.
 NAMESPACE = "esmtpkit.queue"
@@ -36,12 +39,16 @@ EVENTS: Mapping[str, LogLevel] = {
     "queue.notice": LogLevel.info,
     "queue.notice_failed": LogLevel.error,
     "queue.deliverer_failed": LogLevel.error,
+    "queue.attempt_cut": LogLevel.warn,
 }
 
 #: The outcome for recipients whose delivery failed unexpectedly (a fault here, not a reply): tried again later.
 DELIVERER_FAILED = Outcome.local(451, "4.3.0", "Internal error while delivering, will try again")
 #: The outcome for a recipient the deliverer gave no answer for.
 NO_OUTCOME = Outcome.local(451, "4.3.0", "No delivery outcome for this recipient, will try again")
+#: The outcome for recipients whose domain was still under way when the attempt ran out of time (the store's
+#: ``attempt_timeout``): tried again later.
+ATTEMPT_TIMED_OUT = Outcome.local(451, "4.4.2", "Delivery attempt took too long, will try again")
 
 
 def expired(last: Outcome | None, lifetime: float) -> Outcome:
@@ -74,7 +81,11 @@ class QueueMonitor:
         """Recipient ``index`` was ``"delivered"``, ``"deferred"`` or ``"bounced"`` by this attempt."""
 
     def notice_queued(self, notice: Message, action: str) -> None:
-        """A delivery status notification (``action``: failed, delayed, delivered) was queued."""
+        """A delivery status notification (``action``: failed, delayed, relayed) was queued."""
+
+    def queue_counts(self, counts: Mapping[str, int]) -> None:
+        """The store counted its messages: ``queued`` (not held, those being attempted included), ``held``, and
+        ``active`` (being attempted by this process)."""
 
 
 class Monitors(QueueMonitor):
@@ -109,6 +120,9 @@ class Monitors(QueueMonitor):
 
     def notice_queued(self, notice: Message, action: str) -> None:
         self._each("notice_queued", notice, action)
+
+    def queue_counts(self, counts: Mapping[str, int]) -> None:
+        self._each("queue_counts", counts)
 
 
 class QueueRunner:
@@ -153,14 +167,14 @@ class QueueRunner:
         return message
 
     async def _deliver_all(self, message: Message, open_content: OpenContent) -> None:
+        """Deliver what is pending (nothing when only notices are owed), expire, report, schedule."""
         groups = message.by_domain()
-        results: list[dict[int, Outcome]] = []
+        touched: list[int] = []
         if groups:
-            results = await gatherResults([self._deliver(message, domain, indexes, open_content)
-                                           for domain, indexes in groups.items()])
+            await self._deliver_domains(message, groups, open_content)
+            touched = [index for indexes in groups.values() for index in indexes]
+            message.attempts += 1
         now = self.reactor.seconds()
-        touched = self._record(message, groups, results)
-        message.attempts += 1
         if message.pending and self.schedule.expired(message, now):
             lifetime = self.schedule.bounce_lifetime if message.sender == "" else self.schedule.lifetime
             for index in message.pending:
@@ -172,43 +186,107 @@ class QueueRunner:
         for index in touched:
             self._log_outcome(message, index, now)
         await self._notify(message, open_content, now)
-        if not message.done:
+        if not finished(message):
             message.next_attempt = now + self.schedule.delay(message.attempts)
 
-    def _deliver(self, message: Message, domain: str, indexes: list[int],
-                 open_content: OpenContent) -> "Deferred[dict[int, Outcome]]":
-        """The outcomes for one domain's recipients; a deliverer that fails defers them all with 4.3.0."""
+    async def _deliver_domains(self, message: Message, groups: Mapping[str, Sequence[int]],
+                               open_content: OpenContent) -> None:
+        """Deliver every domain at once, recording each one's outcomes as it ends; while other domains are still
+        under way, save that progress (`ICheckpoint`). Past the store's ``attempt_timeout`` the domains still
+        open are given up for this attempt (`ATTEMPT_TIMED_OUT`)."""
+        saver = ICheckpoint(self.store, None)
+        saving = DeferredLock()
+        remaining = len(groups)
+
+        def ended(outcomes: Mapping[int, Outcome], indexes: Sequence[int]) -> None:
+            nonlocal remaining
+            remaining -= 1
+            self._record(message, indexes, outcomes)
+            if saver is not None and remaining:
+                saving.run(self._checkpoint, saver, message.copy())
+
+        waits, cuts = [], []
+        for domain, indexes in groups.items():
+            done, cut = self._deliver(message, domain, indexes, open_content)
+            waits.append(done.addCallback(ended, indexes))
+            cuts.append(cut)
+        timeout = self._attempt_timeout()
+        timer = self.reactor.callLater(timeout, self._cut, message, cuts, timeout) if timeout else None
+        try:
+            await gatherResults(waits)
+        finally:
+            if timer is not None and timer.active():
+                timer.cancel()
+        await saving.acquire()  # every checkpoint has ended: none can land after the store saves the result
+        saving.release()
+
+    def _attempt_timeout(self) -> float | None:
+        """The store's ``attempt_timeout`` (seconds), if it has one."""
+        timeout = getattr(self.store, "attempt_timeout", None)
+        return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
+
+    def _cut(self, message: Message, cuts: Sequence[Callable[[], bool]], timeout: float) -> None:
+        """The attempt ran out of time: the domains still open are deferred now (their sessions are cancelled)."""
+        cut = sum(1 for give_up in cuts if give_up())
+        self.log.emit(EVENTS["queue.attempt_cut"],
+                      "{queue_id}: attempt still under way after {timeout:g} s; {count} domain(s) deferred",
+                      event="queue.attempt_cut", queue_id=message.id, timeout=timeout, count=cut)
+
+    def _checkpoint(self, saver: ICheckpoint, snapshot: Message) -> "Deferred[None]":
+        def failed(failure: Failure) -> None:
+            self.log.failure("{queue_id}: cannot save the attempt's progress (saved at its end instead)", failure,
+                             queue_id=snapshot.id)
+
+        return maybeDeferred(saver.checkpoint, snapshot).addErrback(failed)
+
+    def _deliver(self, message: Message, domain: str, indexes: Sequence[int],
+                 open_content: OpenContent) -> "tuple[Deferred[dict[int, Outcome]], Callable[[], bool]]":
+        """The outcomes for one domain's recipients (a deliverer that fails defers them all with 4.3.0), and a
+        function that gives up waiting for them (`ATTEMPT_TIMED_OUT`; True if it did)."""
         attempt = maybeDeferred(lambda: self.deliverer.deliver(message, list(indexes), open_content))
+        result: Deferred[dict[int, Outcome]] = Deferred()
+        given_up = False
 
         def checked(outcomes: Any) -> dict[int, Outcome]:
             if not isinstance(outcomes, Mapping):
                 raise TypeError(f"the deliverer gave {type(outcomes).__name__}, not a mapping of outcomes")
             return {i: outcomes[i] for i in indexes if isinstance(outcomes.get(i), Outcome)}
 
-        def failed(failure: Failure) -> dict[int, Outcome]:
+        def failed(failure: Failure) -> dict[int, Outcome] | None:
+            if given_up:
+                return None
             self.log.emit(EVENTS["queue.deliverer_failed"],
                           "{queue_id}: delivery to {domain} failed unexpectedly, deferring {count} recipient(s): "
                           "{error}", event="queue.deliverer_failed", queue_id=message.id, domain=escape(domain),
                           count=len(indexes), error=escape(failure.getErrorMessage()), log_failure=failure)
             return {i: DELIVERER_FAILED for i in indexes}
 
-        return attempt.addCallback(checked).addErrback(failed)
+        def answer(outcomes: dict[int, Outcome] | None) -> None:
+            if not result.called and outcomes is not None:
+                result.callback(outcomes)
 
-    def _record(self, message: Message, groups: Mapping[str, Sequence[int]],
-                results: Sequence[Mapping[int, Outcome]]) -> list[int]:
-        """Put each outcome on its recipient; the indexes this attempt tried, in order."""
-        touched: list[int] = []
-        for indexes, outcomes in zip(groups.values(), results):
-            for index in indexes:
-                outcome = outcomes.get(index, NO_OUTCOME)
-                recipient = message.recipients[index]
-                recipient.outcome = outcome
-                if outcome.delivered:
-                    recipient.status = Status.DELIVERED
-                elif outcome.permanent:
-                    recipient.status = Status.FAILED
-                touched.append(index)
-        return touched
+        def give_up() -> bool:
+            nonlocal given_up
+            if result.called:
+                return False
+            given_up = True
+            result.callback({i: ATTEMPT_TIMED_OUT for i in indexes})
+            attempt.cancel()
+            return True
+
+        attempt.addCallback(checked).addErrback(failed).addCallback(answer)
+        return result, give_up
+
+    def _record(self, message: Message, indexes: Sequence[int], outcomes: Mapping[int, Outcome]) -> None:
+        """Put each outcome of one domain on its recipient."""
+        for index in indexes:
+            outcome = outcomes.get(index, NO_OUTCOME)
+            recipient = message.recipients[index]
+            recipient.outcome = outcome
+            if outcome.delivered:
+                recipient.status = Status.DELIVERED
+            elif outcome.permanent:
+                recipient.status = Status.FAILED
 
     def _log_outcome(self, message: Message, index: int, now: float) -> None:
         recipient = message.recipients[index]
@@ -231,18 +309,21 @@ class QueueRunner:
         if message.sender == "":
             return []  # RFC 3461 §6.2, RFC 5321 §4.5.5: never report on a notice
         recipients = message.recipients
-        failed = [i for i, r in enumerate(recipients)
-                  if r.status is Status.FAILED and not r.reported and r.wants("FAILURE")]
-        delivered = [i for i, r in enumerate(recipients)
-                     if r.status is Status.DELIVERED and not r.reported and r.wants("SUCCESS")]
+        owed: dict[str, list[int]] = {"failed": [], "relayed": []}
+        for index in range(len(recipients)):
+            action = final_notice(message, index)
+            if action is not None:
+                owed[action].append(index)
         delayed: list[int] = []
         pending = message.pending
         if pending and self.schedule.warn_due(message, now):
             delayed = [i for i in pending if not recipients[i].delay_reported and recipients[i].wants("DELAY")]
         return [(action, indexes) for action, indexes in
-                (("failed", failed), ("delayed", delayed), ("delivered", delivered)) if indexes]
+                (("failed", owed["failed"]), ("delayed", delayed), ("relayed", owed["relayed"])) if indexes]
 
     async def _notify(self, message: Message, open_content: OpenContent, now: float) -> None:
+        """Queue the notices owed. One the store refuses stays owed: the message is kept for it (`finished`) and
+        the next attempt queues it; one that cannot even be written (a fault here) is logged and given up."""
         wanted = self._notices(message, now)
         if not wanted:
             return
@@ -252,25 +333,36 @@ class QueueRunner:
                 notice, data = bounce.report(message, indexes, action, reporting_mta=self.hostname,
                                              content=content, new_id=new_id(now), now=now,
                                              retry_until=message.arrived + self.schedule.lifetime)
-                if not notice.arrived:
-                    notice.arrived = now
+            except Exception:
+                self.log.failure("{queue_id}: cannot write the {action} notice for {count} recipient(s): not sent",
+                                 level=EVENTS["queue.notice_failed"], event="queue.notice_failed",
+                                 queue_id=message.id, action=action, count=len(indexes), later="not sent")
+                self._mark_reported(message, indexes, action)
+                continue
+            if not notice.arrived:
+                notice.arrived = now
+            try:
                 await self.store.enqueue(notice, data)
             except Exception:
-                later = "tried again after the next attempt" if message.pending else "not sent"
+                later = "tried again at the next attempt"
                 self.log.failure("{queue_id}: cannot queue the {action} notice for {count} recipient(s): {later}",
                                  level=EVENTS["queue.notice_failed"], event="queue.notice_failed",
                                  queue_id=message.id, action=action, count=len(indexes), later=later)
                 continue
-            for index in indexes:
-                if action == "delayed":
-                    message.recipients[index].delay_reported = True
-                else:
-                    message.recipients[index].reported = True
+            self._mark_reported(message, indexes, action)
             self.log.emit(EVENTS["queue.notice"], "{queue_id}: {action} notice {notice_id} queued for <{to}> "
                           "({count} recipient(s))", event="queue.notice", queue_id=message.id, action=action,
                           notice_id=notice.id, to=escape(message.sender), count=len(indexes))
             self.monitor.notice_queued(notice, action)
             self.monitor.message_queued(notice, "notice")
+
+    @staticmethod
+    def _mark_reported(message: Message, indexes: Sequence[int], action: str) -> None:
+        for index in indexes:
+            if action == "delayed":
+                message.recipients[index].delay_reported = True
+            else:
+                message.recipients[index].reported = True
 
     def _original_start(self, message: Message, open_content: OpenContent) -> bytes:
         """The first BOUNCE_SIZE_LIMIT + 1 octets of the content (for the notice's third part), b"" if unreadable."""

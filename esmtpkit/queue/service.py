@@ -4,19 +4,24 @@
 `esmtpkit.handlers.queue.Queue.process_service`), so it starts and stops with the server: starting it begins
 delivering what is in the store, mail queued before a restart included; stopping it waits for the attempts under
 way (at most ``stop_timeout`` seconds; one cut short is simply made again later). Every handler of the process
-with the same `QueueConfig` shares one service (`QueueService.shared`).
+with the same `QueueConfig` shares one service (`QueueService.shared`). `QueueService.check` finds an unusable
+spool before the server starts; the store's counts go to the monitors (queue-size metrics).
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
+import os
 import re
 import socket
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
-from twisted.application.service import MultiService
+from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -24,14 +29,17 @@ from esmtpkit.core.schedule import Schedule
 from esmtpkit.queue.interfaces import IQueueStore
 from esmtpkit.queue.runner import Monitors, QueueMonitor, QueueRunner
 
-__all__ = ["QueueConfig", "QueueService", "parse_relayhost", "parse_servers", "parse_seconds", "TLS_MODES",
-           "BACKENDS", "DEFAULT_AMQP_URL", "DEFAULT_AMQP_QUEUE"]
+__all__ = ["QueueConfig", "QueueService", "parse_relayhost", "parse_servers", "parse_seconds",
+           "parse_addresses", "listening_addresses", "TLS_MODES", "BACKENDS", "DEFAULT_AMQP_URL",
+           "DEFAULT_AMQP_QUEUE", "DEFAULT_ATTEMPT_TIMEOUT"]
 
 #: How the client uses TLS with the next hop ("implicit", TLS from the first octet, only with a relay host).
 TLS_MODES = ("none", "opportunistic", "required", "implicit")
 BACKENDS = ("spool", "amqp")
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_AMQP_QUEUE = "outbound"
+#: How long one attempt may take with the AMQP backend (seconds): below RabbitMQ's 30-minute consumer timeout.
+DEFAULT_ATTEMPT_TIMEOUT = 1200.0
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -112,12 +120,59 @@ def parse_servers(text: str) -> tuple[tuple[str, int], ...]:
     return servers
 
 
+def parse_addresses(text: str) -> tuple[str, ...]:
+    """``local_addresses``: IP addresses as ``192.0.2.1,2001:db8::1`` (commas or spaces); ValueError otherwise."""
+    found = []
+    for item in re.split(r"[,\s]+", text.strip()):
+        if not item:
+            continue
+        try:
+            found.append(str(ipaddress.ip_address(item.strip("[]"))))
+        except ValueError:
+            raise ValueError(f"local_addresses takes IP addresses, not {item!r}") from None
+    return tuple(found)
+
+
+def listening_addresses(services: Any, port: int) -> tuple[str, ...]:
+    """The concrete addresses (not 0.0.0.0 or ::) the listening ports among ``services`` (a service collection,
+    looked into recursively) are bound to on ``port``: where this server itself would receive mail sent there."""
+    found: list[str] = []
+
+    def walk(collection: Any, depth: int) -> Iterator[Any]:
+        for service in collection:
+            yield service
+            if depth < 3 and IServiceCollection.providedBy(service):
+                yield from walk(service, depth + 1)
+
+    if not IServiceCollection.providedBy(services):
+        return ()
+    for service in walk(services, 0):
+        listening = getattr(service, "port", None)
+        if not IListeningPort.providedBy(listening):
+            continue
+        host = listening.getHost()
+        address, bound = getattr(host, "host", None), getattr(host, "port", None)
+        if not isinstance(address, str) or bound != port:
+            continue
+        try:
+            ip = ipaddress.ip_address(address.partition("%")[0])
+        except ValueError:
+            continue
+        if not ip.is_unspecified and str(ip) not in found:
+            found.append(str(ip))
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class QueueConfig:
     """Everything that makes one queue: where it stores (``backend`` spool in ``spool``, or amqp at
     ``amqp_url``/``amqp_queue``), how it delivers (to ``relayhost`` or by MX to ``port``, asking the name servers
     ``dns`` or the system's), the client's TLS and login, the retry ``schedule``, how many messages at once
     (``concurrency``), whether this process delivers at all (``runner``) and the name it gives (``hostname``).
+    ``local_addresses`` are this host's own addresses, never delivered to by MX (a mail loop, RFC 5321 §5.1);
+    None: the addresses the server listens on, on ``port``, when they are concrete. ``attempt_timeout`` bounds one
+    attempt with the AMQP backend. ``verify`` needs ``tls`` required or implicit: opportunistic TLS would fall
+    back to plaintext when the check fails.
     """
 
     spool: str = "queue"
@@ -136,12 +191,19 @@ class QueueConfig:
     concurrency: int = 20
     runner: bool = True
     hostname: str = ""
+    local_addresses: tuple[str, ...] | None = None
+    attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend takes {' or '.join(BACKENDS)}, not {self.backend!r}")
         if self.tls not in TLS_MODES:
             raise ValueError(f"tls takes one of {', '.join(TLS_MODES)}, not {self.tls!r}")
+        if self.verify and self.tls in ("none", "opportunistic"):
+            raise ValueError(f"verify=yes needs tls=required or tls=implicit, not tls={self.tls} (opportunistic TLS "
+                             "would send in plaintext to a next hop whose certificate fails the check)")
+        if not self.attempt_timeout > 0:
+            raise ValueError(f"attempt_timeout must be a duration above 0, not {self.attempt_timeout!r}")
         if self.tls == "implicit" and self.relayhost is None:
             raise ValueError("tls=implicit needs a relayhost (MX hosts are reached on port 25 with STARTTLS)")
         if self.concurrency < 1:
@@ -160,16 +222,19 @@ class QueueConfig:
             raise ValueError("spool must name a folder")
 
     @classmethod
-    def from_options(cls, *, spool: str = "queue", backend: str = "spool", amqp_url: str | None = None,
+    def from_options(cls, *, spool: str = "queue", backend: str | None = None, amqp_url: str | None = None,
                      amqp_queue: str | None = None, relayhost: str | None = None, port: int | str = 25,
-                     dns: str | None = None, tls: str = "opportunistic", verify: bool | str = False,
+                     dns: str | None = None, tls: str | None = None, verify: bool | str = False,
                      ca_file: str | None = None, username: str | None = None, password: str | None = None,
                      min_backoff: float | str | None = None, max_backoff: float | str | None = None,
                      lifetime: float | str | None = None, bounce_lifetime: float | str | None = None,
                      delay_warning: float | str | None = None, concurrency: int | str = 20,
-                     runner: bool | str = True, hostname: str | None = None) -> "QueueConfig":
+                     runner: bool | str = True, hostname: str | None = None,
+                     local_addresses: str | None = None,
+                     attempt_timeout: float | str | None = None) -> "QueueConfig":
         """A configuration from settings given as text (``--handler-option key=value``) or as values;
-        ValueError naming the setting when one is wrong."""
+        ValueError naming the setting when one is wrong. Without ``backend``, it is amqp when ``amqp_url`` is
+        given, else spool; without ``tls``, required with ``verify``, else opportunistic."""
         defaults = Schedule()
         changes: dict[str, float | None] = {}
         for name, value in (("min_backoff", min_backoff), ("max_backoff", max_backoff), ("lifetime", lifetime),
@@ -186,13 +251,21 @@ class QueueConfig:
             workers = int(concurrency)
         except (TypeError, ValueError):
             raise ValueError(f"concurrency takes a whole number, not {concurrency!r}") from None
+        checked = _flag("verify", verify)
+        if not backend:
+            backend = "amqp" if amqp_url else "spool"
+        if not tls:
+            tls = "required" if checked else "opportunistic"
         return cls(
             spool=str(spool), backend=str(backend).strip().lower(), amqp_url=amqp_url or DEFAULT_AMQP_URL,
-            amqp_queue=amqp_queue or DEFAULT_AMQP_QUEUE, relayhost=relayhost.strip() if relayhost else None, port=_port("port", port),
-            dns=parse_servers(dns) if dns else None, tls=str(tls).strip().lower(), verify=_flag("verify", verify),
-            ca_file=ca_file or None, username=username or None, password=password or None,
+            amqp_queue=amqp_queue or DEFAULT_AMQP_QUEUE, relayhost=relayhost.strip() if relayhost else None,
+            port=_port("port", port), dns=parse_servers(dns) if dns else None, tls=str(tls).strip().lower(),
+            verify=checked, ca_file=ca_file or None, username=username or None, password=password or None,
             schedule=Schedule(**changes), concurrency=workers, runner=_flag("runner", runner),  # type: ignore[arg-type]
             hostname=hostname or _this_host(),
+            local_addresses=parse_addresses(local_addresses) if local_addresses is not None else None,
+            attempt_timeout=(parse_seconds("attempt_timeout", attempt_timeout) if attempt_timeout not in (None, "")
+                             else DEFAULT_ATTEMPT_TIMEOUT),
         )
 
 
@@ -216,8 +289,10 @@ class QueueService(MultiService):
         self.monitor = Monitors([monitor] if monitor is not None else [])
         self._reactor = reactor
         self._store = store
+        self._own_store = store is None
         self._deliverer = deliverer
         self._runner: QueueRunner | None = None
+        self._listening: tuple[str, ...] = ()
 
     @classmethod
     def shared(cls, config: QueueConfig, reactor: Any = None) -> "QueueService":
@@ -265,11 +340,35 @@ class QueueService(MultiService):
             from esmtpkit.queue.amqp import AMQPStore
 
             return AMQPStore(config.amqp_url, config.amqp_queue, reactor=self.reactor,  # type: ignore[no-any-return]
-                             schedule=config.schedule, concurrency=config.concurrency)
+                             schedule=config.schedule, concurrency=config.concurrency,
+                             attempt_timeout=config.attempt_timeout)
         from esmtpkit.queue.spool import SpoolStore
 
         return SpoolStore(config.spool, reactor=self.reactor,  # type: ignore[no-any-return]
-                          concurrency=config.concurrency)
+                          concurrency=config.concurrency, save_failed_delay=config.schedule.max_backoff)
+
+    def check(self) -> None:
+        """ValueError, one line saying why, unless the store this configuration makes can work: for a spool, its
+        folders exist or can be made and a file can be written in each (else every message would get 451)."""
+        if self.config.backend != "spool" or not self._own_store:
+            return
+        folder = os.path.abspath(os.path.expanduser(self.config.spool))
+        try:
+            for sub in ("incoming", "messages"):
+                path = os.path.join(folder, sub)
+                os.makedirs(path, mode=0o700, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+                    pass
+        except OSError as e:
+            reason = (e.strerror or str(e)).lower()
+            where = f" ({e.filename})" if e.filename else ""
+            raise ValueError(f"queue spool {folder}: not usable: {reason}{where}") from None
+
+    def local_addresses(self) -> tuple[str, ...]:
+        """This host's own addresses for MX routing: ``config.local_addresses``, else those the server listens on
+        (learned when the service starts)."""
+        given = self.config.local_addresses
+        return given if given is not None else self._listening
 
     def _make_deliverer(self) -> Any:
         from esmtpkit.client.delivery import Deliverer
@@ -285,7 +384,7 @@ class QueueService(MultiService):
             router = Smarthost(config.relayhost, 25, resolver_router=resolver, reactor=self.reactor)
         else:
             router = MXRouter(self.reactor, servers=config.dns, port=config.port,
-                              local_names=(config.hostname,))
+                              local_names=(config.hostname,), local_addresses=self.local_addresses())
         return Deliverer(self.reactor, router, options)
 
     def startService(self) -> None:
@@ -294,6 +393,11 @@ class QueueService(MultiService):
         if not self.config.runner:
             self.log.info("queue {where}: accepting only; no runner in this process", where=self._where())
             return
+        if self.parent is not None:
+            self._listening = listening_addresses(self.parent, self.config.port)
+        watch = getattr(self.store, "watch_counts", None)
+        if callable(watch):
+            watch(self.monitor.queue_counts)
         self.runner.start()
         self.log.info("queue {where}: delivering {how}, {concurrency} message(s) at a time", where=self._where(),
                       how=self._how(), concurrency=self.config.concurrency)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import IO, Any, Callable, Iterable, Iterator, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
@@ -35,13 +35,15 @@ from zope.interface import implementer
 from esmtpkit.core.ids import new_id
 from esmtpkit.core.outbound import Message
 from esmtpkit.queue import spool_files as files
-from esmtpkit.queue.interfaces import IQueueEntry, IQueueStore, Worker
+from esmtpkit.queue.interfaces import ICheckpoint, IQueueEntry, IQueueStore, Worker
 from esmtpkit.queue.spool_admin import LOCK_WAIT, MessageBusy, NoSuchMessage, SpoolAdmin, SpoolError
 from esmtpkit.queue.spool_files import HELD_MTIME, STALE_AGE
-from esmtpkit.queue.spool_scheduler import TRIGGER_INTERVAL, WORKER_FAILED_DELAY, SpoolScheduler
+from esmtpkit.queue.spool_scheduler import (CHECKPOINT_DELAY, SAVE_FAILED_DELAY, TRIGGER_INTERVAL,
+                                             WORKER_FAILED_DELAY, SpoolScheduler)
 
 __all__ = ["SpoolStore", "SpoolEntry", "FileWork", "SpoolError", "NoSuchMessage", "MessageBusy", "HELD_MTIME",
-           "STALE_AGE", "LOCK_WAIT", "TRIGGER_INTERVAL", "WORKER_FAILED_DELAY"]
+           "STALE_AGE", "LOCK_WAIT", "TRIGGER_INTERVAL", "WORKER_FAILED_DELAY", "CHECKPOINT_DELAY",
+           "SAVE_FAILED_DELAY"]
 
 T = TypeVar("T")
 
@@ -125,7 +127,7 @@ class SpoolEntry:
                 file.close()
 
 
-@implementer(IQueueStore)
+@implementer(IQueueStore, ICheckpoint)
 class SpoolStore:
     """The queue in the spool directory ``path``: durable writes, due messages to a worker, management calls.
 
@@ -133,14 +135,17 @@ class SpoolStore:
     (due ones waiting for the worker, and those with it); ``scan_interval`` is how often (seconds) the directory
     is scanned for due messages. ``threads`` says whether file work goes to the reactor's thread pool (default:
     when the reactor has one); ``lock_wait`` is how long (seconds) a management call waits for a message being
-    delivered. `scheduler` hands messages out; `admin` makes the management calls the store offers too.
+    delivered; ``save_failed_delay`` is how long a message waits when its new state could not be saved (the
+    schedule's ``max_backoff``). `scheduler` hands messages out; `admin` makes the management calls the store
+    offers too.
     """
 
     name = "spool"
     log = Logger()
 
     def __init__(self, path: str, *, reactor: IReactorTime, concurrency: int = 20, scan_interval: float = 60.0,
-                 active_limit: int = 1000, threads: bool | None = None, lock_wait: float = LOCK_WAIT) -> None:
+                 active_limit: int = 1000, threads: bool | None = None, lock_wait: float = LOCK_WAIT,
+                 save_failed_delay: float = SAVE_FAILED_DELAY) -> None:
         if concurrency < 1 or active_limit < concurrency or scan_interval <= 0:
             raise ValueError("need 1 <= concurrency <= active_limit and scan_interval > 0")
         self.admin = SpoolAdmin(path, clock=reactor.seconds, lock_wait=lock_wait)
@@ -153,7 +158,8 @@ class SpoolStore:
         self.lock_wait = lock_wait
         self.work = FileWork(reactor, IReactorThreads.providedBy(reactor) if threads is None else threads)
         self.scheduler = SpoolScheduler(self.paths, reactor=reactor, work=self.work, concurrency=concurrency,
-                                        scan_interval=scan_interval, active_limit=active_limit)
+                                        scan_interval=scan_interval, active_limit=active_limit,
+                                        save_failed_delay=save_failed_delay)
 
     # -- IQueueStore --
 
@@ -178,6 +184,16 @@ class SpoolStore:
     def stop(self) -> "Deferred[None]":
         """Stop scanning and handing out; fires once attempts, saves, commits and scans under way have finished."""
         return self.scheduler.stop()
+
+    def checkpoint(self, message: Message) -> "Deferred[None]":
+        """Save the state so far of ``message`` (being attempted by this store's worker), its next attempt
+        `CHECKPOINT_DELAY` seconds ahead and its lock kept: if this process dies, the finished domains are not
+        delivered again, and the message waits that long rather than being taken again at once."""
+        return self.scheduler.checkpoint(message)
+
+    def watch_counts(self, listener: Callable[[Mapping[str, int]], None]) -> None:
+        """Give ``listener`` the counts of every scan: ``queued`` (not held), ``held``, ``active`` (here)."""
+        self.scheduler.on_counts = listener
 
     # -- management (synchronous: for the command line, or a thread); see SpoolAdmin --
 

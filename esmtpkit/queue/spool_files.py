@@ -24,10 +24,14 @@ Rules that make it safe:
   message without reading it; a release restores the mtime from ``next_attempt``.
 - **Locking**: a process delivering a message holds ``flock(LOCK_EX)`` on its ``.json``; another process skips a
   locked message. A lock holder that replaces the file (rename) leaves the lock on the old inode, so whoever
-  locks checks that the file it locked is still the one the name points to (`try_lock`).
+  locks checks that the file it locked is still the one the name points to (`try_lock`); a checkpoint in the
+  middle of an attempt locks the new file before its rename, so the lock never lapses (`checkpoint_files`).
+- **Finished**: a message leaves the spool only once `esmtpkit.queue.interfaces.finished` (no recipient pending, no
+  notice owed). If its new state cannot be written, its next attempt is pushed back instead (a ``utime``, which
+  needs no free space), so the old state is not attempted again at every scan.
 
-Everything here is plain blocking file work with the standard library only: the store runs it in a thread pool
-or inline, and the management calls run it directly.
+Everything here is plain blocking file work with the standard library's ``os``, no reactor: the store runs it in a
+thread pool or inline, and the management calls run it directly.
 """
 
 from __future__ import annotations
@@ -46,10 +50,12 @@ from typing import IO, Iterator
 
 from esmtpkit.core.ids import new_id
 from esmtpkit.core.outbound import Message
+from esmtpkit.queue.interfaces import finished
 
 __all__ = ["SpoolPaths", "Claim", "HELD_MTIME", "HELD_NS", "STALE_AGE", "valid_id", "to_ns", "due_ns",
-           "encode", "decode", "write_json", "create", "commit_files", "enqueue_files", "scan_files",
-           "cleanup_files", "quarantine", "try_lock", "read_fd", "claim_files", "settle_files", "postpone_files",
+           "encode", "decode", "write_json", "create", "commit_files", "enqueue_files", "Scan", "scan_files",
+           "cleanup_files", "quarantine", "try_lock", "read_fd", "claim_files", "checkpoint_files", "settle_files",
+           "postpone_files",
            "make_due", "trigger_mtime", "touch_trigger", "fsync_dir", "unlink", "forget"]
 
 #: The envelope mtime marking a held message (2100-01-01T00:00:00Z): a scan never finds it due.
@@ -150,25 +156,41 @@ def due_ns(message: Message, now: float) -> int:
     return to_ns(message.next_attempt if message.next_attempt > 0 else now)
 
 
-def write_json(paths: SpoolPaths, message: Message, mtime_ns: int) -> None:
-    """Replace ``messages/<id>.json`` atomically: temporary file, fsync, mtime, rename, directory fsync."""
+def write_json(paths: SpoolPaths, message: Message, mtime_ns: int, *, locked: bool = False) -> int | None:
+    """Replace ``messages/<id>.json`` atomically: temporary file, its mtime, fsync, rename, directory fsync.
+
+    The mtime is set before the fsync, so a power cut cannot leave the new state with an earlier schedule. With
+    ``locked`` the new file is locked (``flock``) before its rename and its open fd is returned: whoever held the
+    old file's lock holds the new one's from the instant it has the name (`checkpoint_files`).
+    """
     tmp = os.path.join(paths.incoming, f"{message.id}.{secrets.token_hex(4)}.json.tmp")
     data = encode(message)
+    fd = -1
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+        os.fsync(fd)
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(tmp, paths.json(message.id))
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         forget(tmp)
         raise
-    fsync_dir(paths.messages)
+    if not locked:
+        os.close(fd)
+        fsync_dir(paths.messages)
+        return None
+    try:
+        fsync_dir(paths.messages)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _install(paths: SpoolPaths, tmp: str, message: Message, now: float) -> None:
@@ -225,13 +247,24 @@ def enqueue_files(paths: SpoolPaths, content: bytes, message: Message, now: floa
     commit_files(paths, file, os.path.join(paths.incoming, name), message, now)
 
 
-def scan_files(paths: SpoolPaths, now_ns: int, limit: int,
-               exclude: frozenset[str]) -> tuple[list[tuple[int, str]], bool]:
-    """The ``limit`` earliest due envelopes (mtime, id) not in ``exclude``, and whether more were due."""
+@dataclass
+class Scan:
+    """What one scan of messages/ found: the earliest due ids, whether more were due, and the queue's size."""
+
+    found: list[tuple[int, str]]  # (mtime ns, id), earliest first
+    more: bool  # more were due than ``found`` holds
+    queued: int = 0  # envelopes not held (those being attempted included)
+    held: int = 0
+
+
+def scan_files(paths: SpoolPaths, now_ns: int, limit: int, exclude: frozenset[str]) -> Scan:
+    """The ``limit`` earliest due envelopes (mtime, id) not in ``exclude``, whether more were due, and how many
+    messages are queued and held (ids in ``exclude`` count as queued, unread)."""
     count = 0
+    queued = held = 0
 
     def due() -> Iterator[tuple[int, str]]:
-        nonlocal count
+        nonlocal count, queued, held
         try:
             entries = os.scandir(paths.messages)
         except FileNotFoundError:
@@ -239,18 +272,25 @@ def scan_files(paths: SpoolPaths, now_ns: int, limit: int,
         with entries:
             for entry in entries:
                 name = entry.name
-                if not name.endswith(".json") or name[:-5] in exclude:
+                if not name.endswith(".json"):
+                    continue
+                if name[:-5] in exclude:
+                    queued += 1
                     continue
                 try:
                     mtime = entry.stat(follow_symlinks=False).st_mtime_ns
                 except FileNotFoundError:
                     continue
-                if mtime <= now_ns and mtime < HELD_NS:
+                if mtime >= HELD_NS:
+                    held += 1
+                    continue
+                queued += 1
+                if mtime <= now_ns:
                     count += 1
                     yield mtime, name[:-5]
 
     found = heapq.nsmallest(limit, due())
-    return found, count > len(found)
+    return Scan(found, count > len(found), queued, held)
 
 
 def cleanup_files(paths: SpoolPaths, now: float) -> list[str]:
@@ -372,26 +412,46 @@ def claim_files(paths: SpoolPaths, id: str, now_ns: int) -> Claim:
             os.close(fd)
 
 
-def settle_files(paths: SpoolPaths, fd: int, id: str, message: Message, now: float) -> None:
-    """Save what an attempt made of the message, or forget it when no recipient is pending; then unlock."""
+def checkpoint_files(paths: SpoolPaths, claim: Claim, id: str, message: Message, due: int) -> None:
+    """Save the state so far of the claimed message ``id``, its next attempt at ``due`` (ns: in the future, so
+    that if this process dies the message waits a while rather than being taken again at once); the claim's lock
+    moves to the new file with it (``claim.fd`` is replaced)."""
+    message.id = id
+    fd = write_json(paths, message, due, locked=True)
+    assert fd is not None
+    old, claim.fd = claim.fd, fd
+    os.close(old)
+
+
+def settle_files(paths: SpoolPaths, claim: Claim, id: str, message: Message, now: float, fallback: int) -> None:
+    """Save what an attempt made of the message, or forget it once `finished`; then unlock.
+
+    When that fails (a full disk, an I/O error) the message's next attempt is moved to ``fallback`` (ns), which
+    needs no free space, and the error is raised: the state it had stays, and is not tried again before then.
+    """
     try:
         message.id = id
-        if message.done:
-            unlink(paths.json(id))
-            unlink(paths.eml(id))
-            fsync_dir(paths.messages)
-        else:
-            write_json(paths, message, due_ns(message, now))
+        try:
+            if finished(message):
+                unlink(paths.json(id))
+                unlink(paths.eml(id))
+                fsync_dir(paths.messages)
+            else:
+                write_json(paths, message, due_ns(message, now))
+        except Exception:
+            with contextlib.suppress(OSError):
+                os.utime(paths.json(id), ns=(fallback, fallback))
+            raise
     finally:
-        os.close(fd)
+        os.close(claim.fd)
 
 
-def postpone_files(paths: SpoolPaths, fd: int, id: str, due: int) -> None:
+def postpone_files(paths: SpoolPaths, claim: Claim, id: str, due: int) -> None:
     """Move a claimed message's next attempt to ``due`` (ns) without changing its state; then unlock."""
     try:
         os.utime(paths.json(id), ns=(due, due))
     finally:
-        os.close(fd)
+        os.close(claim.fd)
 
 
 def make_due(paths: SpoolPaths, id: str, now_ns: int) -> bool:

@@ -2,17 +2,20 @@
 
 It scans ``messages/`` now, every ``scan_interval`` seconds and whenever the flush trigger changes, keeping at most
 ``active_limit`` ids (the earliest due); it hands them to the worker at most ``concurrency`` at a time, each
-claimed under its lock, and saves what the worker made of each (`esmtpkit.queue.spool_files` does the file work).
-Once an hour it removes what killed processes left behind. `stop` waits for everything under way.
+claimed under its lock, and saves what the worker made of each (`esmtpkit.queue.spool_files` does the file work),
+along with the worker's checkpoints in between. Each scan's counts (messages queued, held, and being attempted
+here) go to ``on_counts``. Once an hour it removes what killed processes left behind. `stop` waits for everything
+under way.
 """
 
 from __future__ import annotations
 
 import heapq
 import os
-from typing import IO, Any, Callable
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Mapping
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -22,31 +25,51 @@ from esmtpkit.core.outbound import Message
 from esmtpkit.queue import spool_files as files
 from esmtpkit.queue.interfaces import OpenContent, Worker
 
-__all__ = ["SpoolScheduler", "RunFileWork", "TRIGGER_INTERVAL", "WORKER_FAILED_DELAY"]
+__all__ = ["SpoolScheduler", "RunFileWork", "TRIGGER_INTERVAL", "WORKER_FAILED_DELAY", "CHECKPOINT_DELAY",
+           "SAVE_FAILED_DELAY"]
 
 #: How often (seconds) a running store looks at the flush trigger file.
 TRIGGER_INTERVAL = 1.0
 #: How long (seconds) a message waits after its worker failed unexpectedly (a bug, not a delivery failure).
 WORKER_FAILED_DELAY = 300.0
+#: How far in the future (seconds) a checkpoint puts the next attempt: how long a message waits if the process
+#: attempting it dies, so that no scan takes it while the attempt goes on.
+CHECKPOINT_DELAY = 300.0
+#: How long (seconds) a message waits by default when its new state could not be saved (a full disk): the old
+#: state is attempted again then, not at every scan (the schedule's default ``max_backoff``).
+SAVE_FAILED_DELAY = 4000.0
 
 #: Runs a blocking function with its arguments (in a thread pool, or inline) and fires with its result.
 RunFileWork = Callable[..., "Deferred[Any]"]
 
 
+@dataclass
+class _Attempt:
+    """A message with the worker: its claim (the locked envelope) and the lock that orders its file work."""
+
+    claim: files.Claim
+    order: DeferredLock = field(default_factory=DeferredLock)
+
+
 class SpoolScheduler:
     """Hands the due messages of the spool at ``paths`` to a worker: ``concurrency`` at once at most, at most
-    ``active_limit`` ids in memory, a scan every ``scan_interval`` seconds. ``work`` runs the file work."""
+    ``active_limit`` ids in memory, a scan every ``scan_interval`` seconds. ``work`` runs the file work.
+    ``save_failed_delay`` is how long a message waits when its new state could not be saved; ``on_counts``, when
+    set, hears each scan's counts (``{"queued": n, "held": n, "active": n}``)."""
 
     log = Logger()
 
     def __init__(self, paths: files.SpoolPaths, *, reactor: IReactorTime, work: RunFileWork, concurrency: int,
-                 scan_interval: float, active_limit: int) -> None:
+                 scan_interval: float, active_limit: int, save_failed_delay: float = SAVE_FAILED_DELAY) -> None:
         self.paths = paths
         self.reactor = reactor
         self.concurrency = concurrency
         self.scan_interval = scan_interval
         self.active_limit = active_limit
+        self.save_failed_delay = save_failed_delay
+        self.on_counts: Callable[[Mapping[str, int]], None] | None = None
         self._work = work
+        self._attempts: dict[str, _Attempt] = {}  # ids with the worker
         self._worker: Worker | None = None
         self._running = False
         self._ready: list[tuple[int, str]] = []  # heap of (due ns, id): due, waiting for the worker
@@ -116,7 +139,10 @@ class SpoolScheduler:
 
     def offer(self, id: str, due_ns: int) -> None:
         """A message just committed here: to the worker now if it is due and there is room."""
-        if not self._running or id in self._known or len(self._known) >= self.active_limit:
+        if not self._running or id in self._known:
+            return
+        if len(self._known) >= self.active_limit:
+            self._more = True  # no room now: scan again as soon as the active set drains, not at the next interval
             return
         if due_ns > files.to_ns(self._now()):
             return
@@ -149,17 +175,26 @@ class SpoolScheduler:
                        lambda f: self.log.failure("spool {path}: scan failed", f, path=self.paths.root))
         d.addBoth(self._scan_ended)
 
-    def _scanned(self, result: tuple[list[tuple[int, str]], bool]) -> None:
-        found, more = result
+    def _scanned(self, scan: files.Scan) -> None:
         if not self._running:
             return
-        self._more = more
+        self._count(scan)
+        found = scan.found
+        self._more = scan.more
         self._claimed = False
         for due, id in found:
             if id not in self._known and len(self._known) < self.active_limit:
                 self._known.add(id)
                 heapq.heappush(self._ready, (due, id))
         self._pump()
+
+    def _count(self, scan: files.Scan) -> None:
+        if self.on_counts is None:
+            return
+        try:
+            self.on_counts({"queued": scan.queued, "held": scan.held, "active": len(self._attempts)})
+        except Exception:
+            self.log.failure("spool {path}: the queue counts' listener failed", path=self.paths.root)
 
     def _scan_ended(self, _: object) -> None:
         self._scanning = False
@@ -209,12 +244,13 @@ class SpoolScheduler:
                            problem=claim.problem)
         if claim.message is None:
             return None
-        fd, message = claim.fd, claim.message
+        message = claim.message
         if not self._running:
-            os.close(fd)
+            os.close(claim.fd)
             return None
         self._claimed = True
         assert self._worker is not None
+        attempt = self._attempts[id] = _Attempt(claim)
         eml = self.paths.eml(id)
 
         def open_content() -> IO[bytes]:
@@ -224,17 +260,35 @@ class SpoolScheduler:
         d = maybeDeferred(self._worker, message, content)
 
         def worked(result: Message) -> "Deferred[None]":
-            return self._work(files.settle_files, self.paths, fd, id, result, self._now())
+            fallback = files.to_ns(self._now() + self.save_failed_delay)
+            saving = attempt.order.run(self._work, files.settle_files, self.paths, claim, id, result, self._now(),
+                                       fallback)
+            return saving.addErrback(not_saved)
+
+        def not_saved(failure: Failure) -> None:
+            self.log.failure("spool {path}: cannot save the new state of {id}; its old state is tried again in "
+                             "{delay:g} s (deliveries of this attempt may then be made again)", failure,
+                             path=self.paths.root, id=id, delay=self.save_failed_delay)
 
         def failed(failure: Failure) -> "Deferred[None]":
             self.log.failure("spool {path}: worker failed on {id}; next try in {delay:g} s", failure,
                              path=self.paths.root, id=id, delay=WORKER_FAILED_DELAY)
-            return self._work(files.postpone_files, self.paths, fd, id,
-                              files.to_ns(self._now() + WORKER_FAILED_DELAY))
+            return attempt.order.run(self._work, files.postpone_files, self.paths, claim, id,
+                                     files.to_ns(self._now() + WORKER_FAILED_DELAY))
 
         return d.addCallbacks(worked, failed)
 
+    def checkpoint(self, message: Message) -> "Deferred[None]":
+        """Save the state so far of ``message``, being attempted here; its lock stays this process's."""
+        attempt = self._attempts.get(message.id)
+        if attempt is None:
+            return fail(KeyError(f"{message.id} is not being attempted by this store"))
+        due = files.to_ns(self._now() + CHECKPOINT_DELAY)
+        return attempt.order.run(self._work, files.checkpoint_files, self.paths, attempt.claim, message.id,
+                                 message.copy(), due)
+
     def _attempt_ended(self, _: object, id: str) -> None:
+        self._attempts.pop(id, None)
         self._busy.discard(id)
         self._known.discard(id)
         self._pump()
