@@ -175,8 +175,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["workers", None, "1", "Worker processes sharing the listening sockets: a number, or auto for one per CPU."],
         ["proxy-timeout", None, DEFAULT_PROXY_TIMEOUT, "Seconds a connection may take to send its PROXY header.",
          _seconds("proxy-timeout")],
-        ["amqp-url", None, None, "AMQP handler: the broker, e.g. amqp://user:pass@127.0.0.1:5672/%2F."],
-        ["amqp-queue", None, None, "AMQP handler: the (quorum) queue to publish to (default: mail)."],
+        ["amqp-url", None, None, "AMQP handler, or Queue handler on RabbitMQ: the broker, e.g. "
+         "amqp://user:pass@127.0.0.1:5672/%2F."],
+        ["amqp-queue", None, None, "AMQP handler: the (quorum) queue to publish to (default: mail); "
+         "Queue handler: its queue on the broker (default: outbound)."],
         ["amqp-confirm-timeout", None, None, "AMQP handler: seconds to wait for the broker's confirm (default 30).",
          _seconds("amqp-confirm-timeout")],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
