@@ -181,25 +181,33 @@ def esmtpkit_options(argv: list[str], env: dict[str, str]) -> list[str]:
     return options
 
 
-def server_specs(names: list[str], profile_dir: Path | None, extra: Sequence[str] = ()) -> dict[str, ServerSpec]:
+def esmtpkit_spec(name: str, root: Path, profile_dir: Path | None, extra: Sequence[str]) -> ServerSpec:
+    """``twistd esmtpkit`` with the Null handler, from the checkout at ``root`` (whatever is installed)."""
+    python = esmtpkit_python()
+    env = {"PYTHONPATH": str(root)}
+    twistd = twistd_argv(python)
+    options = esmtpkit_options(twistd, env)
+    counter = iter(range(1, 10**6))
+
+    def argv(port: int) -> list[str]:
+        prof = []
+        if profile_dir is not None:
+            prof = [f"--profile={profile_dir / f'{name}-{next(counter)}.prof'}", "--profiler=cprofile",
+                    "--savestats"]
+        return [*twistd, "-n", "--pidfile=", *prof, "esmtpkit", "--handler", "esmtpkit.handlers.null.Null",
+                "--listen", f"tcp:{port}:interface={HOST}:backlog=1024", *options, *extra]
+
+    return ServerSpec(name, argv, env)
+
+
+def server_specs(names: list[str], profile_dir: Path | None, extra: Sequence[str] = (),
+                 baseline: Path | None = None) -> dict[str, ServerSpec]:
     """The servers to compare, only those asked for."""
     specs = {}
     if "esmtpkit" in names:
-        python = esmtpkit_python()
-        env = {"PYTHONPATH": str(ROOT)}  # measure this checkout, whatever is installed
-        twistd = twistd_argv(python)
-        options = esmtpkit_options(twistd, env)
-        counter = iter(range(1, 10**6))
-
-        def esmtpkit(port: int) -> list[str]:
-            prof = []
-            if profile_dir is not None:
-                prof = [f"--profile={profile_dir / f'esmtpkit-{next(counter)}.prof'}", "--profiler=cprofile",
-                        "--savestats"]
-            return [*twistd, "-n", "--pidfile=", *prof, "esmtpkit", "--handler", "esmtpkit.handlers.null.Null",
-                    "--listen", f"tcp:{port}:interface={HOST}:backlog=1024", *options, *extra]
-
-        specs["esmtpkit"] = ServerSpec("esmtpkit", esmtpkit, env)
+        specs["esmtpkit"] = esmtpkit_spec("esmtpkit", ROOT, profile_dir, extra)  # this checkout
+    if "baseline" in names and baseline is not None:
+        specs["baseline"] = esmtpkit_spec("baseline", baseline, profile_dir, extra)
     if {"aiosmtpd", "twisted", "floor"} & set(names):
         peers = peers_python()
         for name, script in (("aiosmtpd", "aiosmtpd_sink.py"), ("twisted", "twisted_sink.py"),
@@ -522,7 +530,7 @@ def _measure(scenario: Scenario, size: tuple[int, int], server: Server, cpu: str
 
 # ---- reporting ---------------------------------------------------------------------------------------------------
 
-def machine() -> dict[str, str]:
+def machine(baseline: Path | None = None) -> dict[str, str]:
     """What the figures were measured on."""
     model = "unknown"
     with contextlib.suppress(OSError):
@@ -546,8 +554,10 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "esmtpkit python": version(kit, "import sys; print(sys.version.split()[0])"),
         "esmtpkit twisted": version(kit, "import twisted; print(twisted.__version__)"),
-        "esmtpkit commit": _commit(),
+        "esmtpkit commit": _commit(ROOT),
     }
+    if baseline is not None:
+        info["baseline commit"] = f"{_commit(baseline)} in {baseline}"
     peers = PEERS_VENV / "bin" / "python"
     if peers.exists():
         info["peers"] = version(str(peers), "import sys, aiosmtpd, twisted; print('Python', sys.version.split()[0],"
@@ -557,10 +567,10 @@ def machine() -> dict[str, str]:
     return info
 
 
-def _commit() -> str:
-    """The checkout's commit, marked when esmtpkit/ has changes not yet committed."""
-    head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "esmtpkit", "twisted"],
+def _commit(root: Path) -> str:
+    """The commit of the checkout at ``root``, marked when its esmtpkit/ has changes not yet committed."""
+    head = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "esmtpkit", "twisted"],
                            capture_output=True, text=True)
     commit = head.stdout.strip() or "?"
     return commit + (" with uncommitted changes in esmtpkit/" if dirty.stdout.strip() else "")
@@ -665,9 +675,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--esmtpkit-option", action="append", default=[], metavar="OPTION",
                         help="an extra twistd esmtpkit option, e.g. --esmtpkit-option=--bare-newline=allow (repeatable)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every sample as JSON to FILE")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also measure the esmtpkit checkout in DIR (another commit, its compiled scanner built)"
+                             " as the server 'baseline', right after this one")
     args = parser.parse_args(argv)
     args.servers = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(args.servers) - set(SERVERS)
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "esmtpkit").is_dir():
+            parser.error(f"--baseline: no esmtpkit package in {args.baseline}")
+        if "baseline" not in args.servers:
+            args.servers.insert(args.servers.index("esmtpkit") + 1 if "esmtpkit" in args.servers else 0, "baseline")
+    unknown = set(args.servers) - set(SERVERS) - ({"baseline"} if args.baseline is not None else set())
     if unknown:
         parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
     keys = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -701,8 +720,8 @@ def main(argv: list[str] | None = None) -> int:
     logdir = Path(tempfile.mkdtemp(prefix="esmtpkit-bench-"))
     keep_logs = True
     try:
-        specs = server_specs(args.servers, args.profile, args.esmtpkit_option)
-        info = machine()
+        specs = server_specs(args.servers, args.profile, args.esmtpkit_option, args.baseline)
+        info = machine(args.baseline)
         print("\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)
         print(f"command: python3 benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
         print(f"server logs: {logdir}\n", flush=True)

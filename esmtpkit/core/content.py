@@ -15,6 +15,10 @@ __all__ = ["ContentReader", "ContentMode", "ContentError", "ContentEvent", "EOH"
            "HeaderSplitter", "CountedReader", "dot_stuff", "has_bare_newline", "HeaderEvent", "NATIVE_SCAN"]
 
 _MARK: Final = b"\r\n."
+#: The dot as an int: bytes answer ``in`` for an int at once, for a bytes only after a failed int conversion.
+_DOT: Final = ord(".")
+#: A bare CR or LF, searched for only to know where the first one is (`has_bare_newline` says whether there is one).
+_BARE: Final = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
 def python_has_bare_newline(data: bytes, end: int | None = None) -> bool:
@@ -83,7 +87,7 @@ class DotDecoder:
         buf = self._tail + data if self._tail else data
         start = self._skip
         size = len(buf)
-        if b"." not in buf:  # no dot, no marker and nothing to unstuff: one memchr instead of a search
+        if _DOT not in buf:  # no dot, no marker and nothing to unstuff: one memchr instead of a search
             hold = size - 2 if buf.endswith(b"\r\n") else size - 1 if buf.endswith(b"\r") else size
             if self._check_bare and not self.bare_newline and has_bare_newline(buf, hold):
                 self.bare_newline = True
@@ -211,6 +215,11 @@ class ContentMode(enum.Enum):
     RAW = "raw"
 
 
+#: The modes as globals for the per-read paths: Python 3.11 reads enum members through a slow __getattr__ hook.
+_RAW: Final = ContentMode.RAW
+_LINES: Final = ContentMode.LINES
+
+
 class ContentError(enum.Enum):
     """Why content was refused; the server turns each into its reply."""
 
@@ -267,19 +276,19 @@ class ContentReader:
         self.max_size = max_size
         self.max_header = max_header
         self._longest = max_line - 2 if max_line else 0  # the longest header line without its CRLF
-        self.decoder = DotDecoder(at_line_start=True, check_bare=check_bare) if dotted else None
+        self.decoder = DotDecoder(at_line_start=True, check_bare=False) if dotted else None
         self.error: ContentError | None = None
         self.size = 0  # decoded content octets so far
         self.done = False
         # RAW content is passed on as it comes: its header section is read only to apply the limits, if any, and
         # then only if the first piece does not settle them at once (``_raw_first``).
-        raw = mode is ContentMode.RAW
+        raw = mode is _RAW
         self._splitter: HeaderSplitter | None = None if raw else HeaderSplitter()
         self._raw_first = raw and bool(max_line or max_header)
         self._line = b""  # the header section's incomplete last line
         self._partial = b""  # LINES: the body's incomplete last line
-        self._check_bare = check_bare and not dotted  # BDAT: the CR/LF scan is ours (the decoder does DATA's)
-        self._cr = False  # BDAT: the content so far ends with a CR the next octet may pair with an LF
+        self._check_bare = check_bare  # the CR/LF scan runs on the content, DATA's decoded as BDAT's counted
+        self._cr = False  # the content so far ends with a CR the next octet may pair with an LF
         self._discard = False
 
     @property
@@ -299,20 +308,25 @@ class ContentReader:
     def feed(self, data: bytes) -> list[ContentEvent]:
         """Consume wire bytes (DATA) or chunk octets (BDAT); return the events they complete."""
         decoder = self.decoder
-        if decoder is None:
-            if self._check_bare and self.error is None:
-                probe = b"\r" + data if self._cr else data
-                self._cr = probe.endswith(b"\r")
-                if has_bare_newline(probe[:-1] if self._cr else probe):
-                    self._fail(ContentError.BARE_NEWLINE)
-            events = self._content(data)
-        else:
-            events = self._content(decoder.feed(data))
-            if decoder.bare_newline:
-                self._fail(ContentError.BARE_NEWLINE)
-            if decoder.done:
-                events += self._finish()
+        events = self._checked(data if decoder is None else decoder.feed(data))
+        if decoder is not None and decoder.done:
+            events += self._finish()
         return [] if self.error is not None or self._discard else events
+
+    def _checked(self, data: bytes) -> list[ContentEvent]:
+        """`_content` with the bare CR/LF rule. A bare line end fails the message once the content before it was
+        read, so of two faults the one met first wins, however the content was split and whichever way it came."""
+        if self._check_bare and self.error is None:
+            carried = self._cr
+            probe = b"\r" + data if carried else data
+            self._cr = probe.endswith(b"\r")  # it may be the first half of a CRLF: the next octet tells
+            end = len(probe) - self._cr
+            if has_bare_newline(probe, end):
+                found = _BARE.search(probe, 0, end)
+                events = self._content(data[:max(found.start() - carried, 0)] if found is not None else data)
+                self._fail(ContentError.BARE_NEWLINE)
+                return events
+        return self._content(data)
 
     def end(self) -> list[ContentEvent]:
         """BDAT LAST: the content is complete (it may end without CRLF); return the last events."""
@@ -340,7 +354,7 @@ class ContentReader:
                 self._splitter = HeaderSplitter()  # read the section for its limits, piece by piece
         if self._splitter is None:
             return self._body(data)
-        if self.mode is ContentMode.RAW:
+        if self.mode is _RAW:
             self._headers(data)  # for the limits only: RAW content is passed on as it came
             return self._body(data)
         events, body = self._headers(data)
@@ -394,7 +408,7 @@ class ContentReader:
 
     def _body(self, data: bytes) -> list[ContentEvent]:
         size = self.chunk_size
-        if self.mode is not ContentMode.LINES:
+        if self.mode is not _LINES:
             return _slices(data, size)  # type: ignore[return-value]
         # One call per line; a line longer than chunk_size still arrives in chunk_size pieces.
         data = self._partial + data
@@ -425,7 +439,7 @@ class ContentReader:
                 events += headers
             events += splitter.finish()
             events.append(EOH)
-            if self.mode is ContentMode.RAW:
+            if self.mode is _RAW:
                 events = []
             elif body:
                 events += self._body(body)

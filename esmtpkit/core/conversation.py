@@ -25,6 +25,10 @@ LINE_TOO_LONG: Final = Reply(500, ("Line too long",), "5.5.2")
 #: limit in a session without a delivered message, each counts as an error.
 JUNK: Final = frozenset((Verb.NOOP, Verb.RSET, Verb.VRFY, Verb.EXPN, Verb.HELP, Verb.HELO, Verb.EHLO, Verb.LHLO))
 _NO_KEYWORDS: Final[frozenset[str]] = frozenset()
+#: The phases the per-command paths compare against, as globals: Python 3.11 reads enum members (``Phase.CLOSED``)
+#: through a slow __getattr__ hook.
+_CLOSED: Final = Phase.CLOSED
+_GREETED: Final = Phase.GREETED
 
 
 @lru_cache(maxsize=16)
@@ -94,7 +98,7 @@ class ServerConversation:
 
     def answered(self, verb: Verb, code: int) -> None:
         """The reply ``code`` was given to the admitted ``verb``: move the dialogue as the rule book says."""
-        if self.phase is not Phase.CLOSED:
+        if self.phase is not _CLOSED:
             self.phase = rules.after_reply(self.phase, verb, code)
 
     def take_penalty(self) -> bool:
@@ -127,7 +131,7 @@ class ServerConversation:
     @property
     def in_transaction(self) -> bool:
         """True while a mail transaction is open (MAIL accepted, no end of data or RSET yet)."""
-        return rules.in_transaction(self.phase)
+        return self.phase in rules.IN_TRANSACTION  # the rule book's set, read without a second call
 
     def mail_accepted(self, sender: Address | str, params: dict[str, Any], transaction_id: str) -> None:
         """MAIL was answered positively: a new transaction with this sender."""
@@ -141,7 +145,7 @@ class ServerConversation:
 
     def chunk_failed(self) -> None:
         """A BDAT chunk failed: the transaction stays in its chunking phase, refusing chunks, until RSET."""
-        if self.phase is not Phase.CLOSED:
+        if self.phase is not _CLOSED:
             self.phase = Phase.CHUNKING
 
     def message_ended(self, delivered: bool) -> None:
@@ -149,22 +153,22 @@ class ServerConversation:
         self.session.envelope = Envelope()
         if delivered:
             self.junk = 0  # a session that delivers mail may keep resetting between messages
-        if self.phase is not Phase.CLOSED:
-            self.phase = Phase.GREETED
+        if self.phase is not _CLOSED:
+            self.phase = _GREETED
 
     def drop_transaction(self) -> bool:
         """Forget an open transaction (RSET, a new greeting, QUIT, STARTTLS, a lost connection); True if one was."""
-        was = self.in_transaction
+        was = self.phase in rules.IN_TRANSACTION
         if was:
-            self.phase = Phase.GREETED
+            self.phase = _GREETED
         self.session.envelope = Envelope()
         return was
 
     def close(self) -> None:
         """The dialogue is over (QUIT answered, the server closed, or the connection was lost)."""
-        self.phase = Phase.CLOSED
+        self.phase = _CLOSED
 
     @property
     def closed(self) -> bool:
         """True once the dialogue is over."""
-        return self.phase is Phase.CLOSED
+        return self.phase is _CLOSED

@@ -71,8 +71,11 @@ class Reply:
         if not isinstance(self.code, int) or not 200 <= self.code <= 599:
             raise ValueError(f"SMTP reply code must be 200-599, not {self.code!r}")
         given = (self.lines,) if isinstance(self.lines, str) else (self.lines or ("",))  # Reply(250, "OK") too
-        lines = tuple(line if type(line) is str and line.isprintable() else _UNSAFE.sub(" ", str(line))
-                      for line in given)
+        if type(given) is tuple and len(given) == 1 and type(given[0]) is str and given[0].isprintable():
+            lines = given  # one clean line, the usual reply: no generator to run
+        else:
+            lines = tuple(line if type(line) is str and line.isprintable() else _UNSAFE.sub(" ", str(line))
+                          for line in given)
         enhanced = self.enhanced
         if enhanced is None:
             first = lines[0]
@@ -82,8 +85,10 @@ class Reply:
                 lines = (lines[0][match.end():],) + lines[1:]
         elif str(enhanced)[:1] != str(self.code)[0] or (enhanced not in _VALID and not _ENHANCED.match(enhanced)):
             raise ValueError(f"enhanced code {enhanced!r} does not fit reply code {self.code}")
-        object.__setattr__(self, "lines", lines)
-        object.__setattr__(self, "enhanced", enhanced)
+        if lines is not self.lines:  # a frozen field costs a call to set: only when normalising changed it
+            object.__setattr__(self, "lines", lines)
+        if enhanced is not self.enhanced:
+            object.__setattr__(self, "enhanced", enhanced)
 
     @classmethod
     def of(cls, code: int, *lines: str, enhanced: str | None = None) -> "Reply":

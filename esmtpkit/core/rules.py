@@ -19,7 +19,7 @@ from esmtpkit.core.session import Session
 
 __all__ = ["Phase", "ADVANCE", "ADMISSION", "ONCE_PARSED", "Standing", "allowed", "advance", "after_reply", "admit",
            "admit_parsed",
-           "effective_verb", "refusal", "ALWAYS", "EXTENSION_VERBS"]
+           "effective_verb", "refusal", "ALWAYS", "EXTENSION_VERBS", "IN_TRANSACTION"]
 
 
 class Phase(enum.Enum):
@@ -125,13 +125,21 @@ def rulebook_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The phases in which a mail transaction is open (MAIL accepted, no end of data or RSET yet).
+IN_TRANSACTION: Final = frozenset((*_TRANSACTION, Phase.DATA))
+
+
 def in_transaction(phase: Phase) -> bool:
     """True while a mail transaction is open (MAIL accepted, no end of data or RSET yet)."""
-    return phase in _TRANSACTION or phase is Phase.DATA
+    return phase in IN_TRANSACTION
 
 
 #: Extension verbs: each is an unknown command (the handler's ``unknown``) unless its extension is enabled.
 EXTENSION_VERBS: Final = frozenset((Verb.STARTTLS, Verb.AUTH, Verb.BDAT, Verb.LHLO))
+
+
+#: Verb.DATA as a global, read for every reply: Python 3.11 reads enum members through a slow __getattr__ hook.
+_DATA: Final = Verb.DATA
 
 
 def after_reply(phase: Phase, verb: Verb, code: int) -> Phase:
@@ -139,7 +147,7 @@ def after_reply(phase: Phase, verb: Verb, code: int) -> Phase:
 
     DATA moves on only with 354 (any other reply leaves the transaction open, RFC 5321 §4.1.1.4).
     """
-    if code >= 400 or (verb is Verb.DATA and code != 354):
+    if code >= 400 or (verb is _DATA and code != 354):
         return phase
     return ADVANCE[phase, verb]
 

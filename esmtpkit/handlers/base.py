@@ -58,11 +58,11 @@ class MessageHandler:
 
     def mail(self, sender: Address, params: Mapping[str, Any]) -> Any:
         """``250 <sender>, sender ok``."""
-        return Reply.of(250, f"<{sender}>, sender ok", enhanced="2.1.0")
+        return Reply(250, (f"<{sender}>, sender ok",), "2.1.0")  # built directly: once per message
 
     def rcpt(self, recipient: Address, params: Mapping[str, Any]) -> Any:
         """``250 <recipient>, recipient ok``."""
-        return Reply.of(250, f"<{recipient}>, recipient ok", enhanced="2.1.5")
+        return Reply(250, (f"<{recipient}>, recipient ok",), "2.1.5")
 
     def data(self) -> Any:
         """``354 Enter mail, end with "." on a line by itself``."""

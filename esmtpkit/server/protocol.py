@@ -32,7 +32,7 @@ from esmtpkit.core.rules import Phase, Standing
 from esmtpkit.core.session import Session
 from esmtpkit.server import sasl
 from esmtpkit.server.auth import Auth
-from esmtpkit.server.flow import Flow
+from esmtpkit.server.flow import PIECE, Flow
 from esmtpkit.server.interfaces import IMessageHandler
 from esmtpkit.server.monitor import Monitor
 from esmtpkit.server.policy import Policy
@@ -97,10 +97,10 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
     # every connection sets are slots too (so most connections need no __dict__ at all); anything else still works.
     __slots__ = ("transport", "connected", "factory", "MAX_LENGTH", "line_mode", "_buffer", "_busyReceiving", "paused",
                  "handler", "policy", "clock", "monitor", "session", "conversation", "errors", "_verb", "_opened_at",
-                 "_mail_at", "_admitted", "_close_reason", "_todo", "_waiting", "_reprocess", "_unread",
+                 "_mail_at", "_admitted", "_close_reason", "_todo", "_waiting", "_reprocess", "_unread", "_later",
                  "_skipping_line", "_skip_cr", "_message", "_timer", "_pregreet", "_early_talker", "_closing",
-                 "_chunk", "_sasl", "_identity", "_mechanisms", "_command_limit", "_write_blocked", "_producing",
-                 "_delay", "_auth_attempt", "_gone")
+                 "_chunk", "_sasl", "_identity", "_mechanisms", "_write_blocked", "_producing", "_delay",
+                 "_auth_attempt", "_gone")
 
     def __init__(self, handler: IMessageHandler, policy: Policy | None = None,
                  clock: IReactorTime | None = None, monitor: Monitor | None = None) -> None:
@@ -134,6 +134,9 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         self._waiting = False
         self._reprocess = False
         self._unread = b""  # bytes read past the end of a message or chunk, to be parsed before anything newer
+        # The newest read and how much of it LineReceiver was given, while some is left (see Flow); one slot for
+        # the two, as every connection carries it.
+        self._later: tuple[bytes, int] | None = None
         self._skipping_line = False
         self._skip_cr = False
         self._message: Any = None
@@ -144,7 +147,6 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         self._chunk: Any = None
         self._sasl: sasl.Mechanism | None = None
         self._identity: sasl.Identity | None = None
-        self._command_limit = _longest_command(p.max_command_length, bool(self._mechanisms))
         self._write_blocked = False  # the transport asked us to stop producing replies (its buffer is full)
         self._producing = False  # registered as the transport's producer
         self._delay: Deferred[Any] | None = None  # a pause of our own (tarpit, AUTH failure delay) in progress
@@ -166,7 +168,7 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         return self.clock.seconds() if self.clock is not None else time.time()
 
     def connectionMade(self) -> None:
-        self.MAX_LENGTH = self._command_limit
+        self.MAX_LENGTH = _longest_command(self.policy.max_command_length, bool(self._mechanisms))
         session = self.session
         self._opened_at = now = self._now()
         session.id = new_id(now)
@@ -225,20 +227,14 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
             return
         if not self._producing and self.session.tls:
             self._start_producing()  # data came over TLS: the handshake is done, even if no one said so
-        if self._unread:
-            data, self._unread = self._unread + data, b""
-        super().dataReceived(data)
-        while self._reprocess and not self.paused and not self._gone:
-            self._reprocess = False
-            data, self._unread = self._unread, b""
-            super().dataReceived(data)
+        if self._unread or self._later is not None or len(data) > PIECE:
+            self._queue(data)
+            self._parse()
+        else:
+            super().dataReceived(data)  # the usual read, a command or some content: straight in, nothing to queue
+            if self._reprocess and self._parse_pushed():
+                self._parse()
         self._reset_timer()
-
-    def _push_back(self, data: bytes) -> None:
-        """Bytes read past the end of a message, a chunk or a skipped line: parse them next, before anything that
-        arrived later (which LineReceiver may be holding), once the current read is done."""
-        self._unread = data + self._unread + self.clearLineBuffer()
-        self._reprocess = True
 
     def _report_close(self, reason: Failure) -> None:
         """Tell the monitor how the connection ended (and that TLS failed, if it never came up)."""
@@ -301,9 +297,11 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         """
         if self._gone or self.transport is None:
             return
-        self.transport.write(reply.render(not plain and self._enhanced()))
-        self.monitor.replied(self.session, self._verb, reply)
-        penalty = self.conversation.take_penalty()
+        session = self.session
+        # Called for every reply: _enhanced() and take_penalty() inlined as reads (the penalty is rarely set).
+        self.transport.write(reply.render(not plain and self.policy.enhanced_status_codes and session.esmtp))
+        self.monitor.replied(session, self._verb, reply)
+        penalty = self.conversation.penalty and self.conversation.take_penalty()
         if (reply.code >= 500 and count_error) or penalty:  # client errors; the server's own 4xx troubles do not
             self.errors += 1
             if self.policy.error_limit and self.errors >= self.policy.error_limit:
@@ -360,7 +358,9 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         if self.clock is None or self._waiting or self._gone:
             return
         seconds = self.policy.data_timeout if self._message is not None else self.policy.command_timeout
-        if self._timer is not None and self._timer.active():
+        # Once per read, so no active() test: until the dialogue ends, _timer is None or pending (it is cleared
+        # when cancelled and as it fires).
+        if self._timer is not None:
             self._timer.reset(seconds)
         elif seconds:
             self._timer = self.clock.callLater(seconds, self._timed_out)

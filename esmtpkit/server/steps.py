@@ -80,12 +80,13 @@ class Steps:
             then = self._timed(method, then)
         try:
             result = method(*args)
-            if isinstance(result, CoroutineType):
+            # Most results are a Reply (or None) at once: skip the type tests (Deferred's is an ABC check).
+            if type(result) is not Reply and result is not None and isinstance(result, CoroutineType):
                 result = Deferred.fromCoroutine(result)
         except Exception:
             then(Failure())
             return None
-        if not isinstance(result, Deferred):
+        if type(result) is Reply or result is None or not isinstance(result, Deferred):
             then(result)
             return None
         box: list[Any] = []
@@ -119,7 +120,9 @@ class Steps:
 
     def _reply_from(self, value: Any, what: str) -> Reply:
         """Turn a handler result (value or Failure) into a Reply; unexpected errors become 451 4.3.0 and a log."""
-        if isinstance(value, Failure):
+        if type(value) is Reply:  # the usual result, tested first: no coerce() call
+            reply = value
+        elif isinstance(value, Failure):
             if not value.check(SMTPReply):
                 self.log.failure("handler {what} failed", value, what=what)
                 return HANDLER_ERROR

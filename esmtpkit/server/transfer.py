@@ -9,13 +9,14 @@ this in).
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from esmtpkit.core.commands import Command, CommandError, Verb
-from esmtpkit.core.content import EOH, ContentMode, ContentReader, CountedReader
+from esmtpkit.core.content import EOH, ContentEvent, ContentMode, ContentReader, CountedReader
 from esmtpkit.core.reply import Reply, SMTPReply
 from esmtpkit.core.session import Envelope
 from esmtpkit.server.interfaces import ILMTPHandler, content_mode_of
@@ -108,33 +109,40 @@ class Transfer:
             message.error = reply
             message.reader.discard()
 
-    def _content_steps(self, message: _Message, events: list[Any]) -> list[Step]:
-        """Handler steps for the reader's events (none once the message failed)."""
+    def _content_steps(self, message: _Message, events: list[ContentEvent]) -> list[Step]:
+        """The handler step for the reader's events (none once the message failed)."""
         error = message.reader.error
         if error is not None:
             self._fail_message(CONTENT_ERRORS[error])
-        if message.error is not None:
+        if message.error is not None or not events:
             return []
-        steps = []
-        for event in events:
-            if type(event) is bytes:
-                steps.append(self._quiet_step("body", (event,)))
-            elif event is EOH:
-                steps.append(self._quiet_step("eoh", ()))
-            else:
-                steps.append(self._quiet_step("header", (event.name, event.value)))
-        return steps
+        return [partial(self._deliver, events, 0)]
 
-    def _quiet_step(self, method: str, args: tuple[Any, ...]) -> Step:
-        def step() -> "Deferred[Any] | None":
+    def _deliver(self, events: list[ContentEvent], at: int) -> "Deferred[Any] | None":
+        """Give the handler ``events[at:]`` in order; if one returns a Deferred, the rest wait for it.
+
+        One step per read rather than one per event: a read of content seldom brings more than one or two.
+        """
+        handler = self.handler
+        while at < len(events):
             message = self._message
-            if message is None or message.error is not None:
+            if self._gone or message is None or message.error is not None:
                 return None
-            return self._call(getattr(self.handler, method), args, lambda v: self._quiet(v, method) and None)
+            event = events[at]
+            at += 1
+            if type(event) is bytes:
+                pending = self._call(handler.body, (event,), partial(self._quiet, "body"))
+            elif event is EOH:
+                pending = self._call(handler.eoh, (), partial(self._quiet, "eoh"))
+            else:
+                pending = self._call(handler.header, (event.name, event.value), partial(self._quiet, "header"))
+            if pending is not None:
+                if at < len(events):
+                    self._todo.append(partial(self._deliver, events, at))  # next, before anything queued
+                return pending
+        return None
 
-        return step
-
-    def _quiet(self, value: Any, what: str) -> bool:
+    def _quiet(self, what: str, value: Any) -> bool:
         """For header/eoh/body results: on a failure, fail the message (with the handler's reply if it raised
         `SMTPReply`, else 451 4.3.0 and a log) and return False."""
         if not isinstance(value, Failure):
@@ -302,8 +310,9 @@ class Transfer:
             def then(value: Any) -> None:
                 replies = self._lmtp_replies(value, count) if count else [self._reply_from(value, "eom")]
                 self._message = None
-                self.conversation.message_ended(delivered=any(r.is_positive for r in replies))
-                self._report_end(envelope, message.size, replies)
+                accepted = self._accepted(replies)
+                self.conversation.message_ended(delivered=accepted is not None)
+                self._report_end(envelope, message.size, replies, accepted)
                 self._send_replies(replies)
 
             message.ended = True
@@ -313,9 +322,16 @@ class Transfer:
 
         return step
 
-    def _report_end(self, envelope: Envelope, size: int, replies: list[Reply]) -> None:
-        """Tell the monitor the message's fate: accepted if any reply is positive (LMTP: for some recipients)."""
-        accepted = next((r for r in replies if r.is_positive), None)
+    @staticmethod
+    def _accepted(replies: list[Reply]) -> Reply | None:
+        """The first positive reply: the message was accepted (LMTP: for some recipients), or None."""
+        for reply in replies:
+            if reply.is_positive:
+                return reply
+        return None
+
+    def _report_end(self, envelope: Envelope, size: int, replies: list[Reply], accepted: Reply | None) -> None:
+        """Tell the monitor the message's fate: ``accepted`` (the first positive reply), or rejected."""
         if accepted is not None:
             self.monitor.message_accepted(self.session, envelope, size, self._now() - self._mail_at, accepted)
         else:
