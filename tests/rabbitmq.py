@@ -1,13 +1,17 @@
-"""A private RabbitMQ node for tests: Debian's ``rabbitmq-server`` on free loopback ports, in a temporary directory.
+"""RabbitMQ for tests: a scripted broker link for unit tests, and a private node for integration tests.
 
-Nothing is shared with a system broker: the node has its own name, cookie (``HOME``), data, log, config and
-enabled-plugins files, and its own ``epmd`` on a private port; every listener (AMQP, Erlang distribution, epmd)
-is bound to 127.0.0.1. `RabbitMQ.kill` crashes the node (SIGKILL) and `RabbitMQ.start` brings it back on the same
-data, which is how the tests take the broker away in the middle of a run.
+`ScriptedLink` and `ScriptedOpener` stand in for pika behind `esmtpkit.queue.broker.Broker` (the AMQP handler's
+publisher and the queue's store): the test confirms, refuses or drops by hand. `RabbitMQ` is Debian's
+``rabbitmq-server`` on free loopback ports, in a temporary directory; `private_node` is the body of a module-scoped
+fixture running one. Nothing is shared with a system broker: the node has its own name, cookie (``HOME``), data,
+log, config and enabled-plugins files, and its own ``epmd`` on a private port; every listener (AMQP, Erlang
+distribution, epmd) is bound to 127.0.0.1. `RabbitMQ.kill` crashes the node (SIGKILL) and `RabbitMQ.start` brings
+it back on the same data, which is how the tests take the broker away in the middle of a run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import secrets
@@ -19,12 +23,120 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
-__all__ = ["RabbitMQ", "find_server", "free_port"]
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionRefusedError
+
+from esmtpkit.queue.broker import Delivery, NotQueued
+
+__all__ = ["RabbitMQ", "ScriptedLink", "ScriptedOpener", "NO_PIKA", "find_server", "free_port", "private_node"]
+
+#: Why the tests that need pika itself are skipped (None: they run).
+NO_PIKA = None if importlib.util.find_spec("pika") else "pika is not installed (pip install 'esmtpkit[amqp]')"
 
 #: Where Debian puts the scripts that run the node as the calling user (/usr/sbin/rabbitmq-server su's to rabbitmq).
 _SCRIPTS = Path("/usr/lib/rabbitmq/bin")
+
+
+# ---- a scripted broker link ---------------------------------------------------------------------------------
+
+
+class ScriptedLink:
+    """Stands in for the pika link: records what it is asked; the test confirms, refuses or drops by hand."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred[str] = Deferred()
+        self.declared: list[tuple[str, dict[str, Any], bool]] = []
+        self.published: list[dict[str, Any]] = []
+        self.consumers: list[dict[str, Any]] = []
+        self.cancelled: list[str] = []
+        self.acked: list[int] = []
+        self.nacked: list[tuple[int, bool]] = []
+        #: Ready messages per queue, as a passive declaration reports them.
+        self.ready: dict[str, int] = {}
+        #: What ``basic.get`` hands out, per queue.
+        self.waiting: dict[str, list[Delivery]] = {}
+        self.closed = False
+        self.aborted = False
+        #: What `close` returns: set an unfired Deferred for a broker that does not answer the close.
+        self.closing: Deferred[Any] = succeed(None)
+
+    def declare(self, queue: str, arguments: Any, passive: bool = False) -> "Deferred[int]":
+        self.declared.append((queue, dict(arguments), passive))
+        return succeed(self.ready.get(queue, 0))
+
+    def publish(self, queue: str, body: bytes, properties: Any) -> "Deferred[Any]":
+        confirm: Deferred[Any] = Deferred()
+        self.published.append(dict(queue=queue, body=body, properties=dict(properties), confirm=confirm))
+        return confirm
+
+    def consume(self, queue: str, prefetch: int, deliver: Callable[[Delivery], None]) -> "Deferred[str]":
+        tag = f"ctag{len(self.consumers) + 1}"
+        self.consumers.append(dict(queue=queue, prefetch=prefetch, deliver=deliver, tag=tag))
+        return succeed(tag)
+
+    def cancel(self, tag: str) -> "Deferred[Any]":
+        self.cancelled.append(tag)
+        return succeed(None)
+
+    def get(self, queue: str) -> "Deferred[Delivery | None]":
+        items = self.waiting.get(queue, [])
+        return succeed(items.pop(0) if items else None)
+
+    def ack(self, tag: int) -> None:
+        self.acked.append(tag)
+
+    def nack(self, tag: int, requeue: bool) -> None:
+        self.nacked.append((tag, requeue))
+
+    def close(self) -> "Deferred[Any]":
+        self.closed = True
+        return self.closing
+
+    def abort(self) -> None:
+        self.aborted = True
+        if not self.closing.called:
+            self.closing.callback(None)
+
+    def deliver(self, tag: int, body: bytes) -> None:
+        """The broker hands out a message to the latest consumer (even one being cancelled: it may be in flight)."""
+        self.consumers[-1]["deliver"](Delivery(tag, body))
+
+    def drop(self, reason: str = "connection lost") -> None:
+        """The broker went away: confirms still awaited fail, then the link reports itself lost (pika's order)."""
+        for item in self.published:
+            if not item["confirm"].called:
+                item["confirm"].errback(NotQueued("connection to the broker lost before confirming", reason))
+        self.lost.callback(reason)
+
+
+class ScriptedOpener:
+    """Each connection attempt is a Deferred the test fires with a `ScriptedLink`, or fails; counts cancellations."""
+
+    def __init__(self) -> None:
+        self.attempts: list[Deferred[Any]] = []
+        self.cancelled = 0
+
+    def __call__(self) -> "Deferred[Any]":
+        def cancel(_: Deferred[Any]) -> None:
+            self.cancelled += 1
+
+        attempt: Deferred[Any] = Deferred(cancel)
+        self.attempts.append(attempt)
+        return attempt
+
+    def succeed(self) -> ScriptedLink:
+        link = ScriptedLink()
+        self.attempts[-1].callback(link)
+        return link
+
+    def refuse(self) -> None:
+        self.attempts[-1].errback(ConnectionRefusedError("nobody listening"))
+
+
+# ---- a private node -----------------------------------------------------------------------------------------
 
 
 def find_server() -> Path | None:
@@ -263,6 +375,25 @@ class RabbitMQ:
                     raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
                     found.append((str(ipaddress.ip_address(raw)), int(port, 16)))
         return found
+
+
+def private_node(tls: bool = False) -> Iterator[RabbitMQ]:
+    """Run one node for a module's tests (``yield from`` it in a fixture), with a TLS listener if ``tls``; skip
+    them when Debian's ``rabbitmq-server`` or pika is not installed."""
+    if find_server() is None:
+        pytest.skip("Debian's rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+    if NO_PIKA:
+        pytest.skip(NO_PIKA)
+    node = RabbitMQ()
+    try:
+        if tls:
+            from .certs import make_tls_files
+
+            node.tls = make_tls_files(node.root / "tls")
+        node.start()
+        yield node
+    finally:
+        node.stop()
 
 
 def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:

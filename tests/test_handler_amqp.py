@@ -8,20 +8,20 @@ private RabbitMQ node (tests/rabbitmq.py) and real SMTP clients on loopback; the
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 import smtplib
 import socket
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import pytest
 import pytest_twisted
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -30,84 +30,16 @@ from zope.interface.verify import verifyObject
 
 from esmtpkit.core.content import dot_stuff
 from esmtpkit.handlers import amqp
-from esmtpkit.handlers.amqp import AMQP, NotQueued, Publisher, State, Unroutable
+from esmtpkit.handlers.amqp import AMQP, QUEUE_ARGUMENTS, NotQueued, Publisher, State, Unroutable
+from esmtpkit.queue import broker as broker_module
 from esmtpkit.server.interfaces import IMessageHandler
 from esmtpkit.server.policy import Policy
 from esmtpkit.testing import Conversation, serve
 
-from .certs import make_tls_files
-from .rabbitmq import RabbitMQ, find_server, free_port
-
-#: Why the tests that need pika itself are skipped (None: they run).
-NO_PIKA = None if importlib.util.find_spec("pika") else "pika is not installed (pip install 'esmtpkit[amqp]')"
+from .rabbitmq import NO_PIKA, RabbitMQ, ScriptedLink, ScriptedOpener, free_port, private_node
 
 CONTENT = b"Subject: queued\r\n\r\n.leading dot\r\n..two\r\n.\r\n8-bit \xe9\xff\r\n"
 START = b"EHLO client.test\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
-
-
-# ---- a scripted broker link ---------------------------------------------------------------------------------
-
-
-class ScriptedLink:
-    """Stands in for the pika link: records publishes; the test acks, refuses or drops them by hand."""
-
-    def __init__(self) -> None:
-        self.lost: Deferred[str] = Deferred()
-        self.published: list[dict[str, Any]] = []
-        self.declared: list[str] = []
-        self.closed = False
-        self.aborted = False
-        self.closing: Deferred[Any] = succeed(None)
-
-    def publish(self, queue: str, body: bytes, message_id: str, headers: Any, timestamp: int) -> "Deferred[Any]":
-        confirm: Deferred[Any] = Deferred()
-        self.published.append(dict(queue=queue, body=body, id=message_id, headers=dict(headers),
-                                    timestamp=timestamp, confirm=confirm))
-        return confirm
-
-    def declare(self, queue: str) -> "Deferred[Any]":
-        self.declared.append(queue)
-        return succeed(None)
-
-    def close(self) -> "Deferred[Any]":
-        self.closed = True
-        return self.closing
-
-    def abort(self) -> None:
-        self.aborted = True
-        if not self.closing.called:
-            self.closing.callback(None)
-
-    def drop(self, reason: str = "connection lost") -> None:
-        """The broker went away: pending confirms fail, then the link reports itself lost (pika's order)."""
-        for item in self.published:
-            if not item["confirm"].called:
-                item["confirm"].errback(NotQueued("connection to the broker lost before confirming", reason))
-        self.lost.callback(reason)
-
-
-class ScriptedOpener:
-    """Each connection attempt is a Deferred the test fires with a link, or fails."""
-
-    def __init__(self) -> None:
-        self.attempts: list[Deferred[Any]] = []
-        self.cancelled = 0
-
-    def __call__(self) -> "Deferred[Any]":
-        def cancel(_: Deferred[Any]) -> None:
-            self.cancelled += 1
-
-        attempt: Deferred[Any] = Deferred(cancel)
-        self.attempts.append(attempt)
-        return attempt
-
-    def succeed(self) -> ScriptedLink:
-        link = ScriptedLink()
-        self.attempts[-1].callback(link)
-        return link
-
-    def refuse(self) -> None:
-        self.attempts[-1].errback(ConnectionRefusedError("nobody listening"))
 
 
 class Base(SynchronousTestCase):
@@ -165,9 +97,11 @@ class HandlerTests(Base):
         [published] = link.published
         self.assertEqual(published["body"], CONTENT)
         self.assertEqual(published["queue"], "mail")
-        self.assertRegex(published["id"], r"^[0-9A-HJKMNP-TV-Z]{20}$")
+        properties = published["properties"]
+        self.assertRegex(properties["message_id"], r"^[0-9A-HJKMNP-TV-Z]{20}$")
+        self.assertEqual((properties["content_type"], properties["timestamp"]), ("message/rfc822", 0))
         published["confirm"].callback(None)
-        self.assertEqual(self.final(talk), b"250 2.0.0 Ok: queued as " + published["id"].encode())
+        self.assertEqual(self.final(talk), b"250 2.0.0 Ok: queued as " + properties["message_id"].encode())
 
     def test_envelope_travels_in_headers(self) -> None:
         link = self.ready_link()
@@ -175,7 +109,7 @@ class HandlerTests(Base):
         talk.write(b"EHLO client.test\r\nMAIL FROM:<alice@example.com> BODY=8BITMIME\r\n"
                    b"RCPT TO:<bob@example.net>\r\nRCPT TO:<postmaster>\r\nDATA\r\n")
         talk.write(dot_stuff(CONTENT))
-        headers = link.published[0]["headers"]
+        headers = link.published[0]["properties"]["headers"]
         self.assertEqual(headers, {
             "sender": "alice@example.com",
             "recipients": ["bob@example.net", "postmaster"],
@@ -193,7 +127,7 @@ class HandlerTests(Base):
         talk.protocol.session.authenticated = "carol"
         talk.write(b"EHLO client.test\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n")
         talk.write(dot_stuff(CONTENT))
-        headers = link.published[0]["headers"]
+        headers = link.published[0]["properties"]["headers"]
         self.assertEqual((headers["sender"], headers["authenticated"], headers["protocol"]), ("", "carol", "ESMTPA"))
         link.published[0]["confirm"].callback(None)
 
@@ -205,7 +139,7 @@ class HandlerTests(Base):
         body = published["body"]
         self.assertTrue(body.startswith(b"Received: from client.test"))
         self.assertTrue(body.endswith(b"\r\n" + CONTENT))
-        self.assertIn(b"id " + published["id"].encode(), body[: len(body) - len(CONTENT)])
+        self.assertIn(b"id " + published["properties"]["message_id"].encode(), body[: len(body) - len(CONTENT)])
         published["confirm"].callback(None)
 
     def test_spool_rolls_over_to_a_file_and_stays_exact(self) -> None:
@@ -231,7 +165,7 @@ class HandlerTests(Base):
         self.send(talk)
         link.published[0]["confirm"].errback(Unroutable("no queue to route it to", "queue 'mail' is missing"))
         self.assertEqual(self.final(talk), b"451 4.3.0 Message not queued (no queue to route it to), try again later")
-        self.assertEqual(link.declared, ["mail"])
+        self.assertEqual(link.declared, [("mail", QUEUE_ARGUMENTS, False)] * 2)  # on connecting, then again
         talk.write(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n" + dot_stuff(CONTENT))
         link.published[1]["confirm"].callback(None)
         self.assertTrue(self.final(talk).startswith(b"250 2.0.0 Ok: queued as "))
@@ -401,7 +335,7 @@ class PublisherTests(Base):
         self.successResultOf(stopped)
 
     def test_password_kept_out_of_logs(self) -> None:
-        self.assertEqual(self.publisher._safe_url, "amqp://guest:***@broker.test:5672/%2F")
+        self.assertEqual(broker_module.safe_url(self.publisher.url), "amqp://guest:***@broker.test:5672/%2F")
 
     def test_pending_counts_unconfirmed_publishes(self) -> None:
         link = self.ready_link()
@@ -425,11 +359,22 @@ class SettingsTests(SynchronousTestCase):
         handler = AMQP("amqp://127.0.0.1/", "mail")
         self.assertIs(handler._publisher(), first)
         amqp.stop_publishers()
-        self.assertEqual(Publisher._shared, {})
+        self.assertEqual(len(Publisher._shared), 0)
         self.assertIs(first.state, State.STOPPED)
         self.assertIsNot(Publisher.shared("amqp://127.0.0.1/", "mail", reactor=clock), first)
         amqp.stop_publishers()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_the_global_reactor_unless_one_is_given(self) -> None:
+        """Made without a reactor (as twistd checks the options, before it installs one), a publisher imports the
+        global reactor only when it first needs it."""
+        from twisted.internet import reactor
+
+        clock = Clock()
+        self.assertIs(Publisher("amqp://127.0.0.1/", reactor=clock).reactor, clock)
+        publisher = Publisher("amqp://127.0.0.1/")
+        self.assertIsNone(publisher.__dict__["_reactor"])
+        self.assertIs(publisher.reactor, reactor)
 
     def test_string_settings_from_the_command_line(self) -> None:
         handler = AMQP(url="amqps://u:p@mq.example:5671/mail", queue="in", confirm_timeout="5",
@@ -477,7 +422,7 @@ class ScriptedChannel:
 
     def queue_declare(self, **kwargs: Any) -> "Deferred[Any]":
         self.calls.append(kwargs)
-        return succeed(None)
+        return succeed(SimpleNamespace(method=SimpleNamespace(message_count=3)))
 
 
 class ScriptedConnection:
@@ -492,11 +437,12 @@ class PikaLinkTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.channel = ScriptedChannel()
         self.connection = ScriptedConnection()
-        self.link = amqp._PikaLink(self.connection, self.channel)
+        self.link = broker_module._PikaLink(self.connection, self.channel)
 
     def publish(self) -> "Deferred[Any]":
-        return self.link.publish("mail", b"body", "ID1", {"sender": "a@b.example", "recipients": ["c@d.example"]},
-                                 1700000000)
+        return self.link.publish("mail", b"body", {
+            "content_type": "message/rfc822", "message_id": "ID1", "timestamp": 1700000000,
+            "headers": {"sender": "a@b.example", "recipients": ["c@d.example"]}})
 
     def test_persistent_mandatory_to_the_queue(self) -> None:
         done = self.publish()
@@ -532,9 +478,11 @@ class PikaLinkTests(SynchronousTestCase):
                 self.assertEqual((failure.value.reason, failure.value.detail), (reason, detail))
 
     def test_declares_a_durable_quorum_queue(self) -> None:
-        self.link.declare("mail")
-        self.assertEqual(self.channel.calls, [dict(queue="mail", durable=True,
-                                                   arguments={"x-queue-type": "quorum"})])
+        self.assertEqual(self.successResultOf(self.link.declare("mail", QUEUE_ARGUMENTS)), 3)
+        self.assertEqual(self.successResultOf(self.link.declare("mail", {}, passive=True)), 3)
+        self.assertEqual(self.channel.calls, [
+            dict(queue="mail", durable=True, passive=False, arguments={"x-queue-type": "quorum"}),
+            dict(queue="mail", durable=True, passive=True, arguments=None)])
 
     def test_lost_once_whichever_closes_first(self) -> None:
         from pika.exceptions import ChannelClosedByBroker
@@ -549,16 +497,7 @@ class PikaLinkTests(SynchronousTestCase):
 
 @pytest.fixture(scope="module")
 def broker() -> Iterator[RabbitMQ]:
-    if find_server() is None:
-        pytest.skip("Debian's rabbitmq-server is not installed (apt-get install rabbitmq-server)")
-    pytest.importorskip("pika")
-    node = RabbitMQ()
-    node.tls = make_tls_files(node.root / "tls")
-    try:
-        node.start()
-        yield node
-    finally:
-        node.stop()
+    yield from private_node(tls=True)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ skipped when Debian's ``rabbitmq-server`` or pika is not installed.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -20,21 +19,19 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from esmtpkit.core.outbound import Message, Outcome, Recipient, Status
 from esmtpkit.core.schedule import Schedule
-from esmtpkit.queue.amqp import (ATTEMPT_GRACE, ATTEMPT_TIMEOUT, COUNTS_INTERVAL, STATE_ROOM, AMQPStore, Delivery,
-                                 NotQueued, State, TooBig, decode, delay_queue_name, encode)
+from esmtpkit.queue.amqp import (ATTEMPT_GRACE, ATTEMPT_TIMEOUT, CONTENT_TYPE, COUNTS_INTERVAL, STATE_ROOM, AMQPStore,
+                                 Delivery, NotQueued, State, TooBig, Unroutable, decode, delay_queue_name, encode)
 from esmtpkit.queue.interfaces import ICheckpoint, IQueueEntry, IQueueStore, MessageTooBig
 
-from .rabbitmq import RabbitMQ, find_server
+from .rabbitmq import RabbitMQ, ScriptedLink, ScriptedOpener, private_node
 
 ROOT = Path(__file__).resolve().parent.parent
-NO_PIKA = None if importlib.util.find_spec("pika") else "pika is not installed (pip install 'esmtpkit[amqp]')"
 
 CONTENT = b"Received: from client.test\r\nSubject: queued\r\n\r\n.leading dot\r\n8-bit \xe9\xff\r\n"
 
@@ -49,92 +46,6 @@ def delivered(m: Message) -> Message:
     for r in m.recipients:
         r.status = Status.DELIVERED
     return m
-
-
-# ---- a scripted broker link ---------------------------------------------------------------------------------
-
-
-class ScriptedLink:
-    """Stands in for the pika link: records what the store asks; the test confirms, refuses or drops by hand."""
-
-    def __init__(self) -> None:
-        self.lost: Deferred[str] = Deferred()
-        self.declared: list[tuple[str, dict[str, Any], bool]] = []
-        self.published: list[dict[str, Any]] = []
-        self.consumers: list[dict[str, Any]] = []
-        self.cancelled: list[str] = []
-        self.acked: list[int] = []
-        self.nacked: list[tuple[int, bool]] = []
-        self.ready: dict[str, int] = {}
-        self.waiting: dict[str, list[Delivery]] = {}
-        self.closed = False
-        self.aborted = False
-
-    def declare(self, queue: str, arguments: Any, passive: bool = False) -> "Deferred[int]":
-        self.declared.append((queue, dict(arguments), passive))
-        return succeed(self.ready.get(queue, 0))
-
-    def publish(self, queue: str, body: bytes, properties: Any) -> "Deferred[Any]":
-        confirm: Deferred[Any] = Deferred()
-        self.published.append(dict(queue=queue, body=body, properties=dict(properties), confirm=confirm))
-        return confirm
-
-    def consume(self, queue: str, prefetch: int, deliver: Callable[[Delivery], None]) -> "Deferred[str]":
-        tag = f"ctag{len(self.consumers) + 1}"
-        self.consumers.append(dict(queue=queue, prefetch=prefetch, deliver=deliver, tag=tag))
-        return succeed(tag)
-
-    def cancel(self, tag: str) -> "Deferred[Any]":
-        self.cancelled.append(tag)
-        return succeed(None)
-
-    def get(self, queue: str) -> "Deferred[Delivery | None]":
-        items = self.waiting.get(queue, [])
-        return succeed(items.pop(0) if items else None)
-
-    def ack(self, tag: int) -> None:
-        self.acked.append(tag)
-
-    def nack(self, tag: int, requeue: bool) -> None:
-        self.nacked.append((tag, requeue))
-
-    def close(self) -> "Deferred[Any]":
-        self.closed = True
-        return succeed(None)
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def deliver(self, tag: int, body: bytes) -> None:
-        """The broker hands out a message to the latest consumer (even one being cancelled: it may be in flight)."""
-        self.consumers[-1]["deliver"](Delivery(tag, body))
-
-    def drop(self, reason: str = "connection lost") -> None:
-        """The broker went away: confirms still awaited fail, then the link reports itself lost (pika's order)."""
-        for item in self.published:
-            if not item["confirm"].called:
-                item["confirm"].errback(NotQueued("connection to the broker lost before confirming", reason))
-        self.lost.callback(reason)
-
-
-class ScriptedOpener:
-    """Each connection attempt is a Deferred the test fires with a link, or fails."""
-
-    def __init__(self) -> None:
-        self.attempts: list[Deferred[Any]] = []
-
-    def __call__(self) -> "Deferred[Any]":
-        attempt: Deferred[Any] = Deferred()
-        self.attempts.append(attempt)
-        return attempt
-
-    def succeed(self) -> ScriptedLink:
-        link = ScriptedLink()
-        self.attempts[-1].callback(link)
-        return link
-
-    def refuse(self) -> None:
-        self.attempts[-1].errback(ConnectionRefusedError("nobody listening"))
 
 
 class Worker:
@@ -171,6 +82,13 @@ class StoreTests(SynchronousTestCase):
     def running(self) -> ScriptedLink:
         self.store.start(self.worker)
         return self.opener.succeed()
+
+    def attempt(self, link: ScriptedLink, attempts: int) -> tuple[Message, Any]:
+        """Deliver a message (tag 7); the worker's copy of it, with ``attempts`` made, and the Deferred it returns."""
+        link.deliver(7, encode(message(), CONTENT))
+        [(m, _, result)] = self.worker.calls
+        m.attempts = attempts
+        return m, result
 
     def test_provides_the_interfaces(self) -> None:
         self.assertTrue(verifyObject(IQueueStore, self.store))
@@ -226,7 +144,8 @@ class StoreTests(SynchronousTestCase):
         [published] = link.published
         self.assertEqual(published["queue"], "outbound")
         self.assertEqual(decode(published["body"]), (message(), CONTENT))
-        self.assertEqual(published["properties"]["message_id"], "M1")
+        self.assertEqual((published["properties"]["message_id"], published["properties"]["content_type"]),
+                         ("M1", CONTENT_TYPE))
         published["confirm"].callback(None)
         self.assertIsNone(self.successResultOf(committed))
         self.assertIsInstance(self.failureResultOf(entry.commit(message())).value, ValueError)
@@ -295,9 +214,7 @@ class StoreTests(SynchronousTestCase):
 
     def test_pending_recipients_go_to_the_delay_queue_before_the_ack(self) -> None:
         link = self.running()
-        link.deliver(7, encode(message(), CONTENT))
-        [(m, _, result)] = self.worker.calls
-        m.attempts = 2
+        m, result = self.attempt(link, 2)
         result.callback(m)
         [published] = link.published
         self.assertEqual(published["queue"], "outbound.delay.600")  # delay(2) = 600 s
@@ -341,16 +258,20 @@ class StoreTests(SynchronousTestCase):
         self.assertEqual(link.nacked, [(7, True)])
         self.assertLess(self.store.hold_limit, 30 * 60)  # RabbitMQ's default consumer_timeout
 
-    def test_a_new_state_too_big_for_the_broker_is_trimmed(self) -> None:
-        """Outcomes the message no longer needs (final, reported) are dropped, the others' texts cut."""
+    def attempted_in_a_small_store(self, original: Message) -> tuple[AMQPStore, ScriptedLink, Message, Any]:
+        """A started store with room for 2000 bytes of state, the worker attempting ``original`` (delivery 7)."""
         store = AMQPStore("amqp://broker.test/", reactor=self.clock, schedule=Schedule(), opener=self.opener,
                           max_size=STATE_ROOM + 2000)
         store.start(self.worker)
         link = self.opener.succeed()
-        original = message(recipients=150)
         link.deliver(7, encode(original, CONTENT))
         m, _, result = self.worker.calls[0]
         m.attempts = 1
+        return store, link, m, result
+
+    def test_a_new_state_too_big_for_the_broker_is_trimmed(self) -> None:
+        """Outcomes the message no longer needs (final, reported) are dropped, the others' texts cut."""
+        store, link, m, result = self.attempted_in_a_small_store(message(recipients=150))
         for r in m.recipients[:149]:
             r.status, r.reported = Status.FAILED, True
             r.outcome = Outcome(550, "5.1.1", "x" * 500, "mx.example.net[192.0.2.1]")
@@ -369,14 +290,8 @@ class StoreTests(SynchronousTestCase):
     def test_a_new_state_that_cannot_fit_is_set_aside_not_given_back(self) -> None:
         """Still too big once trimmed: the message goes, in its old state, to the unreadable queue with a reason
         (and a critical log line); it is not given back to be attempted again forever."""
-        store = AMQPStore("amqp://broker.test/", reactor=self.clock, schedule=Schedule(), opener=self.opener,
-                          max_size=STATE_ROOM + 2000)
-        store.start(self.worker)
-        link = self.opener.succeed()
         original = message(recipients=1)
-        link.deliver(7, encode(original, CONTENT))
-        m, _, result = self.worker.calls[0]
-        m.attempts = 1
+        store, link, m, result = self.attempted_in_a_small_store(original)
         m.extra["note"] = "z" * (store.max_size + 1)  # nothing trimming can shorten
         result.callback(m)
         [published] = link.published
@@ -473,9 +388,7 @@ class StoreTests(SynchronousTestCase):
 
     def test_connection_lost_while_the_new_state_awaits_its_confirm(self) -> None:
         link = self.running()
-        link.deliver(7, encode(message(), CONTENT))
-        [(m, _, result)] = self.worker.calls
-        m.attempts = 1
+        m, result = self.attempt(link, 1)
         result.callback(m)
         link.drop()
         self.assertEqual((link.acked, link.nacked), ([], []))
@@ -505,9 +418,40 @@ class StoreTests(SynchronousTestCase):
         [published] = link.published
         self.assertEqual((published["queue"], published["body"]), ("outbound.unreadable",
                                                                     b"garbage without an envelope"))
+        self.assertEqual(published["properties"]["content_type"], CONTENT_TYPE)
         self.assertEqual(link.acked, [])
         published["confirm"].callback(None)
         self.assertEqual(link.acked, [7])
+
+    def test_a_missing_queue_is_declared_again_on_the_same_connection(self) -> None:
+        """A new state returned unroutable (its delay queue was deleted): that queue is declared again at once, with
+        its arguments, and the connection (with the other attempts on it) is kept."""
+        link = self.running()
+        m, result = self.attempt(link, 1)
+        result.callback(m)
+        declared = len(link.declared)
+        link.published[-1]["confirm"].errback(Unroutable("no queue to route it to", "queue 'x' is missing"))
+        self.assertEqual(link.declared[declared:],
+                         [("outbound.delay.300", self.store.topology["outbound.delay.300"], False)])
+        self.assertFalse(link.aborted or link.closed)
+        self.assertIs(self.store.broker.link, link)
+        self.clock.advance(300)
+        self.assertEqual(link.nacked, [(7, True)])
+
+    def test_a_lost_connection_is_closed_politely_and_a_dropped_one_at_once(self) -> None:
+        """Only the channel may have closed: what is left of the connection is closed, not cut. A link the store
+        gives up on (it cannot consume) is dropped."""
+        link = self.running()
+        link.drop("channel closed: (406, 'PRECONDITION_FAILED')")
+        self.assertEqual((link.closed, link.aborted), (True, False))
+        self.assertEqual(self.store.broker.last_error, "channel closed: (406, 'PRECONDITION_FAILED')")
+        self.clock.advance(0.5)
+        again = self.opener.succeed()
+        self.store.broker.drop(again, "cannot consume outbound")
+        self.assertEqual((again.closed, again.aborted), (False, True))
+        self.assertIs(self.store.broker.state, State.DOWN)
+        self.clock.advance(1)
+        self.opener.succeed()
 
     def test_stop_waits_for_attempts_under_way(self) -> None:
         link = self.running()
@@ -559,16 +503,7 @@ class StoreTests(SynchronousTestCase):
 
 @pytest.fixture(scope="module")
 def broker() -> Iterator[RabbitMQ]:
-    if find_server() is None:
-        pytest.skip("Debian's rabbitmq-server is not installed (apt-get install rabbitmq-server)")
-    if NO_PIKA:
-        pytest.skip(NO_PIKA)
-    node = RabbitMQ()
-    try:
-        node.start()
-        yield node
-    finally:
-        node.stop()
+    yield from private_node()
 
 
 def store_for(broker: RabbitMQ, queue: str, schedule: Schedule | None = None, **options: Any) -> AMQPStore:
@@ -599,6 +534,18 @@ async def settled(store: AMQPStore) -> dict[str, int]:
         if not any(counts.values()) or time.monotonic() > deadline:
             return counts
         await deferLater(reactor, 0.1, lambda: None)
+
+
+async def one_message_until(store: AMQPStore, worker: Any, condition: Callable[[], bool], what: str) -> dict[str, int]:
+    """Start ``store`` with ``worker``, queue one message, wait for ``condition``, then stop the store; the queues'
+    counts once settled."""
+    try:
+        store.start(worker)
+        await store.enqueue(message(), CONTENT)
+        await until(condition, what)
+        return await settled(store)
+    finally:
+        await store.stop()
 
 
 async def consuming(broker: RabbitMQ, queue: str, count: int) -> None:
@@ -687,13 +634,7 @@ async def test_pending_recipients_come_back_after_the_delay(broker: RabbitMQ) ->
             delivered(m)
         return succeed(m)
 
-    try:
-        store.start(worker)
-        await store.enqueue(message(), CONTENT)
-        await until(lambda: len(seen) == 3, "three attempts")
-        counts = await settled(store)
-    finally:
-        await store.stop()
+    counts = await one_message_until(store, worker, lambda: len(seen) == 3, "three attempts")
     assert seen == [(0, "pending"), (1, "pending"), (2, "pending")]
     assert not any(counts.values()), counts
 
@@ -741,13 +682,7 @@ async def test_a_failed_attempt_acks_nothing(broker: RabbitMQ) -> None:
             raise RuntimeError("the worker broke")
         return succeed(delivered(m))
 
-    try:
-        store.start(worker)
-        await store.enqueue(message(), CONTENT)
-        await until(lambda: len(seen) == 2, "the second attempt")
-        counts = await settled(store)
-    finally:
-        await store.stop()
+    counts = await one_message_until(store, worker, lambda: len(seen) == 2, "the second attempt")
     assert seen == [message(), message()]
     assert not any(counts.values()), counts
 

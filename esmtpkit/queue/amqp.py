@@ -9,20 +9,19 @@ with recipients still pending is published, in its new state, to the delay queue
 at-least-once dead-lettering), and only once that publish is confirmed is the delivery acknowledged. Delivery is
 therefore at least once: a runner that dies mid-attempt leaves the message unacknowledged and the broker hands it to
 another runner. Each attempt ends within ``attempt_timeout``, below the broker's consumer timeout; a new state the
-broker does not take is retried only after a pause, and one too big for it is set aside. See docs/queue-amqp.md.
+broker does not take is retried only after a pause, and one too big for it is set aside. The connection itself
+(reconnection, confirms, timeouts) is a `esmtpkit.queue.broker.Broker`. See docs/queue-amqp.md.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import io
 import json
 import tempfile
 from collections import OrderedDict
-from dataclasses import dataclass, replace
-from typing import IO, TYPE_CHECKING, Any, Callable, Mapping, Protocol, TypeVar
-from urllib.parse import urlsplit
+from dataclasses import replace
+from typing import IO, TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -32,6 +31,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpkit.core.outbound import Message, Status
+from esmtpkit.queue.broker import (BROKER_MAX_SIZE, DEFAULT_URL, QUORUM, Broker, Delivery, Link, NotQueued, State,
+                                   Unroutable, deadline, describe, positive, within)
+from esmtpkit.queue.broker import check_url, safe_url  # esmtpkit.cli.queuectl imports them from here
 from esmtpkit.queue.interfaces import (ICheckpoint, IQueueEntry, IQueueStore, MessageTooBig, Worker, final_notice,
                                       finished)
 
@@ -45,10 +47,7 @@ __all__ = ["AMQPStore", "Broker", "Delivery", "Link", "State", "NotQueued", "Too
 
 T = TypeVar("T")
 
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_QUEUE = "outbound"
-#: RabbitMQ's default ``max_message_size`` since 4.0 (3.8 to 3.13: 128 MiB); a larger publish closes the channel.
-BROKER_MAX_SIZE = 16 * 1024 * 1024
 #: Room kept free in every message for its delivery state to grow (outcomes of later attempts) under the limit.
 STATE_ROOM = 64 * 1024
 #: The AMQP ``content_type`` of a queued message: one JSON line (the `Message`), ``LF``, then the content.
@@ -56,7 +55,6 @@ CONTENT_TYPE = "application/x-esmtpkit-queued"
 #: The ``format`` header of a queued message; a body that does not decode goes to the ``.unreadable`` queue.
 FORMAT = 1
 
-QUORUM: Mapping[str, Any] = {"x-queue-type": "quorum"}
 #: The main queue's ``x-delivery-limit``: out of reach. RabbitMQ 4 drops a message given back to a quorum queue 20
 #: times by default (a failing attempt, a crashed runner), and the main queue has nowhere to dead-letter it to.
 DELIVERY_LIMIT = 1_000_000
@@ -74,27 +72,9 @@ TRIMMED_TEXT = 64
 _SAVE_FAILURES_KEPT = 10_000
 
 
-class NotQueued(Exception):
-    """The broker did not take a message (or the new state of one). ``reason`` is short and safe to show a client;
-    ``detail`` (the broker's or the network's own words) is for the log.
-    """
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(reason, detail)
-        self.reason = reason
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.detail}" if self.detail else self.reason
-
-
 class TooBig(NotQueued, MessageTooBig):
     """The message cannot fit in one broker message (``max_size``): retrying cannot help, so it is also the shared
     `MessageTooBig` (the Queue handler answers 552 5.3.4)."""
-
-
-class Unroutable(NotQueued):
-    """The broker returned the message: the queue it was published to is gone (declared again on reconnection)."""
 
 
 class AttemptOverdue(Exception):
@@ -147,270 +127,6 @@ def delay_queue_arguments(queue: str, seconds: float) -> dict[str, Any]:
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
-
-
-# ---- the broker connection ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One message handed out by the broker (``basic.deliver`` or ``basic.get-ok``) on a `Link`."""
-
-    tag: int
-    body: bytes
-    redelivered: bool = False
-
-
-class Link(Protocol):
-    """One open broker connection with its confirm-mode channel, as `Broker` and `AMQPStore` use it."""
-
-    #: Fires once, with a text saying why, when the channel or the connection closes.
-    lost: "Deferred[str]"
-
-    def declare(self, queue: str, arguments: Mapping[str, Any], passive: bool = False) -> "Deferred[int]":
-        """Declare ``queue`` durable with ``arguments`` (or only check it exists); fire with its ready messages."""
-
-    def publish(self, queue: str, body: bytes, properties: Mapping[str, Any]) -> "Deferred[Any]":
-        """Publish persistently with ``mandatory``; fire on the broker's ack, fail with `NotQueued` otherwise."""
-
-    def consume(self, queue: str, prefetch: int, deliver: Callable[[Delivery], None]) -> "Deferred[str]":
-        """Consume with manual acks and ``prefetch`` unacknowledged at most; fire with the consumer tag."""
-
-    def cancel(self, tag: str) -> "Deferred[Any]":
-        """Cancel a consumer; its unacknowledged deliveries may still be acked or nacked."""
-
-    def get(self, queue: str) -> "Deferred[Delivery | None]":
-        """``basic.get`` one message (to be acked), or None when the queue is empty."""
-
-    def ack(self, tag: int) -> None:
-        """Acknowledge a delivery: the broker forgets the message."""
-
-    def nack(self, tag: int, requeue: bool) -> None:
-        """Give a delivery back (``requeue``) so that a consumer gets it again."""
-
-    def close(self) -> "Deferred[Any]":
-        """Close the connection politely; fires once it is closed."""
-
-    def abort(self) -> None:
-        """Drop the connection at once."""
-
-
-class State(enum.Enum):
-    """Where a `Broker` stands."""
-
-    IDLE = "idle"  # never started
-    CONNECTING = "connecting"  # an attempt (connection, channel, topology) is under way
-    READY = "ready"  # a confirm-mode channel is open and the topology declared
-    DOWN = "down"  # the last attempt failed or the connection was lost; a retry is scheduled
-    STOPPED = "stopped"
-
-
-def check_url(url: str) -> str:
-    """Return ``url`` if it is an ``amqp://`` or ``amqps://`` URL with a host; ValueError otherwise."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise ValueError(f"not an amqp:// or amqps:// URL with a host: {url!r}")
-    return url
-
-
-def safe_url(url: str) -> str:
-    """``url`` without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
-
-
-def _positive(name: str, value: float) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError(f"{name} must be positive, not {value!r}")
-    return number
-
-
-def _describe(failure: Failure, cancelled: str) -> str:
-    """A short text for a failure: the exception's message, or ``cancelled`` for a cancelled attempt."""
-    from twisted.internet.defer import CancelledError
-
-    if failure.check(CancelledError):
-        return cancelled
-    text = str(failure.value).strip().rstrip(".") or type(failure.value).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-class Broker:
-    """Keeps one confirm-mode channel open to RabbitMQ, declaring ``topology`` (queue name -> arguments) on every
-    connection; reconnects after ``retry_min`` seconds, doubling up to ``retry_max``. ``on_ready`` is called with
-    each new `Link`. ``opener`` (tests) replaces the pika connection.
-    """
-
-    log = Logger()
-
-    def __init__(self, url: str, *, reactor: Any, topology: Mapping[str, Mapping[str, Any]],
-                 connect_timeout: float = 10.0, retry_min: float = 0.5, retry_max: float = 30.0,
-                 ca_file: str | None = None, opener: Callable[[], "Deferred[Link]"] | None = None,
-                 on_ready: Callable[[Link], None] | None = None) -> None:
-        self.url = check_url(url)
-        self.reactor = reactor
-        self.topology = dict(topology)
-        self.connect_timeout = _positive("connect_timeout", connect_timeout)
-        self.retry_min = _positive("retry_min", retry_min)
-        self.retry_max = max(self.retry_min, float(retry_max))
-        self.ca_file = ca_file
-        self.on_ready = on_ready
-        self.state = State.IDLE
-        self.last_error = ""
-        self.link: Link | None = None
-        self._opener = opener
-        self._attempt: Deferred[Any] | None = None
-        self._attempt_timer: IDelayedCall | None = None
-        self._retry: IDelayedCall | None = None
-        self._delay = self.retry_min
-        self._waiters: list[Callable[[bool], None]] = []
-
-    def start(self) -> None:
-        """Connect now unless connected, connecting, waiting to retry or stopped."""
-        if self.state is State.IDLE:
-            self._connect()
-
-    def _connect(self) -> None:
-        self._retry = None
-        self.state = State.CONNECTING
-        try:
-            attempt = Deferred.fromCoroutine(self._open())
-        except Exception as e:
-            self._attempt_failed(Failure(e))
-            return
-        self._attempt = attempt
-        self._attempt_timer = self.reactor.callLater(self.connect_timeout, attempt.cancel)
-        attempt.addCallbacks(self._connected, self._attempt_failed)
-
-    async def _open(self) -> Link:
-        if self._opener is not None:
-            link = await self._opener()
-        else:
-            link = await _open_pika_link(self.reactor, self.url, self.ca_file, self.connect_timeout)
-        try:
-            for queue, arguments in self.topology.items():
-                await link.declare(queue, arguments)
-        except BaseException:
-            link.abort()
-            raise
-        return link
-
-    def _end_attempt(self) -> None:
-        timer, self._attempt_timer, self._attempt = self._attempt_timer, None, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def _connected(self, link: Link) -> None:
-        self._end_attempt()
-        if self.state is State.STOPPED:
-            link.abort()
-            return
-        self.link = link
-        self.state = State.READY
-        self._delay = self.retry_min
-        if self.last_error:
-            self.log.info("AMQP broker {url} reachable again", url=safe_url(self.url))
-        self.last_error = ""
-        link.lost.addCallback(self._lost, link)
-        self._tell_waiters(True)
-        if self.on_ready is not None and self.link is link:
-            try:
-                self.on_ready(link)
-            except Exception:
-                self.log.failure("setting up the new AMQP connection failed")
-                self.drop(link, "set-up failed")
-
-    def _attempt_failed(self, failure: Failure) -> None:
-        self._end_attempt()
-        if self.state is State.STOPPED:
-            return
-        self.last_error = _describe(failure, f"no answer within {self.connect_timeout:g} s")
-        self.log.warn("AMQP broker {url} unreachable: {error}; next attempt in {delay:g} s",
-                      url=safe_url(self.url), error=self.last_error, delay=self._delay)
-        self._down()
-
-    def _lost(self, reason: str, link: Link) -> str:
-        if link is not self.link:
-            return reason
-        self.link = None
-        if self.state is State.STOPPED:
-            return reason
-        self.last_error = reason
-        self.log.warn("AMQP connection to {url} lost: {error}; reconnecting in {delay:g} s",
-                      url=safe_url(self.url), error=reason, delay=self._delay)
-        link.abort()
-        self._down()
-        return reason
-
-    def _down(self) -> None:
-        self.state = State.DOWN
-        self._tell_waiters(False)
-        self._retry = self.reactor.callLater(self._delay, self._connect)
-        self._delay = min(self._delay * 2, self.retry_max)
-
-    def _tell_waiters(self, ready: bool) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter(ready)
-
-    def drop(self, link: Link, why: str) -> None:
-        """Give up on ``link`` (its channel cannot be trusted any more): drop it and reconnect."""
-        if link is self.link:
-            self.log.warn("dropping the AMQP connection: {why}", why=why)
-            link.abort()
-            self._lost(why, link)
-
-    def when_ready(self, timeout: float) -> "Deferred[Link]":
-        """The link once connected; fails with `NotQueued` when the broker is down or ``timeout`` passes first."""
-        self.start()
-        if self.state is State.READY and self.link is not None:
-            return succeed(self.link)
-        if self.state is not State.CONNECTING:
-            return fail(NotQueued("broker unavailable", self.last_error))
-        result: Deferred[Link] = Deferred()
-
-        def answer(ready: bool) -> None:
-            if timer.active():
-                timer.cancel()
-            if result.called:
-                return
-            if ready and self.link is not None:
-                result.callback(self.link)
-            else:
-                result.errback(NotQueued("broker unavailable", self.last_error or "no connection in time"))
-
-        timer = self.reactor.callLater(timeout, answer, False)
-        self._waiters.append(answer)
-        return result
-
-    def stop(self) -> "Deferred[None]":
-        """Stop for good: cancel retries and the attempt under way, close the connection."""
-        if self.state is State.STOPPED:
-            return succeed(None)
-        self.state = State.STOPPED
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        if self._attempt is not None:
-            self._attempt.cancel()
-        self._tell_waiters(False)
-        link, self.link = self.link, None
-        if link is None:
-            return succeed(None)
-        try:
-            closed = link.close()
-        except Exception:
-            closed = succeed(None)
-        timer = self.reactor.callLater(self.connect_timeout, link.abort)
-
-        def done(_: object) -> None:
-            if timer.active():
-                timer.cancel()
-
-        return closed.addBoth(done)
 
 
 # ---- the store ------------------------------------------------------------------------------------------------
@@ -507,12 +223,12 @@ class AMQPStore:
         self.reactor = reactor
         self.schedule = schedule
         self.concurrency = int(concurrency)
-        self.confirm_timeout = _positive("confirm_timeout", confirm_timeout)
+        self.confirm_timeout = positive("confirm_timeout", confirm_timeout)
         self.failure_pause = max(0.0, float(failure_pause))
         self.max_size = int(max_size)
         self.spool_max = max(1, int(spool_max))  # SpooledTemporaryFile reads 0 as "never roll over"
-        self.attempt_timeout = _positive("attempt_timeout", attempt_timeout)
-        self.counts_interval = _positive("counts_interval", counts_interval)
+        self.attempt_timeout = positive("attempt_timeout", attempt_timeout)
+        self.counts_interval = positive("counts_interval", counts_interval)
         #: The longest a delivery stays with this runner before it is acknowledged or given back.
         self.hold_limit = self.attempt_timeout + 2 * ATTEMPT_GRACE
         intervals = sorted({float(s) for s in schedule.intervals() if float(s) > 0})
@@ -535,7 +251,7 @@ class AMQPStore:
         self._stopped: Deferred[None] | None = None
         self._consumer: tuple[Link, str, int] | None = None  # link, consumer tag, prefetch
         self._running: dict[Deferred[None], Link] = {}
-        self._pauses: dict[Deferred[None], tuple[IDelayedCall, Link]] = {}
+        self._pauses = _Pauses(reactor)
         self._flushing = DeferredLock()
         self._save_failures: OrderedDict[str, int] = OrderedDict()  # id -> new states refused in a row
         self._counts_listener: Callable[[Mapping[str, int]], None] | None = None
@@ -553,48 +269,21 @@ class AMQPStore:
         body = encode(message, content)
         if len(body) + STATE_ROOM > self.max_size:
             return fail(TooBig("message too big for the queue", f"{len(body)} bytes, limit {self.max_size}"))
-        return self._publish(self.queue, body, message)
+        return self._send(self.queue, body, self._properties(message))
 
     def _properties(self, message: Message) -> dict[str, Any]:
         return {"message_id": message.id, "timestamp": int(self.reactor.seconds()),
                 "headers": {"format": FORMAT, "attempts": message.attempts}}
 
-    def _publish(self, queue: str, body: bytes, message: Message) -> "Deferred[None]":
-        """Publish on the current link (waiting for one under way), all within ``confirm_timeout``."""
-        async def send() -> None:
-            link = await self.broker.when_ready(self.confirm_timeout)
-            await self._confirmed(link, queue, body, self._properties(message))
+    def _send(self, queue: str, body: bytes, properties: Mapping[str, Any],
+              link: Link | None = None) -> "Deferred[None]":
+        """Publish a queued message's body on ``link`` (or the current one, waiting for one under way); fires once
+        the broker confirmed it, all within ``confirm_timeout``."""
+        return self.broker.send(queue, body, {"content_type": CONTENT_TYPE, **properties}, self.confirm_timeout, link)
 
-        return self._within(Deferred.fromCoroutine(send()), self.confirm_timeout)
-
-    async def _confirmed(self, link: Link, queue: str, body: bytes, properties: Mapping[str, Any]) -> None:
-        try:
-            await self._within(link.publish(queue, body, properties), self.confirm_timeout)
-        except Unroutable as e:
-            self.broker.drop(link, f"queue {queue} is missing ({e.detail or e.reason})")
-            raise
-
-    def _within(self, waiting: "Deferred[T]", timeout: float) -> "Deferred[T]":
-        """``waiting``'s result, or `NotQueued` when it has not come within ``timeout`` seconds."""
-        result: Deferred[T] = Deferred()
-
-        def settle(outcome: Any) -> None:
-            if timer.active():
-                timer.cancel()
-            if result.called:
-                return
-            if isinstance(outcome, Failure):
-                if not outcome.check(NotQueued):
-                    outcome = Failure(NotQueued("no confirmation from the broker",
-                                                _describe(outcome, "cancelled")))
-                result.errback(outcome)
-            else:
-                result.callback(outcome)
-
-        timer = self.reactor.callLater(
-            timeout, settle, Failure(NotQueued(f"no confirmation from the broker within {timeout:g} s")))
-        waiting.addBoth(settle)
-        return result
+    def _within(self, waiting: "Deferred[T]") -> "Deferred[T]":
+        """``waiting``'s result, or `NotQueued` when it has not come within ``confirm_timeout``."""
+        return within(self.reactor, waiting, self.confirm_timeout)
 
     # ---- running ----------------------------------------------------------------------------------------------
 
@@ -631,7 +320,7 @@ class AMQPStore:
             self._consumer = (link, tag, prefetch)
 
         def refused(failure: Failure) -> None:
-            self.broker.drop(link, f"cannot consume {self.queue}: {_describe(failure, 'cancelled')}")
+            self.broker.drop(link, f"cannot consume {self.queue}: {describe(failure, 'cancelled')}")
 
         link.consume(self.queue, prefetch, functools.partial(self._delivered, link)).addCallbacks(
             consuming, refused)
@@ -681,8 +370,10 @@ class AMQPStore:
             return
         del body  # the content is a copy: keep one
         original = message.copy()  # the state as it was, whatever the worker does to its own
+        limit = self.attempt_timeout + ATTEMPT_GRACE
         try:
-            result = await self._overdue(maybeDeferred(worker, message, functools.partial(io.BytesIO, content)))
+            working = maybeDeferred(worker, message, functools.partial(io.BytesIO, content))
+            result = await deadline(self.reactor, working, limit, AttemptOverdue(f"no answer within {limit:g} s"))
             if not isinstance(result, Message):
                 raise TypeError(f"the worker returned {type(result).__name__}, not a Message")
         except AttemptOverdue as e:
@@ -713,9 +404,9 @@ class AMQPStore:
             await self._set_aside(link, tag, encode(original, content), why, self._properties(original))
             return
         try:
-            await self._confirmed(link, target, new_body, self._properties(result))
+            await self._send(target, new_body, self._properties(result), link)
         except NotQueued as e:
-            refused = self._save_failed(result.id)
+            refused = _one_more(self._save_failures, result.id)
             pause = min(self.schedule.delay(refused),
                         max(0.0, started + self.hold_limit - self.reactor.seconds()))
             self.log.error("message {id}: new state not stored in {queue} ({why}); given back in {pause:g} s in its "
@@ -734,52 +425,17 @@ class AMQPStore:
         whole attempt to be made again, domains already delivered included (docs/queue-amqp.md)."""
         return succeed(None)
 
-    def _overdue(self, working: "Deferred[T]") -> "Deferred[T]":
-        """``working``'s result, or `AttemptOverdue` once ``attempt_timeout`` + `ATTEMPT_GRACE` have passed."""
-        limit = self.attempt_timeout + ATTEMPT_GRACE
-        result: Deferred[T] = Deferred()
-
-        def settle(outcome: Any) -> None:
-            if timer.active():
-                timer.cancel()
-            if not result.called:
-                if isinstance(outcome, Failure):
-                    result.errback(outcome)
-                else:
-                    result.callback(outcome)
-
-        timer = self.reactor.callLater(limit, settle, Failure(AttemptOverdue(f"no answer within {limit:g} s")))
-        working.addBoth(settle)
-        return result
-
     def _fitted(self, message: Message, content: bytes) -> bytes | None:
-        """The body of ``message``'s new state, trimmed if need be to fit in ``max_size``: the outcomes of final
-        recipients owed nothing more are dropped, the others' texts cut to `TRIMMED_TEXT`; None if it still
-        does not fit."""
+        """The body of ``message``'s new state, `_trimmed` if need be to fit in ``max_size``; None if it still does
+        not fit."""
         body = encode(message, content)
         if len(body) <= self.max_size:
             return body
-        trimmed = message.copy()
-        for index, recipient in enumerate(trimmed.recipients):
-            if recipient.outcome is None:
-                continue
-            if recipient.status is not Status.PENDING and final_notice(trimmed, index) is None:
-                recipient.outcome = None
-            else:
-                recipient.outcome = replace(recipient.outcome, text=recipient.outcome.text[:TRIMMED_TEXT])
-        body = encode(trimmed, content)
+        body = encode(_trimmed(message), content)
         if len(body) > self.max_size:
             return None
         self.log.warn("message {id}: new state trimmed to fit in one broker message", id=message.id)
         return body
-
-    def _save_failed(self, id: str) -> int:
-        """Count one more refused new state for ``id``; how many in a row (a bounded memory of ids)."""
-        count = self._save_failures.pop(id, 0) + 1
-        self._save_failures[id] = count
-        while len(self._save_failures) > _SAVE_FAILURES_KEPT:
-            self._save_failures.popitem(last=False)
-        return count
 
     def delay_queue_for(self, attempts: int) -> str:
         """The delay queue for a message after ``attempts`` attempts: the shortest interval at least the
@@ -794,7 +450,7 @@ class AMQPStore:
         """Keep ``body`` in the ``.unreadable`` queue (with a ``reason`` header), then ack the delivery."""
         headers = {**dict(properties.get("headers") or {}), "reason": why[:200]}
         try:
-            await self._confirmed(link, self.unreadable_queue, body, {**properties, "headers": headers})
+            await self._send(self.unreadable_queue, body, {**properties, "headers": headers}, link)
         except NotQueued as e:
             self.log.error("cannot move the message to {target}: {why}", target=self.unreadable_queue, why=str(e))
             await self._give_back(link, tag)
@@ -806,34 +462,12 @@ class AMQPStore:
         not spin); a lost link has given it back already."""
         if link.lost.called:
             return
-        await self._pause(link, self.failure_pause if pause is None else pause)
+        if not self._stopping:
+            await self._pauses.wait(link, self.failure_pause if pause is None else pause)
         _nack(link, tag)
 
-    def _pause(self, link: Link, seconds: float) -> "Deferred[None]":
-        """Fires after ``seconds``, or at once when ``link`` is lost or the store stops."""
-        done: Deferred[None] = Deferred()
-        if self._stopping or seconds <= 0:
-            done.callback(None)
-            return done
-
-        def over() -> None:
-            self._pauses.pop(done, None)
-            done.callback(None)
-
-        self._pauses[done] = (self.reactor.callLater(seconds, over), link)
-        return done
-
-    def _end_pauses(self, link: Link | None = None) -> None:
-        """End the pauses of attempts on ``link`` (every pause when None)."""
-        for done, (call, on) in list(self._pauses.items()):
-            if link is None or on is link:
-                del self._pauses[done]
-                if call.active():
-                    call.cancel()
-                done.callback(None)
-
     def _lost(self, reason: str, link: Link) -> str:
-        self._end_pauses(link)
+        self._pauses.end(link)
         return reason
 
     def stop(self) -> "Deferred[None]":
@@ -853,10 +487,10 @@ class AMQPStore:
         consumer, self._consumer = self._consumer, None
         if consumer is not None and not consumer[0].lost.called:
             try:
-                await self._within(consumer[0].cancel(consumer[1]), self.confirm_timeout)
+                await self._within(consumer[0].cancel(consumer[1]))
             except NotQueued:
                 pass
-        self._end_pauses()
+        self._pauses.end()
         if self._running:
             await DeferredList(list(self._running), consumeErrors=True)
         await self.broker.stop()
@@ -904,7 +538,7 @@ class AMQPStore:
             link = await self.broker.when_ready(self.confirm_timeout)
             found = {}
             for name in self.topology:
-                found[name] = await self._within(link.declare(name, {}, passive=True), self.confirm_timeout)
+                found[name] = await self._within(link.declare(name, {}, passive=True))
             return found
 
         return Deferred.fromCoroutine(count())
@@ -921,9 +555,9 @@ class AMQPStore:
         link = await self.broker.when_ready(self.confirm_timeout)
         moved = 0
         for name in self.delay_queues.values():
-            waiting = await self._within(link.declare(name, {}, passive=True), self.confirm_timeout)
+            waiting = await self._within(link.declare(name, {}, passive=True))
             for _ in range(waiting):
-                delivery = await self._within(link.get(name), self.confirm_timeout)
+                delivery = await self._within(link.get(name))
                 if delivery is None:
                     break
                 try:
@@ -932,13 +566,67 @@ class AMQPStore:
                 except ValueError:
                     properties = {"timestamp": int(self.reactor.seconds())}
                 try:
-                    await self._confirmed(link, self.queue, delivery.body, properties)
+                    await self._send(self.queue, delivery.body, properties, link)
                 except NotQueued:
                     _nack(link, delivery.tag)
                     raise
                 _ack(link, delivery.tag)
                 moved += 1
         return moved
+
+
+def _trimmed(message: Message) -> Message:
+    """A copy of ``message`` with less state: the outcomes of final recipients owed nothing more dropped, the
+    others' reply texts cut to `TRIMMED_TEXT`."""
+    trimmed = message.copy()
+    for index, recipient in enumerate(trimmed.recipients):
+        if recipient.outcome is None:
+            continue
+        if recipient.status is not Status.PENDING and final_notice(trimmed, index) is None:
+            recipient.outcome = None
+        else:
+            recipient.outcome = replace(recipient.outcome, text=recipient.outcome.text[:TRIMMED_TEXT])
+    return trimmed
+
+
+def _one_more(counts: OrderedDict[str, int], id: str) -> int:
+    """Count one more refused new state for ``id``; how many in a row (the last `_SAVE_FAILURES_KEPT` ids)."""
+    count = counts.pop(id, 0) + 1
+    counts[id] = count
+    while len(counts) > _SAVE_FAILURES_KEPT:
+        counts.popitem(last=False)
+    return count
+
+
+class _Pauses:
+    """Pauses before a delivery is given back, each ended early when the link it came on is lost (or all at once)."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._pending: dict[Deferred[None], tuple[IDelayedCall, Link]] = {}
+
+    def wait(self, link: Link, seconds: float) -> "Deferred[None]":
+        """Fires after ``seconds``, or at once when ``link`` is lost or `end` is called."""
+        done: Deferred[None] = Deferred()
+        if seconds <= 0:
+            done.callback(None)
+            return done
+
+        def over() -> None:
+            self._pending.pop(done, None)
+            done.callback(None)
+
+        self._pending[done] = (self._reactor.callLater(seconds, over), link)
+        return done
+
+    def end(self, link: Link | None = None) -> None:
+        """End the pauses of deliveries on ``link`` (every pause when None)."""
+        for done, (call, on) in list(self._pending.items()):
+            if link is None or on is link:
+                del self._pending[done]
+                if call.active():
+                    call.cancel()
+                done.callback(None)
 
 
 def _ack(link: Link, tag: int) -> bool:
@@ -960,167 +648,3 @@ def _nack(link: Link, tag: int) -> None:
         link.nack(tag, True)
     except Exception:
         pass
-
-
-# ---- the pika link --------------------------------------------------------------------------------------------
-
-
-async def _open_pika_link(reactor: Any, url: str, ca_file: str | None, timeout: float) -> Link:
-    """Connect with pika's Twisted adapter and open a confirm-mode channel."""
-    import pika
-    from pika.exceptions import AMQPConnectionError
-    from twisted.internet import endpoints
-    from twisted.internet.protocol import Factory
-
-    params = pika.URLParameters(url)
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
-    endpoint: Any = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if parts.scheme == "amqps":
-        from twisted.internet import ssl
-
-        trust = None
-        if ca_file:
-            with open(ca_file, "rb") as f:
-                trust = ssl.Certificate.loadPEM(f.read())
-        endpoint = endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), endpoint)
-    factory = Factory.forProtocol(lambda: _connection_class()(params, custom_reactor=reactor))
-    factory.noisy = False
-    connection = await endpoint.connect(factory)
-    try:
-        try:
-            await connection.ready
-        except AMQPConnectionError:
-            raise ConnectionError(connection.why or "the AMQP handshake failed") from None
-        channel = await connection.channel()
-        await channel.confirm_delivery()
-    except BaseException:
-        if connection.transport is not None:
-            connection.transport.abortConnection()
-        raise
-    return _PikaLink(connection, channel)
-
-
-@functools.lru_cache(maxsize=None)
-def _connection_class() -> type:
-    """pika's `TwistedProtocolConnection`, keeping why the handshake failed (pika itself reports a count of tries).
-
-    Built on first use: importing pika's Twisted adapter imports the global reactor.
-    """
-    from pika.adapters.twisted_connection import TwistedProtocolConnection
-    from twisted.internet.protocol import connectionDone
-
-    class Connection(TwistedProtocolConnection):  # type: ignore[misc]
-        why = ""
-
-        def connectionLost(self, reason: Failure = connectionDone) -> None:
-            # The adapter replaces the broker's own reason (e.g. 403 ACCESS_REFUSED) with "closed cleanly": keep it.
-            pending = getattr(self._impl, "_error", None)
-            if isinstance(pending, Exception) and not self.why:
-                self.why = _describe(Failure(pending), "cancelled")
-            super().connectionLost(reason)
-
-        def _on_connection_failed(self, connection: Any, error: Any = None) -> None:
-            if error is not None and not self.why:
-                self.why = _describe(Failure(error), "cancelled")
-            super()._on_connection_failed(connection, error)
-
-    return Connection
-
-
-class _PikaLink:
-    """A pika `TwistedProtocolConnection` and its confirm-mode `TwistedChannel`, seen as a `Link`."""
-
-    def __init__(self, connection: Any, channel: Any) -> None:
-        self.connection = connection
-        self.channel = channel
-        self.lost: Deferred[str] = Deferred()
-        self._cancelled: set[str] = set()
-        channel.on_closed.addBoth(self._gone, "channel closed")
-        if connection.closed is not None:
-            connection.closed.addBoth(self._gone, "connection closed")
-
-    def _gone(self, reason: Any, what: str) -> None:
-        if not self.lost.called:
-            detail = str(getattr(reason, "value", reason) or "").strip()
-            self.lost.callback(f"{what}: {detail}" if detail else what)
-
-    def declare(self, queue: str, arguments: Mapping[str, Any], passive: bool = False) -> "Deferred[int]":
-        declared = self.channel.queue_declare(queue=queue, durable=True, passive=passive,
-                                              arguments=None if passive else dict(arguments))
-        return declared.addCallback(lambda frame: int(frame.method.message_count))
-
-    def publish(self, queue: str, body: bytes, properties: Mapping[str, Any]) -> "Deferred[Any]":
-        from pika import BasicProperties, DeliveryMode
-        from pika.exceptions import ChannelClosed, NackError, UnroutableError
-
-        props = BasicProperties(content_type=CONTENT_TYPE, delivery_mode=DeliveryMode.Persistent, app_id="esmtpkit",
-                                **properties)
-        try:
-            confirmed = self.channel.basic_publish(exchange="", routing_key=queue, body=body, properties=props,
-                                                   mandatory=True)
-        except Exception as e:
-            return fail(NotQueued("cannot publish", str(e)))
-
-        def refused(failure: Failure) -> Failure:
-            if failure.check(UnroutableError):
-                return Failure(Unroutable("no queue to route it to", f"queue {queue!r} is missing"))
-            if failure.check(NackError):
-                return Failure(NotQueued("the broker refused it (nack)"))
-            detail = _describe(failure, "cancelled")
-            if failure.check(ChannelClosed):
-                return Failure(NotQueued("the broker closed the channel before confirming", detail))
-            return Failure(NotQueued("connection to the broker lost before confirming", detail))
-
-        return confirmed.addErrback(refused)
-
-    def consume(self, queue: str, prefetch: int, deliver: Callable[[Delivery], None]) -> "Deferred[str]":
-        async def start() -> str:
-            await self.channel.basic_qos(prefetch_count=prefetch)
-            messages, tag = await self.channel.basic_consume(queue=queue, auto_ack=False)
-            Deferred.fromCoroutine(self._pump(messages, tag, deliver))
-            return str(tag)
-
-        return Deferred.fromCoroutine(start())
-
-    async def _pump(self, messages: Any, tag: str, deliver: Callable[[Delivery], None]) -> None:
-        while True:
-            try:
-                item = await messages.get()
-            except Exception as e:
-                if tag not in self._cancelled and not self.lost.called:
-                    self._gone(e, "consumer ended")
-                    self.abort()
-                return
-            deliver(Delivery(int(item.method.delivery_tag), bytes(item.body), bool(item.method.redelivered)))
-
-    def cancel(self, tag: str) -> "Deferred[Any]":
-        self._cancelled.add(tag)
-        return self.channel.basic_cancel(tag)
-
-    def get(self, queue: str) -> "Deferred[Delivery | None]":
-        def found(item: Any) -> Delivery | None:
-            if item is None:
-                return None
-            return Delivery(int(item.method.delivery_tag), bytes(item.body), bool(item.method.redelivered))
-
-        return self.channel.basic_get(queue=queue, auto_ack=False).addCallback(found)
-
-    def ack(self, tag: int) -> None:
-        self.channel.basic_ack(delivery_tag=tag)
-
-    def nack(self, tag: int, requeue: bool) -> None:
-        self.channel.basic_nack(delivery_tag=tag, requeue=requeue)
-
-    def close(self) -> "Deferred[Any]":
-        if self.connection.is_closed:
-            return succeed(None)
-        closed = self.connection.close()
-        return closed if closed is not None else succeed(None)
-
-    def abort(self) -> None:
-        transport = self.connection.transport
-        if transport is not None:
-            transport.abortConnection()
-
