@@ -412,3 +412,64 @@ def listen_all(servers: Sequence[ScriptedMX], port: int | None = None, *, also_f
 def stop_all(servers: Iterable[ScriptedMX]) -> "Deferred[Any]":
     """Stop every server; fires once all are stopped."""
     return DeferredList([server.stop() for server in servers])
+
+
+# ---- holding the end of the data ----------------------------------------------------------------------------------
+
+@dataclass
+class Held:
+    """A transaction whose end of data a `HoldingMX` has taken but not answered yet."""
+
+    transaction: Transaction
+    answer: "Deferred[Any]"
+    handler: "HoldingHandler"
+
+
+class HoldingHandler(ScriptedHandler):
+    """Answers the end of the data as scripted, except while its MX holds: then the answer waits (`HoldingMX`)."""
+
+    mx: "HoldingMX"
+
+    def eom(self) -> Any:
+        current = self.current
+        if current is None or not self.mx.holding:
+            return super().eom()
+        waiting: Deferred[Any] = Deferred()
+        self.mx.held.append(Held(current, waiting, self))
+        return waiting.addCallback(self._answered)
+
+
+class HoldingMX(ScriptedMX):
+    """A ScriptedMX that, while ``holding`` (from the start), holds every end of data unanswered: the client has
+    sent the whole message and waits for the reply, the instant in which a crash loses or repeats mail.
+
+    ``held`` lists the transactions waiting (`Held`); `release` answers them, or forgets them. A held transaction
+    is in ``messages`` once released with a 2xx. ``holding = False`` answers the next ones at once, as scripted.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.holding = True
+        self.held: list[Held] = []
+        self.factory = ESMTPFactory(lambda: HoldingHandler(self), policy=self.policy, clock=self.reactor)
+
+    def release(self, which: Any = None, reply: Script = 250) -> list[Held]:
+        """Answer the held transactions ``which(held)`` picks (default: all) with ``reply``; those released.
+
+        Answer only a client known to be alive: one whose process died may not have been seen to go yet, and the
+        transaction would count as delivered. `forget` drops those instead."""
+        picked = [held for held in self.held if which is None or which(held)]
+        for held in picked:
+            self.held.remove(held)
+            held.answer.callback(reply)
+        return picked
+
+    def forget(self, which: Any = None) -> list[Held]:
+        """Drop the held transactions ``which(held)`` picks (default: all) without answering them; those dropped."""
+        picked = [held for held in self.held if which is None or which(held)]
+        for held in picked:
+            self.held.remove(held)
+        return picked
+
+
+__all__ += ["Held", "HoldingHandler", "HoldingMX"]
