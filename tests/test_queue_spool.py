@@ -728,6 +728,34 @@ def test_flush_from_another_store_makes_the_running_one_scan(stores: Callable[..
     worker.deliver()
 
 
+def test_a_retry_sooner_than_the_scan_interval_is_made_on_time(stores: Callable[..., SpoolStore],
+                                                                clock: Clock) -> None:
+    store = stores(scan_interval=600)
+    id = commit(store, clock)
+    worker = Worker()
+    store.start(worker)
+    assert worker.ids == [id]
+    worker.defer(0, clock.seconds() + 5)
+    clock.advance(4)
+    assert worker.ids == [id]
+    clock.advance(1)
+    assert worker.ids == [id, id], "tried again at its next_attempt, not at the next scan"
+    worker.deliver()
+
+
+def test_a_commit_without_a_local_runner_wakes_the_runners_of_other_processes(stores: Callable[..., SpoolStore],
+                                                                             clock: Clock) -> None:
+    running = stores(scan_interval=3600)
+    worker = Worker()
+    running.start(worker)
+    accepting = stores(scan_interval=3600, wake_others=True)
+    id = commit(accepting, clock)
+    assert worker.calls == []
+    clock.advance(spool.TRIGGER_INTERVAL)
+    assert worker.ids == [id], "seen within a second, not at the next scan"
+    worker.deliver()
+
+
 def test_delete_removes_a_message(stores: Callable[..., SpoolStore], clock: Clock, tmp_path: Path) -> None:
     store = stores()
     id = commit(store, clock)

@@ -345,7 +345,8 @@ class QueueService(MultiService):
         from esmtpkit.queue.spool import SpoolStore
 
         return SpoolStore(config.spool, reactor=self.reactor,  # type: ignore[no-any-return]
-                          concurrency=config.concurrency, save_failed_delay=config.schedule.max_backoff)
+                          concurrency=config.concurrency, save_failed_delay=config.schedule.max_backoff,
+                          wake_others=not config.runner)
 
     def check(self) -> None:
         """ValueError, one line saying why, unless the store this configuration makes can work: for a spool, its

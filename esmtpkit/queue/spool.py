@@ -136,8 +136,10 @@ class SpoolStore:
     is scanned for due messages. ``threads`` says whether file work goes to the reactor's thread pool (default:
     when the reactor has one); ``lock_wait`` is how long (seconds) a management call waits for a message being
     delivered; ``save_failed_delay`` is how long a message waits when its new state could not be saved (the
-    schedule's ``max_backoff``). `scheduler` hands messages out; `admin` makes the management calls the store
-    offers too.
+    schedule's ``max_backoff``). With ``wake_others`` (a process that accepts but does not deliver), each commit
+    also touches the flush trigger, so the runners of other processes on the spool take the message within a
+    second instead of at their next scan. `scheduler` hands messages out; `admin` makes the management calls the
+    store offers too.
     """
 
     name = "spool"
@@ -145,7 +147,7 @@ class SpoolStore:
 
     def __init__(self, path: str, *, reactor: IReactorTime, concurrency: int = 20, scan_interval: float = 60.0,
                  active_limit: int = 1000, threads: bool | None = None, lock_wait: float = LOCK_WAIT,
-                 save_failed_delay: float = SAVE_FAILED_DELAY) -> None:
+                 save_failed_delay: float = SAVE_FAILED_DELAY, wake_others: bool = False) -> None:
         if concurrency < 1 or active_limit < concurrency or scan_interval <= 0:
             raise ValueError("need 1 <= concurrency <= active_limit and scan_interval > 0")
         self.admin = SpoolAdmin(path, clock=reactor.seconds, lock_wait=lock_wait)
@@ -156,6 +158,7 @@ class SpoolStore:
         self.scan_interval = scan_interval
         self.active_limit = active_limit
         self.lock_wait = lock_wait
+        self.wake_others = wake_others
         self.work = FileWork(reactor, IReactorThreads.providedBy(reactor) if threads is None else threads)
         self.scheduler = SpoolScheduler(self.paths, reactor=reactor, work=self.work, concurrency=concurrency,
                                         scan_interval=scan_interval, active_limit=active_limit,
@@ -237,8 +240,11 @@ class SpoolStore:
             if isinstance(result, Failure):
                 self.log.error("spool {path}: could not store {id}: {error}", path=self.path, id=message.id,
                                error=result.value)
-            else:
+            elif self.scheduler.running:
                 self.scheduler.offer(message.id, files.due_ns(message, now))
+            elif self.wake_others:
+                self.work(files.touch_trigger, self.paths).addErrback(
+                    lambda f: self.log.failure("spool {path}: cannot touch the flush trigger", f, path=self.path))
             return result
 
         return d.addBoth(done)

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Mapping
 
 from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from esmtpkit.core.outbound import Message
 from esmtpkit.queue import spool_files as files
-from esmtpkit.queue.interfaces import OpenContent, Worker
+from esmtpkit.queue.interfaces import OpenContent, Worker, finished
 
 __all__ = ["SpoolScheduler", "RunFileWork", "TRIGGER_INTERVAL", "WORKER_FAILED_DELAY", "CHECKPOINT_DELAY",
            "SAVE_FAILED_DELAY"]
@@ -86,6 +86,7 @@ class SpoolScheduler:
         self._trigger_seen: int | None = None
         self._last_cleanup = float("-inf")
         self._loops: list[LoopingCall] = []
+        self._wake: IDelayedCall | None = None  # an extra scan for a retry due before the next regular one
         self._idle: list[Deferred[None]] = []
 
     @property
@@ -118,6 +119,9 @@ class SpoolScheduler:
             if loop.running:
                 loop.stop()
         self._loops = []
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake = None
         for _, id in self._ready:
             self._known.discard(id)
         self._ready = []
@@ -263,6 +267,8 @@ class SpoolScheduler:
             fallback = files.to_ns(self._now() + self.save_failed_delay)
             saving = attempt.order.run(self._work, files.settle_files, self.paths, claim, id, result, self._now(),
                                        fallback)
+            if not finished(result):
+                saving.addCallback(lambda _: self._wake_at(result.next_attempt))
             return saving.addErrback(not_saved)
 
         def not_saved(failure: Failure) -> None:
@@ -286,6 +292,21 @@ class SpoolScheduler:
         due = files.to_ns(self._now() + CHECKPOINT_DELAY)
         return attempt.order.run(self._work, files.checkpoint_files, self.paths, attempt.claim, message.id,
                                  message.copy(), due)
+
+    def _wake_at(self, when: float) -> None:
+        """Scan at ``when`` too, if that comes before the next regular scan: a retry sooner than ``scan_interval``
+        (a short backoff) is then made on time. One timer, for the earliest such retry."""
+        if not self._running or when - self._now() >= self.scan_interval:
+            return
+        if self._wake is not None and self._wake.active():
+            if self._wake.getTime() <= when:
+                return
+            self._wake.cancel()
+        self._wake = self.reactor.callLater(max(0.0, when - self._now()), self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._scan()
 
     def _attempt_ended(self, _: object, id: str) -> None:
         self._attempts.pop(id, None)
