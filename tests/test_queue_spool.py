@@ -740,6 +740,11 @@ def test_a_retry_sooner_than_the_scan_interval_is_made_on_time(stores: Callable[
     assert worker.ids == [id]
     clock.advance(1)
     assert worker.ids == [id, id], "tried again at its next_attempt, not at the next scan"
+    worker.defer(1, clock.seconds() + 700)
+    clock.advance(699)
+    assert worker.ids == [id, id]
+    clock.advance(1)
+    assert worker.ids == [id, id, id], "a retry later than scan_interval is made on time too, not up to a scan late"
     worker.deliver()
 
 

@@ -294,10 +294,12 @@ class SpoolScheduler:
                                  message.copy(), due)
 
     def _wake_at(self, when: float) -> None:
-        """Scan at ``when`` too, if that comes before the next regular scan: a retry sooner than ``scan_interval``
-        (a short backoff) is then made on time. One timer, for the earliest such retry."""
-        if not self._running or when - self._now() >= self.scan_interval:
+        """Scan at ``when`` too, so a retry is made at its ``next_attempt`` rather than at the first regular scan
+        after it. One timer, for the earliest retry saved here, and never sooner than a second from now (so a burst
+        of short retries costs one scan a second at most)."""
+        if not self._running:
             return
+        when = max(when, self._now() + TRIGGER_INTERVAL)
         if self._wake is not None and self._wake.active():
             if self._wake.getTime() <= when:
                 return
