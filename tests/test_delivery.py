@@ -12,6 +12,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactor
+from twisted.logger import capturedLogs, formatEvent
 
 from esmtpkit.client.delivery import Deliverer
 from esmtpkit.client.mx import Hop, MXRouter, RouteError, Smarthost
@@ -135,6 +136,17 @@ def test_every_hop_fails_the_last_one_is_kept() -> None:
     assert outcomes == {0: refused_by(MX3), 1: refused_by(MX3)}
     assert outcomes[0].text == "connect to mx3.example.net[127.0.0.4]: Connection refused"
     assert len(send.calls) == 3
+
+
+def test_log_names_the_next_hop_only_when_one_follows() -> None:
+    send = FakeSend(**{hop.name: all_get(refused_by(hop)) for hop in (MX1, MX2)})
+    with capturedLogs() as events:
+        deliver(FakeRouter([MX1, MX2]), send, THREE, [0])
+    lines = [formatEvent(event) for event in events if "recipient(s) left" in formatEvent(event)]
+    assert len(lines) == 2
+    assert lines[0].endswith("1 recipient(s) left for the next hop")
+    assert lines[1].endswith("1 recipient(s) left for a later attempt")
+    assert "next hop" not in lines[1]
 
 
 def test_permanent_session_failure_is_final() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
+from twisted.python import usage
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -423,6 +425,35 @@ def test_bad_settings_say_which(settings: dict[str, str], word: str) -> None:
         QueueConfig.from_options(**{"hostname": "mx.test", **settings})
 
 
+@pytest.mark.parametrize("settings, line", [
+    ({"relayhost": ""}, "relayhost is empty: name a host, or leave relayhost out to deliver by MX"),
+    ({"relayhost": "  "}, "relayhost is empty"),
+    ({"dns": "notanip"}, "dns takes IP addresses with an optional port"),
+    ({"dns": "127.0.0.1:53,ns.example:53"}, "dns takes IP addresses"),
+    ({"ca_file": "/nonexistent/ca.pem"}, "ca_file: no such file: /nonexistent/ca.pem"),
+    ({"networks": "10.0.0.0/33"}, "networks: '10.0.0.0/33'"),
+])
+def test_settings_that_would_fail_later_are_refused_at_once(tmp_path: Any, settings: dict[str, str],
+                                                            line: str) -> None:
+    """A wrong setting is one line naming it, when the handler is made, not at the first delivery."""
+    with pytest.raises(ValueError, match=re.escape(line)) as raised:
+        Queue(spool=str(tmp_path / "q"), hostname="mx.test", **settings)
+    assert "\n" not in str(raised.value)
+
+
+def test_ca_file_must_be_a_file(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="ca_file: not a file"):
+        QueueConfig.from_options(ca_file=str(tmp_path), hostname="h")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert QueueConfig.from_options(ca_file=str(ca), hostname="h").ca_file == str(ca)
+    assert QueueConfig.from_options(ca_file="", hostname="h").ca_file is None
+
+
+def test_dns_takes_addresses_with_ports() -> None:
+    assert parse_servers("127.0.0.1:5353 [::1]:53,::1") == (("127.0.0.1", 5353), ("::1", 53), ("::1", 53))
+
+
 def test_verify_implies_required_tls_and_refuses_a_downgrade() -> None:
     """Opportunistic TLS would send in plaintext when the certificate fails: verify=yes makes it required, and
     refuses an explicit tls=opportunistic (or none) with a line saying so."""
@@ -485,6 +516,32 @@ def test_twistd_attaches_the_queue_service_and_its_metrics(tmp_path: Any) -> Non
     assert any(isinstance(m, QueueMetrics) for m in queue.monitor.monitors)
     queue.monitor.message_queued(Message("X", "a@b.example", [Recipient("c@d.example")]), "smtp")
     assert registry.get_sample_value("esmtpkit_queue_messages_queued_total", {"origin": "smtp"}) == 1.0
+
+
+def test_labelled_queue_metrics_start_at_zero() -> None:
+    """Every origin and notice action shows from the first scrape, as the recipient results do."""
+    metrics = QueueMetrics()
+    sample = metrics.registry.get_sample_value
+    for origin in ("smtp", "notice"):
+        assert sample("esmtpkit_queue_messages_queued_total", {"origin": origin}) == 0.0
+    for action in ("failed", "delayed", "relayed"):
+        assert sample("esmtpkit_queue_notices_total", {"action": action}) == 0.0
+    for result in ("delivered", "deferred", "bounced"):
+        assert sample("esmtpkit_queue_recipients_total", {"result": result}) == 0.0
+    notice = Message("N", "", [Recipient("a@b.example")])
+    metrics.notice_queued(notice, "delayed")
+    metrics.message_queued(notice, "notice")
+    assert sample("esmtpkit_queue_notices_total", {"action": "delayed"}) == 1.0
+    assert sample("esmtpkit_queue_messages_queued_total", {"origin": "notice"}) == 1.0
+
+
+def test_twistd_refuses_an_empty_relayhost_in_one_line(tmp_path: Any) -> None:
+    options = tap.Options()
+    with pytest.raises(usage.UsageError) as raised:
+        options.parseOptions(["--handler", "esmtpkit.handlers.Queue", "--hostname", "mx.test",
+                              "--handler-option", f"spool={tmp_path / 'queue'}", "--handler-option", "relayhost="])
+    assert "relayhost is empty: name a host, or leave relayhost out to deliver by MX" in str(raised.value)
+    assert "\n" not in str(raised.value)
 
 
 def test_twistd_amqp_options_reach_the_queue_handler(tmp_path: Any) -> None:

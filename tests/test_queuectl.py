@@ -64,8 +64,9 @@ def stored(spool: Path, id: str) -> dict[str, Any]:
 
 @pytest.fixture
 def spool(tmp_path: Path) -> Path:
+    """An empty spool, laid out as a server's store leaves it."""
     path = tmp_path / "queue"
-    path.mkdir()
+    SpoolStore(str(path), reactor=Clock()).paths.prepare()
     return path
 
 
@@ -132,6 +133,37 @@ def test_hold_and_release(spool: Path) -> None:
     assert (spool / "messages" / f"{id}.json").stat().st_mtime == RETRY
 
 
+def test_hold_and_release_say_when_there_is_nothing_to_do(spool: Path) -> None:
+    id = queue(spool, next_attempt=RETRY)
+    result = run("--spool", str(spool), "release", id)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"not held: {id}\n", "")
+    run("--spool", str(spool), "hold", id)
+    result = run("--spool", str(spool), "hold", id)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"already held: {id}\n", "")
+    assert stored(spool, id)["held"] is True
+
+
+def test_flush_of_a_held_message_says_so(spool: Path) -> None:
+    later = time.time() + 3600
+    held, due = queue(spool, held=True), queue(spool, next_attempt=later)
+    result = run("--spool", str(spool), "flush", held, due)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, f"due now: {due}\n", f"esmtpkit-queue: message is held, release it first: {held}\n")
+    assert (spool / "messages" / f"{held}.json").stat().st_mtime == HELD_MTIME
+    assert stored(spool, held)["held"] is True
+
+
+def test_a_folder_that_is_not_a_spool_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not mail\n")
+    for args in (["list"], ["list", "--json"], ["flush"], ["hold", "X"], ["delete", "ALL"]):
+        result = run("--spool", str(other), *args)
+        assert (result.returncode, result.stdout, result.stderr) == (
+            1, "", f"esmtpkit-queue: not a spool directory: {other}\n"), args
+    assert os.listdir(other) == ["notes.txt"]
+
+
 def test_flush_makes_messages_due_now(spool: Path) -> None:
     later = time.time() + 3600
     one, two = queue(spool, next_attempt=later), queue(spool, next_attempt=later)
@@ -182,6 +214,9 @@ def test_an_unknown_id_is_one_line_and_status_1(spool: Path) -> None:
     (["run", "--concurrency", "many"], "concurrency takes a whole number"),
     (["run", "--stop-timeout", "soon"], "argument --stop-timeout: not a duration above 0: 'soon'"),
     (["run", "--relayhost", "[::1"], "relayhost: expected [host]:port"),
+    (["run", "--relayhost", ""], "relayhost is empty: name a host, or leave relayhost out to deliver by MX"),
+    (["run", "--dns", "notanip"], "dns takes IP addresses with an optional port"),
+    (["run", "--tls", "required", "--verify", "--ca-file", "/nonexistent"], "ca-file: no such file: /nonexistent"),
     (["run", "--backend", "sqlite"], "argument --backend: invalid choice: 'sqlite'"),
     (["--backend", "amqp", "hold", "X"], "hold needs the spool backend"),
     (["--backend", "amqp", "release", "X"], "release needs the spool backend"),
@@ -215,6 +250,11 @@ def test_a_password_file_is_read_and_never_with_a_password(tmp_path: Path, spool
                                                      "are never sent to MX hosts)\n")
     result = run("--spool", str(spool), "run", "--password", "p", "--password-file", str(secret))
     assert result.returncode == 1 and result.stderr.startswith("esmtpkit-queue: give --password or --password-file")
+    missing = tmp_path / "nonexistent"
+    result = run("--spool", str(spool), "run", "--relayhost", "[127.0.0.1]", "--username", "u",
+                 "--password-file", str(missing))
+    assert (result.returncode, result.stderr) == (
+        1, f"esmtpkit-queue: --password-file {missing}: no such file or directory\n")
 
 
 # ---- run: a runner on its own -------------------------------------------------------------------------------------
@@ -311,6 +351,24 @@ class AnswerLaterMX(ScriptedMX):
         super().__init__(*args, **kwargs)
         self.waiting: list[Deferred[Any]] = []
         self.factory = ESMTPFactory(lambda: AnswerLater(self), policy=self.policy, clock=self.reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_lays_out_an_empty_folder_as_a_spool(tmp_path: Path) -> None:
+    """``run`` in an empty folder makes the spool's layout, after which the other commands take the folder."""
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    assert run("--spool", str(folder), "list").stderr == f"esmtpkit-queue: not a spool directory: {folder}\n"
+    runner = Runner(tmp_path / "runner.log", "--spool", str(folder), "run", "--relayhost", "[127.0.0.1]:9",
+                    "--tls", "none", "--hostname", "runner.test")
+    try:
+        await until(lambda: (folder / "messages").is_dir(), f"the spool layout:\n{runner.text()}")
+        runner.process.send_signal(signal.SIGTERM)
+        assert await runner.exited() == 0, runner.text()
+    finally:
+        runner.kill()
+    result = run("--spool", str(folder), "list")
+    assert (result.returncode, result.stdout) == (0, "Mail queue is empty\n")
 
 
 @pytest_twisted.ensureDeferred

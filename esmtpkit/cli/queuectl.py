@@ -59,10 +59,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def open_store(args: argparse.Namespace) -> SpoolAdmin:
-    """The management calls on the spool ``--spool`` names; SpoolError if there is no such directory."""
+    """The management calls on the spool ``--spool`` names; SpoolError if there is no such directory, or if it
+    lacks a spool's ``messages`` folder (another folder named by mistake, which would look like an empty queue)."""
     if not os.path.isdir(args.spool):
         raise SpoolError(f"no spool directory: {args.spool}")
-    return SpoolAdmin(args.spool)
+    store = SpoolAdmin(args.spool)
+    if not os.path.isdir(store.paths.messages):
+        raise SpoolError(f"not a spool directory: {args.spool}")
+    return store
 
 
 def queue_config(args: argparse.Namespace) -> QueueConfig:
@@ -151,18 +155,20 @@ def _list_amqp(args: argparse.Namespace) -> int:
 
 # ---- flush, hold, release, delete ---------------------------------------------------------------------------------
 
-def _each(args: argparse.Namespace, action: Callable[[SpoolAdmin, str], None], done: str) -> int:
-    """Run ``action`` on every id given, reporting each; status 1 if any failed."""
+def _each(args: argparse.Namespace, action: Callable[[SpoolAdmin, str], Any], done: str,
+          unchanged: str = "") -> int:
+    """Run ``action`` on every id given, reporting each (with ``unchanged`` when it returns False: nothing to
+    do); status 1 if any failed."""
     store = open_store(args)
     status = 0
     for id in args.ids:
         try:
-            action(store, id)
+            changed = action(store, id)
         except (SpoolError, OSError, ValueError) as e:
             _error(str(e))
             status = 1
         else:
-            print(f"{done}: {id}")
+            print(f"{unchanged if changed is False and unchanged else done}: {id}")
     return status
 
 
@@ -183,19 +189,20 @@ def _flush(args: argparse.Namespace) -> int:
         return 0
 
     def one(store: SpoolAdmin, id: str) -> None:
-        store.flush([id])
+        if not store.flush([id]) and store.get(id).held:
+            raise SpoolError(f"message is held, release it first: {id}")
 
     return _each(args, one, "due now")
 
 
 def _hold(args: argparse.Namespace) -> int:
     _needs_spool(args, "hold")
-    return _each(args, SpoolAdmin.hold, "held")
+    return _each(args, SpoolAdmin.hold, "held", "already held")
 
 
 def _release(args: argparse.Namespace) -> int:
     _needs_spool(args, "release")
-    return _each(args, SpoolAdmin.release, "released")
+    return _each(args, SpoolAdmin.release, "released", "not held")
 
 
 def _delete(args: argparse.Namespace) -> int:
@@ -298,8 +305,12 @@ def _password(args: argparse.Namespace) -> None:
         return
     if args.password is not None:
         raise UsageError("give --password or --password-file, not both")
-    with open(args.password_file, encoding="utf-8") as file:
-        args.password = file.readline().rstrip("\r\n")
+    try:
+        with open(args.password_file, encoding="utf-8") as file:
+            args.password = file.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror.lower() if isinstance(e, OSError) and e.strerror else str(e)
+        raise CommandError(f"--password-file {args.password_file}: {reason}") from None
 
 
 # ---- the command line ---------------------------------------------------------------------------------------------

@@ -198,15 +198,18 @@ class Deliverer:
         key = self.destination(domain)
         outcomes = run.outcomes
         pending = indexes
-        for hop in hops:
+        hops = list(hops)
+        for number, hop in enumerate(hops, 1):
             pending, session_failed = await self._rounds(run, key, hop, message, pending, open_content)
             if not session_failed:
                 break
             pending = [i for i in pending if outcomes[i].temporary]
             if not pending:
                 break
-            self.log.info("{id}: {hop} failed ({outcome}); {count} recipient(s) left for the next hop",
-                          id=message.id, hop=hop.label, outcome=str(outcomes[pending[0]]), count=len(pending))
+            after = "left for the next hop" if number < len(hops) else "left for a later attempt"
+            self.log.info("{id}: {hop} failed ({outcome}); {count} recipient(s) {after}",
+                          id=message.id, hop=hop.label, outcome=str(outcomes[pending[0]]), count=len(pending),
+                          after=after)
         return dict(outcomes)
 
     async def _rounds(self, run: _Run, key: str, hop: Hop, message: Message, indexes: list[int],

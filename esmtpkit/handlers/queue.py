@@ -185,7 +185,10 @@ class Queue(MessageHandler):
                  local_addresses: str | None = None, attempt_timeout: float | str | None = None,
                  reactor: Any = None, store: IQueueStore | None = None,
                  service: QueueService | None = None) -> None:
-        self.networks = parse_networks(networks)
+        try:
+            self.networks = parse_networks(networks)
+        except ValueError as e:
+            raise ValueError(f"networks: {e}") from None
         self.config = _config(
             spool=spool, backend=backend, amqp_url=amqp_url, amqp_queue=amqp_queue, relayhost=relayhost,
             port=port, dns=dns, tls=tls, verify=verify, ca_file=ca_file, username=username, password=password,

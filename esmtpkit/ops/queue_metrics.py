@@ -22,6 +22,9 @@ __all__ = ["QueueMetrics", "watch", "ATTEMPT_BUCKETS"]
 ATTEMPT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 _RESULTS = ("delivered", "deferred", "bounced")
+#: Where queued messages come from, and the kinds of notice: shown at 0 from the start, as the results are.
+_ORIGINS = ("smtp", "notice")
+_ACTIONS = ("failed", "delayed", "relayed")
 #: The states the queue-size gauge shows (the store's counts; attempts under way are `attempts_active`).
 _STATES = ("queued", "held")
 
@@ -55,10 +58,13 @@ class QueueMetrics(QueueMonitor):
                                          "Time a delivery attempt took (every domain of one message).",
                                          buckets=ATTEMPT_BUCKETS, registry=r)
         self._results = {result: self.recipients.labels(result) for result in _RESULTS}
+        self._origins = {origin: self.queued.labels(origin) for origin in _ORIGINS}
+        self._actions = {action: self.notices.labels(action) for action in _ACTIONS}
         self._states = {state: self.messages.labels(state) for state in _STATES}
 
     def message_queued(self, message: Message, origin: str) -> None:
-        self.queued.labels(origin).inc()
+        child = self._origins.get(origin)
+        (child if child is not None else self.queued.labels(origin)).inc()
 
     def attempt_started(self, message: Message) -> None:
         self.active.inc()
@@ -73,7 +79,8 @@ class QueueMetrics(QueueMonitor):
         (child if child is not None else self.recipients.labels(result)).inc()
 
     def notice_queued(self, notice: Message, action: str) -> None:
-        self.notices.labels(action).inc()
+        child = self._actions.get(action)
+        (child if child is not None else self.notices.labels(action)).inc()
 
     def queue_counts(self, counts: Mapping[str, int]) -> None:
         for state, gauge in self._states.items():

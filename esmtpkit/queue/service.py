@@ -112,12 +112,43 @@ def parse_relayhost(text: str) -> tuple[str, int | None]:
 
 
 def parse_servers(text: str) -> tuple[tuple[str, int], ...]:
-    """``dns``: name servers as ``127.0.0.1:5353,[::1]:53,192.0.2.53`` (port 53 unless given)."""
-    servers = tuple((host, port or 53) for host, port in
-                    (_host_port("dns", item, 53) for item in re.split(r"[,\s]+", text) if item.strip()))
+    """``dns``: name servers as ``127.0.0.1:5353,[::1]:53,192.0.2.53`` (port 53 unless given); each is an IP
+    address (a host name would need a name server to be found)."""
+    servers = []
+    for item in re.split(r"[,\s]+", text):
+        if not item.strip():
+            continue
+        host, port = _host_port("dns", item, 53)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"dns takes IP addresses with an optional port (127.0.0.1:5353, [::1]:53), "
+                             f"not {item!r}") from None
+        servers.append((host, port or 53))
     if not servers:
         raise ValueError(f"dns names no server: {text!r}")
-    return servers
+    return tuple(servers)
+
+
+def _readable_file(name: str, path: str) -> str:
+    """``path`` when it is a file this process can read; ValueError naming the setting ``name`` otherwise."""
+    if not os.path.exists(path):
+        raise ValueError(f"{name}: no such file: {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{name}: not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{name}: cannot read {path}")
+    return path
+
+
+def _relayhost(text: str | None) -> str | None:
+    """``relayhost`` stripped; None when not given. Given but empty is refused: leaving it out means MX delivery,
+    which an empty value must not turn on by mistake."""
+    if text is None:
+        return None
+    if not str(text).strip():
+        raise ValueError("relayhost is empty: name a host, or leave relayhost out to deliver by MX")
+    return str(text).strip()
 
 
 def parse_addresses(text: str) -> tuple[str, ...]:
@@ -258,9 +289,10 @@ class QueueConfig:
             tls = "required" if checked else "opportunistic"
         return cls(
             spool=str(spool), backend=str(backend).strip().lower(), amqp_url=amqp_url or DEFAULT_AMQP_URL,
-            amqp_queue=amqp_queue or DEFAULT_AMQP_QUEUE, relayhost=relayhost.strip() if relayhost else None,
+            amqp_queue=amqp_queue or DEFAULT_AMQP_QUEUE, relayhost=_relayhost(relayhost),
             port=_port("port", port), dns=parse_servers(dns) if dns else None, tls=str(tls).strip().lower(),
-            verify=checked, ca_file=ca_file or None, username=username or None, password=password or None,
+            verify=checked, ca_file=_readable_file("ca_file", ca_file) if ca_file else None,
+            username=username or None, password=password or None,
             schedule=Schedule(**changes), concurrency=workers, runner=_flag("runner", runner),  # type: ignore[arg-type]
             hostname=hostname or _this_host(),
             local_addresses=parse_addresses(local_addresses) if local_addresses is not None else None,

@@ -104,21 +104,26 @@ class SpoolAdmin:
             message.next_attempt = mtime / 1_000_000_000
         return message
 
-    def hold(self, id: str) -> None:
-        """Keep ``id`` from delivery until `release` (Postfix ``postsuper -h``)."""
-        self.paths.prepare()
-        with self._locked(id) as message:
-            if not message.held:
-                message.held = True
-                files.write_json(self.paths, message, files.HELD_NS)
-
-    def release(self, id: str) -> None:
-        """Let a held message go again, at its ``next_attempt`` (Postfix ``postsuper -H``)."""
+    def hold(self, id: str) -> bool:
+        """Keep ``id`` from delivery until `release` (Postfix ``postsuper -h``); False when it was held already."""
         self.paths.prepare()
         with self._locked(id) as message:
             if message.held:
-                message.held = False
-                files.write_json(self.paths, message, files.due_ns(message, self.clock()))
+                return False
+            message.held = True
+            files.write_json(self.paths, message, files.HELD_NS)
+        return True
+
+    def release(self, id: str) -> bool:
+        """Let a held message go again, at its ``next_attempt`` (Postfix ``postsuper -H``); False when it was not
+        held."""
+        self.paths.prepare()
+        with self._locked(id) as message:
+            if not message.held:
+                return False
+            message.held = False
+            files.write_json(self.paths, message, files.due_ns(message, self.clock()))
+        return True
 
     def delete(self, id: str) -> None:
         """Remove ``id`` from the queue, without a bounce (Postfix ``postsuper -d``)."""
