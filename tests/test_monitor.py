@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import io
+import json
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -372,3 +374,137 @@ class IdTests(SynchronousTestCase):
     def test_not_an_id(self) -> None:
         for value in ("", "short", "I" * ID_LENGTH):
             self.assertRaises(ValueError, id_time, value)
+
+
+def every_event(text: str = "") -> list[dict[str, Any]]:
+    """One event of each kind from an `EventLog`, with ``text`` wherever a client may choose text."""
+    from twisted.internet.address import IPv4Address
+
+    from esmtpkit.core.address import Address
+    from esmtpkit.core.session import Envelope, Session
+
+    events: list[dict[str, Any]] = []
+    monitor = EventLog(Logger(namespace="esmtpkit.events", observer=events.append))
+    session = Session(hostname="mx.test", peer=IPv4Address("TCP", "192.0.2.1" + text, 1),
+                      host=IPv4Address("TCP", "192.0.2.2", 25), helo="c" + text, authenticated="u" + text,
+                      envelope=Envelope(id="M1", sender=Address("s" + text + "@example.org"),
+                                        recipients=[Address("r@example.org")]))
+    envelope = session.envelope
+    monitor.connection_opened(session)
+    monitor.connection_refused(session, Reply.of(421, "4.3.2 busy" + text))
+    monitor.tls_established(session)
+    monitor.tls_failed(session, "alert" + text)
+    monitor.auth_succeeded(session, "PLAIN", "u" + text)
+    monitor.auth_failed(session, "PLAIN", None, Reply.of(535))
+    monitor.auth_throttled(session, "user", "u" + text, 300.0)
+    monitor.replied(session, "RCPT", Reply.of(550, "5.1.1 unknown" + text))
+    monitor.replied(session, "AUTH", Reply.of(535, "5.7.8 no"))
+    monitor.timed_out(session, "greeted")
+    monitor.message_accepted(session, envelope, 1, 0.5, Reply.of(250, "ok"))
+    monitor.message_rejected(session, envelope, 1, Reply.of(554, "5.7.1 no" + text))
+    monitor.message_aborted(session, envelope, 1, "reset by RSET")
+    monitor.connection_closed(session, 1.0, "QUIT" + text)
+    return events
+
+
+class FlattenedEventTests(SynchronousTestCase):
+    """EventLog hands observers events that are already flattened, exactly as Twisted would flatten them."""
+
+    def test_as_logger_emit_makes_them(self) -> None:
+        """The same keys and values as `Logger.emit` gives, plus ``log_flattened``; the same text without it."""
+        from twisted.logger import eventAsJSON
+
+        for text in ("", "\x1b é\u2028"):
+            events = every_event(text)
+            self.assertEqual(len(events), 14)
+            for event in events:
+                made: list[dict[str, Any]] = []
+                plain = {k: v for k, v in event.items() if not k.startswith("log_")}
+                Logger(namespace="esmtpkit.events", observer=made.append).emit(
+                    event["log_level"], event["log_format"], **plain)
+                [emitted] = made
+                self.assertEqual(set(event) - {"log_flattened"}, set(emitted))
+                for key in emitted:
+                    if key not in ("log_time", "log_logger"):
+                        self.assertEqual(event[key], emitted[key], key)
+                unflattened = {k: v for k, v in event.items() if k != "log_flattened"}
+                self.assertEqual(formatEvent(event), formatEvent(unflattened))
+                self.assertEqual(json.loads(eventAsJSON(dict(event))), json.loads(eventAsJSON(unflattened)))
+
+    def test_logger_subclass_emit_still_called(self) -> None:
+        """A logger whose class overrides ``emit`` sees every event, flattened the same way."""
+        emitted: list[str] = []
+        events: list[dict[str, Any]] = []
+
+        class Counting(Logger):
+            def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+                emitted.append(str(kwargs["event"]))
+                super().emit(level, format, **kwargs)
+
+        monitor = EventLog(Counting(namespace="esmtpkit.events", observer=events.append))
+        talk(monitor=monitor).send("QUIT")
+        self.assertEqual(emitted, ["connection.opened", "connection.closed"])
+        self.assertEqual(formatEvent(events[0]), formatEvent({k: v for k, v in events[0].items()
+                                                              if k != "log_flattened"}))
+        self.assertIn("peer!s:", events[0]["log_flattened"])
+
+    def test_text_lines_as_twistd_writes_them(self) -> None:
+        """`text_lines_observer` writes what twistd's `textFileLogObserver` writes, for our events and others."""
+        from twisted.logger import textFileLogObserver
+
+        from esmtpkit.ops.logformat import text_lines_observer
+
+        events = every_event() + every_event("\x1b é")
+        for when, event in zip([1_700_000_000.0, 1_700_000_000.5, 1_700_000_001.0, 1_700_000_001.999], events):
+            event["log_time"] = when
+        other = Logger(namespace="elsewhere", observer=events.append)
+        other.info("plain {x} and {y!r} and {z:>4}", x="a", y="b", z=7)
+        other.warn("two\nlines {n}", n=2)
+        other.info("system {s}", s=1, log_system="custom")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            other.failure("it failed")
+        events.append({"log_time": 1.0})
+        events.append({"log_format": "{a.b}", "a": 1})
+        ours, theirs = io.StringIO(), io.StringIO()
+        fast, slow = text_lines_observer(ours), textFileLogObserver(theirs)
+        for event in events:
+            fast(event)
+            slow(event)
+        self.assertEqual(ours.getvalue(), theirs.getvalue())
+        self.assertIn("2023-11-14T22:13:21", ours.getvalue())
+
+    def test_json_lines_as_before(self) -> None:
+        """`json_lines_observer` writes what `jsonFileLogObserver` writes for the event with its ``text``."""
+        from twisted.logger import jsonFileLogObserver
+
+        from esmtpkit.ops.logformat import json_lines_observer
+
+        events = every_event() + every_event("\x1b é\u2028")
+        other = Logger(namespace="elsewhere", observer=events.append)
+        other.info("plain {x} and {y!r}", x=b"bytes", y=object())
+        ours, theirs = io.StringIO(), io.StringIO()
+        fast, slow = json_lines_observer(ours), jsonFileLogObserver(theirs, recordSeparator="")
+        for event in events:
+            fast(event)
+            slow({**event, "text": formatEvent(event)})
+        self.assertEqual(ours.getvalue(), theirs.getvalue())
+        accepted = [json.loads(line) for line in ours.getvalue().splitlines()][10]
+        self.assertEqual((accepted["event"], accepted["text"]),
+                         ("message.accepted", "message M1 accepted: from=<s@example.org> recipients=1 size=1 "
+                                              "elapsed=0.5s conn= peer=192.0.2.1"))
+
+    def test_text_observer_writes_where_twistd_would(self) -> None:
+        """`use_text` names `text_observer` for twistd's ``--logger``; with ``-n`` and no ``--logfile`` it writes
+        to stdout, as twistd does."""
+        import sys
+
+        from esmtpkit.ops import logformat
+
+        self.addCleanup(logformat._destination.update, dict(logformat._destination))
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.assertEqual(logformat.use_text(None, True), "esmtpkit.ops.logformat.text_observer")
+        logformat.text_observer()(every_event()[0])
+        self.assertEqual(out.getvalue().split(" ", 1)[1], "[esmtpkit.events#info] connection  from 192.0.2.1 port 1\n")

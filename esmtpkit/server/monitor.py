@@ -10,6 +10,8 @@ address, the sender, user names, reply text, reasons) goes into an event through
 
 from __future__ import annotations
 
+from string import Formatter
+from time import time
 from typing import Any, Iterable
 
 from twisted.logger import Logger, LogLevel
@@ -143,14 +145,29 @@ def _user(text: str | None) -> str:
     return "" if text is None else escape(text)
 
 
-def _common(session: Session) -> dict[str, Any]:
+def _common(event: str, session: Session) -> dict[str, Any]:
     # A PROXY header read by Twisted's own haproxy: endpoint can name any text as the peer's address.
-    return {"conn": session.id, "peer": escape(session.peer_ip)}
+    return {"event": event, "conn": session.id, "peer": escape(session.peer_ip)}
 
 
-def _envelope(envelope: Envelope) -> dict[str, Any]:
-    return {"id": envelope.id, "sender": escape(str(envelope.sender)) if envelope.sender is not None else "",
-            "recipients": len(envelope.recipients)}
+def _envelope(fields: dict[str, Any], envelope: Envelope) -> dict[str, Any]:
+    fields["id"] = envelope.id
+    fields["sender"] = escape(str(envelope.sender)) if envelope.sender is not None else ""
+    fields["recipients"] = len(envelope.recipients)
+    return fields
+
+
+def _flat_keys(format: str) -> tuple[tuple[str, str, str], ...] | None:
+    """(field, flattened key, structured key) for each ``{field}`` of ``format``, named as `twisted.logger`'s
+    ``flattenEvent`` names them; None when a field has a conversion, a format spec or a repeat (left to Twisted)."""
+    keys = []
+    for _, name, spec, conversion in Formatter().parse(format):
+        if name is None:
+            continue
+        if spec or conversion or not name.isidentifier() or any(name == k[0] for k in keys):
+            return None
+        keys.append((name, f"{name}!s:", f"{name}!:"))
+    return tuple(keys)
 
 
 #: The events each Monitor method may emit.
@@ -176,90 +193,134 @@ class EventLog(Monitor):
 
     ``minimum`` drops the events below a level before any work is done for them (``LogLevel.warn`` keeps refused
     connections and AUTH failures only): a log line per message can cost more CPU than receiving a small message
-    does, which a server under load may not want to spend.
+    does, which a server under load may not want to spend. Each event reaches the logger's observer already
+    flattened (``log_flattened``, as `twisted.logger.jsonFileLogObserver` stores it), so that formatting its text or
+    its JSON need not parse the format string again: see docs/performance.md.
     """
 
     def __init__(self, logger: Logger | None = None, minimum: LogLevel = LogLevel.info) -> None:
         self.log = logger if logger is not None else Logger(namespace="esmtpkit.events")
         self.minimum = minimum
+        self._keys: dict[str, tuple[tuple[str, str, str], ...] | None] = {}
+        self._direct = type(self.log).emit is Logger.emit  # else a subclass's emit must see every event
         for method, events in _EMITS.items():
             if all(EVENTS[e] < minimum for e in events):
                 setattr(self, method, _nothing)
 
-    def _emit(self, event: str, format: str, **fields: Any) -> None:
-        self.log.emit(EVENTS[event], format, event=event, **fields)
+    def _emit(self, format: str, fields: dict[str, Any]) -> None:
+        """Send ``fields`` (``event`` first) to the logger's observer as the event `Logger.emit` makes, plus its
+        ``log_flattened`` values (through ``emit`` itself when the logger's class overrides it)."""
+        keys = self._keys.get(format, False)
+        if keys is False:
+            keys = self._keys[format] = _flat_keys(format)
+        if keys:
+            flat: dict[str, Any] = {}
+            for name, text_key, value_key in keys:
+                value = fields[name]
+                flat[text_key] = str(value)
+                flat[value_key] = value
+        log = self.log
+        if not self._direct:
+            if keys:
+                fields["log_flattened"] = flat
+            log.emit(EVENTS[fields["event"]], format, **fields)
+            return
+        fields["log_logger"] = log
+        fields["log_level"] = EVENTS[fields["event"]]
+        fields["log_namespace"] = log.namespace
+        fields["log_source"] = log.source
+        fields["log_format"] = format
+        fields["log_time"] = time()
+        if keys:
+            fields["log_flattened"] = flat
+        log.observer(fields)
 
     def connection_opened(self, session: Session) -> None:
         host = session.host
-        self._emit("connection.opened", "connection {conn} from {peer} port {port}", **_common(session),
-                   port=getattr(session.peer, "port", None), local=escape(str(getattr(host, "host", "") or "")),
-                   local_port=getattr(host, "port", None), tls=session.tls)
+        fields = _common("connection.opened", session)
+        fields["port"] = getattr(session.peer, "port", None)
+        fields["local"] = escape(str(getattr(host, "host", "") or ""))
+        fields["local_port"] = getattr(host, "port", None)
+        fields["tls"] = session.tls
+        self._emit("connection {conn} from {peer} port {port}", fields)
 
     def connection_refused(self, session: Session, reply: Reply) -> None:
-        self._emit("connection.refused", "connection {conn} from {peer} refused: {code} {reply_text}",
-                   **_common(session), code=reply.code, enhanced=reply.enhanced or "", reply_text=escape(reply.text))
+        fields = _common("connection.refused", session)
+        fields.update(code=reply.code, enhanced=reply.enhanced or "", reply_text=escape(reply.text))
+        self._emit("connection {conn} from {peer} refused: {code} {reply_text}", fields)
 
     def connection_closed(self, session: Session, duration: float, reason: str) -> None:
         info = session.tls_info
-        self._emit("connection.closed",
-                   "connection {conn} from {peer} closed after {duration}s ({messages} message(s)): {reason}",
-                   **_common(session), duration=round(duration, 3), reason=escape(reason),
-                   messages=session.transactions, tls_version=info.get("version", ""),
-                   tls_cipher=info.get("cipher", ""), user=_user(session.authenticated))
+        fields = _common("connection.closed", session)
+        fields["duration"] = round(duration, 3)
+        fields["reason"] = escape(reason)
+        fields["messages"] = session.transactions
+        fields["tls_version"] = info.get("version", "")
+        fields["tls_cipher"] = info.get("cipher", "")
+        fields["user"] = _user(session.authenticated)
+        self._emit("connection {conn} from {peer} closed after {duration}s ({messages} message(s)): {reason}",
+                   fields)
 
     def tls_established(self, session: Session) -> None:
         info = session.tls_info
-        self._emit("tls.established", "connection {conn} from {peer}: {tls_version} {tls_cipher}",
-                   **_common(session), tls_version=info.get("version", ""), tls_cipher=info.get("cipher", ""),
-                   tls_bits=info.get("bits", ""))
+        fields = _common("tls.established", session)
+        fields.update(tls_version=info.get("version", ""), tls_cipher=info.get("cipher", ""),
+                      tls_bits=info.get("bits", ""))
+        self._emit("connection {conn} from {peer}: {tls_version} {tls_cipher}", fields)
 
     def tls_failed(self, session: Session, reason: str) -> None:
-        self._emit("tls.failed", "connection {conn} from {peer}: TLS handshake failed: {reason}",
-                   **_common(session), reason=escape(reason))
+        fields = _common("tls.failed", session)
+        fields["reason"] = escape(reason)
+        self._emit("connection {conn} from {peer}: TLS handshake failed: {reason}", fields)
 
     def auth_succeeded(self, session: Session, mechanism: str, user: str) -> None:
-        self._emit("auth.succeeded", "connection {conn} from {peer}: AUTH {mechanism} as {user}", **_common(session),
-                   mechanism=mechanism, user=_user(user))
+        fields = _common("auth.succeeded", session)
+        fields.update(mechanism=mechanism, user=_user(user))
+        self._emit("connection {conn} from {peer}: AUTH {mechanism} as {user}", fields)
 
     def auth_failed(self, session: Session, mechanism: str, user: str | None, reply: Reply) -> None:
-        self._emit("auth.failed", "connection {conn} from {peer}: AUTH {mechanism} failed for {user}: {code}",
-                   **_common(session), mechanism=mechanism, user=_user(user), code=reply.code,
-                   enhanced=reply.enhanced or "")
+        fields = _common("auth.failed", session)
+        fields.update(mechanism=mechanism, user=_user(user), code=reply.code, enhanced=reply.enhanced or "")
+        self._emit("connection {conn} from {peer}: AUTH {mechanism} failed for {user}: {code}", fields)
 
     def auth_throttled(self, session: Session, scope: str, user: str | None, seconds: float) -> None:
-        self._emit("auth.throttled", "connection {conn} from {peer}: AUTH failure limit of this {scope} reached "
-                   "(user {user}): AUTH refused for {cool_off}s", **_common(session), scope=scope,
-                   user=_user(user), cool_off=seconds)
+        fields = _common("auth.throttled", session)
+        fields.update(scope=scope, user=_user(user), cool_off=seconds)
+        self._emit("connection {conn} from {peer}: AUTH failure limit of this {scope} reached "
+                   "(user {user}): AUTH refused for {cool_off}s", fields)
 
     def replied(self, session: Session, verb: str, reply: Reply) -> None:
         if reply.code < 400:
             return
         text = "" if verb in _UNSAFE_TEXT else escape(reply.lines[0])
-        self._emit("reply.error", "connection {conn} from {peer}: {verb} answered {code} {enhanced}"
-                   + (" {reply_text}" if text else ""),
-                   **_common(session), verb=verb, code=reply.code, enhanced=reply.enhanced or "", reply_text=text)
+        fields = _common("reply.error", session)
+        fields.update(verb=verb, code=reply.code, enhanced=reply.enhanced or "", reply_text=text)
+        self._emit("connection {conn} from {peer}: {verb} answered {code} {enhanced}"
+                   + (" {reply_text}" if text else ""), fields)
 
     def timed_out(self, session: Session, phase: str) -> None:
-        self._emit("session.timeout", "connection {conn} from {peer}: timeout in {phase}", **_common(session),
-                   phase=phase)
+        fields = _common("session.timeout", session)
+        fields["phase"] = phase
+        self._emit("connection {conn} from {peer}: timeout in {phase}", fields)
 
     def message_accepted(self, session: Session, envelope: Envelope, size: int, seconds: float,
                          reply: Reply) -> None:
-        self._emit("message.accepted",
-                   "message {id} accepted: from=<{sender}> recipients={recipients} size={size} "
-                   "elapsed={elapsed}s conn={conn} peer={peer}",
-                   **_common(session), **_envelope(envelope), size=size, elapsed=round(seconds, 3),
-                   code=reply.code, enhanced=reply.enhanced or "")
+        fields = _envelope(_common("message.accepted", session), envelope)
+        fields["size"] = size
+        fields["elapsed"] = round(seconds, 3)
+        fields["code"] = reply.code
+        fields["enhanced"] = reply.enhanced or ""
+        self._emit("message {id} accepted: from=<{sender}> recipients={recipients} size={size} "
+                   "elapsed={elapsed}s conn={conn} peer={peer}", fields)
 
     def message_rejected(self, session: Session, envelope: Envelope, size: int, reply: Reply) -> None:
-        self._emit("message.rejected",
-                   "message {id} rejected: {code} {enhanced} {reply_text} from=<{sender}> recipients={recipients} "
-                   "size={size} conn={conn} peer={peer}",
-                   **_common(session), **_envelope(envelope), size=size, code=reply.code,
-                   enhanced=reply.enhanced or "", reply_text=escape(reply.lines[0]))
+        fields = _envelope(_common("message.rejected", session), envelope)
+        fields.update(size=size, code=reply.code, enhanced=reply.enhanced or "", reply_text=escape(reply.lines[0]))
+        self._emit("message {id} rejected: {code} {enhanced} {reply_text} from=<{sender}> recipients={recipients} "
+                   "size={size} conn={conn} peer={peer}", fields)
 
     def message_aborted(self, session: Session, envelope: Envelope, size: int, reason: str) -> None:
-        self._emit("message.aborted",
-                   "message {id} aborted: {reason} from=<{sender}> recipients={recipients} size={size} "
-                   "conn={conn} peer={peer}",
-                   **_common(session), **_envelope(envelope), size=size, reason=escape(reason))
+        fields = _envelope(_common("message.aborted", session), envelope)
+        fields.update(size=size, reason=escape(reason))
+        self._emit("message {id} aborted: {reason} from=<{sender}> recipients={recipients} size={size} "
+                   "conn={conn} peer={peer}", fields)
