@@ -34,8 +34,16 @@ class LogFormatTests(ScratchWorkingDirectory, SynchronousTestCase):
         self.assertIs(config["logger"], logformat.json_observer)
         self.assertEqual(logformat._destination, {"logfile": "x.json", "nodaemon": True})
 
-    def test_text_leaves_twistd_alone(self) -> None:
-        self.assertIsNone(twistd("-n", "esmtpkit")["logger"])
+    def test_text_becomes_twistds_logger_unless_twistd_was_told_otherwise(self) -> None:
+        self.addCleanup(logformat._destination.update, dict(logformat._destination))
+        config = twistd("-n", "--logfile", "x.log", "esmtpkit")
+        self.assertIs(config["logger"], logformat.text_observer)
+        self.assertEqual(logformat._destination, {"logfile": "x.log", "nodaemon": True})
+        self.assertIsNone(twistd("-n", "--syslog", "esmtpkit")["logger"])
+        from esmtpkit.ops import _worker
+
+        chosen = twistd("-n", "--logger", "esmtpkit.ops._worker.log_observer", "esmtpkit")["logger"]
+        self.assertIs(chosen, _worker.log_observer)
 
     def test_refusals(self) -> None:
         for argv, message in [

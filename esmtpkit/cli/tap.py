@@ -314,13 +314,24 @@ def check_endpoints(options: usage.Options) -> None:
 
 
 def check_log_format(options: usage.Options) -> None:
-    """``--log-format json``: have twistd log through `esmtpkit.ops.logformat.json_observer` (its ``--logger``)."""
+    """Have twistd log through esmtpkit's observers (its ``--logger``): `esmtpkit.ops.logformat.json_observer` for
+    ``--log-format json``, and `text_observer` (the same lines as twistd's, cheaper) for text unless twistd was
+    given ``--logger`` or ``--syslog``."""
     if options["log-format"] not in ("text", "json"):
         raise usage.UsageError(f"--log-format takes text or json, not {options['log-format']!r}")
     if options["log-events"] not in ("all", "warn", "none"):
         raise usage.UsageError(f"--log-events takes all, warn or none, not {options['log-events']!r}")
     twistd = getattr(options, "parent", None)
-    if options["log-format"] != "json" or twistd is None:
+    if twistd is None:
+        return
+    if options["log-format"] == "text":
+        # twistd's own text observer formats every line the general way (about 30 us); esmtpkit's writes the same
+        # bytes for a third of that. Only where twistd would use its default observer on a file or stdout.
+        if not (twistd.get("syslog") or twistd.get("logger")
+                or (twistd.get("logfile") == "-" and not twistd.get("nodaemon"))):
+            from esmtpkit.ops.logformat import use_text
+
+            twistd["logger"] = use_text(twistd.get("logfile"), bool(twistd.get("nodaemon")))
         return
     if twistd.get("syslog"):
         raise usage.UsageError("--log-format json writes to twistd's --logfile; it cannot go with --syslog")
