@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from esmtpkit.core.outbound import Message
 from esmtpkit.queue.interfaces import ICheckpoint, IQueueEntry, IQueueStore, Worker, finished
+from esmtpkit.queue.shared import DefaultReactor
 
 __all__ = ["MemoryStore", "MemoryEntry"]
 
@@ -63,6 +64,9 @@ class MemoryStore:
     name = "memory"
     log = Logger()
 
+    #: The reactor whose clock and timers the store uses (the global one unless given).
+    reactor = DefaultReactor()
+
     def __init__(self, *, reactor: Any = None, concurrency: int = 20, retry_after: float = 60.0) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -72,20 +76,11 @@ class MemoryStore:
         self.retry_after = retry_after
         self.failing: BaseException | None = None
         self.checkpoints = 0
-        self._reactor = reactor
+        self.reactor = reactor
         self._worker: Worker | None = None
         self._active: dict[str, Deferred[None]] = {}
         self._timer: IDelayedCall | None = None
         self._stopping: Deferred[None] | None = None
-
-    @property
-    def reactor(self) -> Any:
-        """The reactor whose clock and timers the store uses (the global one unless given)."""
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
 
     @property
     def running(self) -> bool:

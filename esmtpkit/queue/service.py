@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from esmtpkit.core.schedule import Schedule
 from esmtpkit.queue.interfaces import IQueueStore
 from esmtpkit.queue.runner import Monitors, QueueMonitor, QueueRunner
+from esmtpkit.queue.shared import DefaultReactor
 
 __all__ = ["QueueConfig", "QueueService", "parse_relayhost", "parse_servers", "parse_seconds",
            "parse_addresses", "listening_addresses", "TLS_MODES", "BACKENDS", "DEFAULT_AMQP_URL",
@@ -313,13 +314,16 @@ class QueueService(MultiService):
     log = Logger()
     _shared: ClassVar[dict[QueueConfig, "QueueService"]] = {}
 
+    #: The reactor for connections and timers (the global one unless given).
+    reactor = DefaultReactor()
+
     def __init__(self, config: QueueConfig, *, reactor: Any = None, store: IQueueStore | None = None,
                  deliverer: Any = None, monitor: QueueMonitor | None = None, stop_timeout: float = 60.0) -> None:
         super().__init__()
         self.config = config
         self.stop_timeout = stop_timeout
         self.monitor = Monitors([monitor] if monitor is not None else [])
-        self._reactor = reactor
+        self.reactor = reactor
         self._store = store
         self._own_store = store is None
         self._deliverer = deliverer
@@ -333,15 +337,6 @@ class QueueService(MultiService):
         if found is None:
             found = cls._shared[config] = cls(config, reactor=reactor)
         return found
-
-    @property
-    def reactor(self) -> Any:
-        """The reactor for connections and timers (the global one unless given)."""
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
 
     @property
     def store(self) -> IQueueStore:
