@@ -14,9 +14,11 @@ can run them under pytest-twisted: ``yield dns.start()`` then ``pytest_twisted.b
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.error import CannotListenError
 from twisted.names import dns, error
@@ -473,3 +475,24 @@ class HoldingMX(ScriptedMX):
 
 
 __all__ += ["Held", "HoldingHandler", "HoldingMX"]
+
+
+#: Bound on waiting for what should happen within moments (a slow machine gets the whole bound).
+WAIT = 60.0
+
+
+async def until(predicate: Callable[[], Any], what: str | Callable[[], str], timeout: float = WAIT) -> Any:
+    """Let the reactor run until ``predicate()`` is truthy; fail naming ``what`` after ``timeout`` seconds."""
+    from twisted.internet import reactor
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+__all__ += ["WAIT", "until"]

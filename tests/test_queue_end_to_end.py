@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import pytest
 import pytest_twisted
@@ -48,7 +48,7 @@ from esmtpkit.queue.spool_admin import SpoolAdmin
 from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.server.policy import Policy
 
-from .mailnet import HoldingMX, PrivateDNS, ScriptedMX, listen_all, stop_all
+from .mailnet import HoldingMX, PrivateDNS, ScriptedMX, listen_all, stop_all, until
 from .rabbitmq import RabbitMQ, find_server
 from .support import Twistd, terminate
 
@@ -70,19 +70,6 @@ QUEUE_COMMAND = str(Path(sys.executable).parent / "esmtpkit-queue")
 RUNNER_NAMES = ("runner1.test", "runner2.test")
 NO_PIKA = None if importlib.util.find_spec("pika") else "pika is not installed (pip install 'esmtpkit[amqp]')"
 
-
-async def until(predicate: Callable[[], Any], what: str | Callable[[], str], timeout: float = WAIT) -> Any:
-    """Let the reactor run until ``predicate()`` is truthy; fail naming ``what`` after ``timeout`` seconds."""
-    from twisted.internet import reactor
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
-        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
@@ -26,7 +26,7 @@ from esmtpkit.core.reply import Reply
 from esmtpkit.queue.spool import HELD_MTIME, SpoolStore
 from esmtpkit.server.factory import ESMTPFactory
 
-from .mailnet import PrivateDNS, ScriptedHandler, ScriptedMX, listen_all, stop_all
+from .mailnet import PrivateDNS, ScriptedHandler, ScriptedMX, listen_all, stop_all, until
 from .rabbitmq import RabbitMQ, find_server
 
 SCRIPT = Path(sys.executable).parent / "esmtpkit-queue"
@@ -262,19 +262,6 @@ def test_a_password_file_is_read_and_never_with_a_password(tmp_path: Path, spool
 #: Bounds on waiting for what should happen within moments (a slow machine gets the whole bound).
 WAIT = 60.0
 
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Let the reactor run until ``predicate()`` is truthy; fail naming ``what`` after ``timeout`` seconds."""
-    from twisted.internet import reactor
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 class Runner:
