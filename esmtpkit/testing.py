@@ -16,7 +16,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from esmtpkit.core.address import Address
-from esmtpkit.core.reply import Reply
+from esmtpkit.core.reply import Reply, strip_enhanced
 from esmtpkit.core.session import Session
 from esmtpkit.handlers.base import MessageHandler
 from esmtpkit.server.factory import ESMTPFactory
@@ -40,19 +40,9 @@ def parse_replies(data: bytes) -> list[Reply]:
             raise ValueError(f"not an SMTP reply line: {raw!r}")
         lines.append(match.group(3).decode("utf-8", "surrogateescape"))
         if match.group(2) != b"-":
-            replies.append(_without_enhanced(Reply(int(match.group(1)), tuple(lines))))
+            replies.append(strip_enhanced(Reply(int(match.group(1)), tuple(lines))))
             lines = []
     return replies
-
-
-def _without_enhanced(reply: Reply) -> Reply:
-    """Take the enhanced code off every line, not only the first (RFC 2034 §3 puts it on each line)."""
-    code = reply.enhanced
-    if code is None or len(reply.lines) == 1:
-        return reply
-    rest = tuple("" if line == code else line[len(code) + 1:] if line.startswith(code + " ") else line
-                 for line in reply.lines[1:])
-    return Reply(reply.code, reply.lines[:1] + rest, code)
 
 
 class _ClosingTransport(StringTransport):

@@ -14,7 +14,7 @@ from typing import Final
 
 from esmtpkit.core.dsn import xtext_encode
 from esmtpkit.core.outbound import Message, Outcome, Recipient
-from esmtpkit.core.reply import Reply
+from esmtpkit.core.reply import Reply, strip_enhanced
 
 __all__ = ["ReplyError", "ReplyParser", "Extensions", "mail_command", "rcpt_command", "check_offer",
            "needs_smtputf8", "MAX_REPLY_LINES", "MAX_REPLY_LINE_LENGTH"]
@@ -68,17 +68,7 @@ class ReplyParser:
         if separator == b"-":
             return None
         lines, self._lines, self._code = self._lines, [], None
-        return _strip_enhanced(Reply(int(code), tuple(lines)))
-
-
-def _strip_enhanced(reply: Reply) -> Reply:
-    """Take the enhanced code off the continuation lines too (Reply takes it off the first)."""
-    code = reply.enhanced
-    if code is None or len(reply.lines) == 1:
-        return reply
-    rest = tuple("" if line == code else line[len(code) + 1:] if line.startswith(code + " ") else line
-                 for line in reply.lines[1:])
-    return Reply(reply.code, reply.lines[:1] + rest, code)
+        return strip_enhanced(Reply(int(code), tuple(lines)))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, Union
 
-__all__ = ["Reply", "SMTPReply", "ReplyLike", "coerce", "default_enhanced"]
+__all__ = ["Reply", "SMTPReply", "ReplyLike", "coerce", "default_enhanced", "strip_enhanced"]
 
 _ENHANCED: Final = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 _UNSAFE: Final = re.compile(r"[\r\n\x00]")
@@ -153,3 +153,14 @@ def coerce(value: Any) -> Reply:
     if isinstance(value, int) and not isinstance(value, bool):
         return Reply.of(value)
     raise TypeError(f"a handler must return a Reply or a (code, *lines) tuple, not {value!r}")
+
+
+def strip_enhanced(reply: Reply) -> Reply:
+    """``reply`` as read off the wire, with the enhanced code taken off its continuation lines too (RFC 2034 §3
+    puts it on every line; `Reply` takes it off the first)."""
+    code = reply.enhanced
+    if code is None or len(reply.lines) == 1:
+        return reply
+    rest = tuple("" if line == code else line[len(code) + 1:] if line.startswith(code + " ") else line
+                 for line in reply.lines[1:])
+    return Reply(reply.code, reply.lines[:1] + rest, code)
