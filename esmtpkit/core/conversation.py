@@ -29,25 +29,32 @@ _NO_KEYWORDS: Final[frozenset[str]] = frozenset()
 #: through a slow __getattr__ hook.
 _CLOSED: Final = Phase.CLOSED
 _GREETED: Final = Phase.GREETED
+_UNKNOWN: Final = Verb.UNKNOWN
 
 
 @lru_cache(maxsize=16)
-def _line_limits(base: int) -> Mapping[Verb, int]:
-    """The longest command line of each verb for a base limit (one table shared by every connection)."""
-    return {verb: line_limit(verb, base) for verb in Verb}
+def _line_limits(base: int, mail_extra: int = 0, rcpt_extra: int = 0) -> Mapping[Verb, int]:
+    """The longest command line of each verb for a base limit and the room extensions' parameters add to MAIL and
+    RCPT (one table shared by every connection)."""
+    limits = {verb: line_limit(verb, base) for verb in Verb}
+    limits[Verb.MAIL] += mail_extra
+    limits[Verb.RCPT] += rcpt_extra
+    return limits
 
 
 class Turn:
     """One command line as the conversation judged it: ``verb`` (UNKNOWN for a line that did not parse, or an
-    extension not enabled), the parsed ``command`` (None if it did not parse), and ``refusal``, the reply to send
-    instead of running it (None when it may run)."""
+    extension not enabled), the parsed ``command`` (None if it did not parse), ``refusal``, the reply to send
+    instead of running it (None when it may run), and ``extension``, the verb's `VerbSpec` when an extension adds
+    it."""
 
-    __slots__ = ("verb", "command", "refusal")
+    __slots__ = ("verb", "command", "refusal", "extension")
 
-    def __init__(self, verb: Verb, command: Command | None, refusal: Reply | None) -> None:
+    def __init__(self, verb: Verb, command: Command | None, refusal: Reply | None, extension: Any = None) -> None:
         self.verb = verb
         self.command = command
         self.refusal = refusal
+        self.extension = extension  # the `VerbSpec` of an extension verb (verb is then UNKNOWN)
 
 
 class ServerConversation:
@@ -58,7 +65,7 @@ class ServerConversation:
     """
 
     __slots__ = ("phase", "session", "standing", "keywords", "refused", "junk", "penalty", "_junk_limit",
-                 "_line_limits")
+                 "_line_limits", "_extension_verbs")
 
     def __init__(self, session: Session, standing: Standing = Standing(), max_command_length: int = BASE_LINE_LIMIT,
                  junk_limit: int = 0) -> None:
@@ -70,7 +77,10 @@ class ServerConversation:
         self.junk = 0  # junk commands since the session began or last delivered a message
         self.penalty = False  # the reply being made counts as an error whatever its code (a junk command too many)
         self._junk_limit = junk_limit
-        self._line_limits = _line_limits(max_command_length)
+        extensions = standing.extensions
+        self._extension_verbs = bool(extensions is not None and extensions.verbs)
+        self._line_limits = _line_limits(max_command_length, extensions.mail_allowance if extensions else 0,
+                                         extensions.rcpt_allowance if extensions else 0)
 
     # ---- commands ---------------------------------------------------------------------------------------------
 
@@ -83,6 +93,10 @@ class ServerConversation:
         verb = command.verb
         if verb in rules.EXTENSION_VERBS:
             verb = rules.effective_verb(verb, self.standing, self.keywords)
+        elif verb is _UNKNOWN and self._extension_verbs:
+            spec = self.standing.extensions.verb(command.name.upper(), self.keywords, self.session)
+            if spec is not None:
+                return self._extension_turn(raw, command, spec)
         if len(raw) > self._line_limits[verb]:
             return Turn(verb, command, LINE_TOO_LONG)
         if verb in JUNK and not self.refused:
@@ -91,6 +105,22 @@ class ServerConversation:
         if (self.phase, verb) in rules.ADVANCE and verb not in rules.ADMISSION and not self.refused:
             return Turn(verb, command, None)  # the usual case, decided by the table alone
         return Turn(verb, command, rules.admit(self.phase, verb, self.standing, self.session, self.refused))
+
+    def _extension_turn(self, raw: bytes, command: Command, spec: Any) -> Turn:
+        """Judge an extension verb: its line limit, then the phases its `VerbSpec` admits it in."""
+        if len(raw) > self._line_limits[_UNKNOWN] + spec.line_allowance:
+            return Turn(_UNKNOWN, command, LINE_TOO_LONG, spec)
+        return Turn(_UNKNOWN, command, rules.admit_extension(self.phase, spec.name, spec.phases, self.standing,
+                                                            self.session, self.refused), spec)
+
+    def restart(self) -> None:
+        """An extension verb (XCLIENT) started the dialogue over: the client must greet again, the transaction and
+        what EHLO offered are forgotten (the phase as after STARTTLS, with TLS and AUTH as they are)."""
+        self.drop_transaction()
+        self.session.helo, self.session.esmtp = None, False
+        self.keywords = _NO_KEYWORDS
+        if self.phase is not _CLOSED:
+            self.phase = Phase.CONNECTED
 
     def admit_parsed(self, verb: Verb) -> Reply | None:
         """The rule book's refusal for a well-formed ``verb`` (``rules.ONCE_PARSED``), or None if it may run."""

@@ -12,7 +12,7 @@ from esmtpkit.core.commands import CommandError
 from esmtpkit.core.dsn import XtextError, parse_envid, parse_notify, parse_orcpt, parse_ret, xtext_decode
 from esmtpkit.core.reply import Reply
 
-__all__ = ["check_mail_params", "check_rcpt_params"]
+__all__ = ["check_mail_params", "check_rcpt_params", "parse_size", "parse_body", "parse_smtputf8", "auth_mailbox"]
 
 #: BODY values (RFC 6152 §2, RFC 3030 §3) and the extension each needs offered; 7BIT needs only BODY itself.
 _BODY_TYPES = {"7BIT": None, "8BITMIME": "8BITMIME", "BINARYMIME": "BINARYMIME"}
@@ -25,41 +25,57 @@ def _bad(text: str, code: int = 501) -> CommandError:
     return CommandError(Reply(code, (text,), "5.5.4"))
 
 
+def parse_size(value: str | None) -> int:
+    """``SIZE=n`` (RFC 1870 §6): the declared size in octets."""
+    if value is None or not value.isdigit() or len(value) > MAX_SIZE_DIGITS:
+        raise _bad("Bad SIZE value")
+    return int(value)
+
+
+def parse_body(value: str | None, offered: Collection[str]) -> str:
+    """``BODY=7BIT|8BITMIME|BINARYMIME`` (RFC 6152 §2, RFC 3030 §3), upper-cased; each type needs its extension."""
+    body = (value or "").upper()
+    if body not in _BODY_TYPES or _BODY_TYPES[body] not in (None, *offered):
+        raise _bad(f"Unsupported BODY type {value}", 555)
+    return body
+
+
+def parse_smtputf8(value: str | None) -> bool:
+    """``SMTPUTF8`` (RFC 6531 §3.4): no value."""
+    if value is not None:
+        raise _bad("SMTPUTF8 takes no value")
+    return True
+
+
 def check_mail_params(params: dict[str, str | None], offered: Collection[str]) -> dict[str, Any]:
     """Validate MAIL parameters; return them with parsed values (SIZE int, BODY upper-case str, SMTPUTF8 True,
     with DSN offered: RET a `dsn.Ret`, ENVID the decoded str; with AUTH offered: AUTH the decoded mailbox or
     ``<>``, RFC 4954 §5).
 
     BODY is known when 8BITMIME or BINARYMIME is offered; BODY=BINARYMIME only with BINARYMIME (which a server
-    offers only together with CHUNKING, RFC 3030 §3).
+    offers only together with CHUNKING, RFC 3030 §3). A server's own extensions are parsed by its
+    `esmtpkit.core.extension.Extensions`, with these same functions for the standard ones.
     """
     parsed: dict[str, Any] = {}
     for key, value in params.items():
         if key == "SIZE" and "SIZE" in offered:
-            if value is None or not value.isdigit() or len(value) > MAX_SIZE_DIGITS:
-                raise _bad("Bad SIZE value")
-            parsed[key] = int(value)
+            parsed[key] = parse_size(value)
         elif key == "BODY" and ("8BITMIME" in offered or "BINARYMIME" in offered):
-            body = (value or "").upper()
-            if body not in _BODY_TYPES or _BODY_TYPES[body] not in (None, *offered):
-                raise _bad(f"Unsupported BODY type {value}", 555)
-            parsed[key] = body
+            parsed[key] = parse_body(value, offered)
         elif key == "SMTPUTF8" and "SMTPUTF8" in offered:
-            if value is not None:
-                raise _bad("SMTPUTF8 takes no value")
-            parsed[key] = True
+            parsed[key] = parse_smtputf8(value)
         elif key == "RET" and "DSN" in offered:
             parsed[key] = parse_ret(value)
         elif key == "ENVID" and "DSN" in offered:
             parsed[key] = parse_envid(value)
         elif key == "AUTH" and "AUTH" in offered:
-            parsed[key] = _auth_mailbox(value)
+            parsed[key] = auth_mailbox(value)
         else:
             raise _bad(f"Unsupported MAIL parameter {key}", 555)
     return parsed
 
 
-def _auth_mailbox(value: str | None) -> str:
+def auth_mailbox(value: str | None) -> str:
     """``AUTH=xtext`` on MAIL (RFC 4954 §5): the submitter's mailbox, or ``<>``, decoded to printable ASCII."""
     if not value or len(value) > MAX_AUTH_LENGTH:
         raise _bad("Bad AUTH parameter: a mailbox or <> of at most 500 characters is required")

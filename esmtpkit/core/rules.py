@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Callable, Final, Mapping
+from typing import Any, Callable, Final, Mapping
 
 from esmtpkit.core.commands import Verb
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.session import Session
 
 __all__ = ["Phase", "ADVANCE", "ADMISSION", "ONCE_PARSED", "Standing", "allowed", "advance", "after_reply", "admit",
-           "admit_parsed",
+           "admit_parsed", "admit_extension",
            "effective_verb", "refusal", "ALWAYS", "EXTENSION_VERBS", "IN_TRANSACTION"]
 
 
@@ -113,8 +113,10 @@ def refusal(phase: Phase, verb: Verb) -> str:
     return _REFUSALS.get((verb, phase), "Bad sequence of commands")
 
 
-def rulebook_markdown() -> str:
-    """The rule book as a Markdown table (rows: verbs, columns: phases), generated so the docs cannot drift."""
+def rulebook_markdown(extension_verbs: Mapping[str, frozenset[Phase]] | None = None) -> str:
+    """The rule book as a Markdown table (rows: verbs, columns: phases), generated so the docs cannot drift; with
+    ``extension_verbs`` (name -> the phases it is admitted in, where it leaves the phase as it was), their rows
+    too."""
     phases = [p for p in Phase if p not in (Phase.DATA, Phase.CLOSED)]
     verbs = [v for v in Verb if any((p, v) in ADVANCE for p in phases)]
     lines = ["| verb | " + " | ".join(p.value for p in phases) + " |",
@@ -122,7 +124,19 @@ def rulebook_markdown() -> str:
     for verb in verbs:
         cells = [ADVANCE[p, verb].value if (p, verb) in ADVANCE else "503" for p in phases]
         lines.append(f"| {verb.value} | " + " | ".join(cells) + " |")
+    for name, admitted in (extension_verbs or {}).items():
+        lines.append(f"| {name} | " + " | ".join(p.value if p in admitted else "503" for p in phases) + " |")
     return "\n".join(lines) + "\n"
+
+
+def admit_extension(phase: Phase, name: str, admitted: frozenset[Phase], standing: Standing, session: Session,
+                    refused: bool = False) -> Reply | None:
+    """Why the extension verb ``name``, admitted in the phases ``admitted``, may not be run now, or None."""
+    if refused:
+        return NO_SERVICE
+    if phase not in admitted:
+        return Reply(503, (f"{name} not allowed now" if phase in _OPEN else "Bad sequence of commands",), "5.5.1")
+    return None
 
 
 #: The phases in which a mail transaction is open (MAIL accepted, no end of data or RSET yet).
@@ -163,6 +177,7 @@ class Standing:
     require_auth: bool = False  # MAIL needs AUTH first (RFC 4954 §6)
     auth_require_tls: bool = False  # AUTH needs TLS first (RFC 4954 §4, 538)
     max_transactions: int = 0  # MAIL commands accepted per session; 0 = no limit
+    extensions: Any = None  # the server's `esmtpkit.core.extension.Extensions` (None: the standard ones only)
 
 
 def effective_verb(verb: Verb, standing: Standing, keywords: frozenset[str]) -> Verb:

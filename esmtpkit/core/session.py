@@ -35,7 +35,9 @@ class Session:
     ``tls_info`` holds ``version``, ``cipher`` and ``bits`` as text (see `esmtpkit.server.tls.tls_info`).
     ``authenticated`` is the identity from AUTH and ``auth_mechanism`` its SASL mechanism (None without AUTH).
     ``transport`` is the connection (the seed's input/output handle) for handlers that need it. ``id`` names the
-    connection in log events; ``transactions`` counts the messages it began (MAIL accepted).
+    connection in log events; ``transactions`` counts the messages it began (MAIL accepted). ``trusted`` is set
+    for a client on the policy's trusted networks (it may use XCLIENT and XFORWARD); ``client_name`` is the
+    client's host name when one is known (given by XCLIENT NAME).
     """
 
     hostname: str
@@ -52,6 +54,8 @@ class Session:
     transport: Any = field(default=None, repr=False)
     transactions: int = 0
     id: str = ""
+    trusted: bool = False
+    client_name: str | None = None
 
     @property
     def peer_ip(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -106,6 +107,11 @@ class Policy:
     auth_failure_delay: float = 2.0
     #: Failures of an address or user name answered without delay before ``auth_failure_delay`` applies.
     auth_delay_after: int = 3
+    #: More ESMTP extensions, in EHLO order after the standard ones: objects providing
+    #: `esmtpkit.server.extensions.IExtension` (see docs/extensions.md).
+    extensions: tuple[Any, ...] = field(default=(), compare=False)
+    #: Client networks trusted to use XCLIENT and XFORWARD (CIDR text, e.g. ``"127.0.0.0/8"``); none by default.
+    trusted_networks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.bare_newline not in ("reject", "allow"):
@@ -130,5 +136,12 @@ class Policy:
         unknown = [m for m in self.auth_mechanisms if m not in NAMES]
         if unknown:
             raise ValueError(f"unknown AUTH mechanism(s) {', '.join(unknown)}; known: {', '.join(NAMES)}")
+        object.__setattr__(self, "extensions", tuple(self.extensions))
+        trusted = (self.trusted_networks,) if isinstance(self.trusted_networks, str) else self.trusted_networks
+        try:
+            networks = tuple(str(ipaddress.ip_network(net.strip(), strict=False)) for net in trusted)
+        except ValueError as e:
+            raise ValueError(f"trusted_networks: {e}") from None
+        object.__setattr__(self, "trusted_networks", networks)
         if self.require_auth and self.portal is None:
             raise ValueError("require_auth needs a portal (no client could ever authenticate)")

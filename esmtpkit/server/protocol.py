@@ -26,12 +26,14 @@ from zope.interface import implementer
 from esmtpkit.core.commands import CommandError, Verb, line_limit
 from esmtpkit.core.conversation import ServerConversation
 from esmtpkit.core.escape import escape
+from esmtpkit.core.extension import Extensions
 from esmtpkit.core.ids import new_id
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.rules import Phase, Standing
 from esmtpkit.core.session import Session
 from esmtpkit.server import sasl
 from esmtpkit.server.auth import Auth
+from esmtpkit.server.extensions import extensions_for, trusted
 from esmtpkit.server.flow import PIECE, Flow
 from esmtpkit.server.interfaces import IMessageHandler
 from esmtpkit.server.monitor import Monitor
@@ -55,17 +57,24 @@ _METHODS: Final = {verb: f"_do_{verb.value}" for verb in Verb}
 
 
 @lru_cache(maxsize=32)
-def _longest_command(base: int, auth: bool) -> int:
-    """The longest command line any verb may have (RFC 4954 §4: 12288 octets for AUTH lines, when AUTH is on)."""
-    return max(line_limit(verb, base) for verb in Verb if verb is not Verb.AUTH or auth)
+def _longest_command(base: int, auth: bool, extensions: Extensions) -> int:
+    """The longest command line any verb may have (RFC 4954 §4: 12288 octets for AUTH lines, when AUTH is on),
+    with the room the server's extensions add."""
+    longest = max(line_limit(verb, base) for verb in Verb if verb is not Verb.AUTH or auth)
+    longest = max(longest, line_limit(Verb.MAIL, base) + extensions.mail_allowance,
+                  line_limit(Verb.RCPT, base) + extensions.rcpt_allowance)
+    for _, spec in extensions.verbs.values():
+        longest = max(longest, line_limit(Verb.UNKNOWN, base) + spec.line_allowance)
+    return longest
 
 
 #: The admission settings of the policies in use, by identity (equal policies may differ in their TLS context).
-_STANDINGS: dict[int, dict[bool, Standing]] = {}
+_STANDINGS: dict[int, dict[tuple[str, ...], Standing]] = {}
 
 
-def _standing(policy: Policy, auth: bool) -> Standing:
-    """The admission settings of ``policy``, one object shared by all its connections."""
+def _standing(policy: Policy, auth: tuple[str, ...]) -> Standing:
+    """The admission settings of ``policy`` (with the AUTH mechanisms ``auth`` offered), one object shared by all
+    its connections."""
     known = _STANDINGS.get(id(policy))
     if known is None:
         known = _STANDINGS[id(policy)] = {}
@@ -76,10 +85,11 @@ def _standing(policy: Policy, auth: bool) -> Standing:
     return standing
 
 
-def _new_standing(policy: Policy, auth: bool) -> Standing:
-    return Standing(lmtp=policy.lmtp, starttls=policy.tls_context is not None, auth=auth,
+def _new_standing(policy: Policy, auth: tuple[str, ...]) -> Standing:
+    return Standing(lmtp=policy.lmtp, starttls=policy.tls_context is not None, auth=bool(auth),
                     require_tls=policy.require_tls, require_auth=policy.require_auth,
-                    auth_require_tls=policy.auth_require_tls, max_transactions=policy.max_transactions)
+                    auth_require_tls=policy.auth_require_tls, max_transactions=policy.max_transactions,
+                    extensions=extensions_for(policy, auth))
 
 
 @implementer(IHandshakeListener, IPushProducer)
@@ -124,7 +134,7 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         self._close_reason = ""
         self._mechanisms = tuple(sasl.mechanisms_for(p.portal, p.auth_mechanisms)) if p.portal is not None else ()
         self.session = Session(hostname=p.hostname, lmtp=p.lmtp)
-        self.conversation = ServerConversation(self.session, _standing(p, bool(self._mechanisms)),
+        self.conversation = ServerConversation(self.session, _standing(p, self._mechanisms),
                                                p.max_command_length, p.junk_command_limit)
         self._gone = False
         self.errors = 0
@@ -168,7 +178,8 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         return self.clock.seconds() if self.clock is not None else time.time()
 
     def connectionMade(self) -> None:
-        self.MAX_LENGTH = _longest_command(self.policy.max_command_length, bool(self._mechanisms))
+        self.MAX_LENGTH = _longest_command(self.policy.max_command_length, bool(self._mechanisms),
+                                           self.conversation.standing.extensions)
         session = self.session
         self._opened_at = now = self._now()
         session.id = new_id(now)
@@ -176,6 +187,8 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         session.host = self.transport.getHost()
         session.transport = self.transport
         session.tls = is_tls(self.transport)  # an implicit-TLS listener (RFC 8314)
+        if self.policy.trusted_networks:
+            session.trusted = trusted(self.policy, session.peer_ip)
         admit = getattr(self.factory, "admit", None)
         refusal = admit(self) if admit is not None else None
         if refusal is not None:
@@ -406,6 +419,10 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
             return self._auth_response(raw)
         turn = self.conversation.receive(raw)
         self._verb = _LABELS[turn.verb]
+        if turn.extension is not None:
+            self._verb = turn.extension.name
+            if turn.refusal is None:
+                return self._run_extension(turn.extension, turn.command)
         if turn.refusal is not None:
             if turn.verb is Verb.BDAT and turn.command is not None and turn.refusal.code == 503:
                 return self._drain(turn.command, turn.refusal)  # RFC 3030 §2: the chunk's octets come anyway

@@ -16,7 +16,7 @@ from twisted.internet.interfaces import ITLSTransport
 from esmtpkit.core.commands import Command, CommandError, Verb, parse_mail_rcpt
 from esmtpkit.core.escape import escape
 from esmtpkit.core.ids import new_id
-from esmtpkit.core.params import check_mail_params, check_rcpt_params
+from esmtpkit.core.extension import ParamContext, VerbSpec
 from esmtpkit.core.reply import Reply
 from esmtpkit.server.replies import TLS_READY, TLS_UNAVAILABLE, TOO_BIG, TOO_MANY_RECIPIENTS
 from esmtpkit.server.tls import tls_info
@@ -32,29 +32,9 @@ class Verbs:
     # ---- what EHLO offers --------------------------------------------------------------------------------------
 
     def extensions(self) -> list[str]:
-        """The ESMTP keywords offered in the EHLO (or LHLO) reply, in order, as this connection stands now."""
-        p = self.policy
-        keys = []
-        if p.pipelining:
-            keys.append("PIPELINING")
-        keys.append(f"SIZE {p.max_message_size}" if p.max_message_size else "SIZE")
-        if p.eightbitmime:
-            keys.append("8BITMIME")
-        if p.smtputf8:
-            keys.append("SMTPUTF8")
-        if p.enhanced_status_codes:
-            keys.append("ENHANCEDSTATUSCODES")
-        if p.chunking:
-            keys.append("CHUNKING")
-            if p.binarymime:
-                keys.append("BINARYMIME")  # RFC 3030 §3: only with CHUNKING
-        if p.dsn:
-            keys.append("DSN")
-        if p.tls_context is not None and not self.session.tls:
-            keys.append("STARTTLS")  # RFC 3207 §4.2: not offered again after the handshake
-        if self._mechanisms and (self.session.tls or not p.auth_require_tls):
-            keys.append("AUTH " + " ".join(self._mechanisms))
-        return keys
+        """The ESMTP keywords offered in the EHLO (or LHLO) reply, in order, as this connection stands now: those of
+        the server's extensions (`esmtpkit.server.extensions.extensions_for`) whose ``offered`` says yes."""
+        return self.conversation.standing.extensions.ehlo_keywords(self.session)  # type: ignore[no-any-return]
 
     # ---- helpers -----------------------------------------------------------------------------------------------
 
@@ -191,9 +171,8 @@ class Verbs:
         offered = self.conversation.keywords
         sender, raw = parse_mail_rcpt(command.argument, "FROM:", allow_null=True, allow_postmaster=False,
                                       utf8_allowed="SMTPUTF8" in offered)
-        params = check_mail_params(raw, offered)
-        if "AUTH" in params and self.session.authenticated is None:
-            params["AUTH"] = "<>"  # RFC 4954 §5: an AUTH= value from a client we do not trust counts as <>
+        params = self.conversation.standing.extensions.parse(
+            "MAIL", raw, ParamContext(self.session, offered, {}, {}, "SMTPUTF8" in raw, self.policy)) if raw else {}
         limit = self.policy.max_message_size
         if limit and params.get("SIZE", 0) > limit:
             self.send(TOO_BIG)
@@ -214,7 +193,9 @@ class Verbs:
         utf8 = "SMTPUTF8" in envelope.mail_params
         recipient, raw = parse_mail_rcpt(command.argument, "TO:", allow_null=False, allow_postmaster=True,
                                          utf8_allowed=utf8)
-        params = check_rcpt_params(raw, self.conversation.keywords, utf8=utf8) if raw else {}
+        params = self.conversation.standing.extensions.parse(
+            "RCPT", raw, ParamContext(self.session, self.conversation.keywords, {}, envelope.mail_params, utf8,
+                                      self.policy)) if raw else {}
         limit = self.policy.max_recipients
         if limit and len(envelope.recipients) >= limit:
             self.send(TOO_MANY_RECIPIENTS)
@@ -275,6 +256,23 @@ class Verbs:
     def _do_UNKNOWN(self, command: Command) -> "Deferred[Any] | None":
         return self._simple("unknown", (command.line,), Verb.UNKNOWN)
 
+    # ---- extension verbs (esmtpkit.core.extension) -------------------------------------------------------------
+
+    def _run_extension(self, spec: VerbSpec, command: Command) -> "Deferred[Any] | None":
+        """Run an extension's verb, admitted by the rule book: its reply is sent; ``restart`` starts over."""
+        call = _ExtensionCall(spec.name, command.argument, self.session, self.handler, self.policy)
+
+        def then(value: Any) -> None:
+            reply = self._reply_from(value, spec.name.lower())
+            if self._gone:
+                return
+            if call.restarting and reply.is_positive:
+                self._reset_transaction(f"reset by {spec.name}")
+                self.conversation.restart()
+            self.send(reply, plain=reply.is_positive and call.restarting)
+
+        return self._call(spec.run, (call,), then)
+
     # ---- STARTTLS (RFC 3207) -----------------------------------------------------------------------------------
 
     def _do_STARTTLS(self, command: Command) -> None:
@@ -303,3 +301,24 @@ class Verbs:
         self.transport.startTLS(self.policy.tls_context)
         self.session.tls = True
         return None
+
+
+class _ExtensionCall:
+    """What an extension verb's ``run`` is given (`esmtpkit.core.extension.VerbCall`)."""
+
+    __slots__ = ("verb", "argument", "session", "handler", "settings", "restarting")
+
+    def __init__(self, verb: str, argument: str, session: Any, handler: Any, settings: Any) -> None:
+        self.verb = verb
+        self.argument = argument
+        self.session = session
+        self.handler = handler
+        self.settings = settings
+        self.restarting = False
+
+    @property
+    def trusted(self) -> bool:
+        return bool(self.session.trusted)
+
+    def restart(self) -> None:
+        self.restarting = True

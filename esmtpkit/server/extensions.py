@@ -1,0 +1,121 @@
+"""`IExtension`, the contract of an ESMTP extension, and the extensions one server offers (`extensions_for`).
+
+An extension (usually an `esmtpkit.core.extension.Extension` subclass) declares its EHLO keyword and when it is
+offered, the MAIL/RCPT parameters it accepts and the verbs it adds; the protocol asks the server's `Extensions`
+for each. The standard ones come from the policy's switches (`esmtpkit.core.standard`), then ``Policy.extensions``
+in order. ``twistd esmtpkit --extension NAME`` takes one of `BUILT_IN` by name, or ``module.Class``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import weakref
+from functools import lru_cache
+from typing import Any, Callable, Final, Sequence
+
+from twisted.python.reflect import namedAny
+from zope.interface import Attribute, Interface, classImplements
+
+from esmtpkit.core.extension import Extension, Extensions
+from esmtpkit.core.standard import standard
+
+__all__ = ["IExtension", "extensions_for", "trusted", "resolve", "BUILT_IN", "ExtensionError"]
+
+
+class IExtension(Interface):
+    """An ESMTP extension a server offers (see docs/extensions.md)."""
+
+    name = Attribute("How `twistd esmtpkit --extension` and `Extensions.get` name it (unique on a server).")
+    keyword = Attribute("The EHLO keyword (unique on a server), or None for an extension that offers none.")
+    offer = Attribute("An `esmtpkit.core.extension.Offer`: always, only inside TLS, only before TLS, only after "
+                      "AUTH, only to trusted clients.")
+    mail_params = Attribute("MAIL parameter name -> `ParamParser`, accepted once the keyword was offered; the value "
+                            "it returns is what handlers find in ``envelope.mail_params``.")
+    rcpt_params = Attribute("RCPT parameter name -> `ParamParser` (handlers find the values in ``rcpt_params``).")
+    verbs = Attribute("The `VerbSpec` s of the verbs it adds.")
+    mail_line_allowance = Attribute("Octets its parameters may add to a MAIL command line.")
+    rcpt_line_allowance = Attribute("Octets its parameters may add to a RCPT command line.")
+
+    def ehlo_params(session: Any, settings: Any) -> str:
+        """The text after the keyword in the EHLO reply ("" for none); ``settings`` is the server's Policy."""
+
+    def offered(session: Any, settings: Any) -> bool:
+        """Whether the keyword is offered on this connection now."""
+
+
+classImplements(Extension, IExtension)
+
+
+class ExtensionError(ValueError):
+    """An ``--extension`` that names nothing usable."""
+
+
+def _built_in() -> dict[str, Callable[[], Any]]:
+    from esmtpkit.core import deliverby, limits, priority, requiretls, rrvs, xclient
+
+    return {"LIMITS": limits.Limits, "RRVS": rrvs.Rrvs, "DELIVERBY": deliverby.DeliverBy,
+            "MT-PRIORITY": priority.MtPriority, "REQUIRETLS": requiretls.RequireTLS,
+            "XCLIENT": xclient.XClient, "XFORWARD": xclient.XForward}
+
+
+#: The extensions ``--extension`` takes by name (case-insensitive), beyond those the policy's switches turn on.
+BUILT_IN: Final = ("LIMITS", "RRVS", "DELIVERBY", "MT-PRIORITY", "REQUIRETLS", "XCLIENT", "XFORWARD")
+
+
+def resolve(name: str) -> Any:
+    """An extension object for ``name``: one of `BUILT_IN`, or ``module.Class`` (a class, called with no
+    arguments, or an object) providing `IExtension`."""
+    made = _built_in().get(name.upper())
+    if made is None:
+        if "." not in name:
+            raise ExtensionError(f"unknown extension {name!r}: give one of {', '.join(BUILT_IN)} or module.Class")
+        try:
+            found = namedAny(name)
+        except Exception as e:
+            raise ExtensionError(f"cannot import extension {name!r}: {e}") from None
+        made = found
+    try:
+        ext = made() if isinstance(made, type) else made
+    except Exception as e:
+        raise ExtensionError(f"cannot make extension {name!r}: {e}") from None
+    if not IExtension.providedBy(ext):
+        raise ExtensionError(f"{name!r} does not provide IExtension")
+    return ext
+
+
+#: The Extensions of each policy (and mechanism list), made once: keyed by id, dropped with the policy.
+_MADE: dict[int, dict[tuple[str, ...], Extensions]] = {}
+
+
+def extensions_for(policy: Any, mechanisms: Sequence[str] = ()) -> Extensions:
+    """The extensions ``policy`` offers, in EHLO order: the standard ones its switches turn on (AUTH when
+    ``mechanisms`` are offered), then ``policy.extensions``. One object per policy, shared by its connections."""
+    known = _MADE.get(id(policy))
+    if known is None:
+        known = _MADE[id(policy)] = {}
+        weakref.finalize(policy, _MADE.pop, id(policy), None)
+    key = tuple(mechanisms)
+    made = known.get(key)
+    if made is None:
+        for ext in policy.extensions:
+            if not IExtension.providedBy(ext):
+                raise TypeError(f"{ext!r} in Policy.extensions does not provide IExtension")
+        made = known[key] = Extensions((*standard(policy, mechanisms), *policy.extensions), settings=policy)
+    return made
+
+
+@lru_cache(maxsize=32)
+def _networks(cidrs: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+def trusted(policy: Any, ip: str) -> bool:
+    """Whether the client address ``ip`` is on ``policy.trusted_networks`` (an IPv4-mapped IPv6 address counts
+    as its IPv4 address)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in _networks(policy.trusted_networks))
