@@ -194,6 +194,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         self["listen"] = []
         self["handler-options"] = {}
         self["proxy-trusted"] = []
+        self["extensions"] = []
+        self["trusted-networks"] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse, keeping the raw arguments (``self["argv"]``) so a supervisor can pass them on to workers.
@@ -256,6 +258,26 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--proxy-trusted: {e}") from None
         self["proxy-trusted"].append(network)
+
+    def opt_extension(self, name: str) -> None:
+        """An ESMTP extension to offer beyond the standard ones (repeatable, in EHLO order): LIMITS, RRVS,
+        DELIVERBY, MT-PRIORITY, REQUIRETLS, XCLIENT, XFORWARD, or module.Class providing IExtension."""
+        from esmtpkit.server.extensions import ExtensionError, resolve
+
+        try:
+            self["extensions"].append(resolve(name))
+        except ExtensionError as e:
+            raise usage.UsageError(f"--extension {name}: {e}") from None
+
+    def opt_trusted_network(self, network: str) -> None:
+        """A client network (CIDR) trusted to use XCLIENT and XFORWARD (repeatable; none by default)."""
+        import ipaddress
+
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-network: {e}") from None
+        self["trusted-networks"].append(network)
 
     def opt_handler_option(self, pair: str) -> None:
         """A keyword argument for the handler class, as key=value (repeatable)."""
@@ -568,6 +590,8 @@ def build_policy(options: usage.Options) -> Policy:
         auth_cool_off=options["auth-cool-off"],
         auth_failure_delay=options["auth-failure-delay"],
         auth_delay_after=options["auth-delay-after"],
+        extensions=tuple(options["extensions"]),
+        trusted_networks=tuple(options["trusted-networks"]),
     )
     if options["hostname"]:
         kwargs["hostname"] = options["hostname"]

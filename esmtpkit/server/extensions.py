@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import weakref
 from functools import lru_cache
-from typing import Any, Callable, Final, Sequence
+from typing import Any, Final, Sequence
 
 from twisted.python.reflect import namedAny
 from zope.interface import Attribute, Interface, classImplements
@@ -19,7 +19,7 @@ from zope.interface import Attribute, Interface, classImplements
 from esmtpkit.core.extension import Extension, Extensions
 from esmtpkit.core.standard import standard
 
-__all__ = ["IExtension", "extensions_for", "trusted", "resolve", "BUILT_IN", "ExtensionError"]
+__all__ = ["IExtension", "extensions_for", "check_extensions", "trusted", "resolve", "BUILT_IN", "ExtensionError"]
 
 
 class IExtension(Interface):
@@ -50,30 +50,28 @@ class ExtensionError(ValueError):
     """An ``--extension`` that names nothing usable."""
 
 
-def _built_in() -> dict[str, Callable[[], Any]]:
-    from esmtpkit.core import deliverby, limits, priority, requiretls, rrvs, xclient
-
-    return {"LIMITS": limits.Limits, "RRVS": rrvs.Rrvs, "DELIVERBY": deliverby.DeliverBy,
-            "MT-PRIORITY": priority.MtPriority, "REQUIRETLS": requiretls.RequireTLS,
-            "XCLIENT": xclient.XClient, "XFORWARD": xclient.XForward}
+#: The built-in extensions ``--extension`` takes by name, and where each lives.
+_BUILT_IN: Final = {"LIMITS": "esmtpkit.core.limits.Limits", "RRVS": "esmtpkit.core.rrvs.Rrvs",
+                    "DELIVERBY": "esmtpkit.core.deliverby.DeliverBy",
+                    "MT-PRIORITY": "esmtpkit.core.priority.MtPriority",
+                    "REQUIRETLS": "esmtpkit.core.requiretls.RequireTLS",
+                    "XCLIENT": "esmtpkit.core.xclient.XClient", "XFORWARD": "esmtpkit.core.xclient.XForward"}
 
 
 #: The extensions ``--extension`` takes by name (case-insensitive), beyond those the policy's switches turn on.
-BUILT_IN: Final = ("LIMITS", "RRVS", "DELIVERBY", "MT-PRIORITY", "REQUIRETLS", "XCLIENT", "XFORWARD")
+BUILT_IN: Final = tuple(_BUILT_IN)
 
 
 def resolve(name: str) -> Any:
     """An extension object for ``name``: one of `BUILT_IN`, or ``module.Class`` (a class, called with no
     arguments, or an object) providing `IExtension`."""
-    made = _built_in().get(name.upper())
-    if made is None:
-        if "." not in name:
-            raise ExtensionError(f"unknown extension {name!r}: give one of {', '.join(BUILT_IN)} or module.Class")
-        try:
-            found = namedAny(name)
-        except Exception as e:
-            raise ExtensionError(f"cannot import extension {name!r}: {e}") from None
-        made = found
+    where = _BUILT_IN.get(name.upper(), name)
+    if "." not in where:
+        raise ExtensionError(f"unknown extension {name!r}: give one of {', '.join(BUILT_IN)} or module.Class")
+    try:
+        made = namedAny(where)
+    except Exception as e:
+        raise ExtensionError(f"cannot import extension {name!r}: {e}") from None
     try:
         ext = made() if isinstance(made, type) else made
     except Exception as e:
@@ -87,6 +85,18 @@ def resolve(name: str) -> Any:
 _MADE: dict[int, dict[tuple[str, ...], Extensions]] = {}
 
 
+def check_extensions(policy: Any) -> None:
+    """Raise ValueError unless ``policy.extensions`` provide IExtension and fit with the standard ones (unique
+    names, keywords and verbs)."""
+    for ext in policy.extensions:
+        if not IExtension.providedBy(ext):
+            raise ValueError(f"extensions: {ext!r} does not provide IExtension")
+    try:
+        Extensions((*standard(policy, ("PLAIN",) if policy.portal is not None else ()), *policy.extensions))
+    except ValueError as e:
+        raise ValueError(f"extensions: {e}") from None
+
+
 def extensions_for(policy: Any, mechanisms: Sequence[str] = ()) -> Extensions:
     """The extensions ``policy`` offers, in EHLO order: the standard ones its switches turn on (AUTH when
     ``mechanisms`` are offered), then ``policy.extensions``. One object per policy, shared by its connections."""
@@ -97,9 +107,6 @@ def extensions_for(policy: Any, mechanisms: Sequence[str] = ()) -> Extensions:
     key = tuple(mechanisms)
     made = known.get(key)
     if made is None:
-        for ext in policy.extensions:
-            if not IExtension.providedBy(ext):
-                raise TypeError(f"{ext!r} in Policy.extensions does not provide IExtension")
         made = known[key] = Extensions((*standard(policy, mechanisms), *policy.extensions), settings=policy)
     return made
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from esmtpkit.core.mechanisms import DEFAULT_ORDER, NAMES
+from esmtpkit.server.extensions import check_extensions
 
 __all__ = ["Policy"]
 
@@ -137,6 +138,7 @@ class Policy:
         if unknown:
             raise ValueError(f"unknown AUTH mechanism(s) {', '.join(unknown)}; known: {', '.join(NAMES)}")
         object.__setattr__(self, "extensions", tuple(self.extensions))
+        check_extensions(self)  # names, keywords and verbs unique: fail here, not at the first connection
         trusted = (self.trusted_networks,) if isinstance(self.trusted_networks, str) else self.trusted_networks
         try:
             networks = tuple(str(ipaddress.ip_network(net.strip(), strict=False)) for net in trusted)

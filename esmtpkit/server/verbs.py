@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITLSTransport
+from twisted.python.failure import Failure
 
 from esmtpkit.core.commands import Command, CommandError, Verb, parse_mail_rcpt
 from esmtpkit.core.escape import escape
@@ -263,7 +264,10 @@ class Verbs:
         call = _ExtensionCall(spec.name, command.argument, self.session, self.handler, self.policy)
 
         def then(value: Any) -> None:
-            reply = self._reply_from(value, spec.name.lower())
+            if isinstance(value, Failure) and value.check(CommandError):
+                reply = value.value.reply  # bad syntax, as the verb's own code judged it
+            else:
+                reply = self._reply_from(value, spec.name.lower())
             if self._gone:
                 return
             if call.restarting and reply.is_positive:
