@@ -105,7 +105,7 @@ class Extension:
     """One ESMTP extension (subclass it; see docs/extensions.md). Class attributes describe it:
 
     ``name`` (how ``--extension`` and `Extensions.get` name it), ``keyword`` (the EHLO keyword, or None for an
-    extension that offers none), ``offer`` (when the keyword is offered), ``mail_params`` and ``rcpt_params``
+    extension that offers none), ``rfc`` (its specification), ``offer`` (when the keyword is offered), ``mail_params`` and ``rcpt_params``
     (parameter name -> `ParamParser`, accepted only when the keyword was offered), ``verbs`` (`VerbSpec` s),
     ``mail_line_allowance`` / ``rcpt_line_allowance`` (octets the parameters may add to a MAIL or RCPT line).
     ``ehlo_params`` gives the text after the keyword; ``offered`` decides, per connection, beyond ``offer``.
@@ -113,10 +113,12 @@ class Extension:
 
     name: str = ""
     keyword: str | None = None
+    rfc: str = ""  # the specification, for the docs' generated tables ("RFC 1870", "Postfix XCLIENT_README")
     offer: Offer = Offer.ALWAYS
     mail_params: Mapping[str, ParamParser] = {}
     rcpt_params: Mapping[str, ParamParser] = {}
     verbs: tuple[VerbSpec, ...] = ()
+    protocol_verbs: tuple[str, ...] = ()  # verbs the protocol runs itself for it (BDAT, STARTTLS, AUTH): docs only
     mail_line_allowance: int = 0
     rcpt_line_allowance: int = 0
 

@@ -25,12 +25,14 @@ def _body(value: str | None, context: ParamContext) -> str:
 
 class Pipelining(Extension):
     name = keyword = "PIPELINING"
+    rfc = "RFC 2920"
 
 
 class Size(Extension):
     """SIZE, with the policy's ``max_message_size`` as its parameter when there is a limit."""
 
     name = keyword = "SIZE"
+    rfc = "RFC 1870"
     mail_params = {"SIZE": lambda value, context: parse_size(value)}
 
     def ehlo_params(self, session: Session, settings: Any) -> str:
@@ -40,33 +42,40 @@ class Size(Extension):
 
 class EightBitMime(Extension):
     name = keyword = "8BITMIME"
+    rfc = "RFC 6152"
     mail_params = {"BODY": _body}
 
 
 class SmtpUtf8(Extension):
     name = keyword = "SMTPUTF8"
+    rfc = "RFC 6531"
     mail_params = {"SMTPUTF8": lambda value, context: parse_smtputf8(value)}
 
 
 class EnhancedStatusCodes(Extension):
     name = keyword = "ENHANCEDSTATUSCODES"
+    rfc = "RFC 2034"
 
 
 class Chunking(Extension):
     """CHUNKING: the BDAT verb, which the protocol runs itself (it reads the chunk's octets raw)."""
 
     name = keyword = "CHUNKING"
+    rfc = "RFC 3030"
+    protocol_verbs = ("BDAT",)
 
 
 class BinaryMime(Extension):
     """BINARYMIME, offered only with CHUNKING (RFC 3030 §3); ``BODY=BINARYMIME`` needs it."""
 
     name = keyword = "BINARYMIME"
+    rfc = "RFC 3030"
     mail_params = {"BODY": _body}
 
 
 class Dsn(Extension):
     name = keyword = "DSN"
+    rfc = "RFC 3461"
     mail_params = {"RET": lambda value, context: parse_ret(value),
                    "ENVID": lambda value, context: parse_envid(value)}
     rcpt_params = {"NOTIFY": lambda value, context: parse_notify(value),
@@ -77,6 +86,8 @@ class StartTLS(Extension):
     """STARTTLS, offered until the connection is encrypted (RFC 3207 §4.2: not again after the handshake)."""
 
     name = keyword = "STARTTLS"
+    rfc = "RFC 3207"
+    protocol_verbs = ("STARTTLS",)
     offer = Offer.BEFORE_TLS
 
 
@@ -90,6 +101,9 @@ class Auth(Extension):
     """AUTH with the mechanisms the portal can check; only over TLS unless the policy allows plaintext."""
 
     name = keyword = "AUTH"
+    rfc = "RFC 4954"
+    offer = Offer.TLS  # and before TLS too when the policy allows AUTH over plaintext (see offered)
+    protocol_verbs = ("AUTH",)
     mail_params = {"AUTH": _auth_param}
 
     def __init__(self, mechanisms: Sequence[str], require_tls: bool = True) -> None:

@@ -19,7 +19,7 @@ from zope.interface import Attribute, Interface, classImplements
 from esmtpkit.core.extension import Extension, Extensions
 from esmtpkit.core.standard import standard
 
-__all__ = ["IExtension", "extensions_for", "check_extensions", "trusted", "resolve", "BUILT_IN", "ExtensionError"]
+__all__ = ["IExtension", "extensions_for", "check_extensions", "trusted", "reference_markdown", "resolve", "BUILT_IN", "ExtensionError"]
 
 
 class IExtension(Interface):
@@ -126,3 +126,23 @@ def trusted(policy: Any, ip: str) -> bool:
     if address.version == 6 and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in _networks(policy.trusted_networks))
+
+
+_OFFERS: Final = {"always": "always", "tls": "inside TLS", "before-tls": "before TLS",
+                  "authenticated": "after AUTH", "trusted": "to trusted clients"}
+
+
+def reference_markdown(extensions: Sequence[Any]) -> str:
+    """A Markdown table of ``extensions``: keyword, specification, when offered, MAIL and RCPT parameters, verbs
+    (docs/extensions.md shows the one for every extension esmtpkit ships, generated so it cannot drift)."""
+    def names(items: Any) -> str:
+        return ", ".join(f"`{item}`" for item in items) or "—"
+
+    lines = ["| keyword | specification | offered | MAIL parameters | RCPT parameters | verbs |",
+             "|---|---|---|---|---|---|"]
+    for ext in extensions:
+        verbs = (*getattr(ext, "protocol_verbs", ()), *(spec.name for spec in ext.verbs))
+        lines.append(f"| `{ext.keyword or ext.name}` | {getattr(ext, 'rfc', '') or '—'} | "
+                     f"{_OFFERS[ext.offer.value]} | {names(ext.mail_params)} | {names(ext.rcpt_params)} | "
+                     f"{names(verbs)} |")
+    return "\n".join(lines) + "\n"
