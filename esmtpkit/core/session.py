@@ -37,7 +37,7 @@ class Session:
     ``transport`` is the connection (the seed's input/output handle) for handlers that need it. ``id`` names the
     connection in log events; ``transactions`` counts the messages it began (MAIL accepted). ``trusted`` is set
     for a client on the policy's trusted networks (it may use XCLIENT and XFORWARD); ``client_name`` is the
-    client's host name when one is known (given by XCLIENT NAME).
+    client's host name when one is known (given by XCLIENT NAME); ``forwarded`` holds what XFORWARD said.
     """
 
     hostname: str
@@ -56,6 +56,9 @@ class Session:
     id: str = ""
     trusted: bool = False
     client_name: str | None = None
+    #: What XFORWARD said about the client of the next message (an `esmtpkit.core.xclient.Forwarded`); read it
+    #: through `esmtpkit.core.xclient.forwarded_client`, which knows the message it is for.
+    forwarded: Any = None
 
     @property
     def peer_ip(self) -> str:

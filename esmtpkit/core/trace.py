@@ -17,6 +17,7 @@ from typing import Sequence
 from esmtpkit.core.address import Address
 from esmtpkit.core.escape import UNSAFE
 from esmtpkit.core.session import Session
+from esmtpkit.core.xclient import forwarded_client
 
 __all__ = ["received_header", "return_path_header", "address_literal"]
 
@@ -25,6 +26,8 @@ FOLD_AT = 78
 
 # A HELO name is client text: keep what a domain or address literal may hold, replace the rest (no comment breaking).
 _NOT_DOMAINISH = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+# A protocol name XFORWARD gave, for ``with``: an atom of letters, digits and hyphens (RFC 5321 §4.4 Protocol).
+_NOT_PROTOCOL = re.compile(r"[^A-Za-z0-9\-]")
 # Comment text (RFC 5322 §3.2.2): printable ASCII except the parentheses and backslash that would end it early.
 _NOT_CTEXT = re.compile(r"[^\x21-\x27\x2a-\x5b\x5d-\x7e ]")
 # A mailbox ``for`` may name: a dot-atom at a host name or an IP address literal. Nothing a reader of the field
@@ -74,24 +77,31 @@ def received_header(session: Session, *, id: str, recipients: Sequence[str] | No
                     timestamp: float | None = None, rdns: str | None = None, show_user: bool = True) -> bytes:
     """The ``Received:`` field for a message taken in on ``session`` (RFC 5321 §4.4), as wire bytes.
 
-    ``from`` names the client's HELO/EHLO name and, in the comment, its reverse-DNS name (or IP) and address
-    literal; ``with`` is the RFC 3848 keyword (ESMTPS/ESMTPSA after TLS/AUTH), followed by comments naming the
-    TLS version and cipher and, with ``show_user``, the authenticated identity. ``for`` is given only when the
+    ``from`` names the client's HELO/EHLO name and, in the comment, its reverse-DNS name (``rdns``, else the
+    name XCLIENT gave, else the IP) and address literal; ``with`` is the RFC 3848 keyword (ESMTPS/ESMTPSA after
+    TLS/AUTH), followed by comments naming the TLS version and cipher and, with ``show_user``, the authenticated
+    identity. The client XFORWARD named for this message, if any, takes the place of the connection's (its name,
+    address, HELO name and protocol, as Postfix does; ``rdns`` is then not used). ``for`` is given only when the
     message has exactly one recipient, so one copy never reveals the others, and only when that address is plain
     (a dot-atom at a host name or IP address literal): the clause is optional (RFC 5321 §4.4), and a quoted local
     part such as ``"x; <a date> (authenticated as root)"`` would read as part of the field. ``recipients``
     defaults to the session's envelope.
     The date is RFC 5322 local time (``email.utils.formatdate``).
     """
-    helo = _NOT_DOMAINISH.sub("?", session.helo) if session.helo else "unknown"
-    ip = session.peer_ip
+    forwarded = forwarded_client(session)
+    if forwarded is None:
+        helo_name, ip, name, protocol = session.helo, session.peer_ip, session.client_name, session.with_protocol
+    else:  # the client the upstream MTA received this message from (XFORWARD)
+        helo_name, ip, name, rdns = forwarded.helo, forwarded.addr or "", forwarded.name, None
+        protocol = _NOT_PROTOCOL.sub("?", forwarded.proto) if forwarded.proto else session.with_protocol
+    helo = _NOT_DOMAINISH.sub("?", helo_name) if helo_name else "unknown"
     if ip:
-        shown = _NOT_DOMAINISH.sub("?", rdns or ip)
+        shown = _NOT_DOMAINISH.sub("?", rdns or name or ip)
         clauses = [f"from {helo}", f"({shown} {address_literal(ip)})"]
     else:
         clauses = [f"from {helo}"]
     clauses.append(f"by {_NOT_DOMAINISH.sub('?', session.hostname) or 'localhost'}")
-    clauses.append(f"with {session.with_protocol}")
+    clauses.append(f"with {protocol}")
     tls = _tls_comment(session)
     if tls:
         clauses.append(tls)
