@@ -55,6 +55,7 @@ def emitted_events() -> dict[str, set[str]]:
     log.auth_throttled(session, "address", "alice", 300.0)
     log.replied(session, "RCPT", refused)
     log.timed_out(session, "greeted")
+    log.client_replaced(session, "XCLIENT", "192.0.2.9")
     log.message_accepted(session, envelope, 10, 0.5, ok)
     log.message_rejected(session, envelope, 10, refused)
     log.message_aborted(session, envelope, 0, "reset by RSET")

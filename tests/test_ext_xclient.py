@@ -361,3 +361,25 @@ def test_xforward_not_inside_a_transaction() -> None:
     assert session(filter_).forwarded is None
     filter_.send("RSET")
     expect(filter_, "XFORWARD ADDR=192.0.2.7", 250, "2.0.0")
+
+
+def test_the_monitor_hears_the_client_replaced() -> None:
+    """The log keeps the proxy's address: XCLIENT reports it with the client it named (`client.replaced`)."""
+    from esmtpkit.server.monitor import Monitor
+
+    class Heard(Monitor):
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str, str]] = []
+
+        def client_replaced(self, session: Any, verb: str, previous: str) -> None:
+            self.calls.append((verb, previous, session.peer_ip))
+
+    heard = Heard()
+    conversation = Conversation(TraceHandler(), policy(extensions=(XClient(),), trusted_networks=TRUSTED),
+                                peer=("127.0.0.5", 40000), monitor=heard)
+    conversation.send("EHLO proxy.example")
+    expect(conversation, "XCLIENT ADDR=192.0.2.7 NAME=mail.example.org", 220)
+    assert heard.calls == [("XCLIENT", "127.0.0.5", "192.0.2.7")]
+    conversation.send("EHLO client.example")
+    expect(conversation, "XCLIENT ADDR=192.0.2.8", 550, "5.7.0")  # 192.0.2.7 is not trusted: nothing more heard
+    assert len(heard.calls) == 1

@@ -404,6 +404,7 @@ def every_event(text: str = "") -> list[dict[str, Any]]:
     monitor.message_rejected(session, envelope, 1, Reply.of(554, "5.7.1 no" + text))
     monitor.message_aborted(session, envelope, 1, "reset by RSET")
     monitor.connection_closed(session, 1.0, "QUIT" + text)
+    monitor.client_replaced(session, "XCLIENT", "192.0.2.9" + text)
     return events
 
 
@@ -416,7 +417,7 @@ class FlattenedEventTests(SynchronousTestCase):
 
         for text in ("", "\x1b é\u2028"):
             events = every_event(text)
-            self.assertEqual(len(events), 14)
+            self.assertEqual(len(events), 15)
             for event in events:
                 made: list[dict[str, Any]] = []
                 plain = {k: v for k, v in event.items() if not k.startswith("log_")}

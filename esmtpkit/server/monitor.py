@@ -33,6 +33,7 @@ EVENTS = {
     "auth.succeeded": LogLevel.info,
     "auth.failed": LogLevel.warn,
     "auth.throttled": LogLevel.warn,
+    "client.replaced": LogLevel.info,
     "reply.error": LogLevel.info,
     "session.timeout": LogLevel.info,
     "message.accepted": LogLevel.info,
@@ -85,6 +86,10 @@ class Monitor:
     def auth_throttled(self, session: Session, scope: str, user: str | None, seconds: float) -> None:
         """A wrong password brought the client's address (``scope`` "address") or the user name it named ("user")
         to its failure limit: AUTH from that address, or for that user, gets 454 4.7.0 for ``seconds``."""
+
+    def client_replaced(self, session: Session, verb: str, previous: str) -> None:
+        """A trusted proxy's ``verb`` (XCLIENT) replaced the client: ``session.peer`` is now the client it named;
+        ``previous`` is the address it replaced (the proxy's)."""
 
     def timed_out(self, session: Session, phase: str) -> None:
         """The client said nothing for the command (or data) timeout; the connection closes with 421."""
@@ -180,6 +185,7 @@ _EMITS = {
     "auth_succeeded": ("auth.succeeded",),
     "auth_failed": ("auth.failed",),
     "auth_throttled": ("auth.throttled",),
+    "client_replaced": ("client.replaced",),
     "replied": ("reply.error",),
     "timed_out": ("session.timeout",),
     "message_accepted": ("message.accepted",),
@@ -297,6 +303,12 @@ class EventLog(Monitor):
         fields.update(verb=verb, code=reply.code, enhanced=reply.enhanced or "", reply_text=text)
         self._emit("connection {conn} from {peer}: {verb} answered {code} {enhanced}"
                    + (" {reply_text}" if text else ""), fields)
+
+    def client_replaced(self, session: Session, verb: str, previous: str) -> None:
+        fields = _common("client.replaced", session)
+        fields.update(verb=verb, previous=escape(previous), client_name=escape(session.client_name or ""),
+                      user=_user(session.authenticated))
+        self._emit("connection {conn} from {previous}: {verb} names the client {peer}", fields)
 
     def timed_out(self, session: Session, phase: str) -> None:
         fields = _common("session.timeout", session)

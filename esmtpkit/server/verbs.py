@@ -262,6 +262,7 @@ class Verbs:
     def _run_extension(self, spec: VerbSpec, command: Command) -> "Deferred[Any] | None":
         """Run an extension's verb, admitted by the rule book: its reply is sent; ``restart`` starts over."""
         call = _ExtensionCall(spec.name, command.argument, self.session, self.handler, self.policy)
+        previous = self.session.peer_ip
 
         def then(value: Any) -> None:
             if isinstance(value, Failure) and value.check(CommandError):
@@ -273,6 +274,8 @@ class Verbs:
             if call.restarting and reply.is_positive:
                 self._reset_transaction(f"reset by {spec.name}")
                 self.conversation.restart()
+            if self.session.peer_ip != previous:
+                self.monitor.client_replaced(self.session, spec.name, previous)
             self.send(reply, plain=reply.is_positive and call.restarting)
 
         return self._call(spec.run, (call,), then)
