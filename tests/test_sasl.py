@@ -428,10 +428,13 @@ class PortalTests(ScratchPaths, SynchronousTestCase):
 
 class ExtensionsDocTests(SynchronousTestCase):
     def test_examples_run(self) -> None:
-        """The Python examples of docs/extensions.md run, and print what their comments say."""
+        """The self-contained Python examples of docs/extensions.md (those that say what they print, and need no
+        server or saved file) run, and print what their comments say; tests/test_docs_blocks.py runs the others."""
         doc = Path(__file__).resolve().parent.parent / "docs" / "extensions.md"
-        blocks = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)
-        self.assertEqual(len(blocks), 3)
+        blocks = [block for block in re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)
+                  if re.search(r"print\(.*\)\s+# ", block) and "smtplib" not in block and "import xtag" not in block
+                  and "from xtag" not in block]
+        self.assertGreaterEqual(len(blocks), 3)
         for block in blocks:
             out = io.StringIO()
             with contextlib.redirect_stdout(out):

@@ -191,6 +191,9 @@ class Options(strcred.AuthOptionMixin, usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        # Option docstrings keep their indentation on Python 3.11, which --help's wrapping would show as runs of
+        # spaces where a docstring breaks its line.
+        self.docs = {name: " ".join(doc.split()) if isinstance(doc, str) else doc for name, doc in self.docs.items()}
         self["listen"] = []
         self["handler-options"] = {}
         self["proxy-trusted"] = []
@@ -260,8 +263,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         self["proxy-trusted"].append(network)
 
     def opt_extension(self, name: str) -> None:
-        """An ESMTP extension to offer beyond the standard ones (repeatable, in EHLO order): LIMITS, RRVS,
-        DELIVERBY, MT-PRIORITY, REQUIRETLS, XCLIENT, XFORWARD, or module.Class providing IExtension."""
+        """An ESMTP extension to offer beyond the standard ones (repeatable, in EHLO order): one of LIMITS,
+        RRVS, DELIVERBY, MT-PRIORITY, REQUIRETLS, XCLIENT, XFORWARD, or module.Class providing IExtension."""
         from esmtpkit.server.extensions import ExtensionError, resolve
 
         try:
