@@ -383,3 +383,28 @@ def test_the_monitor_hears_the_client_replaced() -> None:
     conversation.send("EHLO client.example")
     expect(conversation, "XCLIENT ADDR=192.0.2.8", 550, "5.7.0")  # 192.0.2.7 is not trusted: nothing more heard
     assert len(heard.calls) == 1
+
+
+def test_a_new_address_forgets_the_proxys_login() -> None:
+    conversation = talk()
+    conversation.protocol.session.authenticated = "proxy-user"
+    conversation.send("EHLO proxy.example")
+    expect(conversation, "XCLIENT ADDR=127.0.0.9", 220)
+    assert conversation.protocol.session.authenticated is None
+    conversation.send("EHLO proxy.example")
+    expect(conversation, "XCLIENT ADDR=127.0.0.10 LOGIN=alice", 220)
+    assert conversation.protocol.session.authenticated == "alice"
+
+
+def test_keep_trust_lets_a_proxy_split_its_attributes() -> None:
+    """Postfix keeps the proxy's authorization for the connection; XClient(keep_trust=True) does too."""
+    kept = talk(extensions=(XClient(keep_trust=True),))
+    kept.send("EHLO proxy.example")
+    expect(kept, "XCLIENT NAME=mail.example.org ADDR=192.0.2.7", 220)
+    expect(kept, "XCLIENT HELO=mail.example.org PROTO=ESMTP", 220)
+    assert (kept.protocol.session.peer_ip, kept.protocol.session.client_name) == ("192.0.2.7", "mail.example.org")
+    judged = talk()
+    judged.send("EHLO proxy.example")
+    expect(judged, "XCLIENT NAME=mail.example.org ADDR=192.0.2.7", 220)
+    judged.send("EHLO mail.example.org")
+    expect(judged, "XCLIENT HELO=mail.example.org PROTO=ESMTP", 550, "5.7.0")

@@ -163,3 +163,59 @@ def test_trusted_networks() -> None:
 def test_standard_list_follows_the_switches() -> None:
     names = [ext.keyword for ext in standard(Policy(pipelining=False, chunking=False, smtputf8=False))]
     assert names == ["SIZE", "8BITMIME", "ENHANCEDSTATUSCODES"]
+
+
+def test_a_parser_that_fails() -> None:
+    """A value a parser cannot take is the client's 501; a parser's own bug is logged and answered 451 4.3.0."""
+    def broken(value: str | None, context: ParamContext) -> Any:
+        return {}[value]
+
+    class Numbers(Extension):
+        name = keyword = "XNUM"
+        mail_params = {"N": lambda value, context: int(value or ""), "BROKEN": broken}
+
+    conversation = talk(Numbers())
+    conversation.send("EHLO client.test")
+    reply = conversation.send("MAIL FROM:<a@example.org> N=many")
+    assert (reply.code, reply.enhanced, reply.text) == (501, "5.5.4", "Bad value for MAIL parameter N")
+    reply = conversation.send("MAIL FROM:<a@example.org> BROKEN=x")
+    assert (reply.code, reply.enhanced) == (451, "4.3.0")
+    assert conversation.send("MAIL FROM:<a@example.org> N=7").code == 250  # the session goes on
+    assert conversation.protocol.session.envelope.mail_params == {"N": 7}
+
+
+def test_offered_after_auth_without_a_new_ehlo() -> None:
+    """RFC 4954 clients do not greet again after AUTH: what AUTH makes available is usable at once."""
+    from esmtpkit.server.sasl import portal_from_strings
+
+    class Priority(Extension):
+        name = keyword = "XAFTERAUTH"
+        offer = Offer.AUTHENTICATED
+        mail_params = {"XP": lambda value, context: value}
+
+    conversation = talk(Priority(), portal=portal_from_strings(["memory:alice:secret"]), auth_require_tls=False)
+    assert "XAFTERAUTH" not in conversation.send("EHLO client.test").lines
+    assert conversation.send("MAIL FROM:<a@example.org> XP=1").code == 555
+    assert conversation.send("AUTH PLAIN AGFsaWNlAHNlY3JldA==").code == 235
+    assert conversation.send("MAIL FROM:<a@example.org> XP=1").code == 250
+
+
+def test_keyword_less_parameters_follow_offered() -> None:
+    class OnlyInTLS(Extension):
+        name = "XNOKEYWORD"
+        offer = Offer.TLS
+        mail_params = {"NK": lambda value, context: value}
+
+    conversation = talk(OnlyInTLS())
+    conversation.send("EHLO client.test")
+    assert conversation.send("MAIL FROM:<a@example.org> NK=1").code == 555
+
+
+def test_verbs_and_parameters_cannot_be_taken_twice() -> None:
+    with pytest.raises(ValueError, match="VRFY is a verb esmtpkit runs itself"):
+        VerbSpec("vrfy", _ping)
+    with pytest.raises(ValueError, match="bad verb name"):
+        VerbSpec("X\u00e9", _ping)
+    other = type("Other", (Extension,), {"name": "XO", "keyword": "XO", "mail_params": {"TAG": _tag.__call__}})()
+    with pytest.raises(ValueError, match="parameter TAG is parsed by two extensions"):
+        Policy(extensions=(Tagging(), other))

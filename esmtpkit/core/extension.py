@@ -11,16 +11,20 @@ code that answers it). `Extensions` is the set one server offers, in EHLO order,
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Final, Mapping, Protocol
 
-from esmtpkit.core.commands import CommandError
+from esmtpkit.core.commands import CommandError, Verb
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.rules import Phase
 from esmtpkit.core.session import Session
 
 __all__ = ["Offer", "ParamContext", "ParamParser", "VerbCall", "VerbSpec", "Extension", "Extensions",
            "param_error", "OPEN_PHASES", "OUTSIDE_TRANSACTION"]
+
+_VERB_NAME: Final = re.compile(r"[A-Z0-9][A-Z0-9-]*\Z")
+_CORE_VERBS: Final = frozenset(verb.value for verb in Verb)
 
 #: Every phase in which commands are read.
 OPEN_PHASES: Final = frozenset((Phase.CONNECTED, Phase.GREETED, Phase.SENDER, Phase.RECIPIENTS, Phase.CHUNKING))
@@ -91,14 +95,17 @@ class VerbSpec:
     run: VerbRunner
     phases: frozenset[Phase] = OUTSIDE_TRANSACTION
     line_allowance: int = 0
-    #: Known only once the extension's keyword was offered at the last EHLO (else an unknown command, 502). False
-    #: for a verb that must be known to be refused (XCLIENT's 550 5.7.0 to an untrusted client).
+    #: Known only once the extension's keyword was offered at the last EHLO (else an unknown command, answered by
+    #: the handler's ``unknown``). False for a verb that must be known to be refused (XCLIENT's 550 5.7.0 to an
+    #: untrusted client): such a verb runs whatever ``offer`` says, so its ``run`` must check what it needs.
     gated: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", self.name.upper())
-        if not self.name.isalnum() and not self.name.replace("-", "").isalnum():
+        if not _VERB_NAME.match(self.name):
             raise ValueError(f"bad verb name {self.name!r}")
+        if self.name in _CORE_VERBS:
+            raise ValueError(f"{self.name} is a verb esmtpkit runs itself")
 
 
 class Extension:
@@ -171,7 +178,10 @@ class Extensions:
                 keywords.add(ext.keyword.upper())
             for table, params in ((self.mail_params, ext.mail_params), (self.rcpt_params, ext.rcpt_params)):
                 for param, parser in params.items():
-                    table.setdefault(param.upper(), []).append((ext, parser))
+                    owners = table.setdefault(param.upper(), [])
+                    if any(known is not parser for _, known in owners):  # one parser may serve two (BODY)
+                        raise ValueError(f"parameter {param.upper()} is parsed by two extensions")
+                    owners.append((ext, parser))
             for spec in ext.verbs:
                 if spec.name in self.verbs:
                     raise ValueError(f"verb {spec.name} is added by two extensions")
@@ -207,11 +217,17 @@ class Extensions:
             return {}
         table = self.mail_params if kind == "MAIL" else self.rcpt_params
         parsed: dict[str, Any] = {}
+        # One context for the command, whose ``params`` is the dict being filled.
+        context = ParamContext(context.session, context.offered, parsed, context.mail_params, context.utf8,
+                               context.settings)
         for key, value in raw.items():
             for ext, parser in table.get(key, ()):
-                if ext.keyword is None or ext.keyword.upper() in context.offered:
-                    parsed[key] = parser(value, ParamContext(context.session, context.offered, parsed,
-                                                             context.mail_params, context.utf8, context.settings))
+                if ext.keyword.upper() in context.offered if ext.keyword is not None \
+                        else ext.offered(context.session, self.settings):
+                    try:
+                        parsed[key] = parser(value, context)
+                    except (ValueError, ArithmeticError):  # a value the parser could not take, e.g. a date's year
+                        raise param_error(f"Bad value for {kind} parameter {key}") from None
                     break
             else:
                 raise param_error(f"Unsupported {kind} parameter {key}", 555)

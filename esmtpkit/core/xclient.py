@@ -15,7 +15,9 @@ checked, and the greeting that follows (which carries the real client's HELO nam
 judged again, from the new address: Postfix keeps the proxy's authorization for the whole connection, but a proxy
 such as nginx turns transparent once it has replayed its client's first commands, and the client behind it could
 then send an XCLIENT of its own. One command carries every attribute (its line may be 1024 octets longer than
-RFC 5321's 512), so a proxy never needs a second one.
+RFC 5321's 512), so a proxy never needs a second one; ``XClient(keep_trust=True)`` keeps the proxy's trust for the
+connection, as Postfix does, for proxies that split their attributes over several commands. A new ADDR also
+forgets an AUTH identity the proxy had (unless LOGIN gives one): it was the proxy's, not the client's.
 
 XFORWARD (for a content filter between two MTAs) names the client the upstream MTA received the message from,
 for the next message only; `forwarded_client` gives it while that message's transaction is open. It is trace
@@ -218,7 +220,7 @@ def _xclient_values(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     return values
 
 
-def _xclient(call: VerbCall) -> Reply:
+def _xclient(call: VerbCall, keep_trust: bool = False) -> Reply:
     if not call.trusted:
         raise CommandError(NOT_AUTHORIZED)
     pairs = _attributes("XCLIENT", call.argument, XClient.ATTRIBUTES)
@@ -229,9 +231,11 @@ def _xclient(call: VerbCall) -> Reply:
     session, settings = call.session, call.settings
     if "ADDR" in values or "PORT" in values:
         session.peer = _moved(session.peer, values.get("ADDR"), values.get("PORT"), "PORT" in values)
-        if "ADDR" in values:  # a new client: its name is unknown unless given, and trust is judged again
+        if "ADDR" in values:  # a new client: its name and login are unknown unless given; trust is judged again
             session.client_name = None
-            session.trusted = _on_networks(values["ADDR"], getattr(settings, "trusted_networks", ()))
+            session.authenticated, session.auth_mechanism = None, None
+            if not keep_trust:
+                session.trusted = _on_networks(values["ADDR"], getattr(settings, "trusted_networks", ()))
     if "NAME" in values:
         session.client_name = values["NAME"]
     if "DESTADDR" in values or "DESTPORT" in values:
@@ -253,6 +257,12 @@ class XClient(Extension):
     offer = Offer.TRUSTED
     ATTRIBUTES: Final = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT")
     verbs = (VerbSpec("XCLIENT", _xclient, line_allowance=LINE_ALLOWANCE, gated=False),)
+
+    def __init__(self, keep_trust: bool = False) -> None:
+        self.keep_trust = keep_trust
+        if keep_trust:
+            self.verbs = (VerbSpec("XCLIENT", lambda call: _xclient(call, keep_trust=True),
+                                   line_allowance=LINE_ALLOWANCE, gated=False),)
 
     def ehlo_params(self, session: Session, settings: Any) -> str:
         return " ".join(self.ATTRIBUTES)

@@ -101,6 +101,8 @@ class Auth:
             self._identity = value
             self.session.authenticated = value.name
             self.session.auth_mechanism = value.mechanism
+            # Extensions offered only after AUTH are usable now; RFC 4954 clients do not send EHLO again.
+            self.conversation.keywords |= {k.split(" ", 1)[0] for k in self.extensions()}
             self.monitor.auth_succeeded(self.session, value.mechanism, value.name)
             self.send(sasl.AUTH_SUCCEEDED)
 

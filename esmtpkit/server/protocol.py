@@ -26,7 +26,6 @@ from zope.interface import implementer
 from esmtpkit.core.commands import CommandError, Verb, line_limit
 from esmtpkit.core.conversation import ServerConversation
 from esmtpkit.core.escape import escape
-from esmtpkit.core.extension import Extensions
 from esmtpkit.core.ids import new_id
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.rules import Phase, Standing
@@ -57,14 +56,13 @@ _METHODS: Final = {verb: f"_do_{verb.value}" for verb in Verb}
 
 
 @lru_cache(maxsize=32)
-def _longest_command(base: int, auth: bool, extensions: Extensions) -> int:
+def _longest_command(base: int, auth: bool, mail_extra: int = 0, rcpt_extra: int = 0, verb_extra: int = -1) -> int:
     """The longest command line any verb may have (RFC 4954 §4: 12288 octets for AUTH lines, when AUTH is on),
-    with the room the server's extensions add."""
+    with the room extensions add to MAIL, to RCPT and (``verb_extra``, -1 for none) to their own verbs."""
     longest = max(line_limit(verb, base) for verb in Verb if verb is not Verb.AUTH or auth)
-    longest = max(longest, line_limit(Verb.MAIL, base) + extensions.mail_allowance,
-                  line_limit(Verb.RCPT, base) + extensions.rcpt_allowance)
-    for _, spec in extensions.verbs.values():
-        longest = max(longest, line_limit(Verb.UNKNOWN, base) + spec.line_allowance)
+    longest = max(longest, line_limit(Verb.MAIL, base) + mail_extra, line_limit(Verb.RCPT, base) + rcpt_extra)
+    if verb_extra >= 0:
+        longest = max(longest, line_limit(Verb.UNKNOWN, base) + verb_extra)
     return longest
 
 
@@ -178,8 +176,10 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         return self.clock.seconds() if self.clock is not None else time.time()
 
     def connectionMade(self) -> None:
-        self.MAX_LENGTH = _longest_command(self.policy.max_command_length, bool(self._mechanisms),
-                                           self.conversation.standing.extensions)
+        extensions = self.conversation.standing.extensions
+        self.MAX_LENGTH = _longest_command(
+            self.policy.max_command_length, bool(self._mechanisms), extensions.mail_allowance,
+            extensions.rcpt_allowance, max((spec.line_allowance for _, spec in extensions.verbs.values()), default=-1))
         session = self.session
         self._opened_at = now = self._now()
         session.id = new_id(now)

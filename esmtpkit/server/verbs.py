@@ -19,7 +19,7 @@ from esmtpkit.core.escape import escape
 from esmtpkit.core.ids import new_id
 from esmtpkit.core.extension import ParamContext, VerbSpec
 from esmtpkit.core.reply import Reply
-from esmtpkit.server.replies import TLS_READY, TLS_UNAVAILABLE, TOO_BIG, TOO_MANY_RECIPIENTS
+from esmtpkit.server.replies import HANDLER_ERROR, TLS_READY, TLS_UNAVAILABLE, TOO_BIG, TOO_MANY_RECIPIENTS
 from esmtpkit.server.tls import tls_info
 
 __all__ = ["Verbs"]
@@ -56,6 +56,17 @@ class Verbs:
                 self.send(reply)
 
         return self._call(getattr(self.handler, method), args, then)
+
+    def _parameters(self, kind: str, raw: dict[str, str | None], context: ParamContext) -> dict[str, Any]:
+        """MAIL or RCPT parameters parsed by the server's extensions; a parser's own failure is logged and
+        answered 451 4.3.0, as a handler's is (its CommandError is the client's fault, and its reply)."""
+        try:
+            return self.conversation.standing.extensions.parse(kind, raw, context)  # type: ignore[no-any-return]
+        except CommandError:
+            raise
+        except Exception:
+            self.log.failure("parameter parser failed on {kind} {params!r}", kind=kind, params=list(raw))
+            raise CommandError(HANDLER_ERROR) from None
 
     def _refused_once_parsed(self, verb: Verb) -> bool:
         """Send the rule book's refusal of the well-formed ``verb``, if it has one (``rules.ONCE_PARSED``)."""
@@ -172,8 +183,8 @@ class Verbs:
         offered = self.conversation.keywords
         sender, raw = parse_mail_rcpt(command.argument, "FROM:", allow_null=True, allow_postmaster=False,
                                       utf8_allowed="SMTPUTF8" in offered)
-        params = self.conversation.standing.extensions.parse(
-            "MAIL", raw, ParamContext(self.session, offered, {}, {}, "SMTPUTF8" in raw, self.policy)) if raw else {}
+        params = self._parameters("MAIL", raw, ParamContext(
+            self.session, offered, {}, {}, "SMTPUTF8" in raw and "SMTPUTF8" in offered, self.policy)) if raw else {}
         limit = self.policy.max_message_size
         if limit and params.get("SIZE", 0) > limit:
             self.send(TOO_BIG)
@@ -194,9 +205,8 @@ class Verbs:
         utf8 = "SMTPUTF8" in envelope.mail_params
         recipient, raw = parse_mail_rcpt(command.argument, "TO:", allow_null=False, allow_postmaster=True,
                                          utf8_allowed=utf8)
-        params = self.conversation.standing.extensions.parse(
-            "RCPT", raw, ParamContext(self.session, self.conversation.keywords, {}, envelope.mail_params, utf8,
-                                      self.policy)) if raw else {}
+        params = self._parameters("RCPT", raw, ParamContext(
+            self.session, self.conversation.keywords, {}, envelope.mail_params, utf8, self.policy)) if raw else {}
         limit = self.policy.max_recipients
         if limit and len(envelope.recipients) >= limit:
             self.send(TOO_MANY_RECIPIENTS)
