@@ -4,7 +4,9 @@ A recipient is done once a hop gives it a final answer (2xx or 5xx). When a sess
 connection, a 421 greeting, a 4xx to MAIL or to the data, ...) the recipients still temporary go to the next hop;
 a 4xx to one RCPT is that recipient's answer and stays deferred, except 452 (or 552, RFC 5321 §4.5.3.1.10) in a
 session that delivered to others: the server's recipient limit, so those recipients go again at once, in a new
-session with the same hop, for as long as each round delivers to someone. What the last hop said is what is kept.
+session with the same hop, for as long as each round delivers to someone. A REQUIRETLS message that a hop could
+not take (5.7.30: no verified TLS, or REQUIRETLS not offered) goes to the next hop too (RFC 8689 §4.2.1). What the
+last hop said is what is kept.
 
 Connections are limited as Postfix limits them (``default_process_limit``,
 ``default_destination_concurrency_limit``): at most ``max_connections`` at once for the whole Deliverer, and
@@ -47,6 +49,12 @@ def _one_line(text: str) -> str:
 
 def _no_route(reason: str) -> Outcome:
     return Outcome.local(451, "4.4.3", _one_line(f"Routing failed: {reason}"))
+
+
+def _no_requiretls(outcome: Outcome) -> bool:
+    """A hop that could not take a REQUIRETLS message (no verified TLS, or no REQUIRETLS offered): RFC 8689
+    §4.2.1 has the next MX tried; the last one's 5.7.30 is final."""
+    return outcome.enhanced == "5.7.30" and not outcome.remote
 
 
 def _failed_attempt(hop: Hop, reason: str) -> Outcome:
@@ -201,9 +209,10 @@ class Deliverer:
         hops = list(hops)
         for number, hop in enumerate(hops, 1):
             pending, session_failed = await self._rounds(run, key, hop, message, pending, open_content)
-            if not session_failed:
+            refused = [i for i in pending if message.requiretls and _no_requiretls(outcomes[i])]
+            if not session_failed and not refused:
                 break
-            pending = [i for i in pending if outcomes[i].temporary]
+            pending = [i for i in pending if (session_failed and outcomes[i].temporary) or i in refused]
             if not pending:
                 break
             after = "left for the next hop" if number < len(hops) else "left for a later attempt"

@@ -3,7 +3,7 @@ timeouts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 __all__ = ["Timeouts", "ClientOptions", "TLS_MODES"]
@@ -66,3 +66,10 @@ class ClientOptions:
             raise ValueError("a username needs TLS: credentials are never sent in clear")
         if not self.helo or any(c.isspace() for c in self.helo) or not self.helo.isprintable():
             raise ValueError(f"helo must be a host name without spaces, not {self.helo!r}")
+
+    def for_requiretls(self) -> "ClientOptions":
+        """These options as a REQUIRETLS message needs them (RFC 8689 §4.2.1): TLS required (``"none"`` and
+        ``"opportunistic"`` become ``"required"``; ``"implicit"`` stays) and the certificate verified."""
+        if self.verify and self.tls in ("required", "implicit"):
+            return self
+        return replace(self, verify=True, tls="implicit" if self.tls == "implicit" else "required")

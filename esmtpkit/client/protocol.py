@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpkit.core.client import (MAX_REPLY_LINE_LENGTH, Extensions, ReplyError, ReplyParser, check_offer,
-                                  mail_command, rcpt_command)
+                                  check_recipient, mail_command, rcpt_command, requiretls_refusal)
 from esmtpkit.core.outbound import Message, Outcome
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.stuffing import DotStuffer, LineEnds
@@ -182,8 +182,8 @@ class _Connection(LineReceiver):
         self._stop_streaming()
         if self._handshaking and not self._settled():
             self.tls_failed = True
-            self._settle(Outcome.local(454, "4.7.5", f"TLS handshake with {self._where} failed: "
-                                                     f"{reason.getErrorMessage()}"))
+            self._settle(self._no_tls(Outcome.local(454, "4.7.5", f"TLS handshake with {self._where} failed: "
+                                                                  f"{reason.getErrorMessage()}")))
         else:
             self._settle(Outcome.local(451, "4.4.2", f"lost connection with {self._where} {doing}"))
         self._waits.clear()
@@ -261,6 +261,10 @@ class _Connection(LineReceiver):
     def _protocol_error(self, why: str) -> None:
         self._settle(self._violation(why))
         self._abort()
+
+    def _no_tls(self, outcome: Outcome) -> Outcome:
+        """The outcome when the TLS the options require cannot be had (``outcome`` as for any mail)."""
+        return outcome
 
     def _violation(self, why: str) -> Outcome:
         return Outcome.local(451, "4.5.0", f"protocol error from {self._where}: {why}")
@@ -351,7 +355,8 @@ class _Opening(_Connection):
             self._after_hello()
         elif reply.code in (500, 502) and not self.options.lmtp and not self._tls_tried:
             if self.options.tls == "required":  # no EHLO, no STARTTLS
-                self._fail(Outcome.local(454, "4.7.4", f"TLS is required, but {self._where} knows no EHLO"))
+                self._fail(self._no_tls(Outcome.local(454, "4.7.4",
+                                                      f"TLS is required, but {self._where} knows no EHLO")))
             elif self.options.username is not None:  # no EHLO, no AUTH
                 self._fail(Outcome.local(454, "4.7.0", f"{self._where} knows no EHLO, so no AUTH"))
             else:
@@ -374,7 +379,8 @@ class _Opening(_Connection):
                 self._send(b"STARTTLS", "STARTTLS", self.options.timeouts.ehlo, self._starttls_answered)
                 return
             if self.options.tls == "required":
-                self._fail(Outcome.local(454, "4.7.4", f"TLS is required, but was not offered by {self._where}"))
+                self._fail(self._no_tls(Outcome.local(454, "4.7.4",
+                                                      f"TLS is required, but was not offered by {self._where}")))
                 return
         if self.options.username is not None and not self._authenticated:
             self._authenticate()
@@ -386,12 +392,12 @@ class _Opening(_Connection):
             if reply.code < 400:
                 self._protocol_error(f"unexpected reply {reply} to STARTTLS")
             elif self.options.tls == "required":
-                self._fail(_softened(reply, self.host))
+                self._fail(self._no_tls(_softened(reply, self.host)))
             else:
                 self._after_hello()  # opportunistic: carry on in clear
             return
         if not ITLSTransport.providedBy(self.transport):
-            self._fail(Outcome.local(454, "4.7.5", "this connection cannot start TLS"))
+            self._fail(self._no_tls(Outcome.local(454, "4.7.5", "this connection cannot start TLS")))
             return
         self.clearLineBuffer()  # anything sent in clear after the 220 is not to be read as if encrypted
         self._tls = True
@@ -448,6 +454,11 @@ class ClientProtocol(_Opening):
     ``host`` names the server in outcomes (``mx.example.net[192.0.2.1]``). ``tls_creator`` is what STARTTLS (or,
     with ``tls="implicit"``, the endpoint) uses. ``tls_failed`` tells a caller that a TLS handshake failed, so an
     opportunistic sender may try again in clear.
+
+    A REQUIRETLS message (RFC 8689 §4.2.1) goes only over TLS whose certificate was verified (``options.verify``;
+    `esmtpkit.client.session.send` sees to it) and only to a server offering REQUIRETLS; otherwise every
+    recipient gets 550 5.7.30. A recipient whose RRVS cannot go on (`check_recipient`) gets its refusal and is
+    not offered; the others are.
     """
 
     def __init__(self, message: Message, open_content: OpenContent, options: ClientOptions,
@@ -466,23 +477,41 @@ class ClientProtocol(_Opening):
         self._next_piece: bytes | None = None
         self._transaction_over = False
         self._abandoned = False
+        self._sending: list[int] = list(self.indexes)
+
+    def _no_tls(self, outcome: Outcome) -> Outcome:
+        if self.message.requiretls:
+            return requiretls_refusal(f"no verified TLS with {self._where}: {outcome.text}")
+        return outcome
 
     def _transaction(self) -> None:
         ext = self.extensions
-        recipients = [self.message.recipients[i] for i in self.indexes]
-        if not recipients:
+        if not self.indexes:
             self._quit()
             return
-        refusal = check_offer(self.message, ext, recipients)
+        if self.message.requiretls and not (self._tls and self.options.verify):
+            self._fail(requiretls_refusal(f"no verified TLS with {self._where}"), session=False)
+            return
+        now = self.clock.seconds()
+        refusal = check_offer(self.message, ext, [self.message.recipients[i] for i in self.indexes], now=now)
         if refusal is not None:
             self._fail(Outcome(refusal.code, refusal.enhanced, f"{refusal.text} ({self._where})", ""), session=False)
+            return
+        for i in self.indexes:
+            refused = check_recipient(self.message.recipients[i], ext)
+            if refused is not None:
+                self.outcomes[i] = Outcome(refused.code, refused.enhanced, f"{refused.text} ({self._where})", "")
+        self._sending = [i for i in self.indexes if i not in self.outcomes]
+        recipients = [self.message.recipients[i] for i in self._sending]
+        if not recipients:
+            self._quit()
             return
         self._pipelining = ext.offers("PIPELINING")
         self._dsn = ext.offers("DSN")  # NOTIFY and ORCPT go along, so the server reports from then on
         self._bdat = self.message.body == "BINARYMIME" or (self.options.chunking and ext.offers("CHUNKING"))
         self._line_ends = None if self.message.body == "BINARYMIME" else LineEnds()
         timeouts = self.options.timeouts
-        mail = mail_command(self.message, ext)
+        mail = mail_command(self.message, ext, now=now)
         self._rcpts_left = len(recipients)
         if not self._pipelining:
             self._send(mail, "MAIL FROM", timeouts.mail, self._mail_answered)
@@ -492,7 +521,7 @@ class ClientProtocol(_Opening):
             lines.append(b"DATA")
         self.transport.write(b"".join(line + b"\r\n" for line in lines))  # type: ignore[union-attr]
         self._expect("MAIL FROM", timeouts.mail, self._mail_answered)
-        for i in self.indexes:
+        for i in self._sending:
             self._expect("RCPT TO", timeouts.rcpt, self._rcpt_answer(i))
         if not self._bdat:
             self._expect("DATA", timeouts.data_init, self._data_answered)
@@ -508,7 +537,7 @@ class ClientProtocol(_Opening):
             self._next_rcpt()
 
     def _next_rcpt(self) -> None:
-        i = self.indexes[len(self.indexes) - self._rcpts_left]
+        i = self._sending[len(self._sending) - self._rcpts_left]
         self._send(rcpt_command(self.message.recipients[i], self.extensions), "RCPT TO", self.options.timeouts.rcpt,
                    self._rcpt_answer(i))
 

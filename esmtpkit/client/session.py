@@ -98,11 +98,14 @@ def send(reactor: IReactorTime, endpoint: IStreamClientEndpoint, message: Messag
     With ``tls="implicit"`` the endpoint is wrapped in TLS here. When an opportunistic STARTTLS handshake fails
     (never with ``verify``, which makes TLS required), the message is offered again over a new connection in
     clear. Cancelling the Deferred aborts the connection and fires it at once with the Attempt as it stands:
-    answers already given are kept, the other recipients get 4.4.2 "attempt timed out".
+    answers already given are kept, the other recipients get 4.4.2 "attempt timed out". A REQUIRETLS message
+    goes with `ClientOptions.for_requiretls` (verified TLS, never in clear), whatever ``options`` say.
     """
     chosen = list(message.pending if indexes is None else indexes)
     if not chosen:
         return succeed(Attempt(host, {}, False))
+    if message.requiretls:
+        options = options.for_requiretls()
     return _Sending(reactor, endpoint, message, open_content, options, chosen, host).start()
 
 

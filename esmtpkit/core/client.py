@@ -3,7 +3,8 @@
 Pure core: no Twisted, no I/O. `ReplyParser` turns reply lines into `Reply` values with bounded memory;
 `Extensions` is what a server's EHLO (or LHLO) reply offers; `mail_command` and `rcpt_command` write the commands
 for a queued `Message`, with each ESMTP parameter only when the server offers its extension; `check_offer` says
-when a message cannot go to a server at all, before anything is sent.
+when a message cannot go to a server at all, before anything is sent, and `check_recipient` when one recipient
+cannot (RRVS without ``;C`` to a server that does not offer RRVS).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Final
 
+from esmtpkit.core.deliverby import MAX_BY_TIME
 from esmtpkit.core.dsn import xtext_encode
 from esmtpkit.core.outbound import Message, Outcome, Recipient
 from esmtpkit.core.reply import Reply, strip_enhanced
 
 __all__ = ["ReplyError", "ReplyParser", "Extensions", "mail_command", "rcpt_command", "check_offer",
-           "needs_smtputf8", "MAX_REPLY_LINES", "MAX_REPLY_LINE_LENGTH"]
+           "check_recipient", "needs_smtputf8", "requiretls_refusal", "by_expired", "MAX_REPLY_LINES",
+           "MAX_REPLY_LINE_LENGTH"]
 
 #: At most this many lines in one reply (an EHLO reply has a dozen); more is a misbehaving server.
 MAX_REPLY_LINES: Final = 100
@@ -132,10 +135,11 @@ def _encode(text: str, utf8: bool) -> bytes:
     return text.encode("utf-8") if utf8 else text.encode("ascii")
 
 
-def mail_command(message: Message, ext: Extensions, *, auth: str | None = None) -> bytes:
+def mail_command(message: Message, ext: Extensions, *, auth: str | None = None, now: float = 0.0) -> bytes:
     """``MAIL FROM:<sender>`` and the parameters the server offers (no line end): SIZE (RFC 1870), BODY (RFC
-    6152, 3030), SMTPUTF8 (RFC 6531), RET and ENVID (RFC 3461 §4.3-4.4) and, given ``auth``, AUTH (RFC 4954 §5,
-    ``""`` for ``AUTH=<>``). Call `check_offer` first: a path that is not ASCII needs SMTPUTF8.
+    6152, 3030), SMTPUTF8 (RFC 6531), RET and ENVID (RFC 3461 §4.3-4.4), given ``auth``, AUTH (RFC 4954 §5,
+    ``""`` for ``AUTH=<>``), REQUIRETLS (RFC 8689 §4.2), MT-PRIORITY (RFC 6710 §4) and BY with the by-time left
+    at ``now`` (RFC 2852 §4). Call `check_offer` first: a path that is not ASCII needs SMTPUTF8.
     """
     words = [f"MAIL FROM:{_path(message.sender)}"]
     if ext.offers("SIZE") and message.size > 0:
@@ -154,6 +158,13 @@ def mail_command(message: Message, ext: Extensions, *, auth: str | None = None) 
             words.append(f"ENVID={xtext_encode(message.envid)}")
     if auth is not None and ext.offers("AUTH"):
         words.append(f"AUTH={xtext_encode(auth) if auth else '<>'}")
+    if message.requiretls and ext.offers("REQUIRETLS"):
+        words.append("REQUIRETLS")
+    if message.priority is not None and ext.offers("MT-PRIORITY"):
+        words.append(f"MT-PRIORITY={message.priority}")
+    if message.deliver_by is not None and ext.offers("DELIVERBY"):
+        left = message.deliver_by.remaining(message.arrived, now)
+        words.append(f"BY={message.deliver_by.param(max(-MAX_BY_TIME, min(MAX_BY_TIME, left)))}")
     return _encode(" ".join(words), utf8)
 
 
@@ -169,15 +180,43 @@ def rcpt_command(recipient: Recipient, ext: Extensions) -> bytes:
             words.append(f"NOTIFY={','.join(n.upper() for n in recipient.notify)}")
         if recipient.orcpt:
             words.append(f"ORCPT={recipient.orcpt}")
+    if recipient.rrvs is not None and ext.offers("RRVS"):
+        words.append(f"RRVS={recipient.rrvs.param()}")
     text = " ".join(words)
     return _encode(text, not text.isascii())
 
 
-def check_offer(message: Message, ext: Extensions, recipients: list[Recipient] | None = None) -> Outcome | None:
+def requiretls_refusal(why: str) -> Outcome:
+    """The permanent outcome of a REQUIRETLS message that cannot go on (RFC 8689 §4.2.1, §5): 550 5.7.30."""
+    return Outcome.local(550, "5.7.30", f"REQUIRETLS support required: {why}")
+
+
+def by_expired(why: str) -> Outcome:
+    """The permanent outcome of a BY mode R message whose time is up (RFC 2852 §4.1, RFC 3463): 554 5.4.7."""
+    return Outcome.local(554, "5.4.7", f"Delivery time expired: {why}")
+
+
+def check_offer(message: Message, ext: Extensions, recipients: list[Recipient] | None = None, *,
+                now: float = 0.0) -> Outcome | None:
     """A permanent Outcome when ``message`` cannot go to this server at all, before any command is sent; None
     when it can. SMTPUTF8 needed but not offered: 5.6.7 (RFC 6531 §3.2); binary content without CHUNKING and
     BINARYMIME, or 8-bit content without 8BITMIME: 5.6.3 (RFC 3030 §3, RFC 6152 §3: nothing is down-converted);
-    over the server's SIZE limit: 5.3.4 (RFC 1870 §6). ``recipients``: those being sent (default: all)."""
+    over the server's SIZE limit: 5.3.4 (RFC 1870 §6); REQUIRETLS not offered: 5.7.30 (RFC 8689 §4.2.1; the
+    caller checks the TLS itself); BY mode R whose time is up at ``now``, or a server without DELIVERBY or whose
+    minimum by-time exceeds what is left: 5.4.7 (RFC 2852 §4.1). ``recipients``: those being sent (default:
+    all)."""
+    if message.requiretls and not ext.offers("REQUIRETLS"):
+        return requiretls_refusal("the server does not offer REQUIRETLS")
+    by = message.deliver_by
+    if by is not None and by.mode == "R":
+        left = by.remaining(message.arrived, now)
+        if left <= 0:
+            return by_expired(f"the BY time of {by.seconds} seconds has passed")
+        if not ext.offers("DELIVERBY"):
+            return by_expired("BY with mode R, and the server does not offer DELIVERBY")
+        minimum = ext.keywords.get("DELIVERBY", ())
+        if minimum and minimum[0].isdigit() and len(minimum[0]) <= 9 and left < int(minimum[0]):
+            return by_expired(f"{left} seconds left, below the server's minimum BY time of {minimum[0]}")
     if needs_smtputf8(message, recipients) and not ext.offers("SMTPUTF8"):
         return Outcome.local(553, "5.6.7", "SMTPUTF8 is required, but was not offered by the server")
     if message.body == "BINARYMIME" and not (ext.offers("CHUNKING") and ext.offers("BINARYMIME")):
@@ -189,4 +228,13 @@ def check_offer(message: Message, ext: Extensions, recipients: list[Recipient] |
     limit = ext.size_limit
     if limit is not None and message.size > limit:
         return Outcome.local(552, "5.3.4", f"message size {message.size} exceeds the server's limit of {limit}")
+    return None
+
+
+def check_recipient(recipient: Recipient, ext: Extensions) -> Outcome | None:
+    """A permanent Outcome when ``recipient`` cannot be offered to this server, else None: RRVS without ``;C``
+    to a server that does not offer RRVS gets 550 5.7.19 (RFC 7293 §3.3: the check cannot be made on); with
+    ``;C`` the parameter is dropped and the recipient goes on."""
+    if recipient.rrvs is not None and not recipient.rrvs.may_continue and not ext.offers("RRVS"):
+        return Outcome.local(550, "5.7.19", "RRVS test cannot be completed: the server does not offer RRVS")
     return None

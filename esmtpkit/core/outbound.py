@@ -10,7 +10,10 @@ import enum
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
+from esmtpkit.core.commands import CommandError
+from esmtpkit.core.deliverby import By, parse_by
 from esmtpkit.core.reply import Reply
+from esmtpkit.core.rrvs import ValidSince, parse_rrvs
 
 __all__ = ["Status", "Outcome", "Recipient", "Message", "domain_of", "MAX_OUTCOME_TEXT"]
 
@@ -84,6 +87,14 @@ class Outcome:
         return f"{self.code} {self.enhanced} {self.text}".rstrip()
 
 
+def _stored_param(parse: Any, value: Any) -> Any:
+    """A parameter kept in JSON in its SMTP form, parsed again; ValueError (as for any bad JSON) if it is bad."""
+    try:
+        return parse(str(value))
+    except CommandError as e:
+        raise ValueError(f"bad stored parameter {value!r}: {e.reply}") from None
+
+
 def domain_of(address: str) -> str:
     """The domain part of a mailbox as the envelope holds it, lower-cased; "" for a bare local part."""
     local, at, domain = address.rpartition("@")
@@ -97,7 +108,8 @@ class Recipient:
     ``notify`` is None when the client gave no NOTIFY (then failures and delays are reported), else a tuple of
     ``"SUCCESS"``, ``"FAILURE"``, ``"DELAY"`` or just ``("NEVER",)``. ``orcpt`` is ORCPT as received
     (``"rfc822;user@example.org"``, xtext-encoded). ``outcome`` is the latest attempt's; ``reported`` is True once
-    a DSN covering its final status (or a delay notice, for ``delay_reported``) has been queued.
+    a DSN covering its final status (or a delay notice, for ``delay_reported``) has been queued. ``rrvs`` is the
+    RRVS request received with it (RFC 7293), passed on to a next hop that offers RRVS.
     """
 
     address: str
@@ -107,6 +119,7 @@ class Recipient:
     outcome: Outcome | None = None
     reported: bool = False
     delay_reported: bool = False
+    rrvs: ValidSince | None = None
 
     @property
     def domain(self) -> str:
@@ -130,15 +143,19 @@ class Recipient:
             data["reported"] = True
         if self.delay_reported:
             data["delay_reported"] = True
+        if self.rrvs is not None:
+            data["rrvs"] = self.rrvs.param()
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Recipient":
         notify = data.get("notify")
         outcome = data.get("outcome")
+        rrvs = data.get("rrvs")
         return cls(str(data["address"]), tuple(notify) if notify is not None else None, data.get("orcpt"),
                    Status(data.get("status", "pending")), Outcome.from_json(outcome) if outcome else None,
-                   bool(data.get("reported")), bool(data.get("delay_reported")))
+                   bool(data.get("reported")), bool(data.get("delay_reported")),
+                   _stored_param(parse_rrvs, rrvs) if rrvs else None)
 
 
 @dataclass
@@ -150,6 +167,10 @@ class Message:
     ``size`` is the content's length in octets. Times are seconds since the epoch: ``arrived`` when it was
     accepted, ``next_attempt`` when the runner should try again. ``received_from`` describes the client for the
     DSN's Received-From-MTA (``"dns; client.example (192.0.2.7)"``), ``""`` for mail made here.
+
+    What the client asked of the next hops: ``requiretls`` (RFC 8689: only over verified TLS, only to hops that
+    offer REQUIRETLS), ``priority`` (RFC 6710 MT-PRIORITY, -9 to 9; None when not given, which counts as 0) and
+    ``deliver_by`` (RFC 2852 BY, counted from ``arrived``).
     """
 
     id: str
@@ -166,6 +187,22 @@ class Message:
     held: bool = False
     received_from: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    requiretls: bool = False
+    priority: int | None = None
+    deliver_by: By | None = None
+
+    @property
+    def rank(self) -> int:
+        """The MT-PRIORITY that orders the queue's work: higher goes first among messages due (0 if none given)."""
+        return self.priority or 0
+
+    def by_remaining(self, now: float) -> int | None:
+        """The by-time left at ``now`` to pass on (RFC 2852 §4), or None without a BY request."""
+        return None if self.deliver_by is None else self.deliver_by.remaining(self.arrived, now)
+
+    def by_expired(self, now: float) -> bool:
+        """Whether a BY deadline has passed at ``now`` (either mode; mode R then returns the message)."""
+        return self.deliver_by is not None and self.deliver_by.expired(self.arrived, now)
 
     @property
     def pending(self) -> list[int]:
@@ -188,12 +225,19 @@ class Message:
         return replace(self, recipients=[replace(r) for r in self.recipients], extra=dict(self.extra))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "id": self.id, "sender": self.sender, "recipients": [r.to_json() for r in self.recipients],
             "size": self.size, "body": self.body, "smtputf8": self.smtputf8, "ret": self.ret, "envid": self.envid,
             "arrived": self.arrived, "next_attempt": self.next_attempt, "attempts": self.attempts,
             "held": self.held, "received_from": self.received_from, "extra": self.extra,
         }
+        if self.requiretls:
+            data["requiretls"] = True
+        if self.priority is not None:
+            data["priority"] = self.priority
+        if self.deliver_by is not None:
+            data["by"] = self.deliver_by.param()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Message":
@@ -204,5 +248,7 @@ class Message:
             envid=data.get("envid"), arrived=float(data.get("arrived", 0.0)),
             next_attempt=float(data.get("next_attempt", 0.0)), attempts=int(data.get("attempts", 0)),
             held=bool(data.get("held")), received_from=str(data.get("received_from", "")),
-            extra=dict(data.get("extra") or {}),
+            extra=dict(data.get("extra") or {}), requiretls=bool(data.get("requiretls")),
+            priority=int(data["priority"]) if data.get("priority") is not None else None,
+            deliver_by=_stored_param(parse_by, data["by"]) if data.get("by") else None,
         )

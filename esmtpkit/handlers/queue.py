@@ -23,10 +23,12 @@ from twisted.python.failure import Failure
 
 from esmtpkit.core.address import Address
 from esmtpkit.core.content import ContentMode
+from esmtpkit.core.deliverby import By
 from esmtpkit.core.escape import escape
 from esmtpkit.core.ids import new_id
 from esmtpkit.core.outbound import Message, Recipient
 from esmtpkit.core.reply import Reply, SMTPReply
+from esmtpkit.core.rrvs import ValidSince
 from esmtpkit.core.session import Session
 from esmtpkit.core.trace import received_header
 from esmtpkit.handlers.access import DEFAULT_NETWORKS, may_relay, parse_networks
@@ -111,7 +113,8 @@ def _words(value: Any) -> tuple[str, ...]:
 
 def to_message(session: Session, message_id: str, size: int, arrived: float) -> Message:
     """The queued form of the session's envelope: sender, recipients with NOTIFY and ORCPT (RFC 3461), SIZE's
-    actual value, BODY, SMTPUTF8, RET and ENVID, and who sent it."""
+    actual value, BODY, SMTPUTF8, RET and ENVID, REQUIRETLS (RFC 8689), MT-PRIORITY (RFC 6710), BY (RFC 2852),
+    each recipient's RRVS (RFC 7293), and who sent it."""
     envelope = session.envelope
     params: Mapping[str, Any] = envelope.mail_params
     rcpt_params = list(envelope.rcpt_params) + [{}] * (len(envelope.recipients) - len(envelope.rcpt_params))
@@ -119,17 +122,23 @@ def to_message(session: Session, message_id: str, size: int, arrived: float) -> 
     for address, rcpt in zip(envelope.recipients, rcpt_params):
         notify = rcpt.get("NOTIFY")
         orcpt = rcpt.get("ORCPT")
+        rrvs = rcpt.get("RRVS")
         recipients.append(Recipient(str(address), _words(notify) if notify is not None else None,
-                                    str(orcpt) if orcpt is not None else None))
+                                    str(orcpt) if orcpt is not None else None,
+                                    rrvs=rrvs if isinstance(rrvs, ValidSince) else None))
     body = params.get("BODY")
     ret = params.get("RET")
     envid = params.get("ENVID")
+    priority = params.get("MT-PRIORITY")
+    by = params.get("BY")
     return Message(
         id=message_id, sender=str(envelope.sender or ""), recipients=recipients, size=size,
         body=str(body).upper() if body and str(body).upper() != "7BIT" else None,
         smtputf8=bool(params.get("SMTPUTF8")), ret=str(ret).upper() if ret is not None else None,
         envid=str(envid) if envid is not None else None, arrived=arrived, next_attempt=arrived,
-        received_from=received_from(session),
+        received_from=received_from(session), requiretls=bool(params.get("REQUIRETLS")),
+        priority=priority if isinstance(priority, int) and not isinstance(priority, bool) else None,
+        deliver_by=by if isinstance(by, By) else None,
     )
 
 

@@ -1,8 +1,8 @@
 """`MemoryStore`: an `IQueueStore` kept in memory, for tests of the queue handler and runner (yours and ours).
 
-It behaves as the durable backends do (messages offered when due, at most ``concurrency`` at a time, state saved
-from what the worker returns and from its checkpoints, finished messages forgotten:
-`esmtpkit.queue.interfaces.finished`) but keeps nothing across a restart. Time is the injected reactor's, so a test
+It behaves as the durable backends do (messages offered when due, the higher MT-PRIORITY (RFC 6710) first, at
+most ``concurrency`` at a time, state saved from what the worker returns and from its checkpoints, finished
+messages forgotten: `esmtpkit.queue.interfaces.finished`) but keeps nothing across a restart. Time is the injected reactor's, so a test
 drives retries with `twisted.internet.task.Clock`. Setting ``failing`` makes every commit and enqueue fail, as a
 full disk or an unreachable broker would.
 """
@@ -168,7 +168,7 @@ class MemoryStore:
 
     def _due(self, now: float) -> list[Message]:
         waiting = [m for m in self.messages.values() if not m.held and m.id not in self._active]
-        return sorted((m for m in waiting if m.next_attempt <= now), key=lambda m: (m.next_attempt, m.id))
+        return sorted((m for m in waiting if m.next_attempt <= now), key=lambda m: (-m.rank, m.next_attempt, m.id))
 
     def _schedule(self) -> None:
         """Hand out what is due now (on the next turn of the reactor) and set a timer for the next one."""

@@ -6,7 +6,10 @@ the schedule's lifetime (RFC 3463 4.4.7), and queues the delivery status notific
 recipients asked for through the same store *before* it returns the message's new state. A notice the store
 refuses stays owed, and the store keeps the message until it is queued (`esmtpkit.queue.interfaces.finished`): a later
 attempt only queues the notices. While some domains are still under way, the progress of those that ended is
-saved (`ICheckpoint`), so a process killed mid-attempt does not deliver them again. Every recipient outcome is a
+saved (`ICheckpoint`), so a process killed mid-attempt does not deliver them again. A message with BY (RFC 2852)
+mode R is returned (5.4.7) once its deadline has passed, and its retries are never scheduled beyond it; in mode N
+a late message gets a delay notice and goes on. The notices about a REQUIRETLS message are REQUIRETLS too (RFC
+8689 §5). Every recipient outcome is a
 structured log event in the namespace ``esmtpkit.queue`` (see docs/queue.md) and a call on its `QueueMonitor`.
 """
 
@@ -19,6 +22,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from esmtpkit.core import bounce
+from esmtpkit.core.client import by_expired
 from esmtpkit.core.escape import escape
 from esmtpkit.core.ids import new_id
 from esmtpkit.core.outbound import Message, Outcome, Status
@@ -168,11 +172,14 @@ class QueueRunner:
 
     async def _deliver_all(self, message: Message, open_content: OpenContent) -> None:
         """Deliver what is pending (nothing when only notices are owed), expire, report, schedule."""
-        groups = message.by_domain()
         touched: list[int] = []
+        by = message.deliver_by
+        if by is not None and by.mode == "R" and message.pending and message.by_expired(self.reactor.seconds()):
+            touched = self._return_late(message)
+        groups = message.by_domain()
         if groups:
             await self._deliver_domains(message, groups, open_content)
-            touched = [index for indexes in groups.values() for index in indexes]
+            touched += [index for indexes in groups.values() for index in indexes]
             message.attempts += 1
         now = self.reactor.seconds()
         if message.pending and self.schedule.expired(message, now):
@@ -188,6 +195,21 @@ class QueueRunner:
         await self._notify(message, open_content, now)
         if not finished(message):
             message.next_attempt = now + self.schedule.delay(message.attempts)
+            if by is not None and by.mode == "R" and message.pending:
+                message.next_attempt = max(now, min(message.next_attempt, by.deadline(message.arrived)))
+
+    @staticmethod
+    def _return_late(message: Message) -> list[int]:
+        """BY with mode R, its deadline passed (RFC 2852 §4.1): the pending recipients fail with 5.4.7, so the
+        message is returned rather than attempted; the indexes failed."""
+        assert message.deliver_by is not None
+        outcome = by_expired(f"not delivered within the BY time of {message.deliver_by.seconds} seconds")
+        failed = message.pending
+        for index in failed:
+            recipient = message.recipients[index]
+            recipient.outcome = outcome
+            recipient.status = Status.FAILED
+        return failed
 
     async def _deliver_domains(self, message: Message, groups: Mapping[str, Sequence[int]],
                                open_content: OpenContent) -> None:
@@ -316,10 +338,17 @@ class QueueRunner:
                 owed[action].append(index)
         delayed: list[int] = []
         pending = message.pending
-        if pending and self.schedule.warn_due(message, now):
+        if pending and (self.schedule.warn_due(message, now) or self._by_late(message, now)):
             delayed = [i for i in pending if not recipients[i].delay_reported and recipients[i].wants("DELAY")]
         return [(action, indexes) for action, indexes in
                 (("failed", owed["failed"]), ("delayed", delayed), ("relayed", owed["relayed"])) if indexes]
+
+    @staticmethod
+    def _by_late(message: Message, now: float) -> bool:
+        """BY with mode N, its deadline passed and recipients still pending: a delay notice is owed (RFC 2852
+        §4.2), once per recipient as for the schedule's warning."""
+        by = message.deliver_by
+        return by is not None and by.mode == "N" and message.by_expired(now)
 
     async def _notify(self, message: Message, open_content: OpenContent, now: float) -> None:
         """Queue the notices owed. One the store refuses stays owed: the message is kept for it (`finished`) and
@@ -341,6 +370,7 @@ class QueueRunner:
                 continue
             if not notice.arrived:
                 notice.arrived = now
+            notice.requiretls = notice.requiretls or message.requiretls  # RFC 8689 §5: the notice keeps it
             try:
                 await self.store.enqueue(notice, data)
             except Exception:

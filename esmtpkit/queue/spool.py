@@ -241,7 +241,7 @@ class SpoolStore:
                 self.log.error("spool {path}: could not store {id}: {error}", path=self.path, id=message.id,
                                error=result.value)
             elif self.scheduler.running:
-                self.scheduler.offer(message.id, files.due_ns(message, now))
+                self.scheduler.offer(message.id, files.due_ns(message, now), message.rank)
             elif self.wake_others:
                 self.work(files.touch_trigger, self.paths).addErrback(
                     lambda f: self.log.failure("spool {path}: cannot touch the flush trigger", f, path=self.path))

@@ -18,7 +18,8 @@ Rules that make it safe:
   Finished messages go the other way: envelope first, then content.
 - **Schedule in the mtime**: the envelope file's modification time is the message's next attempt (written on the
   temporary file before the rename, so time and state change together). A scan (`scan_files`) is
-  ``os.scandir`` + ``stat``, keeping a bounded number of ids (the earliest due) whatever the size of the queue.
+  ``os.scandir`` + ``stat``, keeping a bounded number of ids (the earliest due) whatever the size of the queue;
+  only the envelopes it keeps are read, for their MT-PRIORITY.
   ``next_attempt`` in the JSON says what the runner asked for; the mtime wins (a flush moves only the mtime).
 - **Held**: ``"held": true`` in the JSON and the mtime set to `HELD_MTIME` (2100-01-01), so a scan skips a held
   message without reading it; a release restores the mtime from ``next_attempt``.
@@ -45,7 +46,7 @@ import os
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Iterator
 
 from esmtpkit.core.ids import new_id
@@ -53,7 +54,7 @@ from esmtpkit.core.outbound import Message
 from esmtpkit.queue.interfaces import finished
 
 __all__ = ["SpoolPaths", "Claim", "HELD_MTIME", "HELD_NS", "STALE_AGE", "valid_id", "to_ns", "due_ns",
-           "encode", "decode", "write_json", "create", "commit_files", "enqueue_files", "Scan", "scan_files",
+           "encode", "decode", "write_json", "create", "commit_files", "enqueue_files", "Scan", "scan_files", "read_rank",
            "cleanup_files", "quarantine", "try_lock", "read_fd", "claim_files", "checkpoint_files", "settle_files",
            "postpone_files",
            "make_due", "trigger_mtime", "touch_trigger", "fsync_dir", "unlink", "forget"]
@@ -255,11 +256,24 @@ class Scan:
     more: bool  # more were due than ``found`` holds
     queued: int = 0  # envelopes not held (those being attempted included)
     held: int = 0
+    ranks: dict[str, int] = field(default_factory=dict)  # MT-PRIORITY of the found ids that have one (not 0)
+
+
+def read_rank(paths: SpoolPaths, id: str) -> int:
+    """The MT-PRIORITY of message ``id`` (RFC 6710), read from its envelope: 0 when none, or unreadable (the claim
+    then deals with it)."""
+    try:
+        with open(paths.json(id), "rb") as f:
+            priority = json.loads(f.read()).get("priority")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return priority if isinstance(priority, int) and not isinstance(priority, bool) and -9 <= priority <= 9 else 0
 
 
 def scan_files(paths: SpoolPaths, now_ns: int, limit: int, exclude: frozenset[str]) -> Scan:
     """The ``limit`` earliest due envelopes (mtime, id) not in ``exclude``, whether more were due, and how many
-    messages are queued and held (ids in ``exclude`` count as queued, unread)."""
+    messages are queued and held (ids in ``exclude`` count as queued, unread). The envelopes found are read for
+    their MT-PRIORITY (``ranks``), by which the scheduler orders them."""
     count = 0
     queued = held = 0
 
@@ -290,7 +304,8 @@ def scan_files(paths: SpoolPaths, now_ns: int, limit: int, exclude: frozenset[st
                     yield mtime, name[:-5]
 
     found = heapq.nsmallest(limit, due())
-    return Scan(found, count > len(found), queued, held)
+    ranks = {id: rank for id, rank in ((id, read_rank(paths, id)) for _, id in found) if rank}
+    return Scan(found, count > len(found), queued, held, ranks)
 
 
 def cleanup_files(paths: SpoolPaths, now: float) -> list[str]:

@@ -1,7 +1,8 @@
 """`SpoolScheduler`: finds the due messages of a spool directory and hands them to the worker, with bounded memory.
 
 It scans ``messages/`` now, every ``scan_interval`` seconds and whenever the flush trigger changes, keeping at most
-``active_limit`` ids (the earliest due); it hands them to the worker at most ``concurrency`` at a time, each
+``active_limit`` ids (the earliest due); it hands them to the worker at most ``concurrency`` at a time, the higher
+MT-PRIORITY (RFC 6710) first and then the earliest due, each
 claimed under its lock, and saves what the worker made of each (`esmtpkit.queue.spool_files` does the file work),
 along with the worker's checkpoints in between. Each scan's counts (messages queued, held, and being attempted
 here) go to ``on_counts``. Once an hour it removes what killed processes left behind. `stop` waits for everything
@@ -72,7 +73,7 @@ class SpoolScheduler:
         self._attempts: dict[str, _Attempt] = {}  # ids with the worker
         self._worker: Worker | None = None
         self._running = False
-        self._ready: list[tuple[int, str]] = []  # heap of (due ns, id): due, waiting for the worker
+        self._ready: list[tuple[int, int, str]] = []  # heap of (-priority, due ns, id): waiting for the worker
         self._known: set[str] = set()  # ids in _ready or with the worker
         self._busy: set[str] = set()  # ids being claimed, with the worker, or being saved
         self._tracked = 0  # other work under way that stop waits for (commits)
@@ -122,7 +123,7 @@ class SpoolScheduler:
         if self._wake is not None and self._wake.active():
             self._wake.cancel()
         self._wake = None
-        for _, id in self._ready:
+        for _, _, id in self._ready:
             self._known.discard(id)
         self._ready = []
         done: Deferred[None] = Deferred()
@@ -141,8 +142,9 @@ class SpoolScheduler:
 
         return work.addBoth(ended)
 
-    def offer(self, id: str, due_ns: int) -> None:
-        """A message just committed here: to the worker now if it is due and there is room."""
+    def offer(self, id: str, due_ns: int, rank: int = 0) -> None:
+        """A message just committed here (MT-PRIORITY ``rank``): to the worker now if it is due and there is
+        room."""
         if not self._running or id in self._known:
             return
         if len(self._known) >= self.active_limit:
@@ -151,7 +153,7 @@ class SpoolScheduler:
         if due_ns > files.to_ns(self._now()):
             return
         self._known.add(id)
-        heapq.heappush(self._ready, (due_ns, id))
+        heapq.heappush(self._ready, (-rank, due_ns, id))
         self._pump()
 
     def _now(self) -> float:
@@ -189,7 +191,7 @@ class SpoolScheduler:
         for due, id in found:
             if id not in self._known and len(self._known) < self.active_limit:
                 self._known.add(id)
-                heapq.heappush(self._ready, (due, id))
+                heapq.heappush(self._ready, (-scan.ranks.get(id, 0), due, id))
         self._pump()
 
     def _count(self, scan: files.Scan) -> None:
@@ -225,7 +227,7 @@ class SpoolScheduler:
             while again:
                 self._pump_again = False
                 while self._running and self._ready and len(self._busy) < self.concurrency:
-                    _, id = heapq.heappop(self._ready)
+                    _, _, id = heapq.heappop(self._ready)
                     self._attempt(id)
                 if self._running and not self._ready and self._more and self._claimed and not self._scanning:
                     self._claimed = False
