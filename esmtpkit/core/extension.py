@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Final, Mapping, Protocol
+from typing import Any, Callable, Final, Mapping, NamedTuple, Protocol
 
 from esmtpkit.core.commands import CommandError, Verb
 from esmtpkit.core.reply import Reply
@@ -47,11 +47,10 @@ def param_error(text: str, code: int = 501, enhanced: str = "5.5.4") -> CommandE
     return CommandError(Reply(code, (text,), enhanced))
 
 
-@dataclass(frozen=True)
-class ParamContext:
+class ParamContext(NamedTuple):
     """What a parameter parser may look at: the session, the keywords this connection was offered, the
     parameters of the same command parsed before this one, the transaction's MAIL parameters (for RCPT) and
-    whether the transaction uses SMTPUTF8."""
+    whether the transaction uses SMTPUTF8. (A named tuple: one is made for every command with parameters.)"""
 
     session: Session
     offered: frozenset[str]
@@ -108,6 +107,16 @@ class VerbSpec:
             raise ValueError(f"{self.name} is a verb esmtpkit runs itself")
 
 
+_ALWAYS: Final = Offer.ALWAYS
+#: How Extension.offered decides each Offer but ALWAYS, as a test of the session.
+_OFFERED: Final[dict[Offer, Callable[[Session], bool]]] = {
+    Offer.TLS: lambda session: session.tls,
+    Offer.BEFORE_TLS: lambda session: not session.tls,
+    Offer.AUTHENTICATED: lambda session: session.authenticated is not None,
+    Offer.TRUSTED: lambda session: session.trusted,
+}
+
+
 class Extension:
     """One ESMTP extension (subclass it; see docs/extensions.md). Class attributes describe it:
 
@@ -135,16 +144,7 @@ class Extension:
 
     def offered(self, session: Session, settings: Any) -> bool:
         """Whether the keyword is offered on this connection now (``offer`` says when; override for more)."""
-        offer = self.offer
-        if offer is Offer.ALWAYS:
-            return True
-        if offer is Offer.TLS:
-            return session.tls
-        if offer is Offer.BEFORE_TLS:
-            return not session.tls
-        if offer is Offer.AUTHENTICATED:
-            return session.authenticated is not None
-        return session.trusted
+        return self.offer is _ALWAYS or bool(_OFFERED[self.offer](session))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name or self.keyword}>"
@@ -163,6 +163,7 @@ class Extensions:
     verbs: dict[str, tuple[Extension, VerbSpec]] = field(init=False, default_factory=dict)
     mail_allowance: int = field(init=False, default=0)
     rcpt_allowance: int = field(init=False, default=0)
+    _plan: Any = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         names: set[str] = set()
@@ -202,13 +203,33 @@ class Extensions:
 
     def ehlo_keywords(self, session: Session) -> list[str]:
         """The EHLO reply's keyword lines for this connection now, in order."""
-        lines = []
         settings = self.settings
-        for ext in self.items:
-            if ext.keyword is not None and ext.offered(session, settings):
+        lines = []
+        # Made once: extensions that keep Extension's own offered() and ehlo_params() are decided here, inline.
+        plan = self._plan if self._plan is not None else self._make_plan()
+        for keyword, ext, offer, fixed in plan:
+            if offer is None:
+                if not ext.offered(session, settings):
+                    continue
+            elif offer is not _ALWAYS and not _OFFERED[offer](session):
+                continue
+            if fixed:
+                lines.append(keyword)
+            else:
                 params = ext.ehlo_params(session, settings)
-                lines.append(f"{ext.keyword} {params}" if params else ext.keyword)
+                lines.append(f"{keyword} {params}" if params else keyword)
         return lines
+
+    def _make_plan(self) -> list[tuple[str, Extension, "Offer | None", bool]]:
+        plan = []
+        for ext in self.items:
+            if ext.keyword is None:
+                continue
+            own_offer = type(ext).offered is Extension.offered
+            fixed = type(ext).ehlo_params is Extension.ehlo_params
+            plan.append((ext.keyword, ext, ext.offer if own_offer else None, fixed))
+        self._plan = plan
+        return plan
 
     def parse(self, kind: str, raw: Mapping[str, str | None], context: ParamContext) -> dict[str, Any]:
         """Parse a MAIL (``kind`` "MAIL") or RCPT command's parameters: each by the extension that declares it,
