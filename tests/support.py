@@ -6,7 +6,13 @@
   replies (`GREETING`, `EHLO_REPLY`, `GO_AHEAD`, `ACCEPTED`) and a pipelined `SCENARIO` with what it should give.
 - STARTTLS without a handshake: `TLSMixin` over a `TLSStringTransport` that records the `CONTEXT` it was given.
 - Handler tests: `HandlerTestCase`, whose conversations are hung up and checked for timers when the test ends.
-- Monitor calls: `Recorder`.
+- Monitor calls: `Recorder`; one event of each kind from an `EventLog`: `every_event`.
+- The client: `Client` (one session in memory over a `Wire`, the test playing the next hop `PEER_HOST`, which
+  greets with `PEER_GREETING`), `make_message` (whose content is `CLIENT_CONTENT`); over loopback, `collecting`
+  (esmtpkit's server keeping what it takes) and `deliver` (one attempt to it).
+- The queue: `Queue` (a runner over a `RecordingStore`, a `ScriptedDeliverer` and a `RecordingMonitor` on a
+  Clock; content `QUEUE_CONTENT`, delivered as `OK`) and `report` (a notice read back); for the spool queue,
+  `Worker` (a delivery the test answers) and `commit` (one message of `SPOOL_CONTENT` committed).
 - Real servers: `Twistd`, `Server`, `Supervised` (``twistd esmtpkit`` processes), `run_twistd`, `terminate`,
   `wait_for_port`, `wait_for`; `RecordingNextHop` (a next hop that records what a relay sends) and `RawClient`; the
   /proc probes `greeting_pid`, `listening_inodes`, `holds_socket`, `alive`.
@@ -17,6 +23,9 @@ documentation are read by `tests.docblocks`.
 
 from __future__ import annotations
 
+import email
+import email.policy
+import io
 import os
 import re
 import shutil
@@ -27,8 +36,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from email.message import Message as EmailMessage
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable, Sequence
 
 import pytest
 from hypothesis import settings, strategies as st
@@ -36,20 +46,34 @@ from OpenSSL import SSL
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IListeningPort, ITLSTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from esmtpkit.server.monitor import Monitor
+from esmtpkit.client.options import ClientOptions
+from esmtpkit.client.protocol import ClientProtocol
+from esmtpkit.client.session import Attempt, send
+from esmtpkit.core.outbound import Message, Outcome, Recipient, Status
+from esmtpkit.core.reply import Reply
+from esmtpkit.core.schedule import Schedule
+from esmtpkit.handlers.collecting import Collecting, MessageStore
+from esmtpkit.queue.interfaces import OpenContent
+from esmtpkit.queue.memory import MemoryStore
+from esmtpkit.queue.runner import QueueMonitor, QueueRunner
+from esmtpkit.queue.spool import SpoolStore
+from esmtpkit.server.factory import ESMTPFactory
+from esmtpkit.server.monitor import EventLog, Monitor
 from esmtpkit.server.policy import Policy
 from esmtpkit.server.protocol import ESMTPProtocol
-from esmtpkit.testing import Conversation, RecordingHandler
+from esmtpkit.testing import Conversation, LoopbackServer, RecordingHandler
 
 
 # ---- scratch paths for trial-style tests --------------------------------------------------------------------------
@@ -741,3 +765,348 @@ class Server:
 
     def stop(self) -> None:
         terminate(self.process, 60)
+
+
+# ---- server events ------------------------------------------------------------------------------------------------
+
+def every_event(text: str = "") -> list[dict[str, Any]]:
+    """One event of each kind from an `EventLog`, with ``text`` wherever a client may choose text."""
+    from twisted.internet.address import IPv4Address
+
+    from esmtpkit.core.address import Address
+    from esmtpkit.core.session import Envelope, Session
+
+    events: list[dict[str, Any]] = []
+    monitor = EventLog(Logger(namespace="esmtpkit.events", observer=events.append))
+    session = Session(hostname="mx.test", peer=IPv4Address("TCP", "192.0.2.1" + text, 1),
+                      host=IPv4Address("TCP", "192.0.2.2", 25), helo="c" + text, authenticated="u" + text,
+                      envelope=Envelope(id="M1", sender=Address("s" + text + "@example.org"),
+                                        recipients=[Address("r@example.org")]))
+    envelope = session.envelope
+    monitor.connection_opened(session)
+    monitor.connection_refused(session, Reply.of(421, "4.3.2 busy" + text))
+    monitor.tls_established(session)
+    monitor.tls_failed(session, "alert" + text)
+    monitor.auth_succeeded(session, "PLAIN", "u" + text)
+    monitor.auth_failed(session, "PLAIN", None, Reply.of(535))
+    monitor.auth_throttled(session, "user", "u" + text, 300.0)
+    monitor.replied(session, "RCPT", Reply.of(550, "5.1.1 unknown" + text))
+    monitor.replied(session, "AUTH", Reply.of(535, "5.7.8 no"))
+    monitor.timed_out(session, "greeted")
+    monitor.message_accepted(session, envelope, 1, 0.5, Reply.of(250, "ok"))
+    monitor.message_rejected(session, envelope, 1, Reply.of(554, "5.7.1 no" + text))
+    monitor.message_aborted(session, envelope, 1, "reset by RSET")
+    monitor.connection_closed(session, 1.0, "QUIT" + text)
+    monitor.client_replaced(session, "XCLIENT", "192.0.2.9" + text)
+    return events
+
+
+# ---- one client session in memory, and deliveries over loopback ---------------------------------------------------
+
+#: The next hop as a client session names it in its outcomes, and the greeting it sends.
+PEER_HOST = "mx.test[127.0.0.1]"
+PEER_GREETING = b"220 mx.test ESMTP\r\n"
+#: The content of `make_message` (34 octets, one line to dot-stuff).
+CLIENT_CONTENT = b"Subject: test\r\n\r\n.dot line\r\nbody\r\n"
+
+
+def make_message(*addresses: str, **changes: Any) -> Message:
+    recipients = [Recipient(a) for a in (addresses or ("b@example.net", "c@example.net"))]
+    fields: dict[str, Any] = {"id": "Q1", "sender": "a@example.org", "recipients": recipients,
+                              "size": len(CLIENT_CONTENT)}
+    fields.update(changes)
+    return Message(**fields)
+
+
+@implementer(ITLSTransport)
+class Wire(StringTransport):
+    """The client's side of the connection: its writes one by one, STARTTLS recorded (no handshake), the
+    connection ending as soon as the client closes it. With ``pause``, every write fills the buffer."""
+
+    def __init__(self, pause: bool = False) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.tls: Any = None
+        self.pause = pause
+        self.aborted = False
+        self.protocol: Any = None
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.writes.append(data)
+        if self.pause and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def startTLS(self, contextFactory: Any) -> None:
+        self.tls = contextFactory
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting:
+            super().loseConnection()
+            self.protocol.connectionLost(Failure(ConnectionAborted() if self.aborted else ConnectionDone()))
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self.loseConnection()
+
+
+class Client:
+    """A ClientProtocol talking to the test, which plays the server: `said` feeds it the server's bytes."""
+
+    def __init__(self, message: Message | None = None, content: bytes = CLIENT_CONTENT, *, wire: Wire | None = None,
+                 indexes: list[int] | None = None, creator: Any = "tls settings", opener: Any = None,
+                 **options: Any) -> None:
+        options.setdefault("tls", "none")
+        options.setdefault("helo", "client.test")
+        self.clock = Clock()
+        self.message = message if message is not None else make_message()
+        self.opened: list[io.BytesIO] = []
+
+        def open_content() -> IO[bytes]:
+            self.opened.append(io.BytesIO(content))
+            return self.opened[-1]
+
+        self.protocol = ClientProtocol(self.message, opener or open_content, ClientOptions(**options),
+                                       self.message.pending if indexes is None else indexes, clock=self.clock,
+                                       host=PEER_HOST, tls_creator=creator)
+        self.wire = wire if wire is not None else Wire()
+        self.wire.protocol = self.protocol
+        self.protocol.makeConnection(self.wire)
+
+    def said(self, data: bytes) -> bytes:
+        """The server sends ``data``; what the client wrote in response."""
+        before = len(self.wire.value())
+        self.protocol.dataReceived(data)
+        return self.wire.value()[before:]
+
+    def result(self) -> dict[int, Outcome]:
+        """The outcomes, once the session has ended and left no timer behind."""
+        assert self.protocol.finished.called, "the session has not ended"
+        assert self.clock.getDelayedCalls() == []
+        return self.protocol.outcomes
+
+    def codes(self) -> dict[int, tuple[int, str]]:
+        return {i: (o.code, o.enhanced) for i, o in self.result().items()}
+
+    @property
+    def failed(self) -> bool:
+        return self.protocol.session_failed
+
+
+def reactor_() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def collecting(store: MessageStore, **policy: Any) -> ESMTPFactory:
+    return ESMTPFactory(Collecting.factory(store), policy=Policy(hostname="mx.test", **policy), clock=reactor_())
+
+
+def deliver(server: LoopbackServer, message: Message, content: bytes | Callable[[], IO[bytes]],
+            host: str = "localhost[127.0.0.1]", **options: Any) -> "Deferred[Attempt]":
+    options.setdefault("helo", "client.test")
+    reactor = reactor_()
+    opener = content if callable(content) else (lambda: io.BytesIO(content))
+    return send(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", server.port), message, opener,
+                ClientOptions(**options), host=host)
+
+
+# ---- the queue runner on a Clock ----------------------------------------------------------------------------------
+
+QUEUE_CONTENT = b"From: alice@example.org\r\nSubject: hello\r\nMessage-ID: <m1@example.org>\r\n\r\nHello there.\r\n"
+OK = Outcome(250, "2.0.0", "Ok: queued as X1", "mx.example.net[192.0.2.1]")
+SCHEDULE = Schedule(min_backoff=300.0, max_backoff=1200.0, lifetime=10000.0)
+
+
+@dataclass
+class Call:
+    """One deliver() call: when, which message, which recipients."""
+
+    time: float
+    message_id: str
+    addresses: tuple[str, ...]
+    open_content: OpenContent
+
+
+class ScriptedDeliverer:
+    """Answers each recipient from ``script`` (address -> outcomes, one per attempt, the last repeated; default
+    250). With ``hold``, returns unfired Deferreds kept in ``held`` for the test to fire."""
+
+    def __init__(self, clock: Clock, script: dict[str, Sequence[Outcome]] | None = None, hold: bool = False) -> None:
+        self.clock = clock
+        self.script = dict(script or {})
+        self.hold = hold
+        self.calls: list[Call] = []
+        self.held: list[tuple[Deferred[dict[int, Outcome]], dict[int, Outcome]]] = []
+        self.tries: dict[str, int] = {}
+
+    def deliver(self, message: Message, indexes: Sequence[int], open_content: OpenContent) -> Any:
+        addresses = tuple(message.recipients[i].address for i in indexes)
+        self.calls.append(Call(self.clock.seconds(), message.id, addresses, open_content))
+        outcomes = {}
+        for i, address in zip(indexes, addresses):
+            answers = self.script.get(address, [OK])
+            n = self.tries.get(address, 0)
+            self.tries[address] = n + 1
+            outcomes[i] = answers[min(n, len(answers) - 1)]
+        if self.hold:
+            d: Deferred[dict[int, Outcome]] = Deferred()
+            self.held.append((d, outcomes))
+            return d
+        return succeed(outcomes)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, outcomes in held:
+            d.callback(outcomes)
+
+
+class RecordingMonitor(QueueMonitor):
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def message_queued(self, message: Message, origin: str) -> None:
+        self.calls.append(("queued", message.sender, origin))
+
+    def attempt_started(self, message: Message) -> None:
+        self.calls.append(("started", message.id))
+
+    def attempt_finished(self, message: Message, seconds: float) -> None:
+        self.calls.append(("finished", message.id, seconds))
+
+    def recipient_done(self, message: Message, index: int, result: str) -> None:
+        self.calls.append(("recipient", message.recipients[index].address, result))
+
+    def notice_queued(self, notice: Message, action: str) -> None:
+        self.calls.append(("notice", action, notice.recipients[0].address))
+
+
+class RecordingStore(MemoryStore):
+    """A MemoryStore that keeps a copy of every message enqueued whole (the notices), even once delivered."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.enqueued: list[tuple[Message, bytes]] = []
+
+    def enqueue(self, message: Message, content: bytes) -> Deferred[None]:
+        done = super().enqueue(message, content)
+        if self.failing is None:
+            self.enqueued.append((message.copy(), content))
+        return done
+
+
+class Queue:
+    """A store, a deliverer and a runner on one Clock, with the runner's log events kept in ``events``."""
+
+    def __init__(self, script: dict[str, Sequence[Outcome]] | None = None, schedule: Schedule = SCHEDULE,
+                 hold: bool = False, deliverer: Any = None) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.store = RecordingStore(reactor=self.clock)
+        self.deliverer = deliverer if deliverer is not None else ScriptedDeliverer(self.clock, script, hold)
+        self.monitor = RecordingMonitor()
+        self.runner = QueueRunner(self.store, self.deliverer, reactor=self.clock, schedule=schedule,
+                                  hostname="mx.test", monitor=self.monitor)
+        self.events: list[dict[str, Any]] = []
+        self.runner.log = Logger(namespace="esmtpkit.queue", observer=self.events.append)
+        self.runner.start()
+
+    def add(self, *recipients: Recipient | str, sender: str = "alice@example.org", id: str = "M1",
+            **fields: Any) -> Message:
+        message = Message(id, sender, [r if isinstance(r, Recipient) else Recipient(r) for r in recipients],
+                          size=len(QUEUE_CONTENT), arrived=self.clock.seconds(), next_attempt=self.clock.seconds(),
+                          received_from="dns; client.example (192.0.2.7)", **fields)
+        self.store.enqueue(message, QUEUE_CONTENT)
+        self.clock.advance(0)
+        return message
+
+    def run_for(self, seconds: float) -> None:
+        """Let ``seconds`` pass, stopping at each timer on the way (as real time would)."""
+        end = self.clock.seconds() + seconds
+        while True:
+            due = [c.getTime() for c in self.clock.getDelayedCalls() if c.getTime() <= end]
+            if not due:
+                break
+            self.clock.advance(max(0.0, min(due) - self.clock.seconds()))
+        self.clock.advance(end - self.clock.seconds())
+
+    def notices(self) -> list[tuple[Message, bytes]]:
+        return [(m, data) for m, data in self.store.enqueued if m.sender == ""]
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == event]
+
+    def finish(self) -> None:
+        stopped = self.runner.stop()
+        assert stopped.called
+        assert self.clock.getDelayedCalls() == []
+
+
+def report(data: bytes) -> tuple[EmailMessage, EmailMessage, list[EmailMessage]]:
+    """A notice read back: the whole message, its per-message status fields, and its per-recipient blocks."""
+    notice = email.message_from_bytes(data, policy=email.policy.compat32)
+    assert notice.get_content_type() == "multipart/report"
+    assert notice.get_param("report-type") == "delivery-status"
+    status = notice.get_payload()[1]
+    assert status.get_content_type() == "message/delivery-status"
+    blocks = status.get_payload()
+    return notice, blocks[0], blocks[1:]
+
+
+# ---- the spool queue ----------------------------------------------------------------------------------------------
+
+SPOOL_CONTENT = b"Received: from client.example\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+class Worker:
+    """Records each message it is handed (with its content) and answers when the test fires its Deferred."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Message, bytes, Deferred[Message]]] = []
+
+    def __call__(self, message: Message, open_content: Callable[[], Any]) -> Deferred[Message]:
+        with open_content() as file:
+            content = file.read()
+        d: Deferred[Message] = Deferred()
+        self.calls.append((message, content, d))
+        return d
+
+    @property
+    def ids(self) -> list[str]:
+        return [message.id for message, _, _ in self.calls]
+
+    def deliver(self, index: int = -1) -> None:
+        """The attempt delivered every recipient."""
+        message, _, d = self.calls[index]
+        for recipient in message.recipients:
+            recipient.status = Status.DELIVERED
+            recipient.outcome = Outcome(250, "2.0.0", "Ok", "mx.example.net[192.0.2.1]")
+        d.callback(message)
+
+    def defer(self, index: int, next_attempt: float) -> None:
+        """The attempt failed for now: try again at ``next_attempt``."""
+        message, _, d = self.calls[index]
+        message.attempts += 1
+        message.next_attempt = next_attempt
+        for recipient in message.recipients:
+            recipient.outcome = Outcome(451, "4.4.1", "Connection refused", "")
+        d.callback(message)
+
+
+def envelope(id: str, clock: Clock, **fields: Any) -> Message:
+    fields.setdefault("recipients", [Recipient("rcpt@example.net")])
+    return Message(id=id, sender="sender@example.org", arrived=clock.seconds(), **fields)
+
+
+def commit(store: SpoolStore, clock: Clock, content: bytes = SPOOL_CONTENT, **fields: Any) -> str:
+    """Commit one message through an entry (inline file work); its id."""
+    entry = store.open_entry()
+    entry.write(content)
+    results: list[Any] = []
+    entry.commit(envelope(entry.id, clock, **fields)).addBoth(results.append)
+    assert results == [None]
+    return entry.id

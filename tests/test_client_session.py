@@ -12,46 +12,43 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import pytest
 import pytest_twisted
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
-from twisted.internet.interfaces import IStreamClientEndpoint, ITLSTransport
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpkit.client.options import ClientOptions, Timeouts
-from esmtpkit.client.protocol import CHUNK_SIZE, QUIT_TIMEOUT, ClientProtocol
+from esmtpkit.client.protocol import CHUNK_SIZE, QUIT_TIMEOUT
 from esmtpkit.client.session import Attempt, host_name, send, tls_creator
 from esmtpkit.core.dsn import Notify, OriginalRecipient, Ret
-from esmtpkit.core.outbound import Message, Outcome, Recipient, Status
+from esmtpkit.core.outbound import Message, Outcome, Status
 from esmtpkit.core.reply import Reply
 from esmtpkit.handlers.base import MessageHandler
-from esmtpkit.handlers.collecting import Collecting, MessageStore
+from esmtpkit.handlers.collecting import MessageStore
 from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.server.interfaces import ContentMode, ILMTPHandler
 from esmtpkit.server.policy import Policy
 from esmtpkit.server.sasl import portal_from_strings
 from esmtpkit.server.tls import ServerTLS
-from esmtpkit.testing import LoopbackServer, RecordingHandler, serve
+from esmtpkit.testing import RecordingHandler, serve
 
 from .certs import make_tls_files, serve_implicit_tls
 from .docblocks import ROOT, TIMEOUT, blocks, reader_environment
+from .support import (CLIENT_CONTENT, PEER_GREETING, PEER_HOST, Client, Wire, collecting, deliver, make_message,
+                      reactor_)
 
-HOST = "mx.test[127.0.0.1]"
-GREETING = b"220 mx.test ESMTP\r\n"
 #: An EHLO reply offering everything the client can use.
 EHLO_ALL = (b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-DSN\r\n"
             b"250-CHUNKING\r\n250-BINARYMIME\r\n250 ENHANCEDSTATUSCODES\r\n")
 #: An EHLO reply offering no PIPELINING.
 EHLO_SERIAL = b"250-mx.test\r\n250-8BITMIME\r\n250 SIZE 1000000\r\n"
-CONTENT = b"Subject: test\r\n\r\n.dot line\r\nbody\r\n"
 ENVELOPE = (b"MAIL FROM:<a@example.org> SIZE=34\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<c@example.net>\r\n"
             b"DATA\r\n")
 STUFFED = b"Subject: test\r\n\r\n..dot line\r\nbody\r\n.\r\n"
@@ -61,95 +58,9 @@ QUEUED = b"250 2.0.0 queued as Q1\r\n"
 TIMEOUTS = Timeouts(connect=1, greeting=2, ehlo=3, mail=4, rcpt=5, data_init=6, block=7, data_end=8)
 
 
-def make_message(*addresses: str, **changes: Any) -> Message:
-    recipients = [Recipient(a) for a in (addresses or ("b@example.net", "c@example.net"))]
-    fields: dict[str, Any] = {"id": "Q1", "sender": "a@example.org", "recipients": recipients,
-                              "size": len(CONTENT)}
-    fields.update(changes)
-    return Message(**fields)
-
-
-@implementer(ITLSTransport)
-class Wire(StringTransport):
-    """The client's side of the connection: its writes one by one, STARTTLS recorded (no handshake), the
-    connection ending as soon as the client closes it. With ``pause``, every write fills the buffer."""
-
-    def __init__(self, pause: bool = False) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-        self.tls: Any = None
-        self.pause = pause
-        self.aborted = False
-        self.protocol: Any = None
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        self.writes.append(data)
-        if self.pause and self.producer is not None:
-            self.producer.pauseProducing()
-
-    def writeSequence(self, data: Any) -> None:
-        self.write(b"".join(data))
-
-    def startTLS(self, contextFactory: Any) -> None:
-        self.tls = contextFactory
-
-    def loseConnection(self) -> None:
-        if not self.disconnecting:
-            super().loseConnection()
-            self.protocol.connectionLost(Failure(ConnectionAborted() if self.aborted else ConnectionDone()))
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        self.loseConnection()
-
-
-class Client:
-    """A ClientProtocol talking to the test, which plays the server: `said` feeds it the server's bytes."""
-
-    def __init__(self, message: Message | None = None, content: bytes = CONTENT, *, wire: Wire | None = None,
-                 indexes: list[int] | None = None, creator: Any = "tls settings", opener: Any = None,
-                 **options: Any) -> None:
-        options.setdefault("tls", "none")
-        options.setdefault("helo", "client.test")
-        self.clock = Clock()
-        self.message = message if message is not None else make_message()
-        self.opened: list[io.BytesIO] = []
-
-        def open_content() -> IO[bytes]:
-            self.opened.append(io.BytesIO(content))
-            return self.opened[-1]
-
-        self.protocol = ClientProtocol(self.message, opener or open_content, ClientOptions(**options),
-                                       self.message.pending if indexes is None else indexes, clock=self.clock,
-                                       host=HOST, tls_creator=creator)
-        self.wire = wire if wire is not None else Wire()
-        self.wire.protocol = self.protocol
-        self.protocol.makeConnection(self.wire)
-
-    def said(self, data: bytes) -> bytes:
-        """The server sends ``data``; what the client wrote in response."""
-        before = len(self.wire.value())
-        self.protocol.dataReceived(data)
-        return self.wire.value()[before:]
-
-    def result(self) -> dict[int, Outcome]:
-        """The outcomes, once the session has ended and left no timer behind."""
-        assert self.protocol.finished.called, "the session has not ended"
-        assert self.clock.getDelayedCalls() == []
-        return self.protocol.outcomes
-
-    def codes(self) -> dict[int, tuple[int, str]]:
-        return {i: (o.code, o.enhanced) for i, o in self.result().items()}
-
-    @property
-    def failed(self) -> bool:
-        return self.protocol.session_failed
-
-
 def up_to_mail(client: Client, ehlo: bytes = EHLO_ALL) -> bytes:
     """Greet and answer EHLO; what the client sent next."""
-    assert client.said(GREETING) == b"EHLO client.test\r\n"
+    assert client.said(PEER_GREETING) == b"EHLO client.test\r\n"
     return client.said(ehlo)
 
 
@@ -165,15 +76,15 @@ def test_pipelined_transaction() -> None:
     assert client.said(QUEUED) == b"QUIT\r\n"
     assert not client.protocol.finished.called
     assert client.said(b"221 2.0.0 bye\r\n") == b""
-    assert client.result() == {0: Outcome(250, "2.0.0", "queued as Q1", HOST, dsn=True),
-                               1: Outcome(250, "2.0.0", "queued as Q1", HOST, dsn=True)}
+    assert client.result() == {0: Outcome(250, "2.0.0", "queued as Q1", PEER_HOST, dsn=True),
+                               1: Outcome(250, "2.0.0", "queued as Q1", PEER_HOST, dsn=True)}
     assert not client.failed
     assert client.opened[0].closed
 
 
 def test_replies_split_anywhere_give_the_same_session() -> None:
     """The server's replies arriving one octet at a time (bare LF line ends too) change nothing."""
-    script = GREETING + EHLO_ALL.replace(b"\r\n", b"\n") + OK * 3 + GO_AHEAD + QUEUED + b"221 bye\r\n"
+    script = PEER_GREETING + EHLO_ALL.replace(b"\r\n", b"\n") + OK * 3 + GO_AHEAD + QUEUED + b"221 bye\r\n"
     client = Client()
     for i in range(len(script)):
         client.said(script[i:i + 1])
@@ -253,8 +164,8 @@ def test_421_greeting() -> None:
     """421 at the greeting: the server is closing, so no QUIT; a temporary session failure."""
     client = Client()
     assert client.said(b"421 4.3.2 mx.test busy\r\n") == b""
-    assert client.result() == {0: Outcome(421, "4.3.2", "mx.test busy", HOST),
-                               1: Outcome(421, "4.3.2", "mx.test busy", HOST)}
+    assert client.result() == {0: Outcome(421, "4.3.2", "mx.test busy", PEER_HOST),
+                               1: Outcome(421, "4.3.2", "mx.test busy", PEER_HOST)}
     assert client.failed
 
 
@@ -263,7 +174,7 @@ def test_554_greeting_is_taken_as_temporary() -> None:
     client = Client()
     assert client.said(b"554 5.7.1 no service for you\r\n") == b"QUIT\r\n"
     client.said(b"221 bye\r\n")
-    assert client.result()[0] == Outcome(454, "4.7.1", "no service for you", HOST)
+    assert client.result()[0] == Outcome(454, "4.7.1", "no service for you", PEER_HOST)
     assert client.failed
 
 
@@ -281,9 +192,9 @@ def test_recipients_with_mixed_replies() -> None:
     client.said(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n450 4.2.1 try later\r\n")
     assert client.said(GO_AHEAD) == STUFFED
     client.said(QUEUED + b"221 bye\r\n")
-    assert client.result() == {0: Outcome(250, "2.0.0", "queued as Q1", HOST, dsn=True),
-                               1: Outcome(550, "5.1.1", "no such user", HOST),
-                               2: Outcome(450, "4.2.1", "try later", HOST)}
+    assert client.result() == {0: Outcome(250, "2.0.0", "queued as Q1", PEER_HOST, dsn=True),
+                               1: Outcome(550, "5.1.1", "no such user", PEER_HOST),
+                               2: Outcome(450, "4.2.1", "try later", PEER_HOST)}
     assert not client.failed
 
 
@@ -342,7 +253,7 @@ def test_end_of_data_refused(reply: bytes, failed: bool) -> None:
     client.said(OK * 3 + GO_AHEAD)
     assert client.said(reply) == b"QUIT\r\n"
     client.said(b"221 bye\r\n")
-    assert {(o.code, o.remote) for o in client.result().values()} == {(int(reply[:3]), HOST)}
+    assert {(o.code, o.remote) for o in client.result().values()} == {(int(reply[:3]), PEER_HOST)}
     assert client.failed is failed
 
 
@@ -362,8 +273,8 @@ def test_connection_lost_during_the_data() -> None:
     client.said(OK * 2 + b"550 5.1.1 no\r\n" + GO_AHEAD)
     client.protocol.connectionLost(Failure(ConnectionDone()))
     assert client.result() == {
-        0: Outcome(451, "4.4.2", f"lost connection with {HOST} while sending the message content"),
-        1: Outcome(550, "5.1.1", "no", HOST)}
+        0: Outcome(451, "4.4.2", f"lost connection with {PEER_HOST} while sending the message content"),
+        1: Outcome(550, "5.1.1", "no", PEER_HOST)}
     assert client.failed
     assert client.opened[0].closed
 
@@ -397,7 +308,7 @@ def test_too_big_for_the_server_is_not_sent() -> None:
     assert up_to_mail(client, b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 4999\r\n") == b"QUIT\r\n"
     client.said(b"221 bye\r\n")
     assert client.result()[0] == Outcome(552, "5.3.4", f"message size 5000 exceeds the server's limit of 4999 "
-                                                       f"({HOST})")
+                                                       f"({PEER_HOST})")
     assert not client.failed
     assert client.opened == []
 
@@ -441,7 +352,7 @@ def test_a_server_offering_dsn_takes_the_notices_on(ehlo: bytes, dsn: bool) -> N
 
 def test_lmtp_outcomes_say_whether_dsn_went_along() -> None:
     client = Client(lmtp=True)
-    client.said(GREETING + EHLO_ALL + OK * 3 + GO_AHEAD + b"250 2.0.0 delivered\r\n"
+    client.said(PEER_GREETING + EHLO_ALL + OK * 3 + GO_AHEAD + b"250 2.0.0 delivered\r\n"
                 + b"452 4.2.2 mailbox full\r\n221 bye\r\n")
     assert [(o.code, o.dsn) for _, o in sorted(client.result().items())] == [(250, True), (452, False)]
 
@@ -452,8 +363,8 @@ def test_552_to_rcpt_is_the_recipient_limit() -> None:
     up_to_mail(client)
     client.said(OK * 2 + b"552 5.5.3 too many recipients\r\n552 mailbox over quota\r\n" + GO_AHEAD)
     client.said(QUEUED + b"221 bye\r\n")
-    assert client.result()[1] == Outcome(452, "4.5.3", "too many recipients", HOST)
-    assert client.result()[2] == Outcome(452, "4.0.0", "mailbox over quota", HOST)
+    assert client.result()[1] == Outcome(452, "4.5.3", "too many recipients", PEER_HOST)
+    assert client.result()[2] == Outcome(452, "4.0.0", "mailbox over quota", PEER_HOST)
     assert client.codes()[0] == (250, "2.0.0") and not client.failed
 
 
@@ -473,7 +384,7 @@ def test_bdat_pipelined() -> None:
     assert client.said(b"250 2.0.0 chunk ok\r\n" * 2) == b""
     assert client.said(b"250 2.0.0 all of it\r\n") == b"QUIT\r\n"
     client.said(b"221 bye\r\n")
-    assert client.result()[0] == Outcome(250, "2.0.0", "all of it", HOST, dsn=True)
+    assert client.result()[0] == Outcome(250, "2.0.0", "all of it", PEER_HOST, dsn=True)
 
 
 def test_text_content_with_bdat_gets_crlf_line_ends() -> None:
@@ -537,7 +448,7 @@ def test_empty_content_with_bdat() -> None:
 def test_lmtp_answers_each_recipient() -> None:
     """RFC 2033 §4.2: LHLO, then one reply per accepted recipient after the content."""
     client = Client(make_message("b@example.net", "c@example.net", "d@example.net"), lmtp=True)
-    assert client.said(GREETING) == b"LHLO client.test\r\n"
+    assert client.said(PEER_GREETING) == b"LHLO client.test\r\n"
     client.said(EHLO_ALL)
     client.said(b"250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n250 ok\r\n")
     assert client.said(GO_AHEAD) == STUFFED
@@ -550,7 +461,7 @@ def test_lmtp_answers_each_recipient() -> None:
 
 def test_lmtp_connection_lost_between_replies() -> None:
     client = Client(lmtp=True)
-    client.said(GREETING + EHLO_ALL + OK * 3 + GO_AHEAD + b"250 2.0.0 delivered\r\n")
+    client.said(PEER_GREETING + EHLO_ALL + OK * 3 + GO_AHEAD + b"250 2.0.0 delivered\r\n")
     client.protocol.connectionLost(Failure(ConnectionDone()))
     assert client.codes() == {0: (250, "2.0.0"), 1: (451, "4.4.2")}
     assert client.failed
@@ -558,7 +469,7 @@ def test_lmtp_connection_lost_between_replies() -> None:
 
 def test_lmtp_never_says_helo() -> None:
     client = Client(lmtp=True)
-    client.said(GREETING)
+    client.said(PEER_GREETING)
     assert client.said(b"500 5.5.2 what\r\n") == b"QUIT\r\n"
 
 
@@ -583,7 +494,7 @@ def test_starttls_not_offered(tls: str, sent: bytes) -> None:
     assert up_to_mail(client, EHLO_SERIAL.replace(b"250 SIZE 1000000", b"250 HELP")) == sent
     if tls == "required":
         client.said(b"221 bye\r\n")
-        assert client.result()[0] == Outcome(454, "4.7.4", f"TLS is required, but was not offered by {HOST}")
+        assert client.result()[0] == Outcome(454, "4.7.4", f"TLS is required, but was not offered by {PEER_HOST}")
         assert client.failed
 
 
@@ -604,7 +515,7 @@ def test_starttls_handshake_failure() -> None:
     client.protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
     outcome = client.result()[0]
     assert (outcome.code, outcome.enhanced) == (454, "4.7.5")
-    assert outcome.text.startswith(f"TLS handshake with {HOST} failed: ")
+    assert outcome.text.startswith(f"TLS handshake with {PEER_HOST} failed: ")
     assert client.failed and client.protocol.tls_failed
 
 
@@ -659,11 +570,11 @@ def test_auth_login() -> None:
 def test_auth_refused_is_temporary() -> None:
     """Wrong credentials are for us to fix: the mail waits (4.7.8) rather than bouncing."""
     client = Client(tls="implicit", username="alice", password="wrong")
-    client.said(GREETING)
+    client.said(PEER_GREETING)
     assert client.said(EHLO_AUTH).startswith(b"AUTH PLAIN ")
     assert client.said(b"535 5.7.8 bad credentials\r\n") == b"QUIT\r\n"
     client.said(b"221 bye\r\n")
-    assert client.result()[0] == Outcome(435, "4.7.8", "bad credentials", HOST)
+    assert client.result()[0] == Outcome(435, "4.7.8", "bad credentials", PEER_HOST)
     assert client.failed
 
 
@@ -684,12 +595,12 @@ def test_no_credentials_without_tls_or_a_mechanism(ehlo: bytes, enhanced: str) -
 #: For each wait: what the server says before it falls silent, whether writes fill the buffer, and the text.
 STEPS = {
     "greeting": (b"", False, "while waiting for the greeting"),
-    "ehlo": (GREETING, False, "while waiting for the reply to EHLO"),
-    "mail": (GREETING + EHLO_SERIAL, False, "while waiting for the reply to MAIL FROM"),
-    "rcpt": (GREETING + EHLO_SERIAL + OK, False, "while waiting for the reply to RCPT TO"),
-    "data_init": (GREETING + EHLO_SERIAL + OK * 3, False, "while waiting for the reply to DATA"),
-    "block": (GREETING + EHLO_SERIAL + OK * 3 + GO_AHEAD, True, "while sending the message content"),
-    "data_end": (GREETING + EHLO_SERIAL + OK * 3 + GO_AHEAD, False,
+    "ehlo": (PEER_GREETING, False, "while waiting for the reply to EHLO"),
+    "mail": (PEER_GREETING + EHLO_SERIAL, False, "while waiting for the reply to MAIL FROM"),
+    "rcpt": (PEER_GREETING + EHLO_SERIAL + OK, False, "while waiting for the reply to RCPT TO"),
+    "data_init": (PEER_GREETING + EHLO_SERIAL + OK * 3, False, "while waiting for the reply to DATA"),
+    "block": (PEER_GREETING + EHLO_SERIAL + OK * 3 + GO_AHEAD, True, "while sending the message content"),
+    "data_end": (PEER_GREETING + EHLO_SERIAL + OK * 3 + GO_AHEAD, False,
                  "while waiting for the reply to the end of the data"),
 }
 
@@ -705,7 +616,7 @@ def test_each_timeout(step: str) -> None:
     assert not client.protocol.finished.called
     client.clock.advance(0.5)
     assert client.wire.aborted
-    assert client.result()[0] == Outcome(451, "4.4.2", f"conversation with {HOST} timed out {doing}")
+    assert client.result()[0] == Outcome(451, "4.4.2", f"conversation with {PEER_HOST} timed out {doing}")
     assert client.failed
 
 
@@ -715,7 +626,7 @@ def test_each_timeout(step: str) -> None:
     (b"220-more\r\n" * 101, "longer than 100 lines"),
     (b"220 " + b"x" * 5000, "longer than 2048 octets"),
     (b"220 " + b"x" * 3000 + b"\r\n", "longer than 2048 octets"),
-    (GREETING + b"354 go on\r\n", "unexpected reply 354 go on to EHLO"),
+    (PEER_GREETING + b"354 go on\r\n", "unexpected reply 354 go on to EHLO"),
 ])
 def test_bad_replies_end_the_session(junk: bytes, why: str) -> None:
     client = Client()
@@ -760,12 +671,12 @@ class FakeEndpoint:
         return succeed(protocol)
 
 
-def sending(endpoint: Any, clock: Clock, message: Message | None = None, *, host: str = HOST,
+def sending(endpoint: Any, clock: Clock, message: Message | None = None, *, host: str = PEER_HOST,
             indexes: list[int] | None = None, **options: Any) -> list[Attempt]:
     options.setdefault("helo", "client.test")
     options.setdefault("tls", "none")
     got: list[Attempt] = []
-    send(clock, endpoint, message or make_message(), lambda: io.BytesIO(CONTENT), ClientOptions(**options),
+    send(clock, endpoint, message or make_message(), lambda: io.BytesIO(CLIENT_CONTENT), ClientOptions(**options),
          indexes=indexes, host=host).addCallback(got.append)
     return got
 
@@ -773,8 +684,8 @@ def sending(endpoint: Any, clock: Clock, message: Message | None = None, *, host
 def test_send_connection_refused() -> None:
     clock = Clock()
     [attempt] = sending(FakeEndpoint(ConnectionRefusedError()), clock)
-    assert attempt == Attempt(HOST, {0: Outcome(451, "4.4.1", f"connection refused by {HOST}"),
-                                     1: Outcome(451, "4.4.1", f"connection refused by {HOST}")}, True)
+    assert attempt == Attempt(PEER_HOST, {0: Outcome(451, "4.4.1", f"connection refused by {PEER_HOST}"),
+                                     1: Outcome(451, "4.4.1", f"connection refused by {PEER_HOST}")}, True)
     assert clock.getDelayedCalls() == []
 
 
@@ -784,14 +695,14 @@ def test_send_connect_timeout() -> None:
     assert got == []
     clock.advance(TIMEOUTS.connect)
     [attempt] = got
-    assert attempt.outcomes[0] == Outcome(451, "4.4.1", f"connection to {HOST} timed out")
+    assert attempt.outcomes[0] == Outcome(451, "4.4.1", f"connection to {PEER_HOST} timed out")
     assert attempt.session_failed
 
 
 def test_send_nothing_to_send() -> None:
     clock = Clock()
     endpoint = FakeEndpoint()
-    assert sending(endpoint, clock, indexes=[]) == [Attempt(HOST, {}, False)]
+    assert sending(endpoint, clock, indexes=[]) == [Attempt(PEER_HOST, {}, False)]
     assert endpoint.wires == []
 
 
@@ -802,8 +713,8 @@ def test_send_a_whole_session() -> None:
     message.recipients[1].status = Status.FAILED
     got = sending(endpoint, clock, message)
     [wire] = endpoint.wires
-    wire.protocol.dataReceived(GREETING + EHLO_ALL + OK * 2 + GO_AHEAD + QUEUED + b"221 bye\r\n")
-    assert got == [Attempt(HOST, {0: Outcome(250, "2.0.0", "queued as Q1", HOST, dsn=True)}, False)]
+    wire.protocol.dataReceived(PEER_GREETING + EHLO_ALL + OK * 2 + GO_AHEAD + QUEUED + b"221 bye\r\n")
+    assert got == [Attempt(PEER_HOST, {0: Outcome(250, "2.0.0", "queued as Q1", PEER_HOST, dsn=True)}, False)]
     assert clock.getDelayedCalls() == []
 
 
@@ -812,12 +723,12 @@ def test_send_opportunistic_tls_failing_tries_again_in_clear() -> None:
     endpoint = FakeEndpoint()
     got = sending(endpoint, clock, tls="opportunistic")
     first = endpoint.wires[0]
-    first.protocol.dataReceived(GREETING + EHLO_TLS + b"220 go ahead\r\n")
+    first.protocol.dataReceived(PEER_GREETING + EHLO_TLS + b"220 go ahead\r\n")
     assert first.tls is not None
     first.protocol.connectionLost(Failure(SSL.Error([])))
     assert got == []
     second = endpoint.wires[1]
-    second.protocol.dataReceived(GREETING + EHLO_TLS)
+    second.protocol.dataReceived(PEER_GREETING + EHLO_TLS)
     assert b"STARTTLS" not in second.value()
     second.protocol.dataReceived(OK * 3 + GO_AHEAD + QUEUED + b"221 bye\r\n")
     [attempt] = got
@@ -829,7 +740,7 @@ def test_send_verified_tls_failing_never_goes_in_clear() -> None:
     endpoint = FakeEndpoint()
     got = sending(endpoint, clock, tls="opportunistic", verify=True)
     [wire] = endpoint.wires
-    wire.protocol.dataReceived(GREETING + EHLO_TLS + b"220 go ahead\r\n")
+    wire.protocol.dataReceived(PEER_GREETING + EHLO_TLS + b"220 go ahead\r\n")
     wire.protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
     [attempt] = got
     assert {o.enhanced for o in attempt.outcomes.values()} == {"4.7.5"} and attempt.session_failed
@@ -845,20 +756,21 @@ def fired(d: "Deferred[Any]") -> Any:
 
 
 def cancelled(text: str) -> Outcome:
-    return Outcome.local(451, "4.4.2", f"attempt timed out ({HOST}, {text})")
+    return Outcome.local(451, "4.4.2", f"attempt timed out ({PEER_HOST}, {text})")
 
 
 def test_cancel_aborts_the_session_and_keeps_the_answers_given() -> None:
     """A cancelled send fires at once with the Attempt as it stands, never with CancelledError."""
     clock = Clock()
     endpoint = FakeEndpoint()
-    d = send(clock, endpoint, make_message(), lambda: io.BytesIO(CONTENT), ClientOptions(tls="none"), host=HOST)
+    d = send(clock, endpoint, make_message(), lambda: io.BytesIO(CLIENT_CONTENT), ClientOptions(tls="none"),
+             host=PEER_HOST)
     [wire] = endpoint.wires
-    wire.protocol.dataReceived(GREETING + EHLO_ALL + OK + b"550 5.1.1 no such user\r\n")
+    wire.protocol.dataReceived(PEER_GREETING + EHLO_ALL + OK + b"550 5.1.1 no such user\r\n")
     d.cancel()
     assert wire.aborted
-    assert fired(d) == Attempt(HOST, {
-        0: Outcome(550, "5.1.1", "no such user", HOST), 1: cancelled("while waiting for the reply to RCPT TO")},
+    assert fired(d) == Attempt(PEER_HOST, {
+        0: Outcome(550, "5.1.1", "no such user", PEER_HOST), 1: cancelled("while waiting for the reply to RCPT TO")},
         True)
     assert clock.getDelayedCalls() == []
 
@@ -866,9 +778,10 @@ def test_cancel_aborts_the_session_and_keeps_the_answers_given() -> None:
 def test_cancel_after_the_data_was_taken_keeps_the_delivery() -> None:
     clock = Clock()
     endpoint = FakeEndpoint()
-    d = send(clock, endpoint, make_message(), lambda: io.BytesIO(CONTENT), ClientOptions(tls="none"), host=HOST)
+    d = send(clock, endpoint, make_message(), lambda: io.BytesIO(CLIENT_CONTENT), ClientOptions(tls="none"),
+             host=PEER_HOST)
     [wire] = endpoint.wires
-    wire.protocol.dataReceived(GREETING + EHLO_ALL + OK * 3 + GO_AHEAD + QUEUED)
+    wire.protocol.dataReceived(PEER_GREETING + EHLO_ALL + OK * 3 + GO_AHEAD + QUEUED)
     assert wire.value().endswith(b"QUIT\r\n")
     d.cancel()
     attempt = fired(d)
@@ -879,10 +792,11 @@ def test_cancel_after_the_data_was_taken_keeps_the_delivery() -> None:
 def test_cancel_while_connecting() -> None:
     clock = Clock()
     endpoint = FakeEndpoint(None)
-    d = send(clock, endpoint, make_message(), lambda: io.BytesIO(CONTENT), ClientOptions(tls="none"), host=HOST)
+    d = send(clock, endpoint, make_message(), lambda: io.BytesIO(CLIENT_CONTENT), ClientOptions(tls="none"),
+             host=PEER_HOST)
     d.cancel()
     timed_out = cancelled("while connecting")
-    assert fired(d) == Attempt(HOST, {0: timed_out, 1: timed_out}, True)
+    assert fired(d) == Attempt(PEER_HOST, {0: timed_out, 1: timed_out}, True)
     assert clock.getDelayedCalls() == [] and endpoint.wires == []
 
 
@@ -910,39 +824,21 @@ def test_host_names_and_options() -> None:
 
 # ---- against esmtpkit's own server on 127.0.0.1 ----------------------------------------------------------------
 
-def reactor_() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
-def collecting(store: MessageStore, **policy: Any) -> ESMTPFactory:
-    return ESMTPFactory(Collecting.factory(store), policy=Policy(hostname="mx.test", **policy), clock=reactor_())
-
-
-def deliver(server: LoopbackServer, message: Message, content: bytes | Callable[[], IO[bytes]],
-            host: str = "localhost[127.0.0.1]", **options: Any) -> "Deferred[Attempt]":
-    options.setdefault("helo", "client.test")
-    reactor = reactor_()
-    opener = content if callable(content) else (lambda: io.BytesIO(content))
-    return send(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", server.port), message, opener,
-                ClientOptions(**options), host=host)
-
-
 @pytest_twisted.inlineCallbacks
 def test_loopback_plain() -> Any:
     store = MessageStore()
     server = yield serve(collecting(store))
     try:
-        attempt = yield deliver(server, make_message(), CONTENT, tls="none")
+        attempt = yield deliver(server, make_message(), CLIENT_CONTENT, tls="none")
     finally:
         yield server.stop()
     assert not attempt.session_failed
     assert {(o.code, o.enhanced, o.remote) for o in attempt.outcomes.values()} == {(250, "2.0.0",
                                                                                   "localhost[127.0.0.1]")}
     [got] = store.messages
-    assert (got.sender, got.recipients, got.data) == ("a@example.org", ("b@example.net", "c@example.net"), CONTENT)
-    assert got.mail_params == {"SIZE": len(CONTENT)} and not got.tls
+    assert (got.sender, got.recipients, got.data) == ("a@example.org", ("b@example.net", "c@example.net"),
+                                                      CLIENT_CONTENT)
+    assert got.mail_params == {"SIZE": len(CLIENT_CONTENT)} and not got.tls
 
 
 @pytest_twisted.inlineCallbacks
@@ -953,16 +849,16 @@ def test_loopback_starttls_verified(tmp_path: Path) -> Any:
     store = MessageStore()
     server = yield serve(collecting(store, tls_context=ServerTLS(files.cert, files.key)))
     try:
-        good = yield deliver(server, make_message(), CONTENT, tls="required", verify=True, ca_file=str(files.ca))
-        wrong = yield deliver(server, make_message(), CONTENT, tls="opportunistic", verify=True,
+        good = yield deliver(server, make_message(), CLIENT_CONTENT, tls="required", verify=True, ca_file=str(files.ca))
+        wrong = yield deliver(server, make_message(), CLIENT_CONTENT, tls="opportunistic", verify=True,
                               ca_file=str(files.ca), tls_hostname="mx.example.net")
-        untrusted = yield deliver(server, make_message(), CONTENT, tls="required", verify=True,
+        untrusted = yield deliver(server, make_message(), CLIENT_CONTENT, tls="required", verify=True,
                                   ca_file=str(make_tls_files(tmp_path / "other").ca))
     finally:
         yield server.stop()
     assert {o.code for o in good.outcomes.values()} == {250}
     [got] = store.messages
-    assert got.tls and got.data == CONTENT
+    assert got.tls and got.data == CLIENT_CONTENT
     for failed in (wrong, untrusted):
         assert failed.session_failed
         assert {(o.code, o.enhanced) for o in failed.outcomes.values()} == {(454, "4.7.5")}, failed
@@ -974,7 +870,8 @@ def test_loopback_implicit_tls(tmp_path: Path) -> Any:
     store = MessageStore()
     server = yield serve_implicit_tls(collecting(store), files.cert, files.key)
     try:
-        attempt = yield deliver(server, make_message(), CONTENT, tls="implicit", verify=True, ca_file=str(files.ca))
+        attempt = yield deliver(server, make_message(), CLIENT_CONTENT, tls="implicit", verify=True,
+                                ca_file=str(files.ca))
     finally:
         yield server.stop()
     assert {o.code for o in attempt.outcomes.values()} == {250}
@@ -988,8 +885,9 @@ def test_loopback_auth_plain_over_tls(tmp_path: Path) -> Any:
     server = yield serve(collecting(store, tls_context=ServerTLS(files.cert, files.key),
                                     portal=portal_from_strings(["memory:alice:s3cret"]), auth_failure_delay=0))
     try:
-        good = yield deliver(server, make_message(), CONTENT, tls="required", username="alice", password="s3cret")
-        bad = yield deliver(server, make_message(), CONTENT, tls="required", username="alice", password="nope")
+        good = yield deliver(server, make_message(), CLIENT_CONTENT, tls="required", username="alice",
+                             password="s3cret")
+        bad = yield deliver(server, make_message(), CLIENT_CONTENT, tls="required", username="alice", password="nope")
     finally:
         yield server.stop()
     assert {o.code for o in good.outcomes.values()} == {250}
@@ -1104,8 +1002,8 @@ def test_loopback_lmtp(chunking: bool) -> Any:
 
     server = yield serve(ESMTPFactory(make, policy=Policy(hostname="mx.test", lmtp=True), clock=reactor_()))
     try:
-        attempt = yield deliver(server, make_message("alice@example.org", "bob@example.org"), CONTENT, tls="none",
-                                lmtp=True, chunking=chunking)
+        attempt = yield deliver(server, make_message("alice@example.org", "bob@example.org"), CLIENT_CONTENT,
+                                tls="none", lmtp=True, chunking=chunking)
     finally:
         yield server.stop()
     assert attempt == Attempt("localhost[127.0.0.1]", {

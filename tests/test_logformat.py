@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from esmtpkit.ops import logformat
 from esmtpkit.ops.logformat import classic_line, event_json, event_text, json_line, json_lines_observer
 
-from .test_monitor import every_event
+from .support import every_event
 
 #: Text a client may choose, with what JSON must escape: non-ASCII, quotes, backslashes, controls, separators.
 AWKWARD = ['', 'é ü 日本 \U0001f600', 'say "hi" \\ back', '\x1b[31m\x00\t\r\n', '\u2028\u2029 \ud800']

@@ -21,7 +21,7 @@ from esmtpkit.core.reply import Reply, SMTPReply
 from esmtpkit.server.sasl import portal_from_strings
 from esmtpkit.testing import Conversation
 
-from .support import Recorder
+from .support import Recorder, every_event
 
 CONTENT = b"Subject: hi\r\n\r\nbody text that must never be logged\r\n"
 
@@ -374,38 +374,6 @@ class IdTests(SynchronousTestCase):
     def test_not_an_id(self) -> None:
         for value in ("", "short", "I" * ID_LENGTH):
             self.assertRaises(ValueError, id_time, value)
-
-
-def every_event(text: str = "") -> list[dict[str, Any]]:
-    """One event of each kind from an `EventLog`, with ``text`` wherever a client may choose text."""
-    from twisted.internet.address import IPv4Address
-
-    from esmtpkit.core.address import Address
-    from esmtpkit.core.session import Envelope, Session
-
-    events: list[dict[str, Any]] = []
-    monitor = EventLog(Logger(namespace="esmtpkit.events", observer=events.append))
-    session = Session(hostname="mx.test", peer=IPv4Address("TCP", "192.0.2.1" + text, 1),
-                      host=IPv4Address("TCP", "192.0.2.2", 25), helo="c" + text, authenticated="u" + text,
-                      envelope=Envelope(id="M1", sender=Address("s" + text + "@example.org"),
-                                        recipients=[Address("r@example.org")]))
-    envelope = session.envelope
-    monitor.connection_opened(session)
-    monitor.connection_refused(session, Reply.of(421, "4.3.2 busy" + text))
-    monitor.tls_established(session)
-    monitor.tls_failed(session, "alert" + text)
-    monitor.auth_succeeded(session, "PLAIN", "u" + text)
-    monitor.auth_failed(session, "PLAIN", None, Reply.of(535))
-    monitor.auth_throttled(session, "user", "u" + text, 300.0)
-    monitor.replied(session, "RCPT", Reply.of(550, "5.1.1 unknown" + text))
-    monitor.replied(session, "AUTH", Reply.of(535, "5.7.8 no"))
-    monitor.timed_out(session, "greeted")
-    monitor.message_accepted(session, envelope, 1, 0.5, Reply.of(250, "ok"))
-    monitor.message_rejected(session, envelope, 1, Reply.of(554, "5.7.1 no" + text))
-    monitor.message_aborted(session, envelope, 1, "reset by RSET")
-    monitor.connection_closed(session, 1.0, "QUIT" + text)
-    monitor.client_replaced(session, "XCLIENT", "192.0.2.9" + text)
-    return events
 
 
 class FlattenedEventTests(SynchronousTestCase):

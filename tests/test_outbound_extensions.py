@@ -33,11 +33,11 @@ from esmtpkit.handlers.collecting import MessageStore
 from esmtpkit.handlers.queue import to_message
 from esmtpkit.queue.spool import SpoolStore
 from esmtpkit.server.tls import ServerTLS
+from esmtpkit.testing import serve
 
 from .certs import make_tls_files
-from .test_client_session import CONTENT, GREETING, Client, collecting, deliver, make_message, serve
-from .test_queue_runner import OK, Queue, report
-from .test_queue_spool import Worker, commit
+from .support import (CLIENT_CONTENT, OK, PEER_GREETING, Client, Queue, Worker, collecting, commit, deliver,
+                      make_message, report)
 
 SINCE = parse_rrvs("2020-01-02T03:04:05Z")
 SINCE_C = parse_rrvs("2020-01-02T03:04:05+01:00;C")
@@ -148,7 +148,7 @@ EHLO_TLS = b"250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
 
 def over_tls(client: Client, ehlo_after: bytes) -> bytes:
     """Greet, STARTTLS, handshake; what the client sends after the second EHLO's reply."""
-    assert client.said(GREETING) == b"EHLO client.test\r\n"
+    assert client.said(PEER_GREETING) == b"EHLO client.test\r\n"
     assert client.said(EHLO_TLS) == b"STARTTLS\r\n"
     client.said(b"220 go ahead\r\n")
     client.protocol.handshakeCompleted()
@@ -181,7 +181,7 @@ def test_requiretls_never_goes_without_verified_tls() -> None:
 @pytest.mark.parametrize("ehlo_reply", [b"250-mx.test\r\n250 PIPELINING\r\n", b"502 what\r\n"])
 def test_requiretls_without_starttls_fails_for_good(ehlo_reply: bytes) -> None:
     client = Client(make_message(requiretls=True), tls="required", verify=True)
-    client.said(GREETING)
+    client.said(PEER_GREETING)
     assert client.said(ehlo_reply) == b"QUIT\r\n"
     client.said(b"221 bye\r\n")
     assert client.codes()[0] == (550, "5.7.30")
@@ -189,7 +189,7 @@ def test_requiretls_without_starttls_fails_for_good(ehlo_reply: bytes) -> None:
 
 def test_requiretls_certificate_not_verified_fails_for_good() -> None:
     client = Client(make_message(requiretls=True), tls="required", verify=True)
-    client.said(GREETING)
+    client.said(PEER_GREETING)
     client.said(EHLO_TLS)
     client.said(b"220 go ahead\r\n")
     client.protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
@@ -199,7 +199,7 @@ def test_requiretls_certificate_not_verified_fails_for_good() -> None:
 
 def test_without_requiretls_tls_failures_stay_temporary() -> None:
     client = Client(tls="required", verify=True)
-    client.said(GREETING)
+    client.said(PEER_GREETING)
     assert client.said(b"250-mx.test\r\n250 PIPELINING\r\n") == b"QUIT\r\n"
     client.said(b"221 bye\r\n")
     assert client.codes()[0] == (454, "4.7.4")
@@ -209,7 +209,7 @@ def test_priority_and_by_go_with_the_time_left() -> None:
     message = make_message(priority=-2, deliver_by=By(3600, "N", True), arrived=0.0)
     client = Client(message)
     client.clock.advance(100.9)
-    client.said(GREETING)
+    client.said(PEER_GREETING)
     sent = client.said(b"250-mx.test\r\n250-PIPELINING\r\n250-MT-PRIORITY\r\n250 DELIVERBY\r\n")
     assert sent.startswith(b"MAIL FROM:<a@example.org> MT-PRIORITY=-2 BY=3499;NT\r\n")
 
@@ -217,7 +217,7 @@ def test_priority_and_by_go_with_the_time_left() -> None:
 def test_by_mode_r_expired_at_the_server_is_returned() -> None:
     client = Client(make_message(deliver_by=By(60, "R"), arrived=0.0))
     client.clock.advance(61)
-    client.said(GREETING)
+    client.said(PEER_GREETING)
     assert client.said(b"250-mx.test\r\n250 DELIVERBY\r\n") == b"QUIT\r\n"
     client.said(b"221 bye\r\n")
     assert client.codes() == {0: (554, "5.4.7"), 1: (554, "5.4.7")} and not client.failed
@@ -229,7 +229,7 @@ def test_rrvs_recipients_without_rrvs_offered() -> None:
     message.recipients[0].rrvs = SINCE
     message.recipients[1].rrvs = SINCE_C
     client = Client(message)
-    client.said(GREETING)
+    client.said(PEER_GREETING)
     sent = client.said(b"250-mx.test\r\n250 PIPELINING\r\n")
     assert sent == (b"MAIL FROM:<a@example.org>\r\nRCPT TO:<c@example.net>\r\nRCPT TO:<d@example.net>\r\n"
                     b"DATA\r\n")
@@ -243,7 +243,7 @@ def test_rrvs_alone_refused_ends_the_session() -> None:
     message = make_message("b@example.net")
     message.recipients[0].rrvs = SINCE
     client = Client(message)
-    client.said(GREETING)
+    client.said(PEER_GREETING)
     assert client.said(b"250-mx.test\r\n250 HELP\r\n") == b"QUIT\r\n"
     client.said(b"221 bye\r\n")
     assert client.codes() == {0: (550, "5.7.19")}
@@ -253,7 +253,7 @@ def test_rrvs_one_at_a_time_without_pipelining() -> None:
     message = make_message("b@example.net", "c@example.net")
     message.recipients[0].rrvs = SINCE
     client = Client(message)
-    client.said(GREETING)
+    client.said(PEER_GREETING)
     assert client.said(b"250 mx.test\r\n").startswith(b"MAIL FROM:")
     assert client.said(b"250 ok\r\n") == b"RCPT TO:<c@example.net>\r\n"
     assert client.said(b"250 ok\r\n") == b"DATA\r\n"
@@ -275,8 +275,8 @@ def test_loopback_requiretls(tmp_path: Path) -> Any:
     message.arrived = time.time()
     message.recipients[0].rrvs = SINCE
     try:
-        good = yield deliver(server, message, CONTENT, tls="opportunistic", ca_file=str(files.ca))
-        refused = yield deliver(other, make_message(requiretls=True), CONTENT, ca_file=str(files.ca))
+        good = yield deliver(server, message, CLIENT_CONTENT, tls="opportunistic", ca_file=str(files.ca))
+        refused = yield deliver(other, make_message(requiretls=True), CLIENT_CONTENT, ca_file=str(files.ca))
     finally:
         yield server.stop()
         yield other.stop()
@@ -294,7 +294,7 @@ def test_loopback_requiretls_certificate_not_trusted(tmp_path: Path) -> Any:
     store = MessageStore()
     server = yield serve(collecting(store, tls_context=ServerTLS(files.cert, files.key), extensions=(RequireTLS(),)))
     try:
-        attempt = yield deliver(server, make_message(requiretls=True), CONTENT,
+        attempt = yield deliver(server, make_message(requiretls=True), CLIENT_CONTENT,
                                 ca_file=str(make_tls_files(tmp_path / "other").ca))
     finally:
         yield server.stop()

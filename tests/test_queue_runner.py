@@ -6,16 +6,11 @@ The in-memory store (`esmtpkit.queue.memory.MemoryStore`) is tested here too, as
 
 from __future__ import annotations
 
-import email
-import email.policy
-from dataclasses import dataclass
-from email.message import Message as EmailMessage
 from typing import Any, Sequence
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
 from esmtpkit.core.outbound import Message, Outcome, Recipient, Status
@@ -25,146 +20,10 @@ from esmtpkit.queue.memory import MemoryStore
 from esmtpkit.queue.runner import (ATTEMPT_TIMED_OUT, DELIVERER_FAILED, EVENTS, NO_OUTCOME, QueueMonitor, QueueRunner,
                                    expired)
 
-CONTENT = b"From: alice@example.org\r\nSubject: hello\r\nMessage-ID: <m1@example.org>\r\n\r\nHello there.\r\n"
-OK = Outcome(250, "2.0.0", "Ok: queued as X1", "mx.example.net[192.0.2.1]")
+from .support import OK, QUEUE_CONTENT, SCHEDULE, Queue, RecordingStore, report
+
 LATER = Outcome(451, "4.7.1", "Try again later", "mx.example.net[192.0.2.1]")
 UNKNOWN = Outcome(550, "5.1.1", "No such user", "mx.example.net[192.0.2.1]")
-SCHEDULE = Schedule(min_backoff=300.0, max_backoff=1200.0, lifetime=10000.0)
-
-
-@dataclass
-class Call:
-    """One deliver() call: when, which message, which recipients."""
-
-    time: float
-    message_id: str
-    addresses: tuple[str, ...]
-    open_content: OpenContent
-
-
-class ScriptedDeliverer:
-    """Answers each recipient from ``script`` (address -> outcomes, one per attempt, the last repeated; default
-    250). With ``hold``, returns unfired Deferreds kept in ``held`` for the test to fire."""
-
-    def __init__(self, clock: Clock, script: dict[str, Sequence[Outcome]] | None = None, hold: bool = False) -> None:
-        self.clock = clock
-        self.script = dict(script or {})
-        self.hold = hold
-        self.calls: list[Call] = []
-        self.held: list[tuple[Deferred[dict[int, Outcome]], dict[int, Outcome]]] = []
-        self.tries: dict[str, int] = {}
-
-    def deliver(self, message: Message, indexes: Sequence[int], open_content: OpenContent) -> Any:
-        addresses = tuple(message.recipients[i].address for i in indexes)
-        self.calls.append(Call(self.clock.seconds(), message.id, addresses, open_content))
-        outcomes = {}
-        for i, address in zip(indexes, addresses):
-            answers = self.script.get(address, [OK])
-            n = self.tries.get(address, 0)
-            self.tries[address] = n + 1
-            outcomes[i] = answers[min(n, len(answers) - 1)]
-        if self.hold:
-            d: Deferred[dict[int, Outcome]] = Deferred()
-            self.held.append((d, outcomes))
-            return d
-        return succeed(outcomes)
-
-    def release(self) -> None:
-        held, self.held = self.held, []
-        for d, outcomes in held:
-            d.callback(outcomes)
-
-
-class RecordingMonitor(QueueMonitor):
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-
-    def message_queued(self, message: Message, origin: str) -> None:
-        self.calls.append(("queued", message.sender, origin))
-
-    def attempt_started(self, message: Message) -> None:
-        self.calls.append(("started", message.id))
-
-    def attempt_finished(self, message: Message, seconds: float) -> None:
-        self.calls.append(("finished", message.id, seconds))
-
-    def recipient_done(self, message: Message, index: int, result: str) -> None:
-        self.calls.append(("recipient", message.recipients[index].address, result))
-
-    def notice_queued(self, notice: Message, action: str) -> None:
-        self.calls.append(("notice", action, notice.recipients[0].address))
-
-
-class RecordingStore(MemoryStore):
-    """A MemoryStore that keeps a copy of every message enqueued whole (the notices), even once delivered."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.enqueued: list[tuple[Message, bytes]] = []
-
-    def enqueue(self, message: Message, content: bytes) -> Deferred[None]:
-        done = super().enqueue(message, content)
-        if self.failing is None:
-            self.enqueued.append((message.copy(), content))
-        return done
-
-
-class Queue:
-    """A store, a deliverer and a runner on one Clock, with the runner's log events kept in ``events``."""
-
-    def __init__(self, script: dict[str, Sequence[Outcome]] | None = None, schedule: Schedule = SCHEDULE,
-                 hold: bool = False, deliverer: Any = None) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_000_000)
-        self.store = RecordingStore(reactor=self.clock)
-        self.deliverer = deliverer if deliverer is not None else ScriptedDeliverer(self.clock, script, hold)
-        self.monitor = RecordingMonitor()
-        self.runner = QueueRunner(self.store, self.deliverer, reactor=self.clock, schedule=schedule,
-                                  hostname="mx.test", monitor=self.monitor)
-        self.events: list[dict[str, Any]] = []
-        self.runner.log = Logger(namespace="esmtpkit.queue", observer=self.events.append)
-        self.runner.start()
-
-    def add(self, *recipients: Recipient | str, sender: str = "alice@example.org", id: str = "M1",
-            **fields: Any) -> Message:
-        message = Message(id, sender, [r if isinstance(r, Recipient) else Recipient(r) for r in recipients],
-                          size=len(CONTENT), arrived=self.clock.seconds(), next_attempt=self.clock.seconds(),
-                          received_from="dns; client.example (192.0.2.7)", **fields)
-        self.store.enqueue(message, CONTENT)
-        self.clock.advance(0)
-        return message
-
-    def run_for(self, seconds: float) -> None:
-        """Let ``seconds`` pass, stopping at each timer on the way (as real time would)."""
-        end = self.clock.seconds() + seconds
-        while True:
-            due = [c.getTime() for c in self.clock.getDelayedCalls() if c.getTime() <= end]
-            if not due:
-                break
-            self.clock.advance(max(0.0, min(due) - self.clock.seconds()))
-        self.clock.advance(end - self.clock.seconds())
-
-    def notices(self) -> list[tuple[Message, bytes]]:
-        return [(m, data) for m, data in self.store.enqueued if m.sender == ""]
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == event]
-
-    def finish(self) -> None:
-        stopped = self.runner.stop()
-        assert stopped.called
-        assert self.clock.getDelayedCalls() == []
-
-
-def report(data: bytes) -> tuple[EmailMessage, EmailMessage, list[EmailMessage]]:
-    """A notice read back: the whole message, its per-message status fields, and its per-recipient blocks."""
-    notice = email.message_from_bytes(data, policy=email.policy.compat32)
-    assert notice.get_content_type() == "multipart/report"
-    assert notice.get_param("report-type") == "delivery-status"
-    status = notice.get_payload()[1]
-    assert status.get_content_type() == "message/delivery-status"
-    blocks = status.get_payload()
-    return notice, blocks[0], blocks[1:]
 
 
 # ---- the store ----------------------------------------------------------------------------------------------------
@@ -267,7 +126,7 @@ def test_the_deliverer_reads_the_content_as_queued() -> None:
     q = Queue(hold=True)
     q.add("bob@example.net")
     with q.deliverer.calls[0].open_content() as f:
-        assert f.read() == CONTENT
+        assert f.read() == QUEUE_CONTENT
     q.deliverer.release()
     q.finish()
 

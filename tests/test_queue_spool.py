@@ -30,7 +30,7 @@ from esmtpkit.queue.interfaces import ICheckpoint, IQueueEntry, IQueueStore
 from esmtpkit.queue.spool import HELD_MTIME, STALE_AGE, MessageBusy, NoSuchMessage, SpoolStore
 from esmtpkit.queue.spool_admin import SpoolAdmin
 
-CONTENT = b"Received: from client.example\r\nSubject: hi\r\n\r\nbody\r\n"
+from .support import SPOOL_CONTENT, Worker, commit, envelope
 
 
 # ---- support ------------------------------------------------------------------------------------------------------
@@ -73,56 +73,6 @@ class PoolClock(Clock):
 
     def callFromThread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         function(*args, **kwargs)
-
-
-class Worker:
-    """Records each message it is handed (with its content) and answers when the test fires its Deferred."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Message, bytes, Deferred[Message]]] = []
-
-    def __call__(self, message: Message, open_content: Callable[[], Any]) -> Deferred[Message]:
-        with open_content() as file:
-            content = file.read()
-        d: Deferred[Message] = Deferred()
-        self.calls.append((message, content, d))
-        return d
-
-    @property
-    def ids(self) -> list[str]:
-        return [message.id for message, _, _ in self.calls]
-
-    def deliver(self, index: int = -1) -> None:
-        """The attempt delivered every recipient."""
-        message, _, d = self.calls[index]
-        for recipient in message.recipients:
-            recipient.status = Status.DELIVERED
-            recipient.outcome = Outcome(250, "2.0.0", "Ok", "mx.example.net[192.0.2.1]")
-        d.callback(message)
-
-    def defer(self, index: int, next_attempt: float) -> None:
-        """The attempt failed for now: try again at ``next_attempt``."""
-        message, _, d = self.calls[index]
-        message.attempts += 1
-        message.next_attempt = next_attempt
-        for recipient in message.recipients:
-            recipient.outcome = Outcome(451, "4.4.1", "Connection refused", "")
-        d.callback(message)
-
-
-def envelope(id: str, clock: Clock, **fields: Any) -> Message:
-    fields.setdefault("recipients", [Recipient("rcpt@example.net")])
-    return Message(id=id, sender="sender@example.org", arrived=clock.seconds(), **fields)
-
-
-def commit(store: SpoolStore, clock: Clock, content: bytes = CONTENT, **fields: Any) -> str:
-    """Commit one message through an entry (inline file work); its id."""
-    entry = store.open_entry()
-    entry.write(content)
-    results: list[Any] = []
-    entry.commit(envelope(entry.id, clock, **fields)).addBoth(results.append)
-    assert results == [None]
-    return entry.id
 
 
 def files(folder: Path) -> list[str]:
@@ -176,9 +126,9 @@ def test_commit_stores_content_and_envelope(stores: Callable[..., SpoolStore], c
     id = commit(store, clock, envid="ENV1", recipients=[Recipient("a@example.net", notify=("SUCCESS",))])
     messages = tmp_path / "spool" / "messages"
     assert files(messages) == [f"{id}.eml", f"{id}.json"]
-    assert (messages / f"{id}.eml").read_bytes() == CONTENT
+    assert (messages / f"{id}.eml").read_bytes() == SPOOL_CONTENT
     stored = Message.from_json(json.loads((messages / f"{id}.json").read_text()))
-    assert (stored.id, stored.envid, stored.size, stored.recipients[0].notify) == (id, "ENV1", len(CONTENT),
+    assert (stored.id, stored.envid, stored.size, stored.recipients[0].notify) == (id, "ENV1", len(SPOOL_CONTENT),
                                                                                    ("SUCCESS",))
     assert mtime(messages / f"{id}.json") == pytest.approx(clock.seconds(), abs=1e-6)
     assert files(tmp_path / "spool" / "incoming") == []
@@ -208,7 +158,7 @@ def test_commit_is_durable_in_order_before_it_fires(tmp_path: Path, monkeypatch:
         return call
 
     entry = store.open_entry()
-    entry.write(CONTENT)
+    entry.write(SPOOL_CONTENT)
     id = entry.id
     for name in ("fsync", "rename", "utime"):
         monkeypatch.setattr(os, name, recording(name))
@@ -239,7 +189,7 @@ def test_a_failed_commit_fails_and_leaves_nothing(stores: Callable[..., SpoolSto
                                                   tmp_path: Path) -> None:
     store = stores()
     entry = store.open_entry()
-    entry.write(CONTENT)
+    entry.write(SPOOL_CONTENT)
     results: list[Any] = []
     entry.commit(envelope(entry.id, clock, extra={"bad": object()})).addBoth(results.append)
     assert isinstance(results[0], Failure) and results[0].check(TypeError)
@@ -256,7 +206,7 @@ def test_a_second_commit_of_one_id_fails_and_keeps_the_first(stores: Callable[..
     results: list[Any] = []
     entry.commit(envelope(id, clock)).addBoth(results.append)
     assert results[0].check(FileExistsError)
-    assert (tmp_path / "spool" / "messages" / f"{id}.eml").read_bytes() == CONTENT
+    assert (tmp_path / "spool" / "messages" / f"{id}.eml").read_bytes() == SPOOL_CONTENT
     assert files(tmp_path / "spool" / "incoming") == []
 
 
@@ -266,7 +216,7 @@ def test_a_write_error_makes_the_commit_fail(stores: Callable[..., SpoolStore], 
     (tmp_path / "spool" / "incoming").write_text("not a folder")
     store = stores()
     entry = store.open_entry()
-    entry.write(CONTENT)
+    entry.write(SPOOL_CONTENT)
     results: list[Any] = []
     entry.commit(envelope(entry.id, clock)).addBoth(results.append)
     assert results[0].check(OSError)
@@ -274,7 +224,7 @@ def test_a_write_error_makes_the_commit_fail(stores: Callable[..., SpoolStore], 
 
 def test_discard_removes_the_content(stores: Callable[..., SpoolStore], tmp_path: Path) -> None:
     entry = stores().open_entry()
-    entry.write(CONTENT)
+    entry.write(SPOOL_CONTENT)
     assert files(tmp_path / "spool" / "incoming") == [f"{entry.id}.tmp"]
     entry.discard()
     assert files(tmp_path / "spool" / "incoming") == []
@@ -361,7 +311,7 @@ def test_a_crash_at_any_step_of_a_commit_loses_nothing_accepted(tmp_path: Path,
         fake.at, fake.count, fake.crashed = None, 0, False
         store = SpoolStore(str(root), reactor=clock)
         entry = store.open_entry()
-        entry.write(CONTENT)
+        entry.write(SPOOL_CONTENT)
         fake.at = step
         results: list[Any] = []
         entry.commit(envelope(entry.id, clock)).addBoth(results.append)
@@ -373,7 +323,7 @@ def test_a_crash_at_any_step_of_a_commit_loses_nothing_accepted(tmp_path: Path,
         worker, store = restart(root, clock)
         assert worker.ids == sorted(ids)
         if not crashed:
-            assert ids == {entry.id} and worker.calls[0][1] == CONTENT
+            assert ids == {entry.id} and worker.calls[0][1] == SPOOL_CONTENT
         for index in range(len(worker.calls)):
             worker.deliver(index)
         stop(store)
@@ -635,7 +585,7 @@ def test_file_work_in_the_thread_pool(tmp_path: Path) -> None:
     clock = PoolClock()
     clock.advance(time.time())
     store = SpoolStore(str(tmp_path / "spool"), reactor=clock)
-    d = store.enqueue(envelope(new_id(), clock), CONTENT)
+    d = store.enqueue(envelope(new_id(), clock), SPOOL_CONTENT)
     assert clock.pool.run() == ["enqueue_files"] and d.called
     worker = Worker()
     store.start(worker)
@@ -656,14 +606,14 @@ def test_with_the_real_reactor(tmp_path: Path) -> Iterator[Deferred[Any]]:
 
     def worker(message: Message, open_content: Any) -> Deferred[Message]:
         with open_content() as file:
-            assert file.read() == CONTENT
+            assert file.read() == SPOOL_CONTENT
         message.recipients[0].status = Status.DELIVERED
         handed.callback(message)
         return succeed(message)
 
     store.start(worker)
     entry = store.open_entry()
-    entry.write(CONTENT)
+    entry.write(SPOOL_CONTENT)
     yield entry.commit(envelope(entry.id, reactor))  # type: ignore[arg-type]
     message = yield handed
     yield store.stop()

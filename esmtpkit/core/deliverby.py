@@ -5,6 +5,10 @@ Pure core. EHLO offers ``DELIVERBY`` with the server's fixed minimum by-time whe
 ``min-by-time``); MAIL takes ``BY=<by-time>;<by-mode>[T]`` and handlers find a `By` in ``mail_params["BY"]``.
 The parser cannot know the time: a handler notes when the message arrived and asks `By.deadline` (or
 `By.remaining` when relaying: RFC 2852 §4 has each hop pass on what is left of the by-time).
+
+The queue and the Relay do so to a next hop that offers DELIVERBY. In mode R a message whose deadline has passed,
+or whose next hop lacks DELIVERBY or asks a longer minimum than what is left, is returned with 554 5.4.7, and the
+queue never retries past the deadline; in mode N it goes on, and the queue sends a delay notice once it is late.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ Who may raise a priority (RFC 6710 §5: a server need not honour a priority from
 may lower it): here a client keeps a priority above 0 only when it authenticated (AUTH) or is on the policy's
 trusted networks; anyone else gets 0 in its place. Lowering is never refused, so priorities of 0 and below are
 kept from every client. ``trust_all=True`` keeps every client's priority (a server behind a submission server that
-already checked). The queue and relay order their work by it and pass it on (see the queue's notes).
+already checked). The queue and the Relay pass the granted priority on to a next hop that offers MT-PRIORITY; the
+queue's spool and in-memory stores also hand out due messages higher priority first (the spool among the
+``active_limit`` earliest due that a scan holds; the RabbitMQ store ignores it).
 """
 
 from __future__ import annotations

@@ -5,10 +5,13 @@ parameter ``REQUIRETLS`` (no value) is accepted only there; elsewhere it is an u
 Handlers find ``mail_params["REQUIRETLS"] is True``: the message is tagged as RFC 8689 §4.1 asks.
 
 What the rest of the path owes such a message (RFC 8689 §4.2, §5): relay it only to next hops that offer
-REQUIRETLS, over TLS with a verified certificate (MTA-STS or DANE), else return it with 5.7.30 ("REQUIRETLS
-support required"). The ``TLS-Required: No`` header field (RFC 8689 §3) asks the opposite, relaxing the relay's own
-TLS policy; RFC 8689 §4.1 has it ignored when the transaction has REQUIRETLS. Both are for the handler and the
-queue, not here.
+REQUIRETLS, over TLS with a verified certificate, else return it with 5.7.30 ("REQUIRETLS support required"). The
+queue and the Relay do: the client sends such a message only over TLS whose certificate verifies
+(`esmtpkit.client.options.ClientOptions.for_requiretls`) to a hop offering REQUIRETLS, tries the next MX when a
+hop cannot take it, and fails it 550 5.7.30 when none is left; the queue's notices about it are REQUIRETLS too.
+They have no MTA-STS or DANE: the certificate is checked by its chain and the host's name. The ``TLS-Required: No``
+header field (RFC 8689 §3) asks the opposite, relaxing the relay's own TLS policy; RFC 8689 §4.1 has it ignored
+when the transaction has REQUIRETLS. Neither the queue nor the Relay acts on it; it is left to a handler.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ registration date for the mailbox) must not deliver unless the sender said ``;C`
 such dates, refuses ``RRVS=`` without ``;C`` at RCPT and accepts it with ``;C``. A deployment whose handler knows
 the dates passes ``handler_checks=True``: every well-formed value reaches the handler, whose ``rcpt`` answers
 with `ValidSince.verdict` (550 5.7.17 for a mailbox that changed owner).
+
+The queue and the Relay pass the value on (`ValidSince.param`) to a next hop that offers RRVS. To one that does
+not, a value with ``;C`` is dropped and the recipient goes on; without ``;C`` that recipient fails with 550 5.7.19.
 """
 
 from __future__ import annotations
