@@ -40,7 +40,7 @@ from esmtpkit.core.extension import Extension, Offer, VerbCall, VerbSpec
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.session import Session
 
-__all__ = ["XClient", "XForward", "ClientAddress", "Forwarded", "forwarded_client", "UNAVAILABLE",
+__all__ = ["on_networks", "XClient", "XForward", "ClientAddress", "Forwarded", "forwarded_client", "UNAVAILABLE",
            "TEMPUNAVAIL", "LINE_ALLOWANCE", "NOT_AUTHORIZED"]
 
 #: The value for information the sender does not have.
@@ -155,7 +155,7 @@ def _networks(cidrs: tuple[str, ...]) -> tuple[Any, ...]:
     return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
-def _on_networks(ip: str, cidrs: Iterable[str]) -> bool:
+def on_networks(ip: str, cidrs: Iterable[str]) -> bool:
     """Whether ``ip`` is inside one of ``cidrs`` (an IPv4-mapped IPv6 address counts as its IPv4 address)."""
     try:
         address = ipaddress.ip_address(ip)
@@ -235,7 +235,7 @@ def _xclient(call: VerbCall, keep_trust: bool = False) -> Reply:
             session.client_name = None
             session.authenticated, session.auth_mechanism = None, None
             if not keep_trust:
-                session.trusted = _on_networks(values["ADDR"], getattr(settings, "trusted_networks", ()))
+                session.trusted = on_networks(values["ADDR"], getattr(settings, "trusted_networks", ()))
     if "NAME" in values:
         session.client_name = values["NAME"]
     if "DESTADDR" in values or "DESTPORT" in values:

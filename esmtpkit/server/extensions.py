@@ -8,9 +8,7 @@ in order. ``twistd esmtpkit --extension NAME`` takes one of `BUILT_IN` by name, 
 
 from __future__ import annotations
 
-import ipaddress
 import weakref
-from functools import lru_cache
 from typing import Any, Final, Sequence
 
 from twisted.python.reflect import namedAny
@@ -18,6 +16,7 @@ from zope.interface import Attribute, Interface, classImplements
 
 from esmtpkit.core.extension import Extension, Extensions
 from esmtpkit.core.standard import standard
+from esmtpkit.core.xclient import on_networks
 
 __all__ = ["IExtension", "extensions_for", "check_extensions", "trusted", "reference_markdown", "resolve", "BUILT_IN", "ExtensionError"]
 
@@ -111,21 +110,10 @@ def extensions_for(policy: Any, mechanisms: Sequence[str] = ()) -> Extensions:
     return made
 
 
-@lru_cache(maxsize=32)
-def _networks(cidrs: tuple[str, ...]) -> tuple[Any, ...]:
-    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
-
-
 def trusted(policy: Any, ip: str) -> bool:
     """Whether the client address ``ip`` is on ``policy.trusted_networks`` (an IPv4-mapped IPv6 address counts
     as its IPv4 address)."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in _networks(policy.trusted_networks))
+    return on_networks(ip, policy.trusted_networks)
 
 
 _OFFERS: Final = {"always": "always", "tls": "inside TLS", "before-tls": "before TLS",
