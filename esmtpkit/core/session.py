@@ -15,7 +15,8 @@ class Envelope:
     """The mail transaction so far: reverse-path, accepted recipients, and their ESMTP parameters (parsed).
 
     ``id`` names the transaction once MAIL is accepted (see `esmtpkit.core.ids`): handlers show it in their final
-    reply ("queued as ...") and trace headers, and every log event about the message carries it.
+    reply ("queued as ...") and trace headers, and every log event about the message carries it. ``auth`` holds
+    the mail-authentication verdicts (an `esmtpkit.mailauth.AuthVerdicts`) when checks run in front of the handler.
     """
 
     id: str = ""
@@ -23,6 +24,7 @@ class Envelope:
     mail_params: dict[str, Any] = field(default_factory=dict)
     recipients: list[Address] = field(default_factory=list)
     rcpt_params: list[dict[str, Any]] = field(default_factory=list)
+    auth: Any = None
 
 
 @dataclass

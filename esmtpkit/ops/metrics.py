@@ -76,6 +76,12 @@ class Metrics(Monitor):
                                       ["scope"], registry=r)
         self.timeouts = Counter("esmtpkit_timeouts", "Connections closed because the client was silent too long.",
                                 registry=r)
+        self.mailauth = Counter("esmtpkit_mailauth_verdicts",
+                                "Mail-authentication verdicts, by method (spf.mailfrom, spf.helo, dkim, arc, dmarc)"
+                                " and result (pass, fail, ...).", ["method", "result"], registry=r)
+        self.mailauth_seconds = Histogram("esmtpkit_mailauth_seconds",
+                                          "Time a mail-authentication check took, DNS included, by method.",
+                                          ["method"], registry=r)
         self._children: dict[Any, Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -131,6 +137,10 @@ class Metrics(Monitor):
 
     def message_aborted(self, session: Session, envelope: Envelope, size: int, reason: str) -> None:
         self._child(self.messages, "aborted").inc()
+
+    def checked(self, session: Session, method: str, result: str, domain: str, seconds: float) -> None:
+        self._child(self.mailauth, method, result).inc()
+        self._child(self.mailauth_seconds, method).observe(seconds)
 
 
 def metrics_site(registry: CollectorRegistry) -> Any:

@@ -59,10 +59,13 @@ class ESMTPFactory(Factory):
         return self._clock  # type: ignore[return-value]
 
     def make_handler(self) -> IMessageHandler:
-        """A new handler for one connection; refuses objects that do not provide IMessageHandler."""
+        """A new handler for one connection, behind the policy's fronts; refuses objects that do not provide
+        IMessageHandler."""
         handler = self.handler_factory()
         if not IMessageHandler.providedBy(handler):
             raise TypeError(f"{handler!r} does not provide IMessageHandler")
+        for front in reversed(self.policy.fronts):
+            handler = front(handler)
         return handler
 
     def buildProtocol(self, addr: IAddress) -> ESMTPProtocol:

@@ -39,6 +39,7 @@ EVENTS = {
     "message.accepted": LogLevel.info,
     "message.rejected": LogLevel.info,
     "message.aborted": LogLevel.info,
+    "mailauth.verdict": LogLevel.info,
 }
 
 #: Replies to these verbs may echo what the client sent (an AUTH response, an unknown line): no text in the log.
@@ -103,6 +104,10 @@ class Monitor:
 
     def message_aborted(self, session: Session, envelope: Envelope, size: int, reason: str) -> None:
         """A transaction ended without a final reply: RSET, HELO/EHLO, QUIT, a lost connection, a timeout."""
+
+    def checked(self, session: Session, method: str, result: str, domain: str, seconds: float) -> None:
+        """A mail-authentication check gave a verdict (`esmtpkit.mailauth`): ``method`` is ``spf.mailfrom``,
+        ``spf.helo``, ``dkim`` (once per signature), ``arc`` or ``dmarc``; ``seconds`` the time it took."""
 
 
 class Monitors(Monitor):
@@ -336,3 +341,10 @@ class EventLog(Monitor):
         fields.update(size=size, reason=escape(reason))
         self._emit("message {id} aborted: {reason} from=<{sender}> recipients={recipients} size={size} "
                    "conn={conn} peer={peer}", fields)
+
+    def checked(self, session: Session, method: str, result: str, domain: str, seconds: float) -> None:
+        fields = _common("mailauth.verdict", session)
+        fields.update(id=session.envelope.id, method=method, result=result, domain=escape(domain),
+                      elapsed=round(seconds, 3))
+        self._emit("message {id} {method}={result} domain={domain} elapsed={elapsed}s conn={conn} peer={peer}",
+                   fields)

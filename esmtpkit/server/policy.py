@@ -113,6 +113,9 @@ class Policy:
     extensions: tuple[Any, ...] = field(default=(), compare=False)
     #: Client networks trusted to use XCLIENT and XFORWARD (CIDR text, e.g. ``"127.0.0.0/8"``); none by default.
     trusted_networks: tuple[str, ...] = ()
+    #: Handlers put in front of every connection's handler: each is called with the handler behind it and returns
+    #: the one in front (mail-authentication checks, filters); the first listed is the outermost.
+    fronts: tuple[Callable[[Any], Any], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if self.bare_newline not in ("reject", "allow"):
@@ -138,6 +141,7 @@ class Policy:
         if unknown:
             raise ValueError(f"unknown AUTH mechanism(s) {', '.join(unknown)}; known: {', '.join(NAMES)}")
         object.__setattr__(self, "extensions", tuple(self.extensions))
+        object.__setattr__(self, "fronts", tuple(self.fronts))
         check_extensions(self)  # names, keywords and verbs unique: fail here, not at the first connection
         trusted = (self.trusted_networks,) if isinstance(self.trusted_networks, str) else self.trusted_networks
         try:

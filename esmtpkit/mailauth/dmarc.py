@@ -1,0 +1,134 @@
+"""DMARC (RFC 7489): the author domain, its policy record found through twisted.names, and the verdict from the
+``dmarc`` package's evaluator, with the public suffix list publicsuffix2 ships for organizational domains.
+
+The ``dmarc`` package is a pure evaluator (it takes a record and identifiers, does no I/O), which is what lets
+the record be fetched asynchronously here; its ``publicsuffix2`` list gives the organizational domain (§3.2).
+"""
+
+from __future__ import annotations
+
+import random
+from email.utils import getaddresses
+from typing import Iterable
+
+import dmarc as evaluator
+from dmarc.psl import load as load_public_suffixes
+from twisted.internet.defer import Deferred
+
+from esmtpkit.mailauth.lookups import DNSTempError, Lookups
+from esmtpkit.mailauth.verdicts import DkimVerdict, DmarcVerdict, SpfVerdict
+
+__all__ = ["author_domain", "organizational_domain", "check", "evaluate"]
+
+_suffixes = None
+
+
+def _psl():
+    global _suffixes
+    if _suffixes is None:
+        _suffixes = load_public_suffixes(None)
+    return _suffixes
+
+
+def organizational_domain(domain: str) -> str:
+    """The organizational domain of ``domain`` (RFC 7489 §3.2): one label below its public suffix."""
+    return _psl().get_sld(domain.lower().rstrip(".")) or domain.lower()
+
+
+def _is_public_suffix(domain: str) -> bool:
+    return _psl().get_tld(domain) == domain
+
+
+def author_domain(from_values: Iterable[str]) -> str | None:
+    """The domain of the one author in the From: field(s) given; None unless there is exactly one From: field
+    with exactly one address that has a domain (RFC 7489 §6.6.1)."""
+    values = list(from_values)
+    if len(values) != 1:
+        return None
+    addresses = [a for _, a in getaddresses(values) if a]
+    if len(addresses) != 1 or "@" not in addresses[0]:
+        return None
+    domain = addresses[0].rpartition("@")[2].strip().rstrip(".").lower()
+    if not domain or "." not in domain or domain.startswith("["):
+        return None
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+
+
+def _records(texts: list[bytes] | None) -> list[str]:
+    found = []
+    for text in texts or ():
+        value = text.decode("utf-8", "replace").strip()
+        if value.startswith("v=DMARC1") and (len(value) == 8 or value[8] in " ;"):
+            found.append(value)
+    return found
+
+
+async def _discover(lookups: Lookups, domain: str) -> tuple[str | None, str | None]:
+    """The policy record for ``domain`` and the organizational domain it came from (None when it was the
+    domain's own), by RFC 7489 §6.6.3; DNSTempError when DNS could not answer."""
+    own = _records(await lookups.txt(f"_dmarc.{domain}"))
+    if len(own) == 1:
+        return own[0], None
+    if own:
+        return None, None  # more than one record: no policy
+    org = organizational_domain(domain)
+    if org == domain:
+        return None, None
+    found = _records(await lookups.txt(f"_dmarc.{org}"))
+    return (found[0], org) if len(found) == 1 else (None, None)
+
+
+def evaluate(record: str, domain: str, org: str | None, spf: SpfVerdict | None, dkim: Iterable[DkimVerdict],
+             rng: random.Random) -> DmarcVerdict:
+    """The verdict for a message from ``domain`` under ``record`` (found at ``org`` when not the domain's own)."""
+    try:
+        policy = evaluator.DMARCPolicy(record=record, domain=domain, org_domain=org, publicsuffix=_psl(),
+                                       strict=False)
+    except evaluator.RecordSyntaxError as e:
+        return DmarcVerdict("permerror", domain, reason=f"bad record: {e}"[:120])
+    results: list[evaluator.AuthResult] = []
+    if spf is not None and spf.result == "pass" and spf.domain and not _is_public_suffix(spf.domain):
+        results.append(evaluator.SPF(spf.domain, evaluator.SPFResult.PASS))
+    for signature in dkim:
+        if signature.result == "pass" and signature.domain and not _is_public_suffix(signature.domain):
+            results.append(evaluator.DKIM(signature.domain, evaluator.DKIMResult.PASS))
+    try:
+        policy.verify(auth_results=results)
+    except evaluator.PolicyError:
+        pass
+    outcome = policy.result
+    published = (policy.policy.sp if org and policy.policy.sp is not evaluator.DMARCDisposition.UNSPECIFIED
+                 else policy.policy.p).value
+    spf_aligned = outcome.spf is evaluator.DMARCResult.PASS
+    dkim_aligned = outcome.dkim is evaluator.DMARCResult.PASS
+    if outcome.result is evaluator.DMARCResult.PASS:
+        return DmarcVerdict("pass", domain, published, "none", spf_aligned, dkim_aligned)
+    disposition = published
+    pct = policy.policy.pct
+    if pct < 100 and rng.randrange(100) >= pct:
+        # §6.6.4: a message outside the sample gets the next policy down.
+        disposition = {"reject": "quarantine", "quarantine": "none"}.get(disposition, disposition)
+    return DmarcVerdict("fail", domain, published, disposition, spf_aligned, dkim_aligned)
+
+
+def check(lookups: Lookups, from_values: list[str], spf: SpfVerdict | None, dkim: Iterable[DkimVerdict],
+          rng: random.Random) -> "Deferred[DmarcVerdict]":
+    """Find the author domain's policy and evaluate it; never fails (DNS trouble is a temperror verdict)."""
+    dkim = list(dkim)
+
+    async def run() -> DmarcVerdict:
+        domain = author_domain(from_values)
+        if domain is None:
+            return DmarcVerdict("permerror", "", reason="no single author domain in From:")
+        try:
+            record, org = await _discover(lookups, domain)
+        except DNSTempError as e:
+            return DmarcVerdict("temperror", domain, reason=str(e)[:120])
+        if record is None:
+            return DmarcVerdict("none", domain)
+        return evaluate(record, domain, org, spf, dkim, rng)
+
+    return Deferred.fromCoroutine(run())

@@ -1,0 +1,190 @@
+"""DKIM signing (RFC 6376) and ARC sealing (RFC 8617) of mail on its way out, with dkimpy.
+
+A `Signer` holds this server's keys: one per signing domain (``example.org:s1:/etc/dkim/s1.pem``), chosen by
+the author's domain (the From: field) or the nearest parent domain that has one, so mail from
+``news.example.org`` is signed by ``example.org`` (relaxed DMARC alignment). Mail from a domain with no key goes
+unsigned. With an ARC key, a message that carries this server's own ``Authentication-Results:`` (it was
+received and checked here, and is being forwarded) is also sealed. Signing reads and hashes the whole message,
+so it runs in a worker thread; the content sent is the signature fields followed by the stored content.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Iterable, Sequence
+
+import dkim
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from esmtpkit.mailauth.dkim import header_section
+from esmtpkit.mailauth.dmarc import author_domain
+
+__all__ = ["SigningKey", "Signer", "parse_keys", "DEFAULT_HEADERS"]
+
+#: The fields signed when present (RFC 6376 §5.4.1's recommendations, From: always): each listed once more than
+#: it appears ("oversigning"), so none can be added after signing without breaking the signature.
+DEFAULT_HEADERS: tuple[bytes, ...] = (
+    b"from", b"reply-to", b"subject", b"date", b"to", b"cc", b"message-id", b"in-reply-to", b"references",
+    b"mime-version", b"content-type", b"content-transfer-encoding", b"list-id", b"list-unsubscribe",
+    b"list-unsubscribe-post",
+)
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A domain's signing key: the ``domain`` (d=), the ``selector`` (s=) and the private key in PEM."""
+
+    domain: str
+    selector: str
+    private: bytes = field(repr=False)
+
+
+def parse_keys(text: str | Iterable[str]) -> tuple[SigningKey, ...]:
+    """Keys from ``DOMAIN:SELECTOR:KEYFILE`` entries (comma- or space-separated text, or a list of them), each
+    file a PEM private key (RSA or Ed25519); ValueError saying which entry is wrong and why."""
+    entries = text.replace(",", " ").split() if isinstance(text, str) else [t.strip() for t in text]
+    keys = []
+    for entry in entries:
+        domain, _, rest = entry.partition(":")
+        selector, _, path = rest.partition(":")
+        domain = domain.strip().rstrip(".").lower()
+        if not domain or "." not in domain or not selector or not path:
+            raise ValueError(f"{entry!r} is not DOMAIN:SELECTOR:KEYFILE")
+        try:
+            with open(path, "rb") as f:
+                private = f.read()
+        except OSError as e:
+            raise ValueError(f"{entry}: cannot read the key: {(e.strerror or str(e)).lower()}") from None
+        try:
+            load_pem_private_key(private, password=None)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{entry}: not a PEM private key without a passphrase ({e})") from None
+        keys.append(SigningKey(domain, selector, private))
+    domains = [k.domain for k in keys]
+    if len(set(domains)) != len(domains):
+        raise ValueError("one key per signing domain")
+    return tuple(keys)
+
+
+class _Prefixed(io.RawIOBase):
+    """``first`` then what ``rest`` holds, as one readable binary file."""
+
+    def __init__(self, first: bytes, rest: IO[bytes]) -> None:
+        self._first = first
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._first:
+            n = min(len(buffer), len(self._first))
+            buffer[:n] = self._first[:n]
+            self._first = self._first[n:]
+            return n
+        data = self._rest.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._rest.close()
+        super().close()
+
+
+class Signer:
+    """Signs outgoing mail with ``keys`` (`SigningKey` values) and, with ``arc``, seals the messages this server
+    forwards (those with an ``Authentication-Results:`` by ``authserv_id``). ``headers``: the fields to sign."""
+
+    log = Logger()
+
+    def __init__(self, keys: Sequence[SigningKey] = (), *, arc: SigningKey | None = None,
+                 authserv_id: str | None = None, headers: Sequence[bytes] = DEFAULT_HEADERS,
+                 reactor: Any = None, threads: int = 2) -> None:
+        if arc is not None and not authserv_id:
+            raise ValueError("ARC sealing needs the authserv-id of this server's Authentication-Results")
+        self.keys = {k.domain: k for k in keys}
+        self.arc = arc
+        self.authserv_id = (authserv_id or "").lower()
+        self.headers = tuple(h.lower() for h in headers)
+        self.reactor = reactor
+        self.threads = threads
+        self._pool: ThreadPool | None = None
+
+    def key_for(self, domain: str) -> SigningKey | None:
+        """The key for mail from ``domain``: its own, or its nearest parent domain's."""
+        labels = domain.lower().rstrip(".").split(".")
+        for start in range(len(labels) - 1):
+            key = self.keys.get(".".join(labels[start:]))
+            if key is not None:
+                return key
+        return None
+
+    def fields(self, message: bytes) -> bytes:
+        """The fields to put on top of ``message``: an ARC set (when forwarding and sealing), then a
+        DKIM-Signature (when its author domain has a key). Blocking (hashing)."""
+        head = header_section(message[:message.find(b"\r\n\r\n") + 2] if b"\r\n\r\n" in message else message)
+        authors = [v.decode("utf-8", "replace") for n, v in head if n.lower() == b"from"]
+        added = b""
+        if self.arc is not None and self._checked_here(head):
+            sealed = dkim.arc_sign(message, self.arc.selector.encode(), self.arc.domain.encode(), self.arc.private,
+                                   self.authserv_id.encode())
+            added = b"".join(sealed)
+        domain = author_domain(authors)
+        key = self.key_for(domain) if domain else None
+        if key is not None:
+            present = {n.lower() for n, _ in head}
+            signed = [h for h in self.headers if h in present] or [b"from"]
+            signature = dkim.sign(added + message, key.selector.encode(), key.domain.encode(), key.private,
+                                  include_headers=signed + [h for h in signed])
+            added = signature + added
+        return added
+
+    def _checked_here(self, head: list[tuple[bytes, bytes]]) -> bool:
+        ours = self.authserv_id.encode()
+        return any(n.lower() == b"authentication-results" and v.split(b";", 1)[0].strip().lower() == ours
+                   for n, v in head)
+
+    @property
+    def pool(self) -> ThreadPool:
+        if self._pool is None:
+            reactor = self.reactor
+            if reactor is None:
+                from twisted.internet import reactor as default
+
+                reactor = self.reactor = default
+            self._pool = ThreadPool(minthreads=0, maxthreads=self.threads, name="esmtpkit-signing")
+            self._pool.start()
+            reactor.addSystemEventTrigger("during", "shutdown", self.close)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker threads (the reactor's shutdown does it)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+
+    def prepare(self, open_content: Callable[[], IO[bytes]]) -> "Deferred[Callable[[], IO[bytes]]]":
+        """An opener of the content to send: the signature fields on top of what ``open_content`` opens (the
+        same opener when nothing is added). Fails only if the content cannot be read."""
+        def compute() -> bytes:
+            with open_content() as stream:
+                message = stream.read()
+            try:
+                return self.fields(message)
+            except Exception:  # a message dkimpy cannot sign (broken header fields) still goes, unsigned
+                self.log.failure("not signed: dkimpy could not sign the message")
+                return b""
+
+        pool = self.pool
+
+        def opener(added: bytes) -> Callable[[], IO[bytes]]:
+            if not added:
+                return open_content
+            return lambda: io.BufferedReader(_Prefixed(added, open_content()))
+
+        return deferToThreadPool(self.reactor, pool, compute).addCallback(opener)

@@ -1,0 +1,103 @@
+"""A test world for mail authentication: DKIM keys made in the test, and the SPF, DKIM, DMARC and ARC records of a
+few domains, served by `tests.mailnet.PrivateDNS` on loopback.
+
+Domains (all under ``.test``): ``good.test`` (SPF ``-all`` allowing 127.0.0.0/8, a DKIM key, DMARC p=reject),
+``soft.test`` (``~all``), ``neutral.test`` (``?all``), ``none.test`` (no records), ``broken.test`` (an SPF
+record with an unknown mechanism, and a DMARC record without p=), ``slow.test`` (DNS never answers),
+``strict.test`` (DMARC adkim=s aspf=s), ``sub.good.test`` (a subdomain, for relaxed alignment), ``other.test``
+(a different organization with its own key), ``quarantine.test`` (p=quarantine).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+__all__ = ["Key", "make_key", "auth_zones", "SELECTOR", "dkim_sign", "arc_seal"]
+
+SELECTOR = "s1"
+
+
+@dataclass
+class Key:
+    """An RSA key pair: ``private`` PEM for dkimpy, ``record`` the DKIM key record for DNS."""
+
+    private: bytes
+    record: str
+
+
+_keys: dict[int, list[Key]] = {}
+
+
+def make_key(bits: int = 1024) -> Key:
+    """A fresh RSA key (1024 bits: dkimpy's minimum, and quick to make)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return Key(private, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode())
+
+
+def _chunks(text: str) -> list[str]:
+    return [text[i:i + 250] for i in range(0, len(text), 250)]
+
+
+@dataclass
+class AuthWorld:
+    """The zones and the keys that sign for them."""
+
+    keys: dict[str, Key] = field(default_factory=dict)
+    zones: dict[str, dict[str, Any]] = field(default_factory=dict)
+    silent: list[str] = field(default_factory=list)
+
+
+def auth_zones() -> AuthWorld:
+    """A fresh world: new keys each time (made once per process and reused: key generation is the slow part)."""
+    keys = _keys.setdefault(0, [make_key(), make_key()])
+    good, other = keys
+    world = AuthWorld(keys={"good.test": good, "other.test": other, "strict.test": good, "quarantine.test": good})
+    z = world.zones
+    z["good.test"] = {"TXT": ["v=spf1 ip4:127.0.0.0/8 -all"], "A": ["127.0.0.9"], "MX": [(10, "mx.good.test")]}
+    z["mx.good.test"] = {"A": ["127.0.0.9"]}
+    z["helo.good.test"] = {"TXT": ["v=spf1 a:helo.good.test -all"], "A": ["127.0.0.1"]}
+    z["_dmarc.good.test"] = {"TXT": ["v=DMARC1; p=reject; rua=mailto:dmarc@good.test"]}
+    z[f"{SELECTOR}._domainkey.good.test"] = {"TXT": [_chunks(good.record)]}
+    z["sub.good.test"] = {"TXT": ["v=spf1 ip4:127.0.0.0/8 -all"]}
+    z["soft.test"] = {"TXT": ["v=spf1 ~all"]}
+    z["neutral.test"] = {"TXT": ["v=spf1 ?all"]}
+    z["none.test"] = {"A": ["127.0.0.9"]}
+    z["broken.test"] = {"TXT": ["v=spf1 ip4:127.0.0.1 frobnicate:x -all"]}
+    z["_dmarc.broken.test"] = {"TXT": ["v=DMARC1; adkim=s"]}
+    z["strict.test"] = {"TXT": ["v=spf1 ip4:127.0.0.0/8 -all"]}
+    z["_dmarc.strict.test"] = {"TXT": ["v=DMARC1; p=reject; adkim=s; aspf=s"]}
+    z[f"{SELECTOR}._domainkey.strict.test"] = {"TXT": [_chunks(good.record)]}
+    z["quarantine.test"] = {"TXT": ["v=spf1 -all"]}
+    z["_dmarc.quarantine.test"] = {"TXT": ["v=DMARC1; p=quarantine"]}
+    z["other.test"] = {"TXT": ["v=spf1 -all"]}
+    z[f"{SELECTOR}._domainkey.other.test"] = {"TXT": [_chunks(other.record)]}
+    z["_dmarc.other.test"] = {"TXT": ["v=DMARC1; p=none"]}
+    z["slow.test"] = {"TXT": ["v=spf1 -all"]}
+    world.silent = ["slow.test", f"{SELECTOR}._domainkey.slow.test", "_dmarc.slow.test"]
+    return world
+
+
+def dkim_sign(message: bytes, domain: str, key: Key, selector: str = SELECTOR,
+              headers: tuple[bytes, ...] = (b"from", b"to", b"subject", b"date", b"message-id")) -> bytes:
+    """``message`` with a DKIM-Signature by ``domain`` on top (dkimpy)."""
+    import dkim
+
+    signature = dkim.sign(message, selector.encode(), domain.encode(), key.private, include_headers=list(headers))
+    return signature + message
+
+
+def arc_seal(message: bytes, domain: str, key: Key, srv_id: str, selector: str = SELECTOR) -> bytes:
+    """``message`` with an ARC set by ``domain`` on top (it must carry an Authentication-Results by ``srv_id``)."""
+    import dkim
+
+    fields = dkim.arc_sign(message, selector.encode(), domain.encode(), key.private, srv_id.encode())
+    return b"".join(fields) + message
