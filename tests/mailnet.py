@@ -131,6 +131,7 @@ class _Server(DNSServerFactory):
             response = dns.Message(id=message.id, answer=1, opCode=message.opCode, recDes=message.recDes,
                                    rCode=failure.value.code, auth=1)
             response.queries = message.queries
+            response.timeReceived = getattr(message, "timeReceived", time.time())
             self.sendReply(protocol, response, address)
             return
         super().gotResolverError(failure, protocol, message, address)

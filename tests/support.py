@@ -798,6 +798,7 @@ def every_event(text: str = "") -> list[dict[str, Any]]:
     monitor.message_aborted(session, envelope, 1, "reset by RSET")
     monitor.connection_closed(session, 1.0, "QUIT" + text)
     monitor.client_replaced(session, "XCLIENT", "192.0.2.9" + text)
+    monitor.checked(session, "dkim", "fail", "example.org" + text, 0.25)
     return events
 
 

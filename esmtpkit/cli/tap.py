@@ -21,6 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, LogLevel
 from twisted.python import reflect, usage
 
+from esmtpkit.cli.mailauth_options import MailAuthOptions, build_mail_auth, check_mail_auth, signing_kwargs
 from esmtpkit.ops.backlog import sized_listeners
 from esmtpkit.ops.listening import Listener, check_endpoint
 from esmtpkit.server import sasl
@@ -92,7 +93,7 @@ def _seconds(name: str) -> Callable[[str], float]:
     return parse
 
 
-class Options(strcred.AuthOptionMixin, usage.Options):
+class Options(MailAuthOptions, strcred.AuthOptionMixin, usage.Options):
     """Options of ``twistd esmtpkit``."""
 
     synopsis = "[options]"
@@ -308,6 +309,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         check_log_format(self)
         self["tls"] = load_tls(self)
         self["portal"] = build_auth(self)
+        check_mail_auth(self)
+        self["mail-auth"] = build_mail_auth(self)
         self["handler-class"] = load_handler(self["handler"])
         self["handler-factory"] = handler_factory(self["handler-class"], self)
         self["policy"] = build_policy(self)
@@ -498,6 +501,12 @@ def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
     for key, value in named.items():
         if value is not None and accepts is not None and key in accepts and key not in kwargs:
             kwargs[key] = value
+    for key, value in signing_kwargs(options).items():
+        if accepts is not None and key not in accepts:
+            option = "--arc-seal" if key != "dkim_sign" else "--dkim-sign"
+            raise usage.UsageError(f"{option}: {options['handler']} does not send mail on (the Queue and Relay "
+                                   "handlers do)")
+        kwargs.setdefault(key, value)
     unknown = [k for k in kwargs if accepts is not None and k not in accepts]
     if unknown:
         raise usage.UsageError(f"--handler-option {', '.join(sorted(unknown))}: {options['handler']} takes no such "
@@ -596,6 +605,10 @@ def build_policy(options: usage.Options) -> Policy:
         extensions=tuple(options["extensions"]),
         trusted_networks=tuple(options["trusted-networks"]),
     )
+    if options.get("mail-auth") is not None:
+        from esmtpkit.handlers.mailauth import mail_auth_front
+
+        kwargs["fronts"] = (mail_auth_front(options["mail-auth"]),)
     if options["hostname"]:
         kwargs["hostname"] = options["hostname"]
     try:
@@ -621,8 +634,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default
 
         reactor = default
-    factory = ESMTPFactory(options["handler-factory"], policy=options["policy"], clock=reactor,
-                           monitor=build_monitor(options))
+    monitor = build_monitor(options)
+    factory = ESMTPFactory(options["handler-factory"], policy=options["policy"], clock=reactor, monitor=monitor)
+    if options.get("mail-auth") is not None:
+        options["mail-auth"].monitor = factory.monitor  # the checks' verdicts go to the same log and metrics
     top = ESMTPService(factory)  # the ESMTPFactory itself: shutdown drains its connections
     if options["metrics"]:
         from esmtpkit.ops.metrics import metrics_site

@@ -34,6 +34,7 @@ from esmtpkit.handlers.access import DEFAULT_NETWORKS, may_relay, parse_networks
 from esmtpkit.handlers.base import MessageHandler
 from esmtpkit.handlers.queue import to_message
 from esmtpkit.handlers.settings import flag
+from esmtpkit.mailauth.signing import signer_for
 
 __all__ = ["Relay", "DEFAULT_NETWORKS", "DotStuffer", "parse_networks", "TLS_MODES", "relay_reply"]
 
@@ -113,7 +114,10 @@ class Relay(MessageHandler):
     (SMTPUTF8 5.6.7, BINARYMIME 5.6.3, SIZE 5.3.4). ``tls``: "none", "opportunistic" (STARTTLS when offered, any
     certificate), "starttls" (required) or "implicit", the last two with the certificate checked against
     ``ca_file`` (else the system's trust) for ``tls_hostname`` (else ``host``). ``username``/``password`` log in
-    upstream, over TLS only. ``timeout`` bounds the connection and each wait for the upstream.
+    upstream, over TLS only. ``timeout`` bounds the connection and each wait for the upstream. ``dkim_sign``
+    (``DOMAIN:SELECTOR:KEYFILE``, comma-separated) DKIM-signs mail from those domains; ``arc_seal`` (one such key)
+    seals mail checked here (it carries an ``Authentication-Results:`` by ``authserv_id``) with an ARC set
+    (`esmtpkit.mailauth.signing`).
     """
 
     content_mode = ContentMode.RAW
@@ -123,7 +127,8 @@ class Relay(MessageHandler):
                  networks: str | Iterable[str] = DEFAULT_NETWORKS, username: str | None = None,
                  password: str | None = None, tls: str = "none", tls_hostname: str | None = None,
                  ca_file: str | None = None, timeout: float | str = 60.0, spool_max: int | str = 1024 * 1024,
-                 trace: bool | str = True, reactor: Any = None, endpoint: Any = None) -> None:
+                 trace: bool | str = True, dkim_sign: str | None = None, arc_seal: str | None = None,
+                 authserv_id: str | None = None, reactor: Any = None, endpoint: Any = None) -> None:
         self.host = str(host)
         self.port = int(port)
         self.networks = parse_networks(networks)
@@ -145,6 +150,7 @@ class Relay(MessageHandler):
             raise ValueError("a username needs tls (starttls, implicit or opportunistic): a password is never "
                              "sent in clear")
         self.options = self._client_options()
+        self.signer = signer_for(dkim_sign, arc_seal, authserv_id, reactor)
         self._spool: Any = None
         self._sending = False
         self._eight_bit = False
@@ -205,7 +211,14 @@ class Relay(MessageHandler):
             self.log.failure("cannot start relaying to {where}", where=self.where)
             return Reply(451, (f"Upstream {self.where} unavailable, try again later",), "4.4.1")
         self._sending = True
-        sending = send(reactor, endpoint, message, lambda: _SpoolReader(spool), options, host=self.host)
+        def content() -> IO[bytes]:
+            return _SpoolReader(spool)  # type: ignore[return-value]
+
+        if self.signer is None:
+            sending = send(reactor, endpoint, message, content, options, host=self.host)
+        else:
+            sending = self.signer.prepare(content).addCallback(
+                lambda signed: send(reactor, endpoint, message, signed, options, host=self.host))
 
         def answer(attempt: Attempt) -> Reply:
             self._sending = False
@@ -215,7 +228,13 @@ class Relay(MessageHandler):
                 self.log.warn("not relayed to {where}: {reply}", where=self.where, reply=escape(str(reply)))
             return reply
 
-        return sending.addCallback(answer)
+        def unsent(failure: Any) -> Reply:
+            self._sending = False
+            spool.close()
+            self.log.failure("cannot sign the message for {where}", failure, where=self.where)
+            return Reply(451, (f"Upstream {self.where} unavailable, try again later",), "4.4.1")
+
+        return sending.addCallbacks(answer, unsent)
 
     def abort(self, reason: str) -> None:
         """Drop the spooled message (a send already under way is left to finish)."""

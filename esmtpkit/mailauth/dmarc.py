@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from esmtpkit.mailauth.lookups import DNSTempError, Lookups
 from esmtpkit.mailauth.verdicts import DkimVerdict, DmarcVerdict, SpfVerdict
 
-__all__ = ["author_domain", "organizational_domain", "check", "evaluate"]
+__all__ = ["author_domain", "public_suffix", "organizational_domain", "check", "evaluate"]
 
 _suffixes = None
 
@@ -30,13 +30,33 @@ def _psl():
     return _suffixes
 
 
+def public_suffix(domain: str) -> str:
+    """The public suffix of ``domain``: the longest listed one, else its last label (a TLD the list does not
+    know, such as ``.test``, is still a public suffix, never part of an organization)."""
+    domain = domain.lower().rstrip(".")
+    return _psl().get_tld(domain, strict=True) or domain.rpartition(".")[2]
+
+
 def organizational_domain(domain: str) -> str:
     """The organizational domain of ``domain`` (RFC 7489 §3.2): one label below its public suffix."""
-    return _psl().get_sld(domain.lower().rstrip(".")) or domain.lower()
+    domain = domain.lower().rstrip(".")
+    suffix = public_suffix(domain)
+    if domain == suffix or not domain.endswith("." + suffix):
+        return domain
+    return domain[: -len(suffix) - 1].rpartition(".")[2] + "." + suffix
 
 
 def _is_public_suffix(domain: str) -> bool:
-    return _psl().get_tld(domain) == domain
+    return public_suffix(domain) == domain.lower().rstrip(".")
+
+
+class _Organizations:
+    """What the ``dmarc`` evaluator asks its public suffix list for: its relaxed alignment check calls
+    ``get_public_suffix`` and means the organizational domain."""
+
+    @staticmethod
+    def get_public_suffix(domain: str) -> str:
+        return organizational_domain(domain)
 
 
 def author_domain(from_values: Iterable[str]) -> str | None:
@@ -85,7 +105,7 @@ def evaluate(record: str, domain: str, org: str | None, spf: SpfVerdict | None, 
              rng: random.Random) -> DmarcVerdict:
     """The verdict for a message from ``domain`` under ``record`` (found at ``org`` when not the domain's own)."""
     try:
-        policy = evaluator.DMARCPolicy(record=record, domain=domain, org_domain=org, publicsuffix=_psl(),
+        policy = evaluator.DMARCPolicy(record=record, domain=domain, org_domain=org, publicsuffix=_Organizations(),
                                        strict=False)
     except evaluator.RecordSyntaxError as e:
         return DmarcVerdict("permerror", domain, reason=f"bad record: {e}"[:120])

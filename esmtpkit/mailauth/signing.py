@@ -24,7 +24,7 @@ from twisted.python.threadpool import ThreadPool
 from esmtpkit.mailauth.dkim import header_section
 from esmtpkit.mailauth.dmarc import author_domain
 
-__all__ = ["SigningKey", "Signer", "parse_keys", "DEFAULT_HEADERS"]
+__all__ = ["SigningKey", "Signer", "parse_keys", "signer_for", "DEFAULT_HEADERS"]
 
 #: The fields signed when present (RFC 6376 §5.4.1's recommendations, From: always): each listed once more than
 #: it appears ("oversigning"), so none can be added after signing without breaking the signature.
@@ -188,3 +188,21 @@ class Signer:
             return lambda: io.BufferedReader(_Prefixed(added, open_content()))
 
         return deferToThreadPool(self.reactor, pool, compute).addCallback(opener)
+
+
+_signers: dict[tuple[Any, ...], Signer] = {}
+
+
+def signer_for(dkim_sign: str | None, arc_seal: str | None = None, authserv_id: str | None = None,
+               reactor: Any = None) -> Signer | None:
+    """The process's `Signer` for these settings (``DOMAIN:SELECTOR:KEYFILE`` text, as handlers take them),
+    made once and shared by every handler given the same; None when there is nothing to sign with."""
+    if not dkim_sign and not arc_seal:
+        return None
+    key = (dkim_sign or "", arc_seal or "", (authserv_id or "").lower())
+    found = _signers.get(key)
+    if found is None:
+        arc = parse_keys(arc_seal)[0] if arc_seal else None
+        found = _signers[key] = Signer(parse_keys(dkim_sign or ""), arc=arc, authserv_id=authserv_id,
+                                       reactor=reactor)
+    return found

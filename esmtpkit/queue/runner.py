@@ -133,12 +133,13 @@ class QueueRunner:
     """Delivers the messages ``store`` offers through ``deliverer`` (``deliver(message, indexes, open_content)``
     for the recipients of one domain, firing with ``{index: Outcome}``), retrying on ``schedule``.
 
-    ``hostname`` names this host in the notices (Reporting-MTA). `start` hands the runner to the store as its
+    ``hostname`` names this host in the notices (Reporting-MTA). ``signer`` (an `esmtpkit.mailauth.signing.Signer`)
+    DKIM-signs and ARC-seals each message before an attempt. `start` hands the runner to the store as its
     worker; `stop` waits for the attempts under way.
     """
 
     def __init__(self, store: IQueueStore, deliverer: Any, *, reactor: Any, schedule: Schedule, hostname: str,
-                 monitor: QueueMonitor | None = None) -> None:
+                 monitor: QueueMonitor | None = None, signer: Any = None) -> None:
         self.log = Logger(namespace=NAMESPACE, source=self)
         self.store = store
         self.deliverer = deliverer
@@ -146,6 +147,7 @@ class QueueRunner:
         self.schedule = schedule
         self.hostname = hostname
         self.monitor: QueueMonitor = Monitors([monitor]) if monitor is not None else QueueMonitor()
+        self.signer = signer
 
     def start(self) -> None:
         """Have the store offer due messages to this runner."""
@@ -164,6 +166,11 @@ class QueueRunner:
     async def _attempt(self, message: Message, open_content: OpenContent) -> Message:
         started = self.reactor.seconds()
         self.monitor.attempt_started(message)
+        if self.signer is not None and message.pending:
+            try:
+                open_content = await self.signer.prepare(open_content)
+            except Exception:
+                self.log.failure("message {queue_id}: cannot read it to sign it", queue_id=message.id)
         try:
             await self._deliver_all(message, open_content)
         finally:

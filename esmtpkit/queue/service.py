@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from esmtpkit.core.schedule import Schedule
 from esmtpkit.queue.interfaces import IQueueStore
+from esmtpkit.mailauth.signing import parse_keys, signer_for
 from esmtpkit.queue.runner import Monitors, QueueMonitor, QueueRunner
 from esmtpkit.queue.shared import DefaultReactor
 
@@ -225,6 +226,9 @@ class QueueConfig:
     hostname: str = ""
     local_addresses: tuple[str, ...] | None = None
     attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT
+    dkim_sign: str = ""
+    arc_seal: str = ""
+    authserv_id: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -252,6 +256,16 @@ class QueueConfig:
             raise ValueError("username and password need tls (credentials are never sent in clear)")
         if self.backend == "spool" and not self.spool:
             raise ValueError("spool must name a folder")
+        for name in ("dkim_sign", "arc_seal"):
+            if getattr(self, name):
+                try:
+                    keys = parse_keys(getattr(self, name))
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+                if name == "arc_seal" and len(keys) != 1:
+                    raise ValueError("arc_seal takes one DOMAIN:SELECTOR:KEYFILE")
+        if self.arc_seal and not self.authserv_id:
+            raise ValueError("arc_seal needs authserv_id (the name in this server's Authentication-Results)")
 
     @classmethod
     def from_options(cls, *, spool: str = "queue", backend: str | None = None, amqp_url: str | None = None,
@@ -263,7 +277,8 @@ class QueueConfig:
                      delay_warning: float | str | None = None, concurrency: int | str = 20,
                      runner: bool | str = True, hostname: str | None = None,
                      local_addresses: str | None = None,
-                     attempt_timeout: float | str | None = None) -> "QueueConfig":
+                     attempt_timeout: float | str | None = None, dkim_sign: str | None = None,
+                     arc_seal: str | None = None, authserv_id: str | None = None) -> "QueueConfig":
         """A configuration from settings given as text (``--handler-option key=value``) or as values;
         ValueError naming the setting when one is wrong. Without ``backend``, it is amqp when ``amqp_url`` is
         given, else spool; without ``tls``, required with ``verify``, else opportunistic."""
@@ -299,6 +314,7 @@ class QueueConfig:
             local_addresses=parse_addresses(local_addresses) if local_addresses is not None else None,
             attempt_timeout=(parse_seconds("attempt_timeout", attempt_timeout) if attempt_timeout not in (None, "")
                              else DEFAULT_ATTEMPT_TIMEOUT),
+            dkim_sign=dkim_sign or "", arc_seal=arc_seal or "", authserv_id=authserv_id or "",
         )
 
 
@@ -356,9 +372,11 @@ class QueueService(MultiService):
     def runner(self) -> QueueRunner:
         """The runner that delivers what the store offers."""
         if self._runner is None:
+            config = self.config
             self._runner = QueueRunner(self.store, self.deliverer, reactor=self.reactor,
-                                       schedule=self.config.schedule, hostname=self.config.hostname,
-                                       monitor=self.monitor)
+                                       schedule=config.schedule, hostname=config.hostname, monitor=self.monitor,
+                                       signer=signer_for(config.dkim_sign, config.arc_seal, config.authserv_id,
+                                                         self.reactor))
         return self._runner
 
     def _make_store(self) -> IQueueStore:

@@ -1,0 +1,146 @@
+"""The mail-authentication options of ``twistd esmtpkit``: which checks run in front of the handler (``--verify``),
+what they may refuse, which DNS servers they ask, and the keys the Queue and Relay handlers sign with.
+
+`MailAuthOptions` is mixed into `esmtpkit.cli.tap.Options` (usage.Options gathers options from every base class);
+`build_mail_auth` turns the options into a `MailAuth` for `Policy.fronts`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from esmtpkit.mailauth.checks import CHECKS
+from esmtpkit.mailauth.lookups import parse_servers
+from esmtpkit.mailauth.signing import parse_keys
+
+__all__ = ["MailAuthOptions", "build_mail_auth", "check_mail_auth", "SIGNING_KWARGS"]
+
+#: The handler keywords the signing options fill in, for handlers that send mail on (Queue, Relay).
+SIGNING_KWARGS = ("dkim_sign", "arc_seal", "authserv_id")
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"--dns-timeout takes seconds, not {value!r}") from None
+    if not number > 0:
+        raise ValueError("--dns-timeout must be above 0")
+    return number
+
+
+class MailAuthOptions(usage.Options):
+    """Options for the SPF, DKIM, DMARC and ARC checks and for DKIM signing."""
+
+    optFlags = [
+        ["spf-reject", None, "With --verify spf: refuse MAIL FROM when SPF says fail (550 5.7.23), and defer it "
+         "when SPF could not be checked (451 4.7.24)."],
+        ["dmarc-reject", None, "With --verify dmarc: refuse a message that fails DMARC when its author domain "
+         "publishes p=reject (550 5.7.26)."],
+    ]
+    optParameters = [
+        ["authserv-id", None, None, "The name this server gives in Authentication-Results fields (default: "
+         "--hostname, or this host's FQDN)."],
+        ["dns-timeout", None, 4.0, "Seconds a DNS query of the checks may take before it is a temperror.",
+         _seconds],
+        ["arc-seal", None, None, "DOMAIN:SELECTOR:KEYFILE: Queue and Relay handlers seal the messages they "
+         "forward (those checked here) with an ARC set (RFC 8617). Needs --verify arc."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["verify"] = []
+        self["dns-servers"] = []
+        self["dkim-sign"] = []
+
+    def opt_verify(self, checks: str) -> None:
+        """Mail-authentication checks to run in front of the handler, comma-separated: spf, dkim, dmarc, arc, or
+        all (repeatable). Each message gets an Authentication-Results field."""
+        names = [n.strip().lower() for n in checks.split(",") if n.strip()]
+        if not names:
+            raise usage.UsageError("--verify takes spf, dkim, dmarc, arc or all")
+        for name in names:
+            if name == "all":
+                self["verify"].extend(CHECKS)
+            elif name in CHECKS:
+                self["verify"].append(name)
+            else:
+                raise usage.UsageError(f"--verify: unknown check {name!r} (known: {', '.join(CHECKS)}, all)")
+
+    def opt_dns_server(self, server: str) -> None:
+        """A name server for the checks, as HOST or HOST:PORT (repeatable; default: /etc/resolv.conf's)."""
+        try:
+            self["dns-servers"].append(parse_servers(server))
+        except ValueError as e:
+            raise usage.UsageError(f"--dns-server: {e}") from None
+
+    def opt_dkim_sign(self, entry: str) -> None:
+        """DOMAIN:SELECTOR:KEYFILE: Queue and Relay handlers DKIM-sign mail from DOMAIN (and its subdomains) with
+        this PEM private key (repeatable, one per domain)."""
+        try:
+            parse_keys(entry)
+        except ValueError as e:
+            raise usage.UsageError(f"--dkim-sign: {e}") from None
+        self["dkim-sign"].append(entry)
+
+
+def check_mail_auth(options: usage.Options) -> None:
+    """The combinations that cannot work, as one line each; and the keys checked once more as a whole."""
+    checks = set(options["verify"])
+    if options["spf-reject"] and not ({"spf", "dmarc"} & checks):
+        raise usage.UsageError("--spf-reject needs --verify spf")
+    if options["dmarc-reject"] and "dmarc" not in checks:
+        raise usage.UsageError("--dmarc-reject needs --verify dmarc")
+    if options["arc-seal"]:
+        if "arc" not in checks:
+            raise usage.UsageError("--arc-seal needs --verify arc (a seal carries this server's ARC verdict)")
+        try:
+            parse_keys(options["arc-seal"])
+        except ValueError as e:
+            raise usage.UsageError(f"--arc-seal: {e}") from None
+    if options["dkim-sign"]:
+        try:
+            parse_keys(options["dkim-sign"])
+        except ValueError as e:
+            raise usage.UsageError(f"--dkim-sign: {e}") from None
+    if (options["dns-servers"] or options["authserv-id"]) and not checks and not options["arc-seal"]:
+        raise usage.UsageError("--dns-server and --authserv-id are for --verify")
+
+
+def authserv_id(options: usage.Options) -> str | None:
+    """The authserv-id: --authserv-id, else --hostname (None: MailAuth's own default, the FQDN)."""
+    return options["authserv-id"] or options["hostname"] or None
+
+
+def signing_kwargs(options: usage.Options) -> dict[str, Any]:
+    """The handler keywords for the signing options that were given."""
+    kwargs: dict[str, Any] = {}
+    if options["dkim-sign"]:
+        kwargs["dkim_sign"] = ",".join(options["dkim-sign"])
+    if options["arc-seal"]:
+        kwargs["arc_seal"] = options["arc-seal"]
+        kwargs["authserv_id"] = authserv_id(options) or _fqdn()
+    return kwargs
+
+
+def _fqdn() -> str:
+    import socket
+
+    return socket.getfqdn()
+
+
+def build_mail_auth(options: usage.Options, monitor: Any = None, reactor: Any = None) -> Any:
+    """The `MailAuth` the options ask for, or None without ``--verify``."""
+    checks = set(options["verify"])
+    if not checks:
+        return None
+    from esmtpkit.mailauth.checks import MailAuth
+
+    total = options["dns-timeout"]
+    return MailAuth(reactor, spf="spf" in checks, dkim="dkim" in checks, dmarc="dmarc" in checks,
+                    arc="arc" in checks, authserv_id=authserv_id(options),
+                    dns_servers=options["dns-servers"] or None, timeout=(total / 4, total * 3 / 4),
+                    spf_reject=bool(options["spf-reject"]), dmarc_reject=bool(options["dmarc-reject"]),
+                    monitor=monitor)
