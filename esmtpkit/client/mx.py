@@ -19,7 +19,8 @@ from twisted.python.failure import Failure
 
 from esmtpkit.core.outbound import Outcome
 
-__all__ = ["Hop", "RouteError", "Router", "MXRouter", "Smarthost", "ascii_domain", "address_literal"]
+__all__ = ["Hop", "RouteError", "Router", "MXRouter", "Smarthost", "ascii_domain", "address_literal", "answer_records",
+           "dns_name"]
 
 #: The address families looked up for a mail exchanger, by Postfix's name for them, with their record types.
 _FAMILIES = {"ipv4": dns.A, "ipv6": dns.AAAA}
@@ -111,7 +112,7 @@ def _reason(failure: Failure) -> str:
     return _shown(f"{type(failure.value).__name__}: {failure.value}")
 
 
-def _normal(name: Any) -> str:
+def dns_name(name: Any) -> str:
     """A DNS name as text for comparisons: lower case, no trailing dot ("" is the root)."""
     return str(name).rstrip(".").lower()
 
@@ -161,7 +162,7 @@ def _ip(text: str) -> str | None:
         return None
 
 
-def _records(answers: Iterable[dns.RRHeader], name: str, kind: int) -> list[Any]:
+def answer_records(answers: Iterable[dns.RRHeader], name: str, kind: int) -> list[Any]:
     """The payloads of type ``kind`` for ``name`` in an answer section, following CNAMEs within it."""
     answers = list(answers)
     names = {name}
@@ -169,10 +170,10 @@ def _records(answers: Iterable[dns.RRHeader], name: str, kind: int) -> list[Any]
     while grown:
         grown = False
         for rr in answers:
-            if rr.type == dns.CNAME and _normal(rr.name) in names and _normal(rr.payload.name) not in names:
-                names.add(_normal(rr.payload.name))
+            if rr.type == dns.CNAME and dns_name(rr.name) in names and dns_name(rr.payload.name) not in names:
+                names.add(dns_name(rr.payload.name))
                 grown = True
-    return [rr.payload for rr in answers if rr.type == kind and _normal(rr.name) in names]
+    return [rr.payload for rr in answers if rr.type == kind and dns_name(rr.name) in names]
 
 
 @dataclass
@@ -213,7 +214,7 @@ class MXRouter:
         self.reactor = reactor
         self.port = port
         self.timeout = tuple(timeout)
-        self.local_names = frozenset(_normal(n) for n in local_names)
+        self.local_names = frozenset(dns_name(n) for n in local_names)
         self.local_addresses = frozenset(_ip(a) or a for a in local_addresses)
         self.rng = rng if rng is not None else random.SystemRandom()
         self.families = tuple(_FAMILIES[p] for p in inet_protocols)
@@ -266,9 +267,9 @@ class MXRouter:
             if not found.addresses and not found.temporary:
                 raise _no_address(name, "no MX and no address record for")
             return self._cut_addresses(name, [found])
-        if len(exchangers) == 1 and _normal(exchangers[0].name) == "":
+        if len(exchangers) == 1 and dns_name(exchangers[0].name) == "":
             raise _null_mx(name)
-        ordered = self._order((mx.preference, _normal(mx.name)) for mx in exchangers)
+        ordered = self._order((mx.preference, dns_name(mx.name)) for mx in exchangers)
         usable = self._cut_names(name, ordered)
         found_all = await gatherResults([Deferred.fromCoroutine(self._addresses(host, pref))
                                          for pref, host in usable[:self.max_hops]])
@@ -352,7 +353,7 @@ class MXRouter:
         """One lookup: the records of ``kind`` for ``name`` and None, or no records and why the lookup failed."""
         method = {dns.MX: "lookupMailExchange", dns.A: "lookupAddress", dns.AAAA: "lookupIPV6Address"}[kind]
         d = maybeDeferred(lambda: getattr(self.resolver, method)(name, self.timeout))
-        return d.addCallbacks(lambda result: (_records(result[0], name, kind), None),
+        return d.addCallbacks(lambda result: (answer_records(result[0], name, kind), None),
                               lambda failure: ([], _reason(failure)))
 
 

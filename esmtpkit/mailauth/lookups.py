@@ -18,6 +18,8 @@ from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from esmtpkit.client.mx import answer_records, dns_name
+
 __all__ = ["Lookups", "DNSTempError", "parse_servers", "in_worker"]
 
 #: The seconds each query waits for an answer before it is asked again, then given up (a temperror).
@@ -48,10 +50,6 @@ def parse_servers(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _name(name: Any) -> str:
-    return str(name).rstrip(".").lower()
-
-
 def _reason(failure: Failure) -> str:
     if failure.check(error.DNSServerError):
         return "server failure"
@@ -62,20 +60,6 @@ def _reason(failure: Failure) -> str:
     if failure.check(error.DNSFormatError):
         return "format error"
     return f"{type(failure.value).__name__}"
-
-
-def _records(answers: Iterable[dns.RRHeader], name: str, kind: int) -> list[Any]:
-    """The payloads of type ``kind`` for ``name``, following the CNAMEs in the answer section."""
-    answers = list(answers)
-    names = {name}
-    grown = True
-    while grown:
-        grown = False
-        for rr in answers:
-            if rr.type == dns.CNAME and _name(rr.name) in names and _name(rr.payload.name) not in names:
-                names.add(_name(rr.payload.name))
-                grown = True
-    return [rr.payload for rr in answers if rr.type == kind and _name(rr.name) in names]
 
 
 class Lookups:
@@ -103,11 +87,11 @@ class Lookups:
         """The records of type ``kind`` at ``name`` (twisted.names payloads): None when the name does not exist,
         ``[]`` when it has none of that type; fails with `DNSTempError` when DNS could not answer."""
         qtype = _TYPES[kind]
-        name = _name(name)
+        name = dns_name(name)
 
         def answered(result: Any) -> list[Any]:
             answers = result[0] if isinstance(result, tuple) else result
-            return _records(answers, name, qtype)
+            return answer_records(answers, name, qtype)
 
         def failed(failure: Failure) -> Any:
             if failure.check(error.DNSNameError):
@@ -139,9 +123,9 @@ class Lookups:
                 if kind in ("A", "AAAA"):
                     values.append(payload.dottedQuad() if kind == "A" else _v6(payload.address))
                 elif kind == "MX":
-                    values.append((payload.preference, _name(payload.name)))
+                    values.append((payload.preference, dns_name(payload.name)))
                 elif kind == "PTR":
-                    values.append(_name(payload.name))
+                    values.append(dns_name(payload.name))
                 else:
                     values.append(list(payload.data))
             return [((name, kind), value) for value in values]
