@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Sequence
 
 import dkim
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -46,7 +47,8 @@ class SigningKey:
 
 def parse_keys(text: str | Iterable[str]) -> tuple[SigningKey, ...]:
     """Keys from ``DOMAIN:SELECTOR:KEYFILE`` entries (comma- or space-separated text, or a list of them), each
-    file a PEM private key (RSA or Ed25519); ValueError saying which entry is wrong and why."""
+    file a PEM RSA private key (dkimpy signs Ed25519 only from a raw key, with pynacl); ValueError saying which
+    entry is wrong and why."""
     entries = text.replace(",", " ").split() if isinstance(text, str) else [t.strip() for t in text]
     keys = []
     for entry in entries:
@@ -61,9 +63,11 @@ def parse_keys(text: str | Iterable[str]) -> tuple[SigningKey, ...]:
         except OSError as e:
             raise ValueError(f"{entry}: cannot read the key: {(e.strerror or str(e)).lower()}") from None
         try:
-            load_pem_private_key(private, password=None)
+            loaded = load_pem_private_key(private, password=None)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{entry}: not a PEM private key without a passphrase ({e})") from None
+        if not isinstance(loaded, rsa.RSAPrivateKey):
+            raise ValueError(f"{entry}: not an RSA key (only RSA keys sign here)")
         keys.append(SigningKey(domain, selector, private))
     domains = [k.domain for k in keys]
     if len(set(domains)) != len(domains):
