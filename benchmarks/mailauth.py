@@ -117,7 +117,8 @@ def serve_dns(zones_file: str, port: int) -> int:
             raise error.DNSNameError(name)
         records = data[name]
         if kind == dns.TXT:
-            return [rr(name, kind, dns.Record_TXT(*(s.encode() for s in v), ttl=60)) for v in records.get("TXT", [])], [], []
+            return [rr(name, kind, dns.Record_TXT(*(s.encode() for s in v), ttl=60))
+                    for v in records.get("TXT", [])], [], []
         if kind == dns.A:
             return [rr(name, kind, dns.Record_A(a, ttl=60)) for a in records.get("A", [])], [], []
         return [], [], []
@@ -366,14 +367,16 @@ def probe(port: int, count: int, interval: float, out: str) -> int:
 # ---- servers ----------------------------------------------------------------------------------------------------
 
 def server_spec(name: str, options: Sequence[str], dns_port: int) -> ServerSpec:
-    """``twistd esmtpkit`` with the Null handler and ``options``, its default event log going to a file."""
+    """``twistd esmtpkit`` with the Null handler and ``options``, its default event log going to a file; no limit
+    on connections per client, errors or NOOPs (the probe sends hundreds of them on one connection)."""
     twistd = twistd_argv(esmtpkit_python())
     dns = ["--dns-server", f"{HOST}:{dns_port}"] if options else []
 
     def argv(port: int, event_log: Path) -> list[str]:
         return [*twistd, "-n", "--pidfile=", f"--logfile={event_log}", "esmtpkit",
                 "--handler", "esmtpkit.handlers.null.Null", "--listen", f"tcp:{port}:interface={HOST}:backlog=1024",
-                "--hostname", SERVER_NAME, "--max-connections-per-client", "0", *options, *dns]
+                "--hostname", SERVER_NAME, "--max-connections-per-client", "0", "--junk-command-limit", "0",
+                "--error-limit", "0", *options, *dns]
 
     return ServerSpec(name, argv, {"PYTHONPATH": str(ROOT)})
 
@@ -529,13 +532,14 @@ def versions() -> dict[str, str]:
     head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "esmtpkit"],
                            capture_output=True, text=True)
+    source = (f"checkout {head.stdout.strip()}" if head.returncode == 0 and head.stdout.strip()
+              else f"source tree {ROOT} (not a git checkout)")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": str(os.cpu_count()),
         "cpu model": model,
         "kernel": platform.release(),
-        "esmtpkit": f"{software}; checkout {head.stdout.strip() or '?'}"
-                    + (" with uncommitted changes in esmtpkit/" if dirty.stdout.strip() else ""),
+        "esmtpkit": f"{software}; {source}" + (" with changes in esmtpkit/" if dirty.stdout.strip() else ""),
     }
 
 
