@@ -7,6 +7,7 @@ what they may refuse, which DNS servers they ask, and the keys the Queue and Rel
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.python import usage
@@ -22,12 +23,13 @@ SIGNING_KWARGS = ("dkim_sign", "arc_seal", "authserv_id")
 
 
 def _seconds(value: str) -> float:
+    """A usage error of its own, not twistd's "Parameter type enforcement failed" prefix (as ``tap``'s do)."""
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"--dns-timeout takes seconds, not {value!r}") from None
-    if not number > 0:
-        raise ValueError("--dns-timeout must be above 0")
+        raise usage.UsageError(f"--dns-timeout takes seconds, not {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise usage.UsageError(f"--dns-timeout takes a finite number of seconds above 0, not {value!r}")
     return number
 
 
@@ -70,11 +72,14 @@ class MailAuthOptions(usage.Options):
                 raise usage.UsageError(f"--verify: unknown check {name!r} (known: {', '.join(CHECKS)}, all)")
 
     def opt_dns_server(self, server: str) -> None:
-        """A name server for the checks, as HOST or HOST:PORT (repeatable; default: /etc/resolv.conf's)."""
+        """A name server for the checks, as HOST or HOST:PORT, HOST an IP address (repeatable; default:
+        /etc/resolv.conf's)."""
         try:
-            self["dns-servers"].append(parse_servers(server))
+            host, port = parse_servers(server)
+            ipaddress.ip_address(host)  # twisted.names sends to addresses only: a name would fail every query
         except ValueError as e:
             raise usage.UsageError(f"--dns-server: {e}") from None
+        self["dns-servers"].append((host, port))
 
     def opt_dkim_sign(self, entry: str) -> None:
         """DOMAIN:SELECTOR:KEYFILE: Queue and Relay handlers DKIM-sign mail from DOMAIN (and its subdomains) with
@@ -105,6 +110,9 @@ def check_mail_auth(options: usage.Options) -> None:
             parse_keys(options["dkim-sign"])
         except ValueError as e:
             raise usage.UsageError(f"--dkim-sign: {e}") from None
+    given = options["authserv-id"]
+    if given and (not given.isprintable() or any(c in given for c in ' \t;()"\\')):
+        raise usage.UsageError(f"--authserv-id takes one name, without spaces or ;()\"\\, not {given!r}")
     if (options["dns-servers"] or options["authserv-id"]) and not checks and not options["arc-seal"]:
         raise usage.UsageError("--dns-server and --authserv-id are for --verify")
 

@@ -50,19 +50,20 @@ class Decision:
 
 
 def _without(head: bytes, remove: Callable[[bytes, bytes], bool]) -> bytes:
-    """The header section ``head`` without the fields ``remove`` picks (each field with its continuation lines)."""
+    """The header section ``head`` without the fields ``remove`` picks (each field with its continuation lines).
+    Its last line may lack its CRLF (BDAT content that ends in its header section)."""
     fields: list[bytes] = []
-    for line in head.split(b"\r\n")[:-1]:
+    for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1] += b"\r\n" + line
         else:
             fields.append(line)
     kept = []
-    for field in fields:
+    for number, field in enumerate(fields, 1):
         name, colon, value = field.partition(b":")
         if colon and remove(name.strip(), b" ".join(value.split())):
             continue
-        kept.append(field + b"\r\n")
+        kept.append(field if number == len(fields) else field + b"\r\n")  # the last: b"" after a CRLF
     return b"".join(kept)
 
 
@@ -221,6 +222,8 @@ class Front:
         return Deferred.fromCoroutine(self._end(per_recipient=True))
 
     async def _end(self, per_recipient: bool) -> Any:
+        if not self._head_done:
+            self._head_done = self._head_whole = True  # no empty line: the whole message is its header section
         try:
             decision = await _settled(self.decide())
         except BaseException:

@@ -27,16 +27,41 @@ def claims_to_be(authserv_id: str) -> Callable[[bytes, bytes], bool]:
     ours = authserv_id.lower().encode("ascii", "replace")
 
     def picks(name: bytes, value: bytes) -> bool:
-        if name.lower() != b"authentication-results":
-            return False
-        first = value.split(b";", 1)[0]
-        while b"(" in first:  # drop comments
-            before, _, after = first.partition(b"(")
-            first = before + after.partition(b")")[2]
-        words = first.split()
-        return bool(words) and words[0].lower() == ours
+        return name.lower() == b"authentication-results" and _author(value).lower() == ours
 
     return picks
+
+
+def _author(value: bytes) -> bytes:
+    """The authserv-id an ``Authentication-Results:`` value starts with (RFC 8601 §2.2): comments before it are
+    skipped (they nest, and may hold ``;`` or quoted pairs), a quoted-string is unquoted."""
+    i, end = 0, len(value)
+    while i < end:
+        c = value[i]
+        if c in b" \t\r\n":
+            i += 1
+        elif c == ord("("):
+            depth = 0
+            while i < end:
+                c = value[i]
+                i += 2 if c == ord("\\") else 1
+                depth += (c == ord("(")) - (c == ord(")"))
+                if depth == 0:
+                    break
+        else:
+            break
+    if value[i:i + 1] == b'"':
+        word = bytearray()
+        i += 1
+        while i < end and value[i] != ord('"'):
+            i += 1 if value[i] == ord("\\") else 0
+            word += value[i:i + 1]
+            i += 1
+        return bytes(word)
+    start = i
+    while i < end and value[i] not in b" \t\r\n;(":
+        i += 1
+    return value[start:i]
 
 
 class MailAuthFront(Front):
@@ -53,7 +78,8 @@ class MailAuthFront(Front):
         self._verdicts = None
         checking = self.checks.check_sender(self.session, str(sender))  # type: ignore[arg-type]
         if not self.checks.spf_reject:
-            self._sender = checking.addCallback(self._kept)
+            self._sender = checking
+            checking.addCallback(self._kept, checking)
             return self.behind.mail(sender, params)
 
         async def checked() -> Any:
@@ -66,7 +92,9 @@ class MailAuthFront(Front):
         self._sender = None
         return Deferred.fromCoroutine(checked())
 
-    def _kept(self, verdicts: AuthVerdicts) -> AuthVerdicts:
+    def _kept(self, verdicts: AuthVerdicts, checking: "Deferred[AuthVerdicts] | None" = None) -> AuthVerdicts:
+        if checking is not None and checking is not self._sender:
+            return verdicts  # an earlier transaction's check, answering after RSET and a new MAIL
         self._verdicts = verdicts
         envelope = self.session.envelope  # type: ignore[union-attr]
         if envelope.sender is not None and envelope.auth is None:
