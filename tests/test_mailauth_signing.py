@@ -34,6 +34,7 @@ from esmtpkit.testing import serve
 
 from .authzone import SELECTOR, AuthWorld, Key, auth_zones, dkim_sign
 from .mailnet import PrivateDNS, ScriptedMX, listen_all, stop_all, until
+from .support import RawClient
 
 AUTHSERV = "mx.test"
 
@@ -47,6 +48,12 @@ MESSAGE = (b"From: Alice <alice@good.test>\r\n"
 
 CHECKED = (f"Authentication-Results: {AUTHSERV}; spf=pass smtp.mailfrom=alice@good.test;\r\n"
            "\tdkim=pass header.d=good.test\r\n").encode() + MESSAGE
+
+
+#: `MESSAGE` with a bare CR and a bare LF in its body, as a server with ``bare_newline="allow"`` takes it.
+BARE = MESSAGE.replace(b"Hello, Bob.\r\n", b"Hello\r, Bob.\nBye.\r\n")
+#: `BARE` as the client sends it: CRLF for each bare CR and LF.
+SENT = MESSAGE.replace(b"Hello, Bob.\r\n", b"Hello\r\n, Bob.\r\nBye.\r\n")
 
 
 def authored(author: str, message: bytes = MESSAGE) -> bytes:
@@ -359,6 +366,24 @@ def _send(port: int, content: bytes) -> Any:
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
         return client.sendmail("alice@good.test", ["bob@example.net"], content)
 
+def _raw_send(port: int, content: bytes) -> list[bytes]:
+    client = RawClient(("127.0.0.1", port))
+    try:
+        replies = client.send(b"EHLO client.test\r\nMAIL FROM:<alice@good.test>\r\nRCPT TO:<bob@example.net>\r\n"
+                              b"DATA\r\n", 4)
+        return replies + client.send(content + b".\r\n")
+    finally:
+        client.close()
+
+def _raw_bdat(port: int, content: bytes) -> list[bytes]:
+    client = RawClient(("127.0.0.1", port))
+    try:
+        client.send(b"EHLO client.test\r\n")
+        return client.send(b"MAIL FROM:<alice@good.test> BODY=BINARYMIME\r\nRCPT TO:<bob@example.net>\r\n"
+                           b"BDAT %d LAST\r\n" % len(content) + content, 3)
+    finally:
+        client.close()
+
 
 @pytest_twisted.ensureDeferred
 async def test_the_relay_signs_what_it_sends(world: AuthWorld, keyfiles: dict[str, str]) -> None:
@@ -394,7 +419,7 @@ async def test_the_relay_answers_451_when_it_cannot_sign(world: AuthWorld, keyfi
     """The content cannot be prepared for sending: the client keeps the message (451), nothing goes upstream."""
     from twisted.internet import reactor
 
-    monkeypatch.setattr(Signer, "prepare", lambda self, open_content: fail(OSError("spool lost")))
+    monkeypatch.setattr(Signer, "prepare", lambda self, open_content, **kw: fail(OSError("spool lost")))
     store = MessageStore()
     upstream = await serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"))
     setting = f"good.test:{SELECTOR}:{keyfiles['good.test']}"
@@ -428,26 +453,30 @@ def _spooled(spool: Path) -> dict[str, bytes]:
     return {name[:-4]: (folder / name).read_bytes() for name in os.listdir(folder) if name.endswith(".eml")}
 
 
+@pytest.mark.parametrize("body", ["data", "binarymime"])
 @pytest_twisted.ensureDeferred
 async def test_the_queue_signs_each_attempt_and_keeps_the_spool_copy_unsigned(
-        world: AuthWorld, keyfiles: dict[str, str], dns: PrivateDNS, tmp_path: Path) -> None:
+        world: AuthWorld, keyfiles: dict[str, str], dns: PrivateDNS, tmp_path: Path, body: str) -> None:
     """The MX answers the first attempt 451 and takes the second: each attempt carries one fresh signature over
-    the content as spooled, which stays as received (no signature piles up from one attempt to the next)."""
+    the content as spooled, which stays as received (no signature piles up from one attempt to the next). The
+    content has a bare CR and a bare LF (the server allows them): the signature covers them as sent, CRLF after
+    DATA, as they are with BODY=BINARYMIME."""
     from twisted.internet import reactor
 
-    replies = [(451, "4.3.0 try again later")]
-    mx = ScriptedMX("127.0.0.2", name="mx1.example.net", eom=lambda: replies.pop() if replies else 250)
+    eom = [(451, "4.3.0 try again later")]
+    mx = ScriptedMX("127.0.0.2", name="mx1.example.net", eom=lambda: eom.pop() if eom else 250)
     mx_port = listen_all([mx])
     spool = tmp_path / "queue"
     setting = f"good.test:{SELECTOR}:{keyfiles['good.test']}"
     config = QueueConfig.from_options(spool=str(spool), dns=f"127.0.0.1:{dns.port}", port=str(mx_port),
                                       min_backoff="1", max_backoff="2", hostname="queue.test", dkim_sign=setting)
     service = QueueService(config)
-    factory = ESMTPFactory(lambda: Queue(service=service), policy=Policy(hostname="queue.test"))
+    factory = ESMTPFactory(lambda: Queue(service=service), policy=Policy(hostname="queue.test", bare_newline="allow"))
     service.startService()
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     try:
-        assert await threads.deferToThread(_send, port.getHost().port, MESSAGE) == {}
+        said = await threads.deferToThread(_raw_send if body == "data" else _raw_bdat, port.getHost().port, BARE)
+        assert said[-1].startswith(b"250 "), said
         await until(lambda: mx.transactions and mx.transactions[0].reply, "the first attempt")
         [(queue_id, kept)] = _spooled(spool).items()
         admin = SpoolAdmin(str(spool))
@@ -469,11 +498,77 @@ async def test_the_queue_signs_each_attempt_and_keeps_the_spool_copy_unsigned(
         signer = signer_for(setting, reactor=service.reactor)
         assert signer is not None
         signer.close()
-    assert signatures(kept) == [] and kept.endswith(b"\r\n" + MESSAGE)
+    assert signatures(kept) == [] and kept.endswith(b"\r\n" + BARE)
     assert kept.startswith(b"Received: from client.test")
     assert [t.reply.code if t.reply else None for t in mx.transactions] == [451, 250]
     for transaction in mx.transactions:
         assert len(signatures(transaction.content)) == 1
         assert transaction.content.startswith(b"DKIM-Signature:")
-        assert transaction.content.endswith(b"\r\n" + kept)
+        assert transaction.content.endswith(b"\r\n" + kept.replace(BARE, SENT if body == "data" else BARE))
+        assert transaction.mail_params.get("BODY") == ("BINARYMIME" if body == "binarymime" else None)
         assert dkim.verify(transaction.content, dnsfunc=dnsfunc(world))
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_relay_signs_the_line_ends_it_sends(world: AuthWorld, keyfiles: dict[str, str]) -> None:
+    """A server that allows bare CR and LF in content (``bare_newline="allow"``) passes them to the Relay, whose
+    client sends each as CRLF: the signature must cover the content as sent, so the next hop can verify it."""
+    from twisted.internet import reactor
+
+    setting = f"good.test:{SELECTOR}:{keyfiles['good.test']}"
+    store = MessageStore()
+    upstream = await serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"))
+    relay = await serve(lambda: Relay(port=upstream.port, timeout=10, dkim_sign=setting), reactor=reactor,
+                        policy=Policy(hostname="relay.test", bare_newline="allow"))
+    try:
+        replies = await threads.deferToThread(_raw_send, relay.port, BARE)
+        relayed = (await store.next_message()).data
+    finally:
+        await relay.stop()
+        await upstream.stop()
+        signer = signer_for(setting)
+        assert signer is not None
+        signer.close()
+    assert replies[-1].startswith(b"250 "), replies
+    assert relayed.endswith(b"\r\n" + SENT)
+    assert dkim.verify(relayed, dnsfunc=dnsfunc(world))
+
+
+def test_a_binary_body_is_signed_as_it_is(world: AuthWorld) -> None:
+    """BODY=BINARYMIME goes without any change to its line ends: so is it signed. Otherwise a bare CR or LF is
+    signed as the CRLF the client sends for it."""
+    signer = Signer([signing_key(world)])
+    lookup = dnsfunc(world)
+    as_is = signer.fields(BARE, binary=True) + BARE
+    assert dkim.verify(as_is, dnsfunc=lookup)
+    sent = signer.fields(BARE) + SENT
+    assert dkim.verify(sent, dnsfunc=lookup)
+    assert not dkim.verify(signer.fields(BARE) + BARE, dnsfunc=lookup)
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_relay_signs_binarymime_content_as_it_is(world: AuthWorld, keyfiles: dict[str, str]) -> None:
+    """BODY=BINARYMIME content goes upstream octet for octet (bare CR and LF kept): so is it signed."""
+    from twisted.internet import reactor
+
+    setting = f"good.test:{SELECTOR}:{keyfiles['good.test']}"
+    store = MessageStore()
+    upstream = await serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"))
+    relay = await serve(lambda: Relay(port=upstream.port, timeout=10, trace=False, dkim_sign=setting),
+                        reactor=reactor, policy=Policy(hostname="relay.test"))
+    try:
+        said = await threads.deferToThread(_raw_bdat, relay.port, BARE)
+        relayed = await store.next_message()
+    finally:
+        await relay.stop()
+        await upstream.stop()
+        signer = signer_for(setting)
+        assert signer is not None
+        signer.close()
+    assert [reply[:3] for reply in said] == [b"250", b"250", b"250"], said
+    assert relayed.mail_params.get("BODY") == "BINARYMIME"
+    [field] = signatures(relayed.data)
+    assert relayed.data == field + b"\r\n" + BARE
+    assert dkim.verify(relayed.data, dnsfunc=dnsfunc(world))

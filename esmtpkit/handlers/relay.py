@@ -217,7 +217,7 @@ class Relay(MessageHandler):
         if self.signer is None:
             sending = send(reactor, endpoint, message, content, options, host=self.host)
         else:
-            sending = self.signer.prepare(content).addCallback(
+            sending = self.signer.prepare(content, binary=message.body == "BINARYMIME").addCallback(
                 lambda signed: send(reactor, endpoint, message, signed, options, host=self.host))
 
         def answer(attempt: Attempt) -> Reply:

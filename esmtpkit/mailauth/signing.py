@@ -11,6 +11,7 @@ so it runs in a worker thread; the content sent is the signature fields followed
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Sequence
 
@@ -34,6 +35,9 @@ DEFAULT_HEADERS: tuple[bytes, ...] = (
     b"mime-version", b"content-type", b"content-transfer-encoding", b"list-id", b"list-unsubscribe",
     b"list-unsubscribe-post",
 )
+
+#: A line end as the client sends it: every bare CR and bare LF goes as CRLF (`esmtpkit.core.stuffing`).
+_LINE_END = re.compile(rb"\r\n?|\n")
 
 
 @dataclass(frozen=True)
@@ -128,9 +132,12 @@ class Signer:
                 return key
         return None
 
-    def fields(self, message: bytes) -> bytes:
+    def fields(self, message: bytes, *, binary: bool = False) -> bytes:
         """The fields to put on top of ``message``: an ARC set (when forwarding and sealing), then a
-        DKIM-Signature (when its author domain has a key). Blocking (hashing)."""
+        DKIM-Signature (when its author domain has a key). Blocking (hashing). Unless ``binary``
+        (BODY=BINARYMIME, sent as it is), the message is signed with CRLF for each bare CR and LF, as it is sent."""
+        if not binary:
+            message = _LINE_END.sub(b"\r\n", message)
         head = header_section(message[:message.find(b"\r\n\r\n") + 2] if b"\r\n\r\n" in message else message)
         authors = [v.decode("utf-8", "replace") for n, v in head if n.lower() == b"from"]
         added = b""
@@ -172,14 +179,15 @@ class Signer:
         if pool is not None:
             pool.stop()
 
-    def prepare(self, open_content: Callable[[], IO[bytes]]) -> "Deferred[Callable[[], IO[bytes]]]":
+    def prepare(self, open_content: Callable[[], IO[bytes]], *,
+                binary: bool = False) -> "Deferred[Callable[[], IO[bytes]]]":
         """An opener of the content to send: the signature fields on top of what ``open_content`` opens (the
-        same opener when nothing is added). Fails only if the content cannot be read."""
+        same opener when nothing is added). ``binary``: see `fields`. Fails only if the content cannot be read."""
         def compute() -> bytes:
             with open_content() as stream:
                 message = stream.read()
             try:
-                return self.fields(message)
+                return self.fields(message, binary=binary)
             except Exception:  # a message dkimpy cannot sign (broken header fields) still goes, unsigned
                 self.log.failure("not signed: dkimpy could not sign the message")
                 return b""

@@ -168,7 +168,7 @@ class QueueRunner:
         self.monitor.attempt_started(message)
         if self.signer is not None and message.pending:
             try:
-                open_content = await self.signer.prepare(open_content)
+                open_content = await self.signer.prepare(open_content, binary=message.body == "BINARYMIME")
             except Exception:
                 self.log.failure("message {queue_id}: cannot read it to sign it", queue_id=message.id)
         try:

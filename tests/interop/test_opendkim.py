@@ -45,8 +45,8 @@ TOOLS = ("opendkim", "opendkim-genkey", "opendkim-testmsg")
 FOUND = {name: shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin") for name in TOOLS}
 MISSING = [name for name, path in FOUND.items() if path is None]
 
-pytestmark = pytest.mark.skipif(
-    bool(MISSING), reason=f"OpenDKIM is not installed (no {', '.join(MISSING)}; apt-get install opendkim opendkim-tools)")
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"OpenDKIM is not installed (no {', '.join(MISSING)}; "
+                                                      "apt-get install opendkim opendkim-tools)")
 
 #: A bound on one OpenDKIM run, not an expectation.
 TIMEOUT = 60
