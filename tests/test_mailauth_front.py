@@ -435,6 +435,13 @@ def test_lmtp_refusal_answers_every_recipient() -> None:
     assert handler.verbs[-1] == "abort" and "eom_per_recipient" not in handler.verbs
 
 
+def test_lmtp_failing_decision_fails_every_recipient_temporarily() -> None:
+    handler = PerRecipient()
+    replies = lmtp_message(Fixed(handler, RuntimeError("the decider broke")))
+    assert len(replies) == 3 and all(400 <= r.code < 500 for r in replies), replies
+    assert handler.verbs[-1] == "abort" and "eom_per_recipient" not in handler.verbs
+
+
 def test_front_of_an_smtp_handler_is_not_lmtp() -> None:
     assert not ILMTPHandler.providedBy(Fixed(RecordingHandler()))
 
@@ -503,6 +510,22 @@ def test_refused_mail_from_the_handler_behind_comes_through() -> None:
     conversation.send("EHLO c")
     reply = conversation.send("MAIL FROM:<a@b.test>")
     assert (reply.code, reply.enhanced) == (550, "5.1.8")
+
+
+def test_the_handler_behind_may_close_the_connection() -> None:
+    """``disconnect`` is the handler behind's: set there, the server closes after the reply."""
+    handler = RecordingHandler()
+
+    def closing(*args: Any) -> Reply:
+        handler.disconnect = True
+        return Reply.of(421, "closing", enhanced="4.3.2")
+
+    handler.replies["mail"] = closing
+    front = Fixed(handler)
+    conversation = talk(front)
+    conversation.send("EHLO c")
+    assert conversation.send("MAIL FROM:<a@b.test>").code == 421
+    assert front.disconnect and conversation.closed
 
 
 def test_behind_must_be_a_handler() -> None:
@@ -763,10 +786,13 @@ class Gate:
         return d
 
     def some_held(self) -> Deferred[None]:
+        """Fires once a query is held (failing after a minute, so that a test never hangs on it)."""
+        from twisted.internet import reactor
+
         if self.held:
             return succeed(None)
         self.waiting.append(Deferred())
-        return self.waiting[-1]
+        return self.waiting[-1].addTimeout(60, reactor)
 
     def release(self) -> None:
         """Every held query fails as a timeout would."""
@@ -977,6 +1003,7 @@ async def test_without_spf_reject_mail_does_not_wait_for_spf(make: Any, dns_serv
         assert code == 250
         await in_thread(client.quit)
     finally:
+        gate.release()  # a worker thread waiting on a held query would keep the pool from stopping
         await in_thread(client.close)
         await server.server.stop()
     [message] = server.store.messages

@@ -122,7 +122,7 @@ def test_the_policy_of_the_service_has_the_front() -> None:
     options = parse(*BASE, "--verify", "spf", "--listen", "tcp:2525:interface=127.0.0.1")
     service = tap.makeService(options, reactor=MemoryReactor())
     assert isinstance(service.factory.make_handler(), MailAuthFront)
-    assert options["mail-auth"].monitor is not None
+    assert options["mail-auth"].monitor is service.factory.monitor
 
 
 @pytest.mark.parametrize("argv, start", [
