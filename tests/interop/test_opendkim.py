@@ -1,13 +1,14 @@
 """DKIM between esmtpkit and OpenDKIM, both ways, offline: keys made by ``opendkim-genkey`` and published by a
 private DNS server on 127.0.0.1 (`tests.mailnet.PrivateDNS`).
 
-OpenDKIM runs in its test mode (``opendkim -x CONF -t FILE``: the milter's own code, fed one message from a file,
-printing the fields it would add) from a temporary directory. It resolves through libunbound, configured
-(``ResolverConfiguration``) to forward every query to the private DNS server, with the ``test.`` zone that Unbound
-answers NXDOMAIN by itself (RFC 6761) opened up. Each run is a short-lived process: nothing keeps running.
+OpenDKIM runs from a temporary directory, in its test mode (``opendkim -x CONF -t FILE``: the milter's own code,
+fed one message from a file, printing the fields it would add; a short-lived process) and as a milter in the
+foreground on a loopback port, driven by a minimal milter client (`MilterClient`, the MTA's side) and stopped when
+the test ends. It resolves through libunbound, configured (``ResolverConfiguration``) to forward every query to
+the private DNS server, with the ``test.`` zone that Unbound answers NXDOMAIN by itself (RFC 6761) opened up.
 
 - esmtpkit signs (a Relay with ``dkim_sign`` and the key opendkim-genkey made) and OpenDKIM verifies: pass, and
-  fail once the body changes or a field it signed is added.
+  fail once the body changes or a field it signed is added; the same through the milter.
 - OpenDKIM signs (rsa-sha256) and esmtpkit's `MailAuth` verifies: pass, DMARC-aligned; fail once changed.
 - ``opendkim-testmsg`` signs with rsa-sha1 only; the key from opendkim-genkey allows sha256 only (``h=sha256``),
   so that signature must not pass (RFC 6376 §3.6.1, RFC 8301 §3.1).
@@ -20,7 +21,10 @@ import os
 import re
 import shutil
 import smtplib
+import socket
+import struct
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,13 +37,14 @@ from twisted.internet.address import IPv4Address
 from esmtpkit.core.session import Session
 from esmtpkit.handlers import Collecting, MessageStore, Relay
 from esmtpkit.mailauth import MailAuth
-from esmtpkit.mailauth.signing import signer_for
+from esmtpkit.mailauth.signing import Signer, parse_keys, signer_for
 from esmtpkit.mailauth.verdicts import AuthVerdicts
 from esmtpkit.server.policy import Policy
 from esmtpkit.testing import serve
 
 from ..authzone import auth_zones
 from ..mailnet import PrivateDNS
+from ..support import terminate
 
 TOOLS = ("opendkim", "opendkim-genkey", "opendkim-testmsg")
 FOUND = {name: shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin") for name in TOOLS}
@@ -236,3 +241,133 @@ async def test_an_rsa_sha1_signature_does_not_pass_with_a_sha256_only_key(opendk
     assert b"a=rsa-sha1;" in signed
     [dkim] = (await esmtpkit_checks(dns, signed)).dkim
     assert dkim.result != "pass", dkim
+
+
+# ---- OpenDKIM as a milter ------------------------------------------------------------------------------------------
+
+#: The milter protocol (libmilter's mfdef.h): version 6, every action allowed, no step left out or unanswered.
+MILTER_VERSION, MILTER_ACTIONS, MILTER_PROTOCOL = 6, 0x1FF, 0
+
+
+class MilterClient:
+    """The MTA's side of the milter protocol, enough to have one message checked: each step answered with
+    continue, then the end of the message answered with the header changes the filter asks for."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.sock.sendall(self._packet(b"O", struct.pack(">III", MILTER_VERSION, MILTER_ACTIONS, MILTER_PROTOCOL)))
+        command, data = self._read()
+        assert command == b"O", (command, data)
+        self.protocol = struct.unpack(">III", data[:12])[2]
+
+    @staticmethod
+    def _packet(command: bytes, data: bytes = b"") -> bytes:
+        return struct.pack(">I", len(data) + 1) + command + data
+
+    def _read(self) -> tuple[bytes, bytes]:
+        size = struct.unpack(">I", self._exactly(4))[0]
+        packet = self._exactly(size)
+        return packet[:1], packet[1:]
+
+    def _exactly(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            assert chunk, "the milter closed the connection"
+            data += chunk
+        return data
+
+    def step(self, command: bytes, data: bytes = b"") -> None:
+        """Send one step; the filter must answer continue."""
+        self.sock.sendall(self._packet(command, data))
+        answer, detail = self._read()
+        assert answer == b"c", (command, answer, detail)
+
+    def check(self, message: bytes) -> list[tuple[str, str]]:
+        """Have ``message`` (CRLF line ends) checked; the header fields the filter adds or inserts."""
+        self.sock.sendall(self._packet(b"D", b"Cj\0mx.test\0"))
+        self.step(b"C", b"client.test\0" + b"4" + struct.pack(">H", 40000) + b"127.0.0.5\0")
+        self.step(b"H", b"client.test\0")
+        self.sock.sendall(self._packet(b"D", b"Mi\0MILTER1\0"))
+        self.step(b"M", b"<alice@good.test>\0")
+        self.step(b"R", b"<bob@example.net>\0")
+        self.step(b"T")
+        head, body = message.split(b"\r\n\r\n", 1)
+        for field in re.split(rb"\r\n(?![ \t])", head):
+            name, value = field.split(b":", 1)
+            self.step(b"L", name + b"\0" + value.lstrip(b" ") + b"\0")
+        self.step(b"N")
+        for start in range(0, len(body), 65535):
+            self.step(b"B", body[start:start + 65535])
+        self.sock.sendall(self._packet(b"E"))
+        added = []
+        while True:
+            command, data = self._read()
+            if command in (b"h", b"i"):
+                if command == b"i":
+                    data = data[4:]  # the index to insert at
+                name, value = data.rstrip(b"\0").split(b"\0", 1)
+                added.append((name.decode(), value.decode()))
+            elif command in (b"c", b"a"):
+                return added
+            else:
+                assert command in (b"m", b"p"), (command, data)  # a field changed, or progress
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(self._packet(b"Q"))
+        finally:
+            self.sock.close()
+
+
+@pytest.fixture
+def milter(opendkim: OpenDKIM, dns: PrivateDNS) -> Iterator[int]:
+    """A private ``opendkim`` milter in the foreground on a loopback port, verifying; its port. Stopped (SIGTERM,
+    then SIGKILL) when the test ends."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = opendkim.folder / "milter.conf"
+    config.write_text((opendkim.folder / "verify.conf").read_text() + f"Socket inet:{port}@127.0.0.1\n")
+    log = (opendkim.folder / "milter.log").open("wb")
+    process = subprocess.Popen([str(FOUND["opendkim"]), "-f", "-x", str(config)], cwd=opendkim.folder,
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert process.poll() is None, (opendkim.folder / "milter.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "opendkim did not listen"
+                time.sleep(0.05)
+        yield port
+    finally:
+        status = terminate(process, TIMEOUT)
+        log.close()
+    assert status == 0, (opendkim.folder / "milter.log").read_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_opendkim_milter_verifies_what_esmtpkit_signs(opendkim: OpenDKIM, dns: PrivateDNS,
+                                                                  milter: int) -> None:
+    """The message as a Postfix with OpenDKIM as its milter would hand it over: dkim=pass, and fail once changed."""
+    key = parse_keys(f"good.test:{SELECTOR}:{opendkim.key}")
+    signer = Signer(key)
+    signed = signer.fields(MESSAGE) + MESSAGE
+
+    def checked(message: bytes) -> str:
+        client = MilterClient(milter)
+        try:
+            added = client.check(message)
+        finally:
+            client.close()
+        [results] = [value for name, value in added if name == "Authentication-Results"]
+        assert results.startswith("verifier.test;"), results
+        match = re.search(r"\bdkim=(\w+)", results)
+        assert match, results
+        return match.group(1)
+
+    assert await threads.deferToThread(checked, signed) == "pass"
+    assert await threads.deferToThread(checked, signed.replace(b"Hello, Bob.", b"Hello, Eve.")) == "fail"
