@@ -167,13 +167,21 @@ def test_replayed_in_the_mode_and_chunk_size_asked_for(mode: ContentMode, size: 
         assert len(pieces) >= BODY.count(b"\r\n")
 
 
+@pytest.mark.parametrize("content", [
+    CONTENT,
+    b"",
+    b"Subject: header only\r\n",
+    b"\r\nbody only\r\n",
+    b"X-First: 1\r\nThis line is not a header\r\nX-Second: 2\r\n\r\nbody\r\n",
+    b"Subject: " + b"long " * 150 + b"\r\n folded\r\n\r\n" + (b"w" * 68 + b"\r\n") * 1000,
+], ids=["fields", "empty", "header-only", "body-only", "not-a-field", "long"])
 @pytest.mark.parametrize("mode", MODES, ids=[m.name for m in MODES])
-def test_unchanged_without_a_decision_to_change(mode: ContentMode) -> None:
+def test_unchanged_without_a_decision_to_change(mode: ContentMode, content: bytes) -> None:
     """The default decision passes the message on as the handler would have had it without the front."""
-    direct = behind(mode, 5)
-    send(talk(direct), CONTENT)
-    handler = behind(mode, 5)
-    reply = send(talk(Front(handler)), CONTENT)
+    direct = behind(mode, 5000)
+    send(talk(direct), content)
+    handler = behind(mode, 5000)
+    reply = send(talk(Front(handler)), content)
     assert reply.code == 250
     assert calls(handler) == calls(direct)
 
