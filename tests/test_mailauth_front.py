@@ -990,7 +990,7 @@ async def test_dmarc_reject_refuses_at_the_end_of_data(make: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_without_spf_reject_mail_does_not_wait_for_spf(make: Any, dns_server: PrivateDNS) -> None:
+async def test_without_spf_reject_mail_does_not_wait_for_spf(make: Any) -> None:
     """MAIL FROM a domain whose DNS is held: the 250 comes while the SPF query is still held (it is released
     only after the reply arrived); the message then carries the temperror."""
     monitor = Recorder()
