@@ -220,6 +220,32 @@ async def test_dkim_changed_body_fails(checks: MailAuth, keys: dict[str, Key]) -
 
 
 @pytest_twisted.ensureDeferred
+async def test_dkim_rsa_sha1_never_passes(checks: MailAuth, keys: dict[str, Key]) -> None:
+    """RFC 8301 §3.1: a verifier must not consider an rsa-sha1 signature valid, even one that verifies."""
+    import dkim
+
+    content = message()
+    signature = dkim.sign(content, SELECTOR.encode(), b"good.test", keys["good.test"].private,
+                          signature_algorithm=b"rsa-sha1")
+    verdicts = await full(checks, signature + content)
+    [v] = verdicts.dkim
+    assert (v.result, v.algorithm, v.reason) == ("fail", "rsa-sha1", "rsa-sha1 is not accepted (RFC 8301)")
+    assert verdicts.dmarc is not None and verdicts.dmarc.dkim_aligned is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_dkim_hash_the_key_record_does_not_allow_fails(checks: MailAuth, keys: dict[str, Key],
+                                                             dns: PrivateDNS) -> None:
+    """A key record's h= lists the hashes it may be used with (RFC 6376 §3.6.1)."""
+    name = f"{SELECTOR}._domainkey.good.test"
+    [chunks] = dns.zones[name]["TXT"]
+    dns.zones[name] = {"TXT": [["v=DKIM1; h=sha1; " + "".join(chunks)[len("v=DKIM1; "):]]]}
+    verdicts = await full(checks, dkim_sign(message(), "good.test", keys["good.test"]))
+    [v] = verdicts.dkim
+    assert (v.result, v.reason) == ("fail", "the key does not allow sha256")
+
+
+@pytest_twisted.ensureDeferred
 async def test_dkim_changed_signed_header_fails(checks: MailAuth, keys: dict[str, Key]) -> None:
     signed = dkim_sign(message(), "good.test", keys["good.test"])
     verdicts = await full(checks, signed.replace(b"Subject: hello", b"Subject: urgent"))

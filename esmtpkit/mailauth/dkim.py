@@ -168,6 +168,25 @@ def _b(tags: dict[bytes, bytes]) -> str:
     return re.sub(r"\s+", "", _text(tags.get(b"b")))[:8]
 
 
+def _refused_algorithm(algorithm: str, key: Any) -> str:
+    """Why a signature's algorithm cannot pass whatever its hash: rsa-sha1 (RFC 8301 §3.1: verifiers must not
+    consider it valid), or a hash the key record's ``h=`` does not allow (RFC 6376 §3.6.1); "" when neither."""
+    algorithm = algorithm.strip().lower()
+    if algorithm == "rsa-sha1":
+        return "rsa-sha1 is not accepted (RFC 8301)"
+    hashes = None
+    if isinstance(key, (bytes, str)):
+        text = key.decode("ascii", "replace") if isinstance(key, bytes) else key
+        for tag in text.split(";"):
+            name, _, value = tag.partition("=")
+            if name.strip().lower() == "h":
+                hashes = {h.strip().lower() for h in value.split(":") if h.strip()}
+    digest = algorithm.partition("-")[2]
+    if hashes is not None and digest and digest not in hashes:
+        return f"the key does not allow {digest}"
+    return ""
+
+
 def _one(message: bytes, index: int, tags: dict[bytes, bytes] | None, keys: dict[str, Any],
          minkey: int) -> DkimVerdict:
     if tags is None:
@@ -179,6 +198,9 @@ def _one(message: bytes, index: int, tags: dict[bytes, bytes] | None, keys: dict
         return DkimVerdict("temperror", reason="key lookup failed", **common)
     if key is None:
         return DkimVerdict("permerror", reason="no key", **common)
+    refused = _refused_algorithm(common["algorithm"], key)
+    if refused:
+        return DkimVerdict("fail", reason=refused, **common)
     notes = _Notes()
     try:
         ok = dkim.DKIM(message, logger=notes, minkey=minkey).verify(idx=index, dnsfunc=_dnsfunc(keys))
