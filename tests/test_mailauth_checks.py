@@ -632,3 +632,16 @@ async def test_authentication_results_without_a_mailfrom_domain(checks: MailAuth
 def test_organizational_domain_is_one_label_below_the_public_suffix(domain: str, organization: str) -> None:
     from esmtpkit.mailauth.dmarc import organizational_domain
     assert organizational_domain(domain) == organization
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_without_an_ip_address_gets_no_spf_verdict(checks: MailAuth, dns: PrivateDNS) -> None:
+    """A client on a UNIX socket has no address SPF could check: no verdict, no query, and nothing to refuse."""
+    from twisted.internet.address import UNIXAddress
+
+    local = Session(hostname=AUTHSERV, peer=UNIXAddress(b"/run/esmtpkit.sock"), helo="helo.good.test")
+    verdicts = await checks.check_sender(local, "alice@other.test")
+    assert (verdicts.spf_mailfrom, verdicts.spf_helo, verdicts.remote_ip) == (None, None, "")
+    assert dns.queries == []
+    checks.spf_reject = True
+    assert checks.refusal_at_mail(verdicts) is None

@@ -1018,3 +1018,15 @@ async def test_without_spf_reject_mail_does_not_wait_for_spf(make: Any) -> None:
     assert "spf=temperror" in results_of(first_field(message.data))
     [verdicts] = server.noted
     assert verdicts.spf_mailfrom.result == "temperror" and verdicts.spf_mailfrom.domain == "slow.test"
+
+
+def test_a_line_that_is_not_a_field_ends_the_header_section_as_the_server_reads_it() -> None:
+    """What follows a line that is neither a field nor a continuation is body, to the server's parser and so to
+    the front: a line there that looks like our own Authentication-Results is body text, kept as it is."""
+    content = (b"Subject: hi\r\nthis is not a field\r\nAuthentication-Results: " + AUTHSERV.encode()
+               + b"; dkim=pass\r\n\r\nbody\r\n")
+    handler = behind(ContentMode.RAW)
+    front = Fixed(handler, Decision(remove=claims_to_be(AUTHSERV)))
+    assert send(talk(front), content).code == 250
+    assert b"".join(chunks(handler)) == content
+    assert front.seen[0][0] == b"Subject: hi\r\n"

@@ -72,7 +72,7 @@ class MailAuthOptions(usage.Options):
                 raise usage.UsageError(f"--verify: unknown check {name!r} (known: {', '.join(CHECKS)}, all)")
 
     def opt_dns_server(self, server: str) -> None:
-        """A name server for the checks, as HOST or HOST:PORT, HOST an IP address (repeatable; default:
+        """A name server for the checks, by its IP address: IP, IP:PORT or [IPv6]:PORT (repeatable; default:
         /etc/resolv.conf's)."""
         try:
             host, port = parse_servers(server)

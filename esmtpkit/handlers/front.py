@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import alsoProvides, implementer
 
 from esmtpkit.core.address import Address
-from esmtpkit.core.content import EOH, ContentMode, ContentReader, HeaderEvent
+from esmtpkit.core.content import EOH, ContentMode, ContentReader, HeaderEvent, HeaderSplitter
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.session import Session
 from esmtpkit.server.interfaces import IMessageHandler, ILMTPHandler, content_mode_of
@@ -65,6 +65,20 @@ def _without(head: bytes, remove: Callable[[bytes, bytes], bool]) -> bytes:
             continue
         kept.append(field if number == len(fields) else field + b"\r\n")  # the last: b"" after a CRLF
     return b"".join(kept)
+
+
+def _fields_only(head: bytes) -> bytes:
+    """``head`` up to its first line that is neither a header field nor a continuation: where the server's own
+    parser (and so the handler behind) takes the body to start."""
+    splitter = HeaderSplitter()
+    at = 0
+    while at < len(head):
+        end = head.find(b"\r\n", at)
+        end = len(head) if end < 0 else end
+        if splitter.line(head[at:end])[1]:
+            return head[:at]
+        at = end + 2
+    return head
 
 
 async def _settled(result: Any) -> Any:
@@ -181,13 +195,17 @@ class Front:
             end = self._head.find(b"\r\n\r\n", start)
             if end >= 0:
                 del self._head[end + 2:]
-                self._head_done = self._head_whole = True
+                self._whole_head()
             elif self._head.startswith(b"\r\n"):
                 self._head.clear()
                 self._head_done = self._head_whole = True
             elif len(self._head) >= MAX_HEAD:
                 self._head_done = True
         return None
+
+    def _whole_head(self) -> None:
+        self._head = bytearray(_fields_only(bytes(self._head)))
+        self._head_done = self._head_whole = True
 
     @property
     def head(self) -> bytes:
@@ -223,7 +241,7 @@ class Front:
 
     async def _end(self, per_recipient: bool) -> Any:
         if not self._head_done:
-            self._head_done = self._head_whole = True  # no empty line: the whole message is its header section
+            self._whole_head()  # no empty line: the whole message is its header section
         try:
             decision = await _settled(self.decide())
         except BaseException:

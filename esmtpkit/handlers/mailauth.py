@@ -121,7 +121,7 @@ class MailAuthFront(Front):
         elif self._sender is not None:
             verdicts = await self._sender
         else:
-            verdicts = AuthVerdicts(remote_ip=str(getattr(session.peer, "host", "") or ""))  # type: ignore
+            verdicts = AuthVerdicts(remote_ip=session.peer_ip)  # type: ignore[union-attr]
         self._sender = None
         verdicts = await checks.check_message(session, verdicts, self.head, self.open_held)  # type: ignore
         session.envelope.auth = verdicts  # type: ignore[union-attr]

@@ -113,10 +113,11 @@ class MailAuth:
         self.monitor.checked(session, method, result, domain, time.monotonic() - started)
 
     def check_sender(self, session: Session, sender: str) -> "Deferred[AuthVerdicts]":
-        """SPF for the client, its HELO name and ``sender`` (text, ``""`` for ``<>``); never fails."""
-        verdicts = AuthVerdicts(remote_ip=_ip(session))
-        if not self.spf:
-            return succeed(verdicts)
+        """SPF for the client, its HELO name and ``sender`` (text, ``""`` for ``<>``); never fails. A client
+        without an IP address (on a UNIX socket) gets no SPF verdict."""
+        verdicts = AuthVerdicts(remote_ip=session.peer_ip)
+        if not self.spf or not verdicts.remote_ip:
+            return succeed(verdicts)  # a client with no IP address (a UNIX socket) has nothing SPF can check
         started = time.monotonic()
         d = in_worker(self.pool, self.lookups, spf_check.evaluate, verdicts.remote_ip, sender,
                       session.helo or "", check_helo=self.check_helo, querytime=self.spf_querytime)
@@ -208,11 +209,6 @@ def _in_pool(checks: MailAuth, function: Callable[..., Any], *args: Any, **kwarg
     from twisted.internet.threads import deferToThreadPool
 
     return deferToThreadPool(checks.reactor, checks.pool, function, *args, **kwargs)
-
-
-def _ip(session: Session) -> str:
-    peer = session.peer
-    return str(getattr(peer, "host", "") or "")
 
 
 def _printable(text: str) -> str:
