@@ -25,7 +25,7 @@ import dkim
 from esmtpkit.core.session import Session
 from esmtpkit.handlers import Collecting, MessageStore, Queue, Relay
 from esmtpkit.mailauth import MailAuth
-from esmtpkit.mailauth.signing import SigningKey, Signer, parse_keys, signer_for
+from esmtpkit.mailauth.signing import DEFAULT_HEADERS, SigningKey, Signer, parse_headers, parse_keys, signer_for
 from esmtpkit.queue.service import QueueConfig, QueueService
 from esmtpkit.queue.spool_admin import SpoolAdmin
 from esmtpkit.server.factory import ESMTPFactory
@@ -189,6 +189,36 @@ def test_signer_for_shares_one_signer_per_setting(keyfiles: dict[str, str]) -> N
     assert signer_for(setting, authserv_id="other") is not one
     with pytest.raises(ValueError, match="cannot read the key"):
         signer_for("good.test:s1:/nonexistent/key.pem")
+
+
+@pytest.mark.parametrize("text, names", [
+    (None, DEFAULT_HEADERS), ("", DEFAULT_HEADERS), ("Subject:To", (b"from", b"subject", b"to")),
+    ("from, Subject  list-id", (b"from", b"subject", b"list-id")), (["To", "TO"], (b"from", b"to"))])
+def test_parse_headers_reads_the_names_with_from_first(text: Any, names: tuple[bytes, ...]) -> None:
+    assert parse_headers(text) == names
+
+
+@pytest.mark.parametrize("text", ["Subject;x", "Sub ject\x00", "Tö"])
+def test_parse_headers_refuses_what_is_not_a_field_name(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a header field name"):
+        parse_headers(text)
+
+
+def test_only_the_fields_named_are_signed(world: AuthWorld, keyfiles: dict[str, str]) -> None:
+    signer = signer_for(f"good.test:s1:{keyfiles['good.test']}", headers="Subject")
+    assert signer is not None and signer is not signer_for(f"good.test:s1:{keyfiles['good.test']}")
+    added = signer.fields(MESSAGE)
+    assert sorted(tags(signatures(added)[0])["h"].lower().split(":")) == ["from", "from", "subject", "subject"]
+    lookup = dnsfunc(world)
+    assert dkim.verify(added + MESSAGE, dnsfunc=lookup)
+    assert dkim.verify(added + MESSAGE.replace(b"To: ", b"To: eve@example.net, "), dnsfunc=lookup)
+    assert not dkim.verify(added + MESSAGE.replace(b"Subject: hello", b"Subject: pay now"), dnsfunc=lookup)
+
+
+def test_the_queue_checks_the_fields_to_sign_at_start(keyfiles: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dkim_headers: 'a;b' is not a header field name"):
+        QueueConfig.from_options(spool=str(tmp_path / "q"), dkim_sign=f"good.test:s1:{keyfiles['good.test']}",
+                                 dkim_headers="a;b")
 
 
 # ---- which key signs ---------------------------------------------------------------------------------------------

@@ -188,6 +188,20 @@ def test_signing_keys_reach_a_handler_that_signs(key_file: Path, tmp_path: Path)
     assert kwargs["authserv_id"] == "mx.test"
 
 
+def test_the_fields_to_sign_reach_the_handler(key_file: Path) -> None:
+    options = parse(*RELAY, "--dkim-sign", f"good.test:s1:{key_file}", "--dkim-headers", "Subject:List-Id")
+    assert options["handler-kwargs"]["dkim_headers"] == "Subject:List-Id"
+    assert "dkim_headers" not in parse(*RELAY, "--dkim-sign", f"good.test:s1:{key_file}")["handler-kwargs"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ((), "--dkim-headers needs --dkim-sign"),
+    (("--dkim-sign", "good.test:s1:{key}"), "--dkim-headers: 'a;b' is not a header field name")])
+def test_bad_fields_to_sign(key_file: Path, extra: tuple[str, ...], expected: str) -> None:
+    text = mistake(*RELAY, *(e.format(key=key_file) for e in extra), "--dkim-headers", "a;b")
+    assert text.startswith(expected), text
+
+
 @pytest.mark.parametrize("option", ["--dkim-sign", "--arc-seal"])
 def test_signing_options_for_a_handler_that_does_not_send_mail_on(key_file: Path, option: str) -> None:
     text = mistake("--verify", "all", option, f"good.test:s1:{key_file}")

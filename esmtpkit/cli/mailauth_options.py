@@ -14,12 +14,12 @@ from twisted.python import usage
 
 from esmtpkit.mailauth.checks import CHECKS
 from esmtpkit.mailauth.lookups import parse_servers
-from esmtpkit.mailauth.signing import parse_keys
+from esmtpkit.mailauth.signing import parse_headers, parse_keys
 
 __all__ = ["MailAuthOptions", "build_mail_auth", "check_mail_auth", "SIGNING_KWARGS"]
 
 #: The handler keywords the signing options fill in, for handlers that send mail on (Queue, Relay).
-SIGNING_KWARGS = ("dkim_sign", "arc_seal", "authserv_id")
+SIGNING_KWARGS = ("dkim_sign", "dkim_headers", "arc_seal", "authserv_id")
 
 
 def _seconds(value: str) -> float:
@@ -47,6 +47,8 @@ class MailAuthOptions(usage.Options):
          "--hostname, or this host's FQDN)."],
         ["dns-timeout", None, 4.0, "Seconds a DNS query of the checks may take before it is a temperror.",
          _seconds],
+        ["dkim-headers", None, None, "With --dkim-sign: the header fields to sign, as NAME:NAME:... (From always; "
+         "default: From, Reply-To, Subject, Date, To, Cc, Message-ID and the other fields RFC 6376 recommends)."],
         ["arc-seal", None, None, "DOMAIN:SELECTOR:KEYFILE: Queue and Relay handlers seal the messages they "
          "forward (those checked here) with an ARC set (RFC 8617). Needs --verify arc."],
     ]
@@ -105,6 +107,13 @@ def check_mail_auth(options: usage.Options) -> None:
             parse_keys(options["arc-seal"])
         except ValueError as e:
             raise usage.UsageError(f"--arc-seal: {e}") from None
+    if options["dkim-headers"] is not None:
+        if not options["dkim-sign"]:
+            raise usage.UsageError("--dkim-headers needs --dkim-sign")
+        try:
+            parse_headers(options["dkim-headers"])
+        except ValueError as e:
+            raise usage.UsageError(f"--dkim-headers: {e}") from None
     if options["dkim-sign"]:
         try:
             parse_keys(options["dkim-sign"])
@@ -127,6 +136,8 @@ def signing_kwargs(options: usage.Options) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if options["dkim-sign"]:
         kwargs["dkim_sign"] = ",".join(options["dkim-sign"])
+        if options["dkim-headers"]:
+            kwargs["dkim_headers"] = options["dkim-headers"]
     if options["arc-seal"]:
         kwargs["arc_seal"] = options["arc-seal"]
         kwargs["authserv_id"] = authserv_id(options) or _fqdn()

@@ -503,7 +503,7 @@ def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
             kwargs[key] = value
     for key, value in signing_kwargs(options).items():
         if accepts is not None and key not in accepts:
-            option = "--arc-seal" if key != "dkim_sign" else "--dkim-sign"
+            option = {"dkim_sign": "--dkim-sign", "dkim_headers": "--dkim-headers"}.get(key, "--arc-seal")
             raise usage.UsageError(f"{option}: {options['handler']} does not send mail on (the Queue and Relay "
                                    "handlers do)")
         kwargs.setdefault(key, value)

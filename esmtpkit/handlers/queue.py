@@ -192,8 +192,8 @@ class Queue(MessageHandler):
                  concurrency: int | str = 20, runner: bool | str = True, backend: str | None = None,
                  amqp_url: str | None = None, amqp_queue: str | None = None, hostname: str | None = None,
                  local_addresses: str | None = None, attempt_timeout: float | str | None = None,
-                 dkim_sign: str | None = None, arc_seal: str | None = None, authserv_id: str | None = None,
-                 reactor: Any = None, store: IQueueStore | None = None,
+                 dkim_sign: str | None = None, dkim_headers: str | None = None, arc_seal: str | None = None,
+                 authserv_id: str | None = None, reactor: Any = None, store: IQueueStore | None = None,
                  service: QueueService | None = None) -> None:
         try:
             self.networks = parse_networks(networks)
@@ -205,7 +205,7 @@ class Queue(MessageHandler):
             min_backoff=min_backoff, max_backoff=max_backoff, lifetime=lifetime, bounce_lifetime=bounce_lifetime,
             delay_warning=delay_warning, concurrency=concurrency, runner=runner, hostname=hostname,
             local_addresses=local_addresses, attempt_timeout=attempt_timeout, dkim_sign=dkim_sign,
-            arc_seal=arc_seal, authserv_id=authserv_id)
+            dkim_headers=dkim_headers, arc_seal=arc_seal, authserv_id=authserv_id)
         self.reactor = reactor
         if service is None:
             if store is not None:

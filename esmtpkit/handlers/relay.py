@@ -115,7 +115,8 @@ class Relay(MessageHandler):
     certificate), "starttls" (required) or "implicit", the last two with the certificate checked against
     ``ca_file`` (else the system's trust) for ``tls_hostname`` (else ``host``). ``username``/``password`` log in
     upstream, over TLS only. ``timeout`` bounds the connection and each wait for the upstream. ``dkim_sign``
-    (``DOMAIN:SELECTOR:KEYFILE``, comma-separated) DKIM-signs mail from those domains; ``arc_seal`` (one such key)
+    (``DOMAIN:SELECTOR:KEYFILE``, comma-separated) DKIM-signs mail from those domains, covering the fields named in
+    ``dkim_headers`` (``From:To:Subject``; `DEFAULT_HEADERS` when not given); ``arc_seal`` (one such key)
     seals mail checked here (it carries an ``Authentication-Results:`` by ``authserv_id``) with an ARC set
     (`esmtpkit.mailauth.signing`).
     """
@@ -127,8 +128,9 @@ class Relay(MessageHandler):
                  networks: str | Iterable[str] = DEFAULT_NETWORKS, username: str | None = None,
                  password: str | None = None, tls: str = "none", tls_hostname: str | None = None,
                  ca_file: str | None = None, timeout: float | str = 60.0, spool_max: int | str = 1024 * 1024,
-                 trace: bool | str = True, dkim_sign: str | None = None, arc_seal: str | None = None,
-                 authserv_id: str | None = None, reactor: Any = None, endpoint: Any = None) -> None:
+                 trace: bool | str = True, dkim_sign: str | None = None, dkim_headers: str | None = None,
+                 arc_seal: str | None = None, authserv_id: str | None = None, reactor: Any = None,
+                 endpoint: Any = None) -> None:
         self.host = str(host)
         self.port = int(port)
         self.networks = parse_networks(networks)
@@ -150,7 +152,7 @@ class Relay(MessageHandler):
             raise ValueError("a username needs tls (starttls, implicit or opportunistic): a password is never "
                              "sent in clear")
         self.options = self._client_options()
-        self.signer = signer_for(dkim_sign, arc_seal, authserv_id, reactor)
+        self.signer = signer_for(dkim_sign, arc_seal, authserv_id, reactor, headers=dkim_headers)
         self._spool: Any = None
         self._sending = False
         self._eight_bit = False

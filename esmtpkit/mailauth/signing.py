@@ -26,7 +26,7 @@ from twisted.python.threadpool import ThreadPool
 from esmtpkit.mailauth.dkim import header_section
 from esmtpkit.mailauth.dmarc import author_domain
 
-__all__ = ["SigningKey", "Signer", "parse_keys", "signer_for", "DEFAULT_HEADERS"]
+__all__ = ["SigningKey", "Signer", "parse_keys", "parse_headers", "signer_for", "DEFAULT_HEADERS"]
 
 #: The fields signed when present (RFC 6376 §5.4.1's recommendations, From: always): each listed once more than
 #: it appears ("oversigning"), so none can be added after signing without breaking the signature.
@@ -47,6 +47,28 @@ class SigningKey:
     domain: str
     selector: str
     private: bytes = field(repr=False)
+
+
+#: A header field name as DKIM's h= can list it: RFC 5322's printable ASCII but the colon, and not the semicolon
+#: that ends a DKIM tag.
+_FIELD_NAME = re.compile(rb"[!-9<-~]+")
+
+
+def parse_headers(text: str | Iterable[str] | None) -> tuple[bytes, ...]:
+    """The header fields to sign from comma-, colon- or space-separated names (``From:To:Subject``), lower case,
+    From first whether listed or not (RFC 6376 §5.4: it must be signed); `DEFAULT_HEADERS` for None or empty.
+    ValueError names a name that cannot be one."""
+    if not text:
+        return DEFAULT_HEADERS
+    words = text.replace(",", " ").replace(":", " ").split() if isinstance(text, str) else list(text)
+    names: list[bytes] = [b"from"]
+    for word in words:
+        name = word.strip().lower().encode("ascii", "replace")
+        if not word.strip().isascii() or not _FIELD_NAME.fullmatch(name):
+            raise ValueError(f"{word!r} is not a header field name")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
 
 
 def parse_keys(text: str | Iterable[str]) -> tuple[SigningKey, ...]:
@@ -206,15 +228,16 @@ _signers: dict[tuple[Any, ...], Signer] = {}
 
 
 def signer_for(dkim_sign: str | None, arc_seal: str | None = None, authserv_id: str | None = None,
-               reactor: Any = None) -> Signer | None:
-    """The process's `Signer` for these settings (``DOMAIN:SELECTOR:KEYFILE`` text, as handlers take them),
-    made once and shared by every handler given the same; None when there is nothing to sign with."""
+               reactor: Any = None, headers: str | None = None) -> Signer | None:
+    """The process's `Signer` for these settings (``DOMAIN:SELECTOR:KEYFILE`` text, as handlers take them, and
+    the fields to sign as `parse_headers` reads them), made once and shared by every handler given the same;
+    None when there is nothing to sign with."""
     if not dkim_sign and not arc_seal:
         return None
-    key = (dkim_sign or "", arc_seal or "", (authserv_id or "").lower())
+    key = (dkim_sign or "", arc_seal or "", (authserv_id or "").lower(), parse_headers(headers))
     found = _signers.get(key)
     if found is None:
         arc = parse_keys(arc_seal)[0] if arc_seal else None
         found = _signers[key] = Signer(parse_keys(dkim_sign or ""), arc=arc, authserv_id=authserv_id,
-                                       reactor=reactor)
+                                       headers=key[3], reactor=reactor)
     return found

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from esmtpkit.core.schedule import Schedule
 from esmtpkit.queue.interfaces import IQueueStore
-from esmtpkit.mailauth.signing import parse_keys, signer_for
+from esmtpkit.mailauth.signing import parse_headers, parse_keys, signer_for
 from esmtpkit.queue.runner import Monitors, QueueMonitor, QueueRunner
 from esmtpkit.queue.shared import DefaultReactor
 
@@ -227,6 +227,7 @@ class QueueConfig:
     local_addresses: tuple[str, ...] | None = None
     attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT
     dkim_sign: str = ""
+    dkim_headers: str = ""
     arc_seal: str = ""
     authserv_id: str = ""
 
@@ -264,6 +265,10 @@ class QueueConfig:
                     raise ValueError(f"{name}: {e}") from None
                 if name == "arc_seal" and len(keys) != 1:
                     raise ValueError("arc_seal takes one DOMAIN:SELECTOR:KEYFILE")
+        try:
+            parse_headers(self.dkim_headers)
+        except ValueError as e:
+            raise ValueError(f"dkim_headers: {e}") from None
         if self.arc_seal and not self.authserv_id:
             raise ValueError("arc_seal needs authserv_id (the name in this server's Authentication-Results)")
 
@@ -278,7 +283,8 @@ class QueueConfig:
                      runner: bool | str = True, hostname: str | None = None,
                      local_addresses: str | None = None,
                      attempt_timeout: float | str | None = None, dkim_sign: str | None = None,
-                     arc_seal: str | None = None, authserv_id: str | None = None) -> "QueueConfig":
+                     dkim_headers: str | None = None, arc_seal: str | None = None,
+                     authserv_id: str | None = None) -> "QueueConfig":
         """A configuration from settings given as text (``--handler-option key=value``) or as values;
         ValueError naming the setting when one is wrong. Without ``backend``, it is amqp when ``amqp_url`` is
         given, else spool; without ``tls``, required with ``verify``, else opportunistic."""
@@ -314,7 +320,8 @@ class QueueConfig:
             local_addresses=parse_addresses(local_addresses) if local_addresses is not None else None,
             attempt_timeout=(parse_seconds("attempt_timeout", attempt_timeout) if attempt_timeout not in (None, "")
                              else DEFAULT_ATTEMPT_TIMEOUT),
-            dkim_sign=dkim_sign or "", arc_seal=arc_seal or "", authserv_id=authserv_id or "",
+            dkim_sign=dkim_sign or "", dkim_headers=dkim_headers or "", arc_seal=arc_seal or "",
+            authserv_id=authserv_id or "",
         )
 
 
@@ -376,7 +383,7 @@ class QueueService(MultiService):
             self._runner = QueueRunner(self.store, self.deliverer, reactor=self.reactor,
                                        schedule=config.schedule, hostname=config.hostname, monitor=self.monitor,
                                        signer=signer_for(config.dkim_sign, config.arc_seal, config.authserv_id,
-                                                         self.reactor))
+                                                         self.reactor, headers=config.dkim_headers))
         return self._runner
 
     def _make_store(self) -> IQueueStore:
