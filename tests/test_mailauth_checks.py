@@ -645,3 +645,13 @@ async def test_a_client_without_an_ip_address_gets_no_spf_verdict(checks: MailAu
     assert dns.queries == []
     checks.spf_reject = True
     assert checks.refusal_at_mail(verdicts) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_dkim_bare_line_end_in_the_header_section_is_permerror(checks: MailAuth, keys: dict[str, Key]) -> None:
+    """A bare LF splits fields differently for dkimpy than for us: no signature there can pass, even a good one."""
+    signed = dkim_sign(message(), "good.test", keys["good.test"])
+    verdicts = await full(checks, b"X-Junk: a\nb\r\n" + signed)
+    [v] = verdicts.dkim
+    assert (v.result, v.domain, v.reason) == ("permerror", "good.test", "bare CR or LF in the header section")
+    assert verdicts.dmarc is not None and verdicts.dmarc.dkim_aligned is False

@@ -247,6 +247,14 @@ def verify(open_message: Callable[[], IO[bytes]], found: Signers, keys: dict[str
     reads the whole message and hashes it): call it in a worker thread."""
     with open_message() as stream:
         message = stream.read()
+    end = message.find(b"\r\n\r\n")
+    head = (message[:end + 2] if end >= 0 else message).replace(b"\r\n", b"")
+    if b"\r" in head or b"\n" in head:
+        # dkimpy would split this header section at bare line ends, where ours does not: its fields would not be
+        # the ones found here, so no verdict can be trusted.
+        broken = [DkimVerdict("permerror", _text(t.get(b"d")).lower() if t else "", _text(t.get(b"s")) if t else "",
+                              reason="bare CR or LF in the header section") for t in found.dkim]
+        return broken, (ArcVerdict("fail", reason="bare CR or LF in the header section") if arc else None)
     verdicts = [_one(message, index, tags, keys, minkey) for index, tags in enumerate(found.dkim)]
     chain = (_arc(message, found, keys) if found.any_arc else ArcVerdict("none")) if arc else None
     return verdicts, chain
