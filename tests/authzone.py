@@ -6,20 +6,27 @@ Domains (all under ``.test``): ``good.test`` (SPF ``-all`` allowing 127.0.0.0/8,
 record with an unknown mechanism, and a DMARC record without p=), ``slow.test`` (DNS never answers),
 ``strict.test`` (DMARC adkim=s aspf=s), ``sub.good.test`` (a subdomain, for relaxed alignment), ``other.test``
 (a different organization with its own key), ``quarantine.test`` (p=quarantine).
+
+`mail_auths` makes `MailAuth` checks that ask such a server, and closes them.
 """
 
 from __future__ import annotations
 
 import base64
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-__all__ = ["Key", "make_key", "auth_zones", "SELECTOR", "dkim_sign", "arc_seal"]
+from esmtpkit.mailauth import MailAuth
+
+__all__ = ["Key", "make_key", "auth_zones", "SELECTOR", "AUTHSERV", "dkim_sign", "arc_seal", "mail_auths"]
 
 SELECTOR = "s1"
+#: The authserv-id the tests' checks write their results under.
+AUTHSERV = "mx.test"
 
 
 @dataclass
@@ -101,3 +108,21 @@ def arc_seal(message: bytes, domain: str, key: Key, srv_id: str, selector: str =
 
     fields = dkim.arc_sign(message, selector.encode(), domain.encode(), key.private, srv_id.encode())
     return b"".join(fields) + message
+
+
+@contextmanager
+def mail_auths(dns_servers: Sequence[tuple[str, int]], **defaults: Any) -> Iterator[Callable[..., MailAuth]]:
+    """``make(**options)``: a `MailAuth` asking ``dns_servers`` (authserv-id `AUTHSERV`, then ``defaults``, unless
+    ``options`` say otherwise); every one made is closed on leaving, so that no thread pool outlives the test."""
+    made: list[MailAuth] = []
+
+    def make(**options: Any) -> MailAuth:
+        checks = MailAuth(dns_servers=dns_servers, **{"authserv_id": AUTHSERV, **defaults, **options})
+        made.append(checks)
+        return checks
+
+    try:
+        yield make
+    finally:
+        for checks in made:
+            checks.close()

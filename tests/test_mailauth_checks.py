@@ -16,10 +16,9 @@ from esmtpkit.core.session import Session
 from esmtpkit.mailauth import MailAuth
 from esmtpkit.mailauth.lookups import DNSTempError, Lookups
 from esmtpkit.mailauth.verdicts import AuthVerdicts, SpfVerdict
-from tests.authzone import SELECTOR, AuthWorld, Key, arc_seal, auth_zones, dkim_sign
+from tests.authzone import AUTHSERV, SELECTOR, AuthWorld, Key, arc_seal, auth_zones, dkim_sign, mail_auths
 from tests.mailnet import PrivateDNS
 
-AUTHSERV = "mx.test"
 CLIENT = "127.0.0.5"
 
 MESSAGE = (b"From: Alice <alice@good.test>\r\n"
@@ -71,19 +70,8 @@ def dns(zones: AuthWorld) -> Iterator[PrivateDNS]:
 @pytest.fixture
 def make(dns: PrivateDNS) -> Iterator[Any]:
     """``make(**options)`` -> a MailAuth asking ``dns``; each is closed after the test."""
-    made: list[MailAuth] = []
-
-    def build(**options: Any) -> MailAuth:
-        options.setdefault("authserv_id", AUTHSERV)
-        options.setdefault("timeout", (0.3,))
-        options.setdefault("rng", random.Random(1))
-        checks = MailAuth(dns_servers=dns.servers, **options)
-        made.append(checks)
-        return checks
-
-    yield build
-    for checks in made:
-        checks.close()
+    with mail_auths(dns.servers, timeout=(0.3,), rng=random.Random(1)) as build:
+        yield build
 
 
 @pytest.fixture

@@ -33,11 +33,10 @@ from esmtpkit.server.interfaces import ILMTPHandler
 from esmtpkit.server.policy import Policy
 from esmtpkit.testing import Call, Conversation, RecordingHandler, serve
 
-from .authzone import AuthWorld, auth_zones, dkim_sign
+from .authzone import AUTHSERV, AuthWorld, auth_zones, dkim_sign, mail_auths
 from .mailnet import PrivateDNS
 from .support import Recorder, calls
 
-AUTHSERV = "mx.test"
 ADDED = b"X-Added: by the front\r\n"
 
 #: A message with folded fields, a field the front removes (folded too), dot-led lines and a long body line.
@@ -824,18 +823,8 @@ def dns_server(world: AuthWorld) -> Iterator[PrivateDNS]:
 @pytest.fixture
 def make(dns_server: PrivateDNS) -> Iterator[Callable[..., MailAuth]]:
     """``make(**options)``: a MailAuth asking the private name server, closed after the test."""
-    made: list[MailAuth] = []
-
-    def build(**options: Any) -> MailAuth:
-        options.setdefault("authserv_id", AUTHSERV)
-        options.setdefault("timeout", (0.5,))
-        checks = MailAuth(dns_servers=dns_server.servers, **options)
-        made.append(checks)
-        return checks
-
-    yield build
-    for checks in made:
-        checks.close()
+    with mail_auths(dns_server.servers, timeout=(0.5,)) as build:
+        yield build
 
 
 class Noting(Collecting):
