@@ -52,6 +52,9 @@ def world() -> AuthWorld:
     z[f"{SELECTOR}._domainkey.co.uk"] = {"TXT": [good.record]}
     z["_dmarc.co.uk"] = {"TXT": ["v=DMARC1; p=reject"]}
     z["servfail.test"] = {"TXT": ["v=spf1 -all"]}
+    z["_dmarc.spaced.test"] = {"TXT": ["v = DMARC1; p = reject"]}
+    z["_dmarc.dmarc2.test"] = {"TXT": ["v=DMARC2; p=reject"]}
+    z["_dmarc.dmarc1x.test"] = {"TXT": ["v=DMARC1x; p=reject"]}
     return w
 
 
@@ -380,6 +383,19 @@ async def test_dmarc_broken_record_is_permerror(checks: MailAuth) -> None:
     v = verdicts.dmarc
     assert v is not None
     assert (v.result, v.domain) == ("permerror", "broken.test")
+
+
+@pytest.mark.parametrize("domain, result, policy", [
+    ("spaced.test", "fail", "reject"),  # "v = DMARC1": RFC 7489 §6.4 allows whitespace around "="
+    ("dmarc2.test", "none", ""),
+    ("dmarc1x.test", "none", ""),
+])
+@pytest_twisted.ensureDeferred
+async def test_dmarc_record_version(checks: MailAuth, domain: str, result: str, policy: str) -> None:
+    verdicts = await full(checks, message(f"x@{domain}"), mailfrom="a@other.test")
+    v = verdicts.dmarc
+    assert v is not None
+    assert (v.result, v.domain, v.policy) == (result, domain, policy)
 
 
 @pytest_twisted.ensureDeferred

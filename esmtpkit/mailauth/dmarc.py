@@ -8,6 +8,7 @@ the record be fetched asynchronously here; its ``publicsuffix2`` list gives the 
 from __future__ import annotations
 
 import random
+import re
 from email.utils import getaddresses
 from typing import Iterable
 
@@ -77,11 +78,16 @@ def author_domain(from_values: Iterable[str]) -> str | None:
         return None
 
 
+#: The start of a DMARC policy record: its version tag, with the whitespace RFC 7489 §6.4 allows around ``=``.
+_VERSION = re.compile(r"v[ \t]*=[ \t]*DMARC1(?=[ \t;]|$)")
+
+
 def _records(texts: list[bytes] | None) -> list[str]:
+    """The TXT strings that are DMARC records (they start with ``v=DMARC1``, ``v = DMARC1`` too)."""
     found = []
     for text in texts or ():
         value = text.decode("utf-8", "replace").strip()
-        if value.startswith("v=DMARC1") and (len(value) == 8 or value[8] in " ;"):
+        if _VERSION.match(value):
             found.append(value)
     return found
 
