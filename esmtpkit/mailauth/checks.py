@@ -8,12 +8,13 @@ accident: any trouble becomes a ``temperror`` verdict, and every check is bounde
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import time
 from typing import Any, Callable, IO, Sequence
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -25,7 +26,7 @@ from esmtpkit.mailauth.lookups import DEFAULT_TIMEOUT, Lookups, in_worker
 from esmtpkit.mailauth.verdicts import AuthVerdicts, DkimVerdict, SpfVerdict
 from esmtpkit.server.monitor import EventLog, Monitor, guarded
 
-__all__ = ["MailAuth", "CHECKS", "SPF_FAILED", "SPF_ERROR", "DMARC_REJECTED"]
+__all__ = ["MailAuth", "CHECKS", "SPF_FAILED", "SPF_ERROR", "DMARC_REJECTED", "DMARC_DEFERRED"]
 
 #: The checks by name, as ``twistd esmtpkit --verify`` takes them.
 CHECKS = ("spf", "dkim", "dmarc", "arc")
@@ -35,6 +36,8 @@ CHECKS = ("spf", "dkim", "dmarc", "arc")
 SPF_FAILED = 550, "5.7.23"
 SPF_ERROR = 451, "4.7.24"
 DMARC_REJECTED = Reply.of(550, "Message refused by the author domain's DMARC policy", enhanced="5.7.26")
+DMARC_DEFERRED = Reply.of(451, "The author domain's DMARC policy could not be checked, try again later",
+                          enhanced="4.7.26")
 
 
 class MailAuth:
@@ -45,8 +48,9 @@ class MailAuth:
     ``dns_servers`` (``[("127.0.0.1", 53)]``) are asked instead of ``/etc/resolv.conf``'s; ``timeout`` is each
     query's tries in seconds. ``spf_reject`` refuses MAIL FROM when SPF says ``fail`` (550 5.7.23) or cannot
     say (451 4.7.24); ``dmarc_reject`` refuses at end of data a message whose author domain asks ``p=reject``
-    and that failed (550 5.7.26). ``threads`` bound the worker pool that runs pyspf and dkimpy, and so the
-    messages held in memory while they are verified. ``monitor`` hears every verdict (`Monitor.checked`).
+    and that failed (550 5.7.26), or asks it to try again later (451 4.7.26) when the failure may be SPF's or a
+    signature's temporary DNS error. ``threads`` bound each of the two worker pools, one running pyspf and one
+    dkimpy, and so the messages held in memory while they are verified. ``monitor`` hears every verdict (`Monitor.checked`).
     """
 
     log = Logger()
@@ -82,7 +86,9 @@ class MailAuth:
         self.monitor = guarded(monitor if monitor is not None else EventLog())
         self.rng = rng if rng is not None else random.SystemRandom()
         self.threads = threads
-        self._pool: ThreadPool | None = None
+        self._pools: dict[str, ThreadPool] = {}
+        self._triggers: list[Any] = []
+        self._in_flight: set[Deferred[None]] = set()
 
     @property
     def enabled(self) -> tuple[str, ...]:
@@ -93,19 +99,59 @@ class MailAuth:
     # ---- the worker pool ----------------------------------------------------------------------------------------
 
     @property
+    def spf_pool(self) -> ThreadPool:
+        """The worker threads that run pyspf (each may wait on DNS for up to ``spf_querytime``)."""
+        return self._pool_named("spf")
+
+    @property
     def pool(self) -> ThreadPool:
-        """The worker threads, started on first use and stopped when the reactor stops."""
-        if self._pool is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=self.threads, name="esmtpkit-mailauth")
-            self._pool.start()
-            self.reactor.addSystemEventTrigger("during", "shutdown", self.close)
-        return self._pool
+        """The worker threads that verify DKIM and ARC signatures (CPU only: their keys are fetched first), apart
+        from SPF's so that senders whose DNS is slow cannot hold up the verification of other messages."""
+        return self._pool_named("dkim")
+
+    def _pool_named(self, name: str) -> ThreadPool:
+        pool = self._pools.get(name)
+        if pool is None:
+            if not self._pools:
+                self._triggers = [self.reactor.addSystemEventTrigger("before", "shutdown", self.drain),
+                                  self.reactor.addSystemEventTrigger("during", "shutdown", self.close)]
+            pool = self._pools[name] = ThreadPool(minthreads=0, maxthreads=self.threads,
+                                                  name=f"esmtpkit-mailauth-{name}")
+            pool.start()
+        return pool
+
+    def _track(self, d: "Deferred[Any]") -> "Deferred[Any]":
+        """Count ``d`` among the checks in flight until it fires (`drain` waits for them); call it with the
+        check's whole chain, so that what `drain` releases never sees a half-made result."""
+        settled: Deferred[None] = Deferred()
+        self._in_flight.add(settled)
+
+        def done(result: Any) -> Any:
+            self._in_flight.discard(settled)
+            settled.callback(None)
+            return result
+
+        return d.addBoth(done)
+
+    def drain(self) -> "Deferred[Any] | None":
+        """As the reactor begins to stop: fail the DNS queries worker threads wait for (they end as temperror) and
+        wait for the checks in flight, so that `close` finds the threads idle."""
+        self.lookups.stop()
+        if not self._in_flight:
+            return None
+        return DeferredList(list(self._in_flight))
 
     def close(self) -> None:
         """Stop the worker threads (the reactor's shutdown does it; tests that make their own call it)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
+        self.lookups.stop()
+        pools, self._pools = self._pools, {}
+        for trigger in self._triggers:
+            with contextlib.suppress(KeyError, ValueError):
+                self.reactor.removeSystemEventTrigger(trigger)
+        self._triggers = []
+        for pool in pools.values():
             pool.stop()
+        self.lookups.resume()
 
     # ---- the checks ---------------------------------------------------------------------------------------------
 
@@ -119,7 +165,7 @@ class MailAuth:
         if not self.spf or not verdicts.remote_ip:
             return succeed(verdicts)  # a client with no IP address (a UNIX socket) has nothing SPF can check
         started = time.monotonic()
-        d = in_worker(self.pool, self.lookups, spf_check.evaluate, verdicts.remote_ip, sender,
+        d = in_worker(self.spf_pool, self.lookups, spf_check.evaluate, verdicts.remote_ip, sender,
                       session.helo or "", check_helo=self.check_helo, querytime=self.spf_querytime)
 
         def found(result: tuple[SpfVerdict | None, SpfVerdict]) -> AuthVerdicts:
@@ -136,7 +182,7 @@ class MailAuth:
             self._told(session, "spf.mailfrom", "temperror", domain, started)
             return verdicts
 
-        return d.addCallbacks(found, broken)
+        return self._track(d.addCallbacks(found, broken))
 
     def refusal_at_mail(self, verdicts: AuthVerdicts) -> Reply | None:
         """With ``spf_reject``: the reply refusing a sender SPF failed (or could not check), else None."""
@@ -175,12 +221,12 @@ class MailAuth:
                 verdicts.dmarc = dmarc_check.DmarcVerdict("temperror", "", reason="internal error")
             return verdicts
 
-        return Deferred.fromCoroutine(run()).addErrback(broken)
+        return self._track(Deferred.fromCoroutine(run()).addErrback(broken))
 
     async def _signatures(self, session: Session, verdicts: AuthVerdicts, head: bytes,
                           open_message: Callable[[], IO[bytes]]) -> None:
         started = time.monotonic()
-        found = dkim_check.signers(head, self.max_signatures)
+        found = dkim_check.signers(head, self.max_signatures, arc=self.arc)
         keys = await dkim_check.fetch_keys(self.lookups, found.names) if found.names else {}
         if found.dkim or (self.arc and found.any_arc):
             signatures, chain = await _in_pool(self, dkim_check.verify, open_message, found, keys,
@@ -197,18 +243,33 @@ class MailAuth:
             self._told(session, "arc", chain.result, chain.as_domain, started)
 
     def refusal_at_end(self, verdicts: AuthVerdicts) -> Reply | None:
-        """With ``dmarc_reject``: `DMARC_REJECTED` for a message that failed DMARC under ``p=reject``."""
+        """With ``dmarc_reject``: `DMARC_REJECTED` for a message that failed DMARC under ``p=reject``, or
+        `DMARC_DEFERRED` when SPF or a signature of the author's organization could not be checked (a temporary
+        DNS failure), since it may pass when tried again (RFC 7489 §6.6.2 leaves that to the receiver)."""
         verdict = verdicts.dmarc
-        if self.dmarc_reject and verdict is not None and verdict.result == "fail" \
-                and verdict.disposition == "reject":
-            return DMARC_REJECTED
-        return None
+        if not (self.dmarc_reject and verdict is not None and verdict.result == "fail"
+                and verdict.disposition == "reject"):
+            return None
+        if _maybe_temporary(verdicts, verdict.domain):
+            return DMARC_DEFERRED
+        return DMARC_REJECTED
 
 
 def _in_pool(checks: MailAuth, function: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[Any]":
     from twisted.internet.threads import deferToThreadPool
 
     return deferToThreadPool(checks.reactor, checks.pool, function, *args, **kwargs)
+
+
+def _maybe_temporary(verdicts: AuthVerdicts, author: str) -> bool:
+    """Whether a DMARC failure for ``author`` may be a temporary one: SPF could not say, or a signature whose
+    domain could align (the author's organization) could not be checked."""
+    if verdicts.spf_mailfrom is not None and verdicts.spf_mailfrom.result == "temperror":
+        return True
+    organization = dmarc_check.organizational_domain(author) if author else ""
+    return any(v.result == "temperror" and (not organization or not v.domain
+                                            or dmarc_check.organizational_domain(v.domain) == organization)
+               for v in verdicts.dkim)
 
 
 def _printable(text: str) -> str:

@@ -3,7 +3,7 @@
 `signers` reads the signatures' key names from the header section (cheap, in the reactor); `fetch_keys` looks
 every key up at once, asynchronously; `verify` then runs dkimpy in a worker thread, its DNS hook answered from
 the keys fetched, so the thread never waits on the network. At most ``max_signatures`` DKIM signatures and
-`MAX_ARC_SETS` ARC sets are looked at: a message cannot make the server query DNS without bound.
+`MAX_ARC_KEYS` ARC keys are looked up: a message cannot make the server query DNS without bound.
 """
 
 from __future__ import annotations
@@ -19,10 +19,16 @@ from twisted.internet.defer import Deferred, DeferredList
 from esmtpkit.mailauth.lookups import DNSTempError, Lookups
 from esmtpkit.mailauth.verdicts import ArcVerdict, DkimVerdict
 
-__all__ = ["Signers", "signers", "fetch_keys", "verify", "MAX_ARC_SETS", "header_section"]
+__all__ = ["Signers", "signers", "fetch_keys", "verify", "MAX_ARC_SETS", "MAX_ARC_KEYS", "header_section"]
 
 #: RFC 8617 §5.1.1.1: a chain of more than 50 sets fails.
 MAX_ARC_SETS: Final = 50
+
+#: The most distinct keys an ARC chain may name; a longer list fails the chain without a lookup (a real chain has
+#: one or two per forwarder, and few forwarders).
+MAX_ARC_KEYS: Final = 20
+
+_ARC_FIELDS: Final = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
 
 #: A DKIM-Signature's required tags (RFC 6376 §3.5).
 _REQUIRED: Final = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
@@ -73,17 +79,23 @@ class Signers:
     arc_ams: dict[int, dict[bytes, bytes]] = field(default_factory=dict)
     arc_sets: int = 0
     names: set[str] = field(default_factory=set)
+    arc_problem: str = ""
 
     @property
     def any_arc(self) -> bool:
-        return self.arc_sets > 0
+        return self.arc_sets > 0 or bool(self.arc_problem)
 
 
-def signers(head: bytes, max_signatures: int = 5) -> Signers:
+def signers(head: bytes, max_signatures: int = 5, *, arc: bool = True) -> Signers:
     """Read the signatures in the header section ``head``: the first ``max_signatures`` DKIM-Signature fields
-    and every ARC set (only the first `MAX_ARC_SETS` are looked up)."""
+    and, with ``arc``, the ARC sets. A chain that cannot pass whatever DNS says (a repeated or out-of-range
+    instance, more than `MAX_ARC_SETS` sets, more than `MAX_ARC_KEYS` keys) gets ``arc_problem`` and no lookups:
+    the fields a message carries never make the server query DNS more than ``max_signatures + MAX_ARC_KEYS``
+    times."""
     found = Signers()
     instances: set[int] = set()
+    seen: set[tuple[bytes, int]] = set()
+    arc_names: set[str] = set()
     for name, value in header_section(head):
         lowered = name.lower()
         if lowered == b"dkim-signature":
@@ -95,21 +107,49 @@ def signers(head: bytes, max_signatures: int = 5) -> Signers:
                 found.dkim.append(tags)
             else:
                 found.dkim.append(None)
-        elif lowered in (b"arc-seal", b"arc-message-signature"):
-            tags = _tags(value)
-            if tags is None or not tags.get(b"i", b"").isdigit():
-                continue
-            instance = int(tags[b"i"])
-            instances.add(instance)
-            (found.arc_seal if lowered == b"arc-seal" else found.arc_ams)[instance] = tags
-            if instance <= MAX_ARC_SETS and b"s" in tags and b"d" in tags:
-                found.names.add(_key_name(tags))
+        elif not arc or lowered not in _ARC_FIELDS:
+            continue
         elif lowered == b"arc-authentication-results":
-            match = re.search(rb"i\s*=\s*(\d+)", value)
-            if match:
-                instances.add(int(match.group(1)))
+            match = re.match(rb"\s*i\s*=\s*(\d{1,9})\s*;", value)
+            if match is None:
+                found.arc_problem = found.arc_problem or "ARC-Authentication-Results without an instance"
+                continue
+            _note_instance(found, seen, instances, lowered, int(match.group(1)))
+        else:
+            tags = _tags(value)
+            instance_text = tags.get(b"i", b"").strip() if tags is not None else b""
+            if not instance_text.isdigit() or len(instance_text) > 9:
+                found.arc_problem = found.arc_problem or f"{_text(name)} without a valid instance"
+                continue
+            instance = int(instance_text)
+            if not _note_instance(found, seen, instances, lowered, instance):
+                continue
+            (found.arc_seal if lowered == b"arc-seal" else found.arc_ams)[instance] = tags
+            if b"s" in tags and b"d" in tags:
+                arc_names.add(_key_name(tags))
     found.arc_sets = max(instances, default=0)
+    if found.arc_sets > MAX_ARC_SETS:
+        found.arc_problem = f"more than {MAX_ARC_SETS} ARC sets"
+    elif len(arc_names) > MAX_ARC_KEYS:
+        found.arc_problem = found.arc_problem or f"more than {MAX_ARC_KEYS} ARC keys"
+    if not found.arc_problem:
+        found.names |= arc_names
     return found
+
+
+def _note_instance(found: Signers, seen: set[tuple[bytes, int]], instances: set[int], kind: bytes,
+                   instance: int) -> bool:
+    """Record one ARC field's instance; False (and the chain's problem) when it repeats or is out of range."""
+    if not 1 <= instance <= MAX_ARC_SETS:
+        instances.add(instance)
+        found.arc_problem = found.arc_problem or f"ARC instance {instance} out of range"
+        return False
+    if (kind, instance) in seen:
+        found.arc_problem = found.arc_problem or f"more than one {kind.decode()} with i={instance}"
+        return False
+    seen.add((kind, instance))
+    instances.add(instance)
+    return True
 
 
 def fetch_keys(lookups: Lookups, names: Iterable[str]) -> "Deferred[dict[str, Any]]":
@@ -222,8 +262,8 @@ def _arc(message: bytes, found: Signers, keys: dict[str, Any]) -> ArcVerdict:
     seal, ams = found.arc_seal.get(newest, {}), found.arc_ams.get(newest, {})
     shown = dict(instances=newest, ams_domain=_text(ams.get(b"d")).lower(), ams_selector=_text(ams.get(b"s")),
                  as_domain=_text(seal.get(b"d")).lower(), as_selector=_text(seal.get(b"s")))
-    if newest > MAX_ARC_SETS:
-        return ArcVerdict("fail", reason=f"more than {MAX_ARC_SETS} ARC sets", **shown)
+    if found.arc_problem:
+        return ArcVerdict("fail", reason=found.arc_problem, **shown)
     try:
         cv, results, reason = dkim.ARC(message, logger=_Notes()).verify(dnsfunc=_dnsfunc(keys))
     except _KeyTemporary:

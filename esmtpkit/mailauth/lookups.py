@@ -3,7 +3,8 @@
 `Lookups` answers the queries the checks need as Deferreds: TXT records for DKIM keys and DMARC policies, and
 any type in pyspf's answer format. `in_worker` runs a function in a worker thread with `Lookups` standing in for
 pyspf's DNS: pyspf evaluates a record recursively and can only call DNS synchronously, so from its thread each
-query is handed back to the reactor (`blockingCallFromThread`) and answered by the same twisted.names resolver.
+query is handed back to the reactor and answered by the same twisted.names resolver; the thread waits for it
+with a bound, and `Lookups.stop` releases every waiting thread when the server stops.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
+from twisted.internet.threads import deferToThreadPool
 from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -51,6 +52,8 @@ def parse_servers(text: str) -> tuple[str, int]:
 
 
 def _reason(failure: Failure) -> str:
+    if failure.check(defer.CancelledError):
+        return "the server is stopping"
     if failure.check(error.DNSServerError):
         return "server failure"
     if failure.check(error.DNSQueryRefusedError):
@@ -82,6 +85,71 @@ class Lookups:
             else:
                 resolver = client.Resolver(resolv=resolv_conf, timeout=self.timeout, reactor=reactor)
         self.resolver = resolver
+        #: Set by `stop`: queries from worker threads then fail at once (temperror) instead of waiting on a
+        #: reactor that is shutting down.
+        self.stopping = False
+        self._lock = threading.Lock()
+        self._waiting: set[threading.Event] = set()
+        self._for_workers: set[Deferred[Any]] = set()
+
+    @property
+    def worker_wait(self) -> float:
+        """The longest a worker thread waits for one answer: every try of the query, and some slack."""
+        return sum(self.timeout) + 5.0
+
+    def stop(self) -> None:
+        """Fail every query worker threads are waiting for, and those they ask from now on (the reactor's thread
+        calls it as the server stops, so no worker is left waiting for a reactor that no longer answers)."""
+        with self._lock:
+            self.stopping = True
+            waiting = list(self._waiting)
+        for event in waiting:
+            event.set()
+        for d in list(self._for_workers):
+            d.cancel()
+
+    def resume(self) -> None:
+        """Answer worker threads again after `stop` (once the threads that were waiting are gone)."""
+        with self._lock:
+            self.stopping = False
+
+    def answer_from_worker(self, name: str, kind: str) -> list[tuple[tuple[str, str], Any]]:
+        """`spf_answers`, asked from a worker thread and waited for there (never from the reactor's thread): the
+        reactor's resolver answers it. Bounded by `worker_wait`; fails with `DNSTempError` once `stop` is called."""
+        done = threading.Event()
+        box: list[Any] = []
+        with self._lock:
+            if self.stopping:
+                raise DNSTempError(f"{kind} {name}: the server is stopping")
+            self._waiting.add(done)
+
+        def start() -> None:
+            if self.stopping:
+                done.set()
+                return
+            d = self.spf_answers(name, kind)
+            self._for_workers.add(d)
+
+            def settle(result: Any) -> None:
+                self._for_workers.discard(d)
+                box.append(result)
+                done.set()
+
+            d.addBoth(settle)
+
+        try:
+            self.reactor.callFromThread(start)
+            done.wait(self.worker_wait)
+        finally:
+            with self._lock:
+                self._waiting.discard(done)
+        if not box:
+            raise DNSTempError(f"{kind} {name}: " + ("the server is stopping" if self.stopping else "no answer"))
+        if isinstance(box[0], Failure):
+            if box[0].check(DNSTempError):
+                raise box[0].value
+            raise DNSTempError(f"{kind} {name}: {_reason(box[0])}")
+        return box[0]
 
     def records(self, name: str, kind: str) -> "Deferred[list[Any] | None]":
         """The records of type ``kind`` at ``name`` (twisted.names payloads): None when the name does not exist,
@@ -159,7 +227,7 @@ def _install() -> None:
         if lookups is None:
             return own(name, qtype, strict, timeout)
         try:
-            return blockingCallFromThread(lookups.reactor, lookups.spf_answers, name, qtype)
+            return lookups.answer_from_worker(name, qtype)
         except DNSTempError as e:
             raise spf.TempError(f"DNS {e}") from None
 
