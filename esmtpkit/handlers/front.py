@@ -3,20 +3,29 @@
 Every verb goes to the handler behind unchanged, except that the message content is held (in memory up to
 ``hold_in_memory`` octets, then in a temporary file, so memory stays bounded however large the message) and,
 at the end of data, the front decides (`decide`): refuse the message (the handler behind is told ``abort``),
-or pass it on with header fields added at the top. Passing on replays the content to the handler behind in the
-content mode it asked for (PARSED, LINES or RAW) and in its chunk size, waiting on each Deferred it returns,
-then asks for its end-of-data reply, which is what the client gets. Mail-authentication checks are a front
-(`esmtpkit.handlers.mailauth`); so can a filter be.
+or pass it on with header fields added at the top and some removed. Passing on replays the content to the
+handler behind in the content mode it asked for (PARSED, LINES or RAW) and in its chunk size, waiting on each
+Deferred it returns and giving the reactor a turn after every `REPLAY_SLICE` octets it took at once (so one large
+message does not hold up every other connection), then asks for its end-of-data reply, which is what the client
+gets. Mail-authentication checks are a front (`esmtpkit.handlers.mailauth`); so can a filter be.
+
+Removal streams: the whole header section, however long, is read one field at a time as it is replayed, so no
+field past the part kept for `decide` (`MAX_HEAD`) escapes it. A field is held whole to be judged, so one longer
+than `MAX_FIELD` (which the server's default header limit never lets through) gets the message refused
+(`FIELD_TOO_LONG`) rather than passed on unjudged or judged on part of its value.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import tempfile
 from types import CoroutineType
 from typing import IO, Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from zope.interface import alsoProvides, implementer
 
 from esmtpkit.core.address import Address
@@ -25,14 +34,27 @@ from esmtpkit.core.reply import Reply
 from esmtpkit.core.session import Session
 from esmtpkit.server.interfaces import IMessageHandler, ILMTPHandler, content_mode_of
 
-__all__ = ["Front", "Decision", "HOLD_IN_MEMORY", "MAX_HEAD"]
+__all__ = ["Front", "Decision", "HOLD_IN_MEMORY", "MAX_HEAD", "MAX_FIELD", "REPLAY_SLICE", "FIELD_TOO_LONG"]
 
 #: Message octets held in memory before the rest goes to a temporary file.
 HOLD_IN_MEMORY = 256 * 1024
 #: The most octets of the header section kept aside for `decide` (the server's header limit is usually lower).
 MAX_HEAD = 256 * 1024
+#: The longest header field (all its lines) judged for removal; a longer one gets the message `FIELD_TOO_LONG`.
+MAX_FIELD = 256 * 1024
+#: Octets replayed to a handler that takes them at once before the reactor gets a turn.
+REPLAY_SLICE = 256 * 1024
+#: The reply to a message with a header field longer than `MAX_FIELD` when the front removes fields.
+FIELD_TOO_LONG = Reply.of(552, f"Message header field too long to check (over {MAX_FIELD} octets)",
+                          enhanced="5.3.4")
 #: Replay reads the held message this many octets at a time.
 _READ = 64 * 1024
+#: The first line of a header field, as the server's parser reads it (`HeaderSplitter`).
+_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+#: The start of a line that may yet turn out to be a field's first line.
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*")
+#: Any line end: a bare CR or LF (let through with ``bare_newline="allow"``) ends a line for some readers.
+_ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 class Decision:
@@ -49,22 +71,121 @@ class Decision:
         self.remove = remove
 
 
-def _without(head: bytes, remove: Callable[[bytes, bytes], bool]) -> bytes:
-    """The header section ``head`` without the fields ``remove`` picks (each field with its continuation lines).
-    Its last line may lack its CRLF (BDAT content that ends in its header section)."""
-    fields: list[bytes] = []
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += b"\r\n" + line
-        else:
-            fields.append(line)
-    kept = []
-    for number, field in enumerate(fields, 1):
-        name, colon, value = field.partition(b":")
-        if colon and remove(name.strip(), b" ".join(value.split())):
-            continue
-        kept.append(field if number == len(fields) else field + b"\r\n")  # the last: b"" after a CRLF
-    return b"".join(kept)
+class _TooLong(Exception):
+    """A header field longer than `MAX_FIELD`."""
+
+
+class _Remover:
+    """The header section, fed in pieces, without the fields ``remove`` picks (raw name, value unfolded).
+
+    One field is held at a time (at most ``limit`` octets, else `_TooLong`); the section ends where the server's
+    parser ends it (an empty line, or a line that is neither a field nor a continuation) and what follows passes
+    as it is. A field holding a bare CR or LF is also judged on each line those split it into, since a reader
+    that ends lines there sees more fields than the server did."""
+
+    def __init__(self, remove: Callable[[bytes, bytes], bool], limit: int = MAX_FIELD) -> None:
+        self.remove = remove
+        self.limit = limit
+        self.done = False
+        self._field = bytearray()
+        self._line = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """What of ``data`` (and what was held back) can go on now."""
+        if self.done:
+            return data
+        buf = self._line + data if self._line else data
+        out = bytearray()
+        at = 0
+        while True:
+            end = buf.find(b"\r\n", at)
+            if end < 0:
+                break
+            if not self._take(buf[at:end + 2], out):
+                out += buf[end + 2:]
+                self._line = b""
+                return bytes(out)
+            at = end + 2
+        self._line = buf[at:]
+        if len(self._field) + len(self._line) > self.limit:
+            line = self._line
+            if (line[0] in (32, 9) and self._field) or _FIELD_START.match(line) or _FIELD_NAME.fullmatch(line):
+                raise _TooLong()
+            self._flush(out)  # a long line that cannot be a field: the section ended before it
+            out += line
+            self._line = b""
+            self.done = True
+        return bytes(out)
+
+    def end(self) -> bytes:
+        """The content ended (BDAT content may end without CRLF): what was held back."""
+        out = bytearray()
+        if not self.done:
+            line, self._line = self._line, b""
+            if not line or self._take(line, out):
+                self._flush(out)
+            self.done = True
+        return bytes(out)
+
+    def _take(self, line: bytes, out: bytearray) -> bool:
+        """One line (with its CRLF, unless it is the content's last): False when it ended the section."""
+        if line[0] in (32, 9) and self._field:
+            if len(self._field) + len(line) > self.limit:
+                raise _TooLong()
+            self._field += line
+            return True
+        self._flush(out)
+        if line != b"\r\n" and _FIELD_START.match(line):
+            if len(line) > self.limit:
+                raise _TooLong()
+            self._field = bytearray(line)
+            return True
+        out += line
+        self.done = True
+        return False
+
+    def _flush(self, out: bytearray) -> None:
+        field = bytes(self._field)
+        self._field = bytearray()
+        if field and not self._picked(field):
+            out += field
+
+    def _picked(self, field: bytes) -> bool:
+        name, _, value = field.partition(b":")
+        if self.remove(name.strip(), b" ".join(value.split())):
+            return True
+        if field.count(b"\r") == field.count(b"\n") == field.count(b"\r\n"):
+            return False
+        for line in _ANY_LINE_END.split(field)[1:]:
+            if _FIELD_START.match(line):
+                name, _, value = line.partition(b":")
+                if self.remove(name.strip(), b" ".join(value.split())):
+                    return True
+        return False
+
+
+class _Turns:
+    """Gives the reactor a turn once ``size`` octets went to the handler behind without it making the replay
+    wait (a Deferred not yet fired is a wait, and a turn)."""
+
+    def __init__(self, clock: IReactorTime, size: int) -> None:
+        self.clock = clock
+        self.size = max(1, size)
+        self.since = 0
+        self._waited = False
+
+    def waited(self) -> None:
+        self._waited = True
+
+    async def passed(self, octets: int) -> None:
+        """``octets`` more went on: wait for a turn if a slice of them did without one."""
+        if self._waited:
+            self._waited, self.since = False, 0
+            return
+        self.since += octets
+        if self.since >= self.size:
+            self.since = 0
+            await deferLater(self.clock, 0, lambda: None)
 
 
 def _fields_only(head: bytes) -> bytes:
@@ -99,16 +220,20 @@ class Front:
     chunk_size: int | None = None
     #: Octets kept in memory before the held message goes to a temporary file.
     hold_in_memory: int = HOLD_IN_MEMORY
+    #: Octets replayed to a handler that takes them at once before the reactor gets a turn.
+    replay_slice: int = REPLAY_SLICE
 
-    def __init__(self, behind: Any) -> None:
+    def __init__(self, behind: Any, clock: IReactorTime | None = None) -> None:
         if not IMessageHandler.providedBy(behind):
             raise TypeError(f"{behind!r} does not provide IMessageHandler")
         self.behind = behind
+        #: Where the replay waits for its turns (the global reactor when None).
+        self.clock = clock
         self.session: Session | None = None
         self._memory = bytearray()
         self._file: Any = None
         self._head = bytearray()
-        self._head_done = self._head_whole = False
+        self._head_done = False
         if ILMTPHandler.providedBy(behind):
             alsoProvides(self, ILMTPHandler)
 
@@ -198,18 +323,21 @@ class Front:
                 self._whole_head()
             elif self._head.startswith(b"\r\n"):
                 self._head.clear()
-                self._head_done = self._head_whole = True
+                self._head_done = True
             elif len(self._head) >= MAX_HEAD:
+                head = _fields_only(bytes(self._head))
+                self._head = bytearray(head[:head.rfind(b"\r\n") + 2] if b"\r\n" in head else b"")
                 self._head_done = True
         return None
 
     def _whole_head(self) -> None:
         self._head = bytearray(_fields_only(bytes(self._head)))
-        self._head_done = self._head_whole = True
+        self._head_done = True
 
     @property
     def head(self) -> bytes:
-        """The held message's header section (up to `MAX_HEAD` octets), each field with its CRLF."""
+        """The held message's header section (its first `MAX_HEAD` octets, in whole lines, when it is longer), each
+        field with its CRLF."""
         return bytes(self._head)
 
     def open_held(self) -> IO[bytes]:
@@ -223,7 +351,7 @@ class Front:
         held, self._file = self._file, None
         self._memory = bytearray()
         self._head = bytearray()
-        self._head_done = self._head_whole = False
+        self._head_done = False
         if held is not None:
             held.close()
 
@@ -249,13 +377,11 @@ class Front:
             self.behind.abort("the front in front of the handler failed")
             raise
         if decision.reply is not None:
-            self._drop()
-            self.behind.abort(f"refused: {decision.reply.code} {decision.reply.enhanced or ''}".strip())
-            if per_recipient and self.session is not None:
-                return [decision.reply] * len(self.session.envelope.recipients)
-            return decision.reply
+            return self._refuse(decision.reply, per_recipient)
         try:
             await self._replay(decision.add, decision.remove)
+        except _TooLong:
+            return self._refuse(FIELD_TOO_LONG, per_recipient)
         except BaseException:
             self._drop()
             self.behind.abort("passing the message on failed")
@@ -265,30 +391,48 @@ class Front:
             return await _settled(self.behind.eom_per_recipient())
         return await _settled(self.behind.eom())
 
+    def _refuse(self, reply: Reply, per_recipient: bool) -> Any:
+        self._drop()
+        self.behind.abort(f"refused: {reply.code} {reply.enhanced or ''}".strip())
+        if per_recipient and self.session is not None:
+            return [reply] * len(self.session.envelope.recipients)
+        return reply
+
     async def _replay(self, add: Sequence[bytes], remove: Callable[[bytes, bytes], bool] | None) -> None:
         behind = self.behind
         mode = content_mode_of(behind)
         size = getattr(behind, "chunk_size", None) or 65536
         reader = ContentReader(mode, size, dotted=False, check_bare=False)
+        if self.clock is None:
+            from twisted.internet import reactor as clock
+        else:
+            clock = self.clock
+        turns = _Turns(clock, self.replay_slice)
 
         async def give(events: list[Any]) -> None:
             for event in events:
                 if type(event) is bytes:
-                    await _settled(behind.body(event))
+                    result = behind.body(event)
                 elif isinstance(event, HeaderEvent):
-                    await _settled(behind.header(event.name, event.value))
+                    result = behind.header(event.name, event.value)
                 elif event is EOH:
-                    await _settled(behind.eoh())
+                    result = behind.eoh()
+                else:
+                    continue
+                if isinstance(result, Deferred) and not result.called:
+                    turns.waited()
+                await _settled(result)
 
         for field in add:
             await give(reader.feed(field))
+        remover = _Remover(remove) if remove is not None else None
         with self.open_held() as stream:
-            if remove is not None and self._head_whole and self._head:
-                head = stream.read(len(self._head))
-                await give(reader.feed(_without(head, remove)))
             while True:
-                piece = stream.read(_READ)
+                piece = stream.read(min(_READ, turns.size))
                 if not piece:
                     break
-                await give(reader.feed(piece))
+                await give(reader.feed(remover.feed(piece) if remover is not None else piece))
+                await turns.passed(len(piece))
+            if remover is not None:
+                await give(reader.feed(remover.end()))
         await give(reader.end())

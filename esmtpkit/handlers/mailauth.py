@@ -4,7 +4,8 @@ SPF runs at MAIL FROM (MAIL waits for it only with ``spf_reject``); DKIM, ARC an
 message is in. The verdicts go on ``session.envelope.auth`` (an `esmtpkit.mailauth.AuthVerdicts`) before the
 handler behind sees the message, and an ``Authentication-Results:`` field (RFC 8601) goes on top of it, so a
 handler that stores the message (Maildir, Queue, AMQP) stores the verdicts with it. Fields that claim to be this
-server's own results are removed first (RFC 8601 §5), so a sender cannot forge them.
+server's own results are removed first (RFC 8601 §5) from the whole header section, however long (`Front` reads
+it a field at a time as it passes the message on), so a sender cannot forge them.
 Use it as ``Policy(fronts=[mail_auth_front(MailAuth(...))])`` or ``twistd esmtpkit --verify all``.
 """
 
@@ -68,7 +69,7 @@ class MailAuthFront(Front):
     """``behind`` with ``checks`` (a `MailAuth`) in front of it. See the module docstring."""
 
     def __init__(self, behind: Any, checks: MailAuth) -> None:
-        super().__init__(behind)
+        super().__init__(behind, getattr(checks, "reactor", None))
         self.checks = checks
         self._sender: Deferred[AuthVerdicts] | None = None
         self._verdicts: AuthVerdicts | None = None

@@ -19,8 +19,10 @@ __all__ = ["evaluate", "RESULTS"]
 #: The results pyspf may give, as RFC 7208 §2.6 names them.
 RESULTS = frozenset(("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"))
 
-#: A HELO name that SPF can check: a domain with at least one dot, not an address literal (§2.3).
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)+[A-Za-z0-9-]{1,63}\.?$")
+#: A name SPF can check (§4.3: a multi-label domain name): at least one dot, not an address literal, nor a
+#: dotted quad (no top-level domain is all digits, RFC 3696 §2).
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)(?!.*\.[0-9]+\.?\Z)"
+                     r"([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)+[A-Za-z0-9-]{1,63}\.?\Z")
 
 
 def _one(ip: str, sender: str, helo: str, querytime: float) -> tuple[str, str]:
@@ -54,7 +56,9 @@ def _client_ip(ip: str) -> str:
 def evaluate(ip: str, sender: str, helo: str, *, check_helo: bool = True,
              querytime: float = 20.0) -> tuple[SpfVerdict | None, SpfVerdict]:
     """The HELO verdict (None when ``check_helo`` is off or the name is not a domain, such as an address literal)
-    and the MAIL FROM verdict for a client at ``ip``. Blocking: call it in a worker thread (see the module)."""
+    and the MAIL FROM verdict for a client at ``ip``. For ``<>`` the identity is postmaster@HELO (§2.4); when the
+    HELO name is not a domain either, there is nothing to check: ``none``, with no identity or domain (so the
+    field shows no ``smtp.mailfrom``). Blocking: call it in a worker thread (see the module)."""
     ip = _client_ip(ip)
     helo = (helo or "").strip()
     helo_ok = bool(_DOMAIN.match(helo))
