@@ -82,6 +82,12 @@ class Metrics(Monitor):
         self.mailauth_seconds = Histogram("esmtpkit_mailauth_seconds",
                                           "Time a mail-authentication check took, DNS included, by method.",
                                           ["method"], registry=r)
+        self.filters = Counter("esmtpkit_filter_verdicts",
+                               "Filter verdicts, by filter, stage (connect, helo, mail, rcpt, message) and action "
+                               "(continue, accept, reject, tempfail, discard, quarantine).",
+                               ["filter", "stage", "action"], registry=r)
+        self.filter_seconds = Histogram("esmtpkit_filter_seconds", "Time a filter took to answer, by filter.",
+                                        ["filter"], registry=r)
         self._children: dict[Any, Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -141,6 +147,10 @@ class Metrics(Monitor):
     def checked(self, session: Session, method: str, result: str, domain: str, seconds: float) -> None:
         self._child(self.mailauth, method, result).inc()
         self._child(self.mailauth_seconds, method).observe(seconds)
+
+    def filtered(self, session: Session, name: str, stage: str, action: str, seconds: float) -> None:
+        self._child(self.filters, name, stage, action).inc()
+        self._child(self.filter_seconds, name).observe(seconds)
 
 
 def metrics_site(registry: CollectorRegistry) -> Any:

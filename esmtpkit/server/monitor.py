@@ -109,6 +109,10 @@ class Monitor:
         """A mail-authentication check gave a verdict (`esmtpkit.mailauth`): ``method`` is ``spf.mailfrom``,
         ``spf.helo``, ``dkim`` (once per signature), ``arc`` or ``dmarc``; ``seconds`` the time it took."""
 
+    def filtered(self, session: Session, name: str, stage: str, action: str, seconds: float) -> None:
+        """A filter (`esmtpkit.filters`) answered ``action`` (``continue``, ``accept``, ``reject``, ``tempfail``,
+        ``discard``, ``quarantine``) at ``stage`` (``connect``, ``helo``, ``mail``, ``rcpt``, ``message``)."""
+
 
 class Monitors(Monitor):
     """Passes every call on to each of ``monitors``, in order; an exception in one is logged, never raised."""
@@ -341,6 +345,13 @@ class EventLog(Monitor):
         fields.update(size=size, reason=escape(reason))
         self._emit("message {id} aborted: {reason} from=<{sender}> recipients={recipients} size={size} "
                    "conn={conn} peer={peer}", fields)
+
+    def filtered(self, session: Session, name: str, stage: str, action: str, seconds: float) -> None:
+        fields = _common("filter.verdict", session)
+        fields.update(id=session.envelope.id, filter=escape(name), stage=stage, action=action,
+                      elapsed=round(seconds, 3))
+        self._emit("filter {filter} {stage}={action} elapsed={elapsed}s message={id} conn={conn} peer={peer}",
+                   fields)
 
     def checked(self, session: Session, method: str, result: str, domain: str, seconds: float) -> None:
         fields = _common("mailauth.verdict", session)

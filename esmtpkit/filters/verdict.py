@@ -1,0 +1,86 @@
+"""What a filter answers: an `Action`, the reply that goes with it, and the header changes it asks for.
+
+Pure values, shared by every filter (rspamd, clamd, spamd, milter) and by the chain that runs them, so that a
+handler or a test can make and compare them without any network.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from esmtpkit.core.reply import Reply
+
+__all__ = ["Action", "HeaderEdit", "Verdict", "CONTINUE", "FILTER_FAILED"]
+
+
+class Action(enum.Enum):
+    """A filter's decision at one stage (the names are the milter protocol's, and rspamd's map onto them)."""
+
+    #: Go on: later stages of this filter, and the filters after it, still look.
+    CONTINUE = "continue"
+    #: This filter has nothing more to say about this message (milter SMFIR_ACCEPT); the others still look.
+    ACCEPT = "accept"
+    #: Refuse with the verdict's reply (5xx).
+    REJECT = "reject"
+    #: Refuse for now with the verdict's reply (4xx): the client tries again later.
+    TEMPFAIL = "tempfail"
+    #: Answer the client as if accepted, and deliver nothing (the handler behind is told ``abort``).
+    DISCARD = "discard"
+    #: Accept, but mark the message to be held (``envelope.quarantine``), with the verdict's reason.
+    QUARANTINE = "quarantine"
+
+
+#: The actions that end a message's filtering at once.
+FINAL = frozenset({Action.REJECT, Action.TEMPFAIL, Action.DISCARD})
+
+
+@dataclass(frozen=True)
+class HeaderEdit:
+    """One change to the header section, as the milter protocol puts them (RFC 5322 field names, any case).
+
+    ``add`` appends a field at the end of the header section; ``insert`` puts it before the ``index``-th field
+    (0: at the top); ``change`` replaces the value of the ``index``-th field named ``name`` (1-based) and
+    ``delete`` removes it (``index`` 0 for ``delete``: every field of that name).
+    """
+
+    kind: str
+    name: str
+    value: str = ""
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("add", "insert", "change", "delete"):
+            raise ValueError(f"unknown header edit {self.kind!r}")
+        if not self.name or any(c <= " " or c == ":" or c > "~" for c in self.name):
+            raise ValueError(f"not a header field name: {self.name!r}")
+        if any(c in self.value for c in "\r\n\0"):
+            raise ValueError("a header field value holds no line ends (it is folded when written)")
+        if self.index < 0:
+            raise ValueError("index is never negative")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A filter's answer: ``action``, the ``reply`` for REJECT and TEMPFAIL (a default one when None), the header
+    ``edits`` it asks for, a ``reason`` (for the log, and QUARANTINE's mark) and what it found (``details``: a
+    score, the names of the rules or signatures that matched)."""
+
+    action: Action = Action.CONTINUE
+    reply: Reply | None = None
+    edits: tuple[HeaderEdit, ...] = ()
+    reason: str = ""
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> bool:
+        """Whether it ends the message's filtering (reject, tempfail, discard)."""
+        return self.action in FINAL
+
+
+#: Nothing to say: go on.
+CONTINUE = Verdict()
+
+#: The default reply of a filter that could not answer (down, too slow) when the outcome is tempfail.
+FILTER_FAILED = Reply.of(451, "Message filtering is unavailable, try again later", enhanced="4.7.1")
