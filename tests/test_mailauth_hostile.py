@@ -502,3 +502,20 @@ def test_null_sender_with_a_domain_helo_checks_postmaster_at_it(monkeypatch: pyt
     assert [(m, r, props) for m, r, _, props in read_back(verdicts.field(AUTHSERV))] == [
         ("spf", "pass", {"smtp.mailfrom": "postmaster@helo.good.test"}),
         ("spf", "pass", {"smtp.helo": "helo.good.test"})]
+
+
+# ---- what the documentation says of short keys ---------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_shorter_than_the_minimum_gives_permerror(dns: PrivateDNS, world: AuthWorld) -> None:
+    """docs/mail-authentication.md: a key shorter than ``minkey`` is a ``permerror`` (dkimpy's KeyFormatError),
+    not a ``fail``."""
+    with mail_auths(dns.servers, timeout=(0.3,), rng=random.Random(1)) as build:
+        strict = build(authserv_id=AUTHSERV, minkey=2048)
+        content = dkim_sign(MESSAGE, "good.test", world.keys["good.test"])
+        session = Session(hostname=AUTHSERV, helo="helo.good.test", peer=IPv4Address("TCP", CLIENT, 1000))
+        head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+        verdicts = await strict.check_message(session, AuthVerdicts(), head, lambda: io.BytesIO(content))
+    [signature] = verdicts.dkim
+    assert (signature.result, signature.domain) == ("permerror", "good.test")
+    assert "too small" in signature.reason
