@@ -16,6 +16,8 @@
 - Real servers: `Twistd`, `Server`, `Supervised` (``twistd esmtpkit`` processes), `run_twistd`, `terminate`,
   `wait_for_port`, `wait_for`; `RecordingNextHop` (a next hop that records what a relay sends) and `RawClient`; the
   /proc probes `greeting_pid`, `listening_inodes`, `holds_socket`, `alive`.
+- Mail over loopback by smtplib: `smtp_send` (one message), `smtp_client` and `smtp_transaction` (a client kept
+  open); a Relay, signing if asked, in front of a sink that keeps what it takes: `relay_to_sink`.
 
 Test certificates are in `tests.certs`; the private RabbitMQ node is in `tests.rabbitmq`; the code blocks of the
 documentation are read by `tests.docblocks`.
@@ -30,15 +32,17 @@ import os
 import re
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.message import Message as EmailMessage
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any, AsyncIterator, Callable, Sequence
 
 import pytest
 from hypothesis import settings, strategies as st
@@ -65,6 +69,8 @@ from esmtpkit.core.outbound import Message, Outcome, Recipient, Status
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.schedule import Schedule
 from esmtpkit.handlers.collecting import Collecting, MessageStore
+from esmtpkit.handlers.relay import Relay
+from esmtpkit.mailauth.signing import signer_for
 from esmtpkit.queue.interfaces import OpenContent
 from esmtpkit.queue.memory import MemoryStore
 from esmtpkit.queue.runner import QueueMonitor, QueueRunner
@@ -73,7 +79,7 @@ from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.server.monitor import EventLog, Monitor
 from esmtpkit.server.policy import Policy
 from esmtpkit.server.protocol import ESMTPProtocol
-from esmtpkit.testing import Conversation, LoopbackServer, RecordingHandler
+from esmtpkit.testing import Conversation, LoopbackServer, RecordingHandler, serve
 
 
 # ---- scratch paths for trial-style tests --------------------------------------------------------------------------
@@ -799,6 +805,7 @@ def every_event(text: str = "") -> list[dict[str, Any]]:
     monitor.connection_closed(session, 1.0, "QUIT" + text)
     monitor.client_replaced(session, "XCLIENT", "192.0.2.9" + text)
     monitor.checked(session, "dkim", "fail", "example.org" + text, 0.25)
+    monitor.filtered(session, "rspamd" + text, "message", "reject", 0.5)
     return events
 
 
@@ -1111,3 +1118,67 @@ def commit(store: SpoolStore, clock: Clock, content: bytes = SPOOL_CONTENT, **fi
     entry.commit(envelope(entry.id, clock, **fields)).addBoth(results.append)
     assert results == [None]
     return entry.id
+
+
+# ---- mail over loopback: smtplib, and a signing Relay in front of a sink ------------------------------------------
+
+def smtp_client(port: int, helo: str = "helo.good.test", timeout: float = 60.0) -> smtplib.SMTP:
+    """An smtplib client on ``127.0.0.1:port`` that has said EHLO ``helo`` (blocking: use it in a thread)."""
+    client = smtplib.SMTP("127.0.0.1", port, local_hostname=helo, timeout=timeout)
+    client.ehlo()
+    return client
+
+
+def smtp_transaction(client: smtplib.SMTP, sender: str, content: bytes,
+                     recipients: Sequence[str] = ("bob@example.test",)) -> tuple[int, bytes]:
+    """MAIL, RCPT for each recipient, DATA: the first reply that is not a success, else the end of data's."""
+    code, text = client.mail(sender)
+    if code != 250:
+        return code, text
+    for recipient in recipients:
+        code, text = client.rcpt(recipient)
+        if code != 250:
+            return code, text
+    try:
+        return client.data(content)
+    except smtplib.SMTPDataError as refused:
+        return refused.smtp_code, refused.smtp_error
+
+
+def smtp_send(port: int, sender: str, content: bytes, recipients: Sequence[str] = ("bob@example.test",),
+              helo: str = "helo.good.test", timeout: float = 60.0) -> tuple[int, bytes]:
+    """One message to ``127.0.0.1:port`` by smtplib, then QUIT: `smtp_transaction`'s reply (blocking)."""
+    with smtp_client(port, helo, timeout) as client:
+        return smtp_transaction(client, sender, content, recipients)
+
+
+@dataclass
+class RelayToSink:
+    """A `Relay` listening on ``port`` (127.0.0.1) that relays to a sink server keeping what it takes in ``store``."""
+
+    port: int
+    store: MessageStore
+
+
+@asynccontextmanager
+async def relay_to_sink(policy: Policy | None = None, **relay: Any) -> AsyncIterator[RelayToSink]:
+    """A Relay (its keywords ``relay``; ``policy``: its server's, hostname relay.test by default) in front of a
+    collecting sink (up.test), both on loopback; on leaving, both stop and the `signer_for` the Relay's signing
+    settings is closed, so that no signing thread outlives the test."""
+    from twisted.internet import reactor
+
+    store = MessageStore()
+    upstream = await serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"))
+    try:
+        server = await serve(lambda: Relay(port=upstream.port, timeout=10, **relay), reactor=reactor,
+                             policy=policy if policy is not None else Policy(hostname="relay.test"))
+        try:
+            yield RelayToSink(server.port, store)
+        finally:
+            await server.stop()
+    finally:
+        await upstream.stop()
+        signer = signer_for(relay.get("dkim_sign"), relay.get("arc_seal"), relay.get("authserv_id"),
+                            headers=relay.get("dkim_headers"))
+        if signer is not None:
+            signer.close()

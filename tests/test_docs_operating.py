@@ -60,6 +60,7 @@ def emitted_events() -> dict[str, set[str]]:
     log.message_rejected(session, envelope, 10, refused)
     log.message_aborted(session, envelope, 0, "reset by RSET")
     log.checked(session, "spf.mailfrom", "pass", "example.org", 0.01)
+    log.filtered(session, "rspamd", "message", "reject", 0.2)
     return {e["event"]: {k for k in e if not k.startswith("log_")} for e in events}
 
 
@@ -86,7 +87,7 @@ class MetricsListTests(SynchronousTestCase):
     def test_every_metric_is_listed_with_its_type(self) -> None:
         registry = Metrics().registry
         families = {name: family.type for name, family in zip(exposed_names(registry), registry.collect())}
-        self.assertEqual(len(families), 14)
+        self.assertEqual(len(families), 16)
         for name, kind in families.items():
             row = table_row(f"`{name}`")
             self.assertEqual(row.split("|")[2].strip(), kind, name)

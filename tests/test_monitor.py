@@ -385,7 +385,7 @@ class FlattenedEventTests(SynchronousTestCase):
 
         for text in ("", "\x1b é\u2028"):
             events = every_event(text)
-            self.assertEqual(len(events), 16)
+            self.assertEqual(len(events), 17)
             for event in events:
                 made: list[dict[str, Any]] = []
                 plain = {k: v for k, v in event.items() if not k.startswith("log_")}

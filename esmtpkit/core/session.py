@@ -17,6 +17,8 @@ class Envelope:
     ``id`` names the transaction once MAIL is accepted (see `esmtpkit.core.ids`): handlers show it in their final
     reply ("queued as ...") and trace headers, and every log event about the message carries it. ``auth`` holds
     the mail-authentication verdicts (an `esmtpkit.mailauth.AuthVerdicts`) when checks run in front of the handler.
+    ``quarantine`` is the reason a filter gave for holding the message (`esmtpkit.filters`), None when none did:
+    a handler that stores mail keeps such a message apart.
     """
 
     id: str = ""
@@ -25,6 +27,7 @@ class Envelope:
     recipients: list[Address] = field(default_factory=list)
     rcpt_params: list[dict[str, Any]] = field(default_factory=list)
     auth: Any = None
+    quarantine: str | None = None
 
 
 @dataclass

@@ -7,12 +7,18 @@ handler or a test can make and compare them without any network.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from esmtpkit.core.reply import Reply
 
 __all__ = ["Action", "HeaderEdit", "Verdict", "CONTINUE", "FILTER_FAILED"]
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+#: A line end that is not a fold (not followed by a space or a tab).
+_UNFOLDED = re.compile(r"(?:\r\n|\r|\n)(?![ \t])")
 
 
 class Action(enum.Enum):
@@ -42,7 +48,9 @@ class HeaderEdit:
 
     ``add`` appends a field at the end of the header section; ``insert`` puts it before the ``index``-th field
     (0: at the top); ``change`` replaces the value of the ``index``-th field named ``name`` (1-based) and
-    ``delete`` removes it (``index`` 0 for ``delete``: every field of that name).
+    ``delete`` removes it (``index`` 0 for ``delete``: every field of that name). A ``change`` whose field is not
+    there adds it at the end, and one with an empty value deletes it, as the milter protocol has them. ``value``
+    may be folded (a line end followed by a space or a tab).
     """
 
     kind: str
@@ -55,10 +63,17 @@ class HeaderEdit:
             raise ValueError(f"unknown header edit {self.kind!r}")
         if not self.name or any(c <= " " or c == ":" or c > "~" for c in self.name):
             raise ValueError(f"not a header field name: {self.name!r}")
-        if any(c in self.value for c in "\r\n\0"):
-            raise ValueError("a header field value holds no line ends (it is folded when written)")
+        if "\0" in self.value or _UNFOLDED.search(self.value):
+            raise ValueError("a line end in a header field value must be followed by a space or a tab (folding)")
         if self.index < 0:
             raise ValueError("index is never negative")
+
+    @property
+    def line(self) -> bytes:
+        """The field as it goes into the message: ``Name: value``, its folds ending in CRLF, and CRLF. The value
+        is UTF-8, and octets a filter sent that are not (kept as surrogate escapes) go back as they came."""
+        value = _LINE_END.sub("\r\n", self.value)
+        return f"{self.name}: {value}\r\n".encode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)

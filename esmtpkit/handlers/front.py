@@ -59,16 +59,19 @@ _ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 class Decision:
     """What a front decided at the end of data: ``reply`` refuses the message (the handler behind never sees
-    its end), else ``add`` (complete header fields, each ending in CRLF) go on top of it, and the header fields
-    for which ``remove(name, value)`` is true (raw octets, value unfolded) are left out."""
+    its end), else ``add`` (complete header fields, each ending in CRLF) go on top of it, the header fields
+    for which ``remove(name, value)`` is true (raw octets, value unfolded) are left out, and ``edits``
+    (`esmtpkit.filters.HeaderEdit` values: add at the end of the header section, insert, change, delete, with the
+    milter protocol's positions, counted in the header section as received) are made."""
 
-    __slots__ = ("reply", "add", "remove")
+    __slots__ = ("reply", "add", "remove", "edits")
 
     def __init__(self, reply: Reply | None = None, add: Sequence[bytes] = (),
-                 remove: Callable[[bytes, bytes], bool] | None = None) -> None:
+                 remove: Callable[[bytes, bytes], bool] | None = None, edits: Sequence[Any] = ()) -> None:
         self.reply = reply
         self.add = tuple(add)
         self.remove = remove
+        self.edits = tuple(edits)
 
 
 class _TooLong(Exception):
@@ -83,12 +86,16 @@ class _Remover:
     as it is. A field holding a bare CR or LF is also judged on each line those split it into, since a reader
     that ends lines there sees more fields than the server did."""
 
-    def __init__(self, remove: Callable[[bytes, bytes], bool], limit: int = MAX_FIELD) -> None:
-        self.remove = remove
+    def __init__(self, remove: Callable[[bytes, bytes], bool] | None, limit: int = MAX_FIELD,
+                 edits: Sequence[Any] = ()) -> None:
+        self.remove = remove if remove is not None else (lambda name, value: False)
         self.limit = limit
         self.done = False
         self._field = bytearray()
         self._line = b""
+        self._edits = list(edits)
+        self._position = 0  # the fields of the section as received, so far
+        self._seen: dict[bytes, int] = {}  # of each field name (lower case)
 
     def feed(self, data: bytes) -> bytes:
         """What of ``data`` (and what was held back) can go on now."""
@@ -112,6 +119,7 @@ class _Remover:
             if (line[0] in (32, 9) and self._field) or _FIELD_START.match(line) or _FIELD_NAME.fullmatch(line):
                 raise _TooLong()
             self._flush(out)  # a long line that cannot be a field: the section ended before it
+            self._tail(out, line)
             out += line
             self._line = b""
             self.done = True
@@ -124,6 +132,7 @@ class _Remover:
             line, self._line = self._line, b""
             if not line or self._take(line, out):
                 self._flush(out)
+                self._tail(out, b"")
             self.done = True
         return bytes(out)
 
@@ -140,6 +149,7 @@ class _Remover:
                 raise _TooLong()
             self._field = bytearray(line)
             return True
+        self._tail(out, line)
         out += line
         self.done = True
         return False
@@ -147,8 +157,44 @@ class _Remover:
     def _flush(self, out: bytearray) -> None:
         field = bytes(self._field)
         self._field = bytearray()
-        if field and not self._picked(field):
+        if not field:
+            return
+        if not self._edits:
+            if not self._picked(field):
+                out += field
+            return
+        self._inserts(out, self._position)
+        self._position += 1
+        name = field.partition(b":")[0].strip().lower()
+        count = self._seen[name] = self._seen.get(name, 0) + 1
+        for edit in self._edits:
+            if edit.kind in ("change", "delete") and edit.name.lower().encode() == name \
+                    and (edit.index == count or (edit.kind == "delete" and edit.index == 0)):
+                if edit.kind == "change":
+                    self._edits.remove(edit)
+                    if edit.value:
+                        out += edit.line
+                return
+        if not self._picked(field):
             out += field
+
+    def _inserts(self, out: bytearray, position: int | None) -> None:
+        """The fields to insert before the field at ``position`` (None: every one left, at the section's end)."""
+        for edit in [e for e in self._edits if e.kind == "insert" and (position is None or e.index == position)]:
+            self._edits.remove(edit)
+            out += edit.line
+
+    def _tail(self, out: bytearray, ending: bytes) -> None:
+        """The section ends before ``ending``: the inserts past its last field, the changes of fields it did not
+        have, and the added fields go there (with an empty line, if ``ending`` was not one)."""
+        if not self._edits:
+            return
+        self._inserts(out, None)
+        tail = [e.line for e in self._edits if e.kind == "add" or (e.kind == "change" and e.value)]
+        self._edits = []
+        out += b"".join(tail)
+        if tail and ending != b"\r\n":
+            out += b"\r\n"
 
     def _picked(self, field: bytes) -> bool:
         name, _, value = field.partition(b":")
@@ -289,6 +335,12 @@ class Front:
     def unknown(self, command: str) -> Any:
         return self.behind.unknown(command)
 
+    def connection_lost(self) -> None:
+        """The connection ended: the handler behind is told too, if it listens."""
+        lost = getattr(self.behind, "connection_lost", None)
+        if lost is not None:
+            lost()
+
     def abort(self, reason: str) -> Any:
         self._drop()
         self.aborted(reason)
@@ -340,6 +392,14 @@ class Front:
         field with its CRLF."""
         return bytes(self._head)
 
+    @property
+    def held_size(self) -> int:
+        """The octets of the held message so far."""
+        if self._file is None:
+            return len(self._memory)
+        self._file.flush()
+        return self._file.tell()
+
     def open_held(self) -> IO[bytes]:
         """A new reader of the whole held message, with its own position (another thread may use it)."""
         if self._file is None:
@@ -379,7 +439,7 @@ class Front:
         if decision.reply is not None:
             return self._refuse(decision.reply, per_recipient)
         try:
-            await self._replay(decision.add, decision.remove)
+            await self._replay(decision.add, decision.remove, decision.edits)
         except _TooLong:
             return self._refuse(FIELD_TOO_LONG, per_recipient)
         except BaseException:
@@ -398,7 +458,8 @@ class Front:
             return [reply] * len(self.session.envelope.recipients)
         return reply
 
-    async def _replay(self, add: Sequence[bytes], remove: Callable[[bytes, bytes], bool] | None) -> None:
+    async def _replay(self, add: Sequence[bytes], remove: Callable[[bytes, bytes], bool] | None,
+                      edits: Sequence[Any] = ()) -> None:
         behind = self.behind
         mode = content_mode_of(behind)
         size = getattr(behind, "chunk_size", None) or 65536
@@ -425,7 +486,7 @@ class Front:
 
         for field in add:
             await give(reader.feed(field))
-        remover = _Remover(remove) if remove is not None else None
+        remover = _Remover(remove, edits=edits) if remove is not None or edits else None
         with self.open_held() as stream:
             while True:
                 piece = stream.read(min(_READ, turns.size))

@@ -60,7 +60,12 @@ def _mode_in(places: Any) -> ContentMode:
 
 
 class IMessageHandler(Interface):
-    """Decides the reply to every SMTP verb on one connection. One provider is made per connection."""
+    """Decides the reply to every SMTP verb on one connection. One provider is made per connection.
+
+    A provider may also have a ``connection_lost()`` method (not required, so not declared here): it is called
+    once the connection has ended, however it ended (after ``abort`` for an open transaction), to release what
+    the handler holds for the connection, such as its own connections to other servers.
+    """
 
     session = Attribute(
         "The `esmtpkit.core.session.Session` given to connect(), kept for the connection's life (MessageHandler"

@@ -40,6 +40,7 @@ EVENTS = {
     "message.rejected": LogLevel.info,
     "message.aborted": LogLevel.info,
     "mailauth.verdict": LogLevel.info,
+    "filter.verdict": LogLevel.info,
 }
 
 #: Replies to these verbs may echo what the client sent (an AUTH response, an unknown line): no text in the log.

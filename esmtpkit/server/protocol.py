@@ -165,6 +165,15 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
         """Where the dialogue stands (the conversation's phase; only the rule book moves it)."""
         return self.conversation.phase
 
+    def _handler_lost(self) -> None:
+        """Tell a handler that has ``connection_lost`` (optional, see `IMessageHandler`) that the connection ended."""
+        lost = getattr(self.handler, "connection_lost", None)
+        if lost is not None:
+            try:
+                lost()
+            except Exception:
+                self.log.failure("the handler's connection_lost failed")
+
     def _end_dialogue(self) -> None:
         """The conversation is over; ``_gone`` mirrors it (read on every step, so it is a plain attribute)."""
         self.conversation.close()
@@ -215,6 +224,7 @@ class ESMTPProtocol(Transfer, Verbs, Auth, Steps, Flow, LineReceiver):
             if not self._gone:
                 self._abort("connection lost")
             self._end_dialogue()
+            self._handler_lost()
             self._todo.clear()
             delay, self._delay = self._delay, None
             if delay is not None:

@@ -1,0 +1,187 @@
+"""`FilterFront`: what the client hears and what the handler behind gets for each filter verdict, at each stage
+(in memory, with `esmtpkit.testing.Conversation` and a scripted filter)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from esmtpkit.core.reply import Reply
+from esmtpkit.filters import CONTINUE, Action, FilterChain, FilterSession, HeaderEdit, IFilter, Verdict
+from esmtpkit.handlers.collecting import Collecting, MessageStore
+from esmtpkit.handlers.filtering import FilterFront
+from esmtpkit.server.policy import Policy
+from esmtpkit.testing import Conversation
+
+CONTENT = (b"From: a@example.org\r\n"
+           b"To: b@example.net\r\n"
+           b"Subject: hello\r\n"
+           b"Received: one\r\n"
+           b"Received: two\r\n"
+           b"\r\n"
+           b"Hi.\r\n")
+
+
+@implementer(IFilter)
+class Scripted:
+    """A filter answering each stage from ``answers`` (a Verdict, or a Deferred of one); it records what it saw."""
+
+    timeout = None
+    on_failure = None
+
+    def __init__(self, **answers: Any) -> None:
+        self.name = "scripted"
+        self.answers = answers
+        self.seen: list[Any] = []
+
+    def start(self, session: Any) -> Any:
+        owner = self
+
+        class One(FilterSession):
+            def _answer(self, stage: str, *args: Any) -> Any:
+                owner.seen.append((stage, *args))
+                return owner.answers.get(stage, CONTINUE)
+
+            def connect(self) -> Any:
+                return self._answer("connect")
+
+            def helo(self, name: str) -> Any:
+                return self._answer("helo", name)
+
+            def mail(self, sender: str, params: Any) -> Any:
+                return self._answer("mail", sender)
+
+            def rcpt(self, recipient: str, params: Any) -> Any:
+                return self._answer("rcpt", recipient)
+
+            def message(self, message: Any) -> Any:
+                with message.open() as stream:
+                    owner.seen.append(("message", stream.read(), message.size, message.sender,
+                                       message.recipients))
+                return owner.answers.get("message", CONTINUE)
+
+            def reset(self) -> None:
+                owner.seen.append(("reset",))
+
+            def close(self) -> None:
+                owner.seen.append(("close",))
+
+        return One(session)
+
+
+class FilterFrontTests(SynchronousTestCase):
+    def talk(self, **answers: Any) -> tuple[Conversation, MessageStore, Scripted]:
+        store = MessageStore()
+        scripted = Scripted(**answers)
+        chain = FilterChain([scripted], reactor=Clock())
+        talk = Conversation(FilterFront(Collecting(store), chain), Policy(hostname="mx.test"))
+        self.addCleanup(talk.protocol.transport.loseConnection)
+        return talk, store, scripted
+
+    def test_every_stage_reaches_the_filter_and_the_message_the_handler(self) -> None:
+        talk, store, scripted = self.talk()
+        reply = talk.message("a@example.org", ["b@example.net"], CONTENT)
+        self.assertEqual(reply.code, 250)
+        self.assertEqual([m.data for m in store.messages], [CONTENT])
+        stages = [s[0] for s in scripted.seen]
+        self.assertEqual(stages, ["connect", "helo", "mail", "rcpt", "message", "reset"])
+        self.assertEqual(scripted.seen[4][1:], (CONTENT, len(CONTENT), "a@example.org", ["b@example.net"]))
+
+    def test_header_edits_are_made(self) -> None:
+        edits = (HeaderEdit("add", "X-Spam", "Yes"), HeaderEdit("insert", "X-Top", "1", 0),
+                 HeaderEdit("change", "Received", "changed", 2), HeaderEdit("delete", "Subject"),
+                 HeaderEdit("change", "X-Missing", "added"), HeaderEdit("insert", "X-Before-To", "b", 1))
+        talk, store, _ = self.talk(message=Verdict(edits=edits))
+        self.assertEqual(talk.message("a@example.org", ["b@example.net"], CONTENT).code, 250)
+        [message] = store.messages
+        self.assertEqual(message.data, b"X-Top: 1\r\n"
+                                       b"From: a@example.org\r\n"
+                                       b"X-Before-To: b\r\n"
+                                       b"To: b@example.net\r\n"
+                                       b"Received: one\r\n"
+                                       b"Received: changed\r\n"
+                                       b"X-Spam: Yes\r\n"
+                                       b"X-Missing: added\r\n"
+                                       b"\r\n"
+                                       b"Hi.\r\n")
+
+    def test_a_folded_value_goes_in_with_crlf(self) -> None:
+        talk, store, _ = self.talk(message=Verdict(edits=(HeaderEdit("add", "DKIM-Signature", "v=1;\n\tb=abc"),)))
+        talk.message("a@example.org", ["b@example.net"], CONTENT)
+        self.assertIn(b"DKIM-Signature: v=1;\r\n\tb=abc\r\n\r\nHi.", store.messages[0].data)
+
+    def test_reject_at_end_of_data(self) -> None:
+        refused = Reply.of(550, "Spam", enhanced="5.7.1")
+        talk, store, scripted = self.talk(message=Verdict(Action.REJECT, refused))
+        reply = talk.message("a@example.org", ["b@example.net"], CONTENT)
+        self.assertEqual((reply.code, reply.enhanced, reply.lines), (550, "5.7.1", ("Spam",)))
+        self.assertEqual(store.messages, [])
+
+    def test_a_reply_of_the_wrong_class_gets_the_default(self) -> None:
+        talk, _, _ = self.talk(message=Verdict(Action.TEMPFAIL, Reply.of(250, "fine")))
+        self.assertEqual(talk.message("a@example.org", ["b@example.net"], CONTENT).code, 451)
+
+    def test_discard_answers_250_and_delivers_nothing(self) -> None:
+        talk, store, _ = self.talk(message=Verdict(Action.DISCARD))
+        self.assertEqual(talk.message("a@example.org", ["b@example.net"], CONTENT).code, 250)
+        self.assertEqual(store.messages, [])
+
+    def test_discard_at_rcpt_discards_the_message(self) -> None:
+        talk, store, _ = self.talk(rcpt=Verdict(Action.DISCARD))
+        self.assertEqual(talk.message("a@example.org", ["b@example.net"], CONTENT).code, 250)
+        self.assertEqual(store.messages, [])
+
+    def test_quarantine_marks_the_envelope(self) -> None:
+        marks: list[Any] = []
+
+        class Marking(Collecting):
+            def eom(self) -> Any:
+                marks.append(self.session.envelope.quarantine)
+                return super().eom()
+
+        scripted = Scripted(message=Verdict(Action.QUARANTINE, reason="odd attachment"))
+        talk = Conversation(FilterFront(Marking(MessageStore()), FilterChain([scripted], reactor=Clock())))
+        self.addCleanup(talk.protocol.transport.loseConnection)
+        self.assertEqual(talk.message("a@example.org", ["b@example.net"], CONTENT).code, 250)
+        self.assertEqual(marks, ["odd attachment"])
+
+    def test_reject_at_mail_and_rcpt(self) -> None:
+        talk, _, scripted = self.talk(mail=Verdict(Action.REJECT, Reply.of(553, "no such sender")))
+        talk.send("EHLO client.test")
+        self.assertEqual(talk.send("MAIL FROM:<a@example.org>").code, 553)
+        talk, _, _ = self.talk(rcpt=Verdict(Action.TEMPFAIL))
+        talk.send("EHLO client.test")
+        talk.send("MAIL FROM:<a@example.org>")
+        reply = talk.send("RCPT TO:<b@example.net>")
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.7.1"))
+
+    def test_reject_at_connect_refuses_service(self) -> None:
+        talk, _, _ = self.talk(connect=Verdict(Action.REJECT))
+        self.assertEqual(talk.greeting.code, 554)
+        self.assertEqual(talk.send("EHLO client.test").code, 503)
+
+    def test_tempfail_at_connect_closes(self) -> None:
+        talk, _, _ = self.talk(connect=Verdict(Action.TEMPFAIL))
+        self.assertEqual(talk.greeting.code, 421)
+        self.assertTrue(talk.closed)
+
+    def test_a_pending_verdict_holds_the_reply(self) -> None:
+        pending: Deferred[Verdict] = Deferred()
+        talk, store, _ = self.talk(rcpt=pending)
+        talk.send("EHLO client.test")
+        talk.send("MAIL FROM:<a@example.org>")
+        self.assertIsNone(talk.send("RCPT TO:<b@example.net>"))
+        pending.callback(CONTINUE)
+        self.assertEqual([r.code for r in talk.replies()], [250])
+
+    def test_rset_resets_the_filter_and_the_connection_end_closes_it(self) -> None:
+        talk, _, scripted = self.talk()
+        talk.send("EHLO client.test")
+        talk.send("MAIL FROM:<a@example.org>")
+        talk.send("RSET")
+        talk.send("QUIT")
+        self.assertEqual([s[0] for s in scripted.seen], ["connect", "helo", "mail", "reset", "close"])
