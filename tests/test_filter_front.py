@@ -185,3 +185,23 @@ class FilterFrontTests(SynchronousTestCase):
         talk.send("RSET")
         talk.send("QUIT")
         self.assertEqual([s[0] for s in scripted.seen], ["connect", "helo", "mail", "reset", "close"])
+
+    def test_maildir_delivers_a_quarantined_message_apart(self) -> None:
+        import os
+
+        from esmtpkit.handlers.maildir import QUARANTINE_FOLDER, Maildir
+
+        path = self.mktemp()
+        scripted = Scripted(message=Verdict(Action.QUARANTINE, reason="suspicious"))
+        chain = FilterChain([scripted], reactor=Clock())
+        talk = Conversation(FilterFront(Maildir(path), chain))
+        self.addCleanup(talk.protocol.transport.loseConnection)
+        self.assertEqual(talk.message("a@example.org", ["b@example.net"], CONTENT).code, 250)
+        self.assertEqual(os.listdir(os.path.join(path, "new")), [])
+        [name] = os.listdir(os.path.join(path, QUARANTINE_FOLDER, "new"))
+        with open(os.path.join(path, QUARANTINE_FOLDER, "new", name), "rb") as f:
+            self.assertTrue(f.read().endswith(CONTENT))
+        self.assertTrue(os.path.exists(os.path.join(path, QUARANTINE_FOLDER, "maildirfolder")))
+        scripted.answers = {}
+        self.assertEqual(talk.message("a@example.org", ["b@example.net"], CONTENT, ehlo=None).code, 250)
+        self.assertEqual(len(os.listdir(os.path.join(path, "new"))), 1)

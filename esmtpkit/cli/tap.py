@@ -21,6 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, LogLevel
 from twisted.python import reflect, usage
 
+from esmtpkit.cli.filter_options import FilterOptions, build_filters
 from esmtpkit.cli.mailauth_options import MailAuthOptions, build_mail_auth, check_mail_auth, signing_kwargs
 from esmtpkit.ops.backlog import sized_listeners
 from esmtpkit.ops.listening import Listener, check_endpoint
@@ -28,7 +29,7 @@ from esmtpkit.server import sasl
 from esmtpkit.server.authfile import PasswordFileError, password_files, replace_file_databases
 from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.server.interfaces import IMessageHandler
-from esmtpkit.server.monitor import EventLog, Monitor, Monitors
+from esmtpkit.server.monitor import EventLog, Monitor, Monitors, guarded
 from esmtpkit.server.policy import Policy
 from esmtpkit.server.proxy import DEFAULT_TIMEOUT as DEFAULT_PROXY_TIMEOUT
 from esmtpkit.server.service import ESMTPService
@@ -93,7 +94,7 @@ def _seconds(name: str) -> Callable[[str], float]:
     return parse
 
 
-class Options(MailAuthOptions, strcred.AuthOptionMixin, usage.Options):
+class Options(MailAuthOptions, FilterOptions, strcred.AuthOptionMixin, usage.Options):
     """Options of ``twistd esmtpkit``."""
 
     synopsis = "[options]"
@@ -311,6 +312,7 @@ class Options(MailAuthOptions, strcred.AuthOptionMixin, usage.Options):
         self["portal"] = build_auth(self)
         check_mail_auth(self)
         self["mail-auth"] = build_mail_auth(self)
+        self["filter-chain"] = build_filters(self)
         self["handler-class"] = load_handler(self["handler"])
         self["handler-factory"] = handler_factory(self["handler-class"], self)
         self["policy"] = build_policy(self)
@@ -503,7 +505,8 @@ def handler_factory(cls: Any, options: usage.Options) -> Callable[[], Any]:
             kwargs[key] = value
     for key, value in signing_kwargs(options).items():
         if accepts is not None and key not in accepts:
-            option = {"dkim_sign": "--dkim-sign", "dkim_headers": "--dkim-headers"}.get(key, "--arc-seal")
+            option = {"dkim_sign": "--dkim-sign", "dkim_headers": "--dkim-headers",
+                      "dkim_sign_from": "--dkim-sign-from"}.get(key, "--arc-seal")
             raise usage.UsageError(f"{option}: {options['handler']} does not send mail on (the Queue and Relay "
                                    "handlers do)")
         kwargs.setdefault(key, value)
@@ -605,10 +608,17 @@ def build_policy(options: usage.Options) -> Policy:
         extensions=tuple(options["extensions"]),
         trusted_networks=tuple(options["trusted-networks"]),
     )
+    fronts: list[Any] = []
     if options.get("mail-auth") is not None:
         from esmtpkit.handlers.mailauth import mail_auth_front
 
-        kwargs["fronts"] = (mail_auth_front(options["mail-auth"]),)
+        fronts.append(mail_auth_front(options["mail-auth"]))
+    if options.get("filter-chain") is not None:
+        from esmtpkit.handlers.filtering import filter_front
+
+        fronts.append(filter_front(options["filter-chain"]))  # inside the checks: filters see their results
+    if fronts:
+        kwargs["fronts"] = tuple(fronts)
     if options["hostname"]:
         kwargs["hostname"] = options["hostname"]
     try:
@@ -637,7 +647,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     monitor = build_monitor(options)
     factory = ESMTPFactory(options["handler-factory"], policy=options["policy"], clock=reactor, monitor=monitor)
     if options.get("mail-auth") is not None:
-        options["mail-auth"].monitor = factory.monitor  # the checks' verdicts go to the same log and metrics
+        # the checks' verdicts go to the same log and metrics; guarded, so a failing monitor cannot fail a check
+        options["mail-auth"].monitor = guarded(factory.monitor)
+    if options.get("filter-chain") is not None:
+        options["filter-chain"].monitor = guarded(factory.monitor)
     top = ESMTPService(factory)  # the ESMTPFactory itself: shutdown drains its connections
     if options["metrics"]:
         from esmtpkit.ops.metrics import metrics_site

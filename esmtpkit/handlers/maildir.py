@@ -21,7 +21,10 @@ from esmtpkit.core.reply import Reply, SMTPReply
 from esmtpkit.core.trace import received_header, return_path_header
 from esmtpkit.handlers.base import MessageHandler
 
-__all__ = ["Maildir", "unique_name", "clean_tmp", "TMP_MAX_AGE"]
+__all__ = ["Maildir", "unique_name", "clean_tmp", "TMP_MAX_AGE", "QUARANTINE_FOLDER"]
+
+#: The Maildir++ folder (under the Maildir) that takes the messages a filter quarantined.
+QUARANTINE_FOLDER = ".Quarantine"
 
 #: What a client gets when the message could not be stored: try again later (RFC 3463 4.3.0).
 STORE_FAILED = Reply(451, ("Requested action aborted: error in local storage, try again later",), "4.3.0")
@@ -124,14 +127,18 @@ class Maildir(MessageHandler):
             raise SMTPReply(STORE_FAILED) from None
 
     def eom(self) -> Any:
-        """Flush and fsync the file, rename it into new/, fsync new/; only then answer 250."""
+        """Flush and fsync the file, rename it into new/ (the ``.Quarantine`` folder's, for a message a filter
+        quarantined), fsync new/; only then answer 250."""
         file, name = self._file, self._name
         if file is None:
             return STORE_FAILED
         tmp = self.tmp_path
-        final = os.path.join(self.path, "new", name)
+        folder = self.path
         renamed = False
         try:
+            if self.session is not None and self.session.envelope.quarantine:
+                folder = self._quarantine_folder()
+            final = os.path.join(folder, "new", name)
             file.flush()
             os.fsync(file.fileno())
             file.close()
@@ -146,6 +153,17 @@ class Maildir(MessageHandler):
         self._file, self._name = None, ""
         queue_id = self.session.envelope.id if self.session is not None else ""
         return Reply(250, (f"Ok: queued as {queue_id or name}",), "2.0.0")
+
+    def _quarantine_folder(self) -> str:
+        """The Maildir++ folder ``.Quarantine`` of this Maildir, made if missing: where a message a filter
+        quarantined (``envelope.quarantine``) is delivered, apart from the inbox."""
+        folder = os.path.join(self.path, QUARANTINE_FOLDER)
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(folder, sub), mode=0o700, exist_ok=True)
+        marker = os.path.join(folder, "maildirfolder")
+        if not os.path.exists(marker):
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600))
+        return folder
 
     def abort(self, reason: str) -> None:
         """Close and remove the unfinished file: nothing partial stays in tmp/ and nothing reaches new/."""
