@@ -16,6 +16,7 @@ from esmtpkit.handlers.collecting import Collecting, MessageStore
 from esmtpkit.handlers.filtering import FilterFront
 from esmtpkit.server.policy import Policy
 from esmtpkit.testing import Conversation
+from tests.support import ScratchPaths
 
 CONTENT = (b"From: a@example.org\r\n"
            b"To: b@example.net\r\n"
@@ -73,7 +74,7 @@ class Scripted:
         return One(session)
 
 
-class FilterFrontTests(SynchronousTestCase):
+class FilterFrontTests(ScratchPaths, SynchronousTestCase):
     def talk(self, **answers: Any) -> tuple[Conversation, MessageStore, Scripted]:
         store = MessageStore()
         scripted = Scripted(**answers)
