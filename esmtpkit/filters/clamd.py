@@ -108,7 +108,7 @@ class ClamdFilter(MessageFilter):
         reason = "longer than clamd's StreamMaxLength: not scanned"
         details = {"too_big": True, "size": size}
         if self.too_big is Action.CONTINUE:
-            self.log.info("clamd: message of {size} octets longer than its StreamMaxLength, accepted unscanned",
+            self.log.info("message of {size} octets longer than its StreamMaxLength, accepted unscanned",
                           size=size)
             return Verdict(reason=reason, details=details)
         if self.too_big is Action.TEMPFAIL:
@@ -121,11 +121,11 @@ class ClamdFilter(MessageFilter):
 def _choose(option: str, value: str | Action, choices: Mapping[str, Action]) -> Action:
     if isinstance(value, Action):
         if value not in choices.values():
-            raise ValueError(f"clamd: {option} is one of {', '.join(choices)}, not {value.value}")
+            raise ValueError(f"{option} is one of {', '.join(choices)}, not {value.value}")
         return value
     found = choices.get(value.strip().lower())
     if found is None:
-        raise ValueError(f"clamd: {option} is one of {', '.join(choices)}, not {value!r}")
+        raise ValueError(f"{option} is one of {', '.join(choices)}, not {value!r}")
     return found
 
 
@@ -135,8 +135,8 @@ KEYS = ("action", "too-big", "header")
 def from_spec(target: str, options: Mapping[str, str], *, reactor: Any = None) -> ClamdFilter:
     """``clamd:TARGET[,KEY=VALUE...]``: a ClamdFilter for clamd at the client endpoint ``target`` (``tcp:HOST:PORT``
     or ``unix:PATH``), with ``name``, ``timeout``, ``on-failure``, ``action``, ``too-big`` and ``header``."""
-    common = common_options("clamd", options, KEYS)
-    endpoint = client_endpoint(target, reactor, "clamd")
-    header = flag("clamd", "header", options["header"]) if "header" in options else False
+    common = common_options(options, KEYS)
+    endpoint = client_endpoint(target, reactor)
+    header = flag("header", options["header"]) if "header" in options else False
     return ClamdFilter(endpoint, action=options.get("action", "reject"), too_big=options.get("too-big", "accept"),
                        header=header, **common)

@@ -126,11 +126,11 @@ class SpamdFilter(MessageFilter):
                  reject_score: float | None = None, max_size: int = MAX_SIZE, **options: Any) -> None:
         super().__init__(**options)
         if user is not None and not _USER.fullmatch(user):
-            raise ValueError(f"spamd: user is one word of printable ASCII, not {user!r}")
+            raise ValueError(f"user is one word of printable ASCII, not {user!r}")
         if reject_score is not None and reject_score != reject_score:
-            raise ValueError("spamd: reject-score is a number")
+            raise ValueError("reject-score is a number")
         if max_size < 1:
-            raise ValueError("spamd: max-size is a number of octets above 0")
+            raise ValueError("max-size is a number of octets above 0")
         self.endpoint = endpoint
         self.user = user
         self.reject_score = reject_score
@@ -139,7 +139,7 @@ class SpamdFilter(MessageFilter):
     def check(self, message: HeldMessage) -> Deferred[Verdict]:
         """Send ``message`` to spamd; its verdict."""
         if message.size > self.max_size:
-            self.log.info("spamd: message of {size} octets larger than max-size {limit}, not checked",
+            self.log.info("message of {size} octets larger than max-size {limit}, not checked",
                           size=message.size, limit=self.max_size)
             return succeed(Verdict(reason=f"not checked by spamd: larger than {self.max_size} octets",
                                    details={"too_big": True, "size": message.size}))
@@ -173,16 +173,16 @@ def from_spec(target: str, options: Mapping[str, str], *, reactor: Any = None) -
     """``spamd:TARGET[,KEY=VALUE...]``: a SpamdFilter for spamd at the client endpoint ``target``
     (``tcp:HOST:PORT`` or ``unix:PATH``), with ``name``, ``timeout``, ``on-failure``, ``user``, ``reject-score``
     and ``max-size``."""
-    common = common_options("spamd", options, KEYS)
-    endpoint = client_endpoint(target, reactor, "spamd")
+    common = common_options(options, KEYS)
+    endpoint = client_endpoint(target, reactor)
     reject_score = None
     if options.get("reject-score", "").strip():
         try:
             reject_score = float(options["reject-score"])
         except ValueError:
-            raise ValueError(f"spamd: reject-score is a number, not {options['reject-score']!r}") from None
+            raise ValueError(f"reject-score is a number, not {options['reject-score']!r}") from None
         if not -1e6 < reject_score < 1e6:
-            raise ValueError(f"spamd: reject-score is a number, not {options['reject-score']!r}")
+            raise ValueError(f"reject-score is a number, not {options['reject-score']!r}")
     max_size = MAX_SIZE
     if "max-size" in options:
         try:
@@ -190,5 +190,5 @@ def from_spec(target: str, options: Mapping[str, str], *, reactor: Any = None) -
         except ValueError:
             max_size = 0
         if max_size < 1:
-            raise ValueError(f"spamd: max-size is a number of octets above 0, not {options['max-size']!r}")
+            raise ValueError(f"max-size is a number of octets above 0, not {options['max-size']!r}")
     return SpamdFilter(endpoint, user=options.get("user"), reject_score=reject_score, max_size=max_size, **common)

@@ -31,17 +31,17 @@ class FilterProtocolError(Exception):
     """The filter server said something we cannot take: garbage, an answer too long, an early close."""
 
 
-def client_endpoint(target: str, reactor: Any, what: str) -> IStreamClientEndpoint:
+def client_endpoint(target: str, reactor: Any) -> IStreamClientEndpoint:
     """``target`` (``tcp:HOST:PORT``, ``tcp:host=H:port=P``, ``unix:PATH``) as a client endpoint on ``reactor``
-    (None: the global reactor, looked up only when connecting). ValueError, naming ``what``, when it is not one."""
+    (None: the global reactor, looked up only when connecting). ValueError naming ``target`` when it is not one."""
     if not target.startswith(("tcp:", "unix:")):
-        raise ValueError(f"{what}: {target!r} is not a client endpoint (tcp:HOST:PORT or unix:PATH)")
+        raise ValueError(f"{target!r} is not a client endpoint (tcp:HOST:PORT or unix:PATH)")
     try:
         endpoint = clientFromString(reactor if reactor is not None else object(), target)
     except Exception as e:
-        raise ValueError(f"{what}: {target!r} is not a client endpoint (tcp:HOST:PORT or unix:PATH): {e}") from None
+        raise ValueError(f"{target!r} is not a client endpoint (tcp:HOST:PORT or unix:PATH): {e}") from None
     if target.startswith("unix:") and not getattr(endpoint, "_path", "x"):
-        raise ValueError(f"{what}: {target!r} names no socket path (unix:PATH)")
+        raise ValueError(f"{target!r} names no socket path (unix:PATH)")
     return endpoint if reactor is not None else _GlobalReactorEndpoint(target)
 
 
@@ -203,13 +203,13 @@ def _close(chunks: Iterator[bytes]) -> None:
         close()
 
 
-def common_options(kind: str, options: Mapping[str, str], known: Collection[str]) -> dict[str, Any]:
+def common_options(options: Mapping[str, str], known: Collection[str]) -> dict[str, Any]:
     """The ``name``, ``timeout`` and ``on-failure`` of a ``--filter`` spec as `MessageFilter` keywords; ValueError
-    (one sentence naming ``kind``) for a key not in ``known`` (those three are always known) or a bad value."""
+    (one sentence naming the option) for a key not in ``known`` (those three are always known) or a bad value."""
     keys = ("name", "timeout", "on-failure", *known)
     unknown = sorted(set(options) - set(keys))
     if unknown:
-        raise ValueError(f"{kind}: unknown option {unknown[0]!r} (known: {', '.join(keys)})")
+        raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(keys)})")
     found: dict[str, Any] = {"name": options.get("name") or None, "on_failure": options.get("on-failure")}
     if "timeout" in options:
         try:
@@ -217,18 +217,18 @@ def common_options(kind: str, options: Mapping[str, str], known: Collection[str]
         except ValueError:
             seconds = 0.0
         if not 0 < seconds < float("inf"):
-            raise ValueError(f"{kind}: timeout is a number of seconds above 0, not {options['timeout']!r}")
+            raise ValueError(f"timeout is a number of seconds above 0, not {options['timeout']!r}")
         found["timeout"] = seconds
     if found["on_failure"] is not None and found["on_failure"].strip().lower() not in ("tempfail", "accept"):
-        raise ValueError(f"{kind}: on-failure is tempfail or accept, not {found['on_failure']!r}")
+        raise ValueError(f"on-failure is tempfail or accept, not {found['on_failure']!r}")
     return found
 
 
-def flag(kind: str, option: str, value: str) -> bool:
-    """A yes/no option's value; ValueError naming ``kind`` and ``option`` for anything else."""
+def flag(option: str, value: str) -> bool:
+    """A yes/no option's value; ValueError naming ``option`` for anything else."""
     word = value.strip().lower()
     if word in ("yes", "on", "true", "1"):
         return True
     if word in ("no", "off", "false", "0"):
         return False
-    raise ValueError(f"{kind}: {option} is yes or no, not {value!r}")
+    raise ValueError(f"{option} is yes or no, not {value!r}")

@@ -1,0 +1,135 @@
+"""ClamAV's clamd as a filter: a private clamd (`tests.clamdaemon`: its own configuration and a one-signature
+database written by the test, no download) on a UNIX socket and a loopback port, asked by `ClamdFilter` and by a
+``twistd esmtpkit --filter clamd:...`` in front of its Maildir.
+
+- The EICAR test file is found (as the message's body and as a base64 attachment) and refused, naming the
+  signature; a clean message goes on; one longer than clamd's StreamMaxLength gets the ``too-big`` outcome.
+- A stopped clamd makes the check fail (the chain's failure outcome, 451 4.7.1 by default).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import smtplib
+from typing import Any, Callable, Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.error import ConnectError
+
+from esmtpkit.core.session import Session
+from esmtpkit.filters import Action, FilterChain, HeldMessage
+from esmtpkit.filters.clamd import from_spec
+
+from ..clamdaemon import EICAR, SIGNATURE, STREAM_MAX, PrivateClamd, clamd_missing, start_clamd
+from .conftest import CLIENT_TIMEOUT, EsmtpkitProcess, missing_options
+
+pytestmark = pytest.mark.skipif(clamd_missing() is not None, reason=clamd_missing() or "")
+
+HEAD = (b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: the report\r\n"
+        b"Date: Sun, 06 Dec 2026 10:00:00 +0000\r\nMessage-ID: <clamd@example.org>\r\n")
+CLEAN = HEAD + b"\r\nHello Bob, the report is attached.\r\n"
+INFECTED = HEAD + b"\r\n" + EICAR + b"\r\n"
+ATTACHED = (HEAD + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+            b"--b1\r\nContent-Type: text/plain\r\n\r\nSee the file.\r\n"
+            b"--b1\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"x.com\"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(EICAR).replace(b"\n", b"\r\n")
+            + b"--b1--\r\n")
+#: Longer than clamd's StreamMaxLength, clean.
+LONG = HEAD + b"\r\n" + b"All work and no play makes Jack a dull boy.\r\n" * (3 * STREAM_MAX // 45)
+
+
+@pytest.fixture
+def clamd() -> Iterator[PrivateClamd]:
+    yield from start_clamd()
+
+
+def held(content: bytes) -> HeldMessage:
+    return HeldMessage(Session(hostname="mx.test"), content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n", len(content),
+                       lambda: io.BytesIO(content))
+
+
+async def check(target: str, content: bytes, **options: str) -> Any:
+    return await from_spec(target, options, reactor=reactor).check(held(content))
+
+
+@pytest.mark.parametrize("where", ["unix_target", "tcp_target"])
+@pytest_twisted.ensureDeferred
+async def test_eicar_is_refused_naming_the_signature(clamd: PrivateClamd, where: str) -> None:
+    for content in (INFECTED, ATTACHED):
+        verdict = await check(getattr(clamd, where), content)
+        assert verdict.action is Action.REJECT
+        assert (verdict.reply.code, verdict.reply.enhanced) == (554, "5.7.1")
+        assert verdict.reply.text == f"Virus found: {SIGNATURE}.UNOFFICIAL"
+        assert verdict.details == {"signature": f"{SIGNATURE}.UNOFFICIAL"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_eicar_discarded_or_quarantined_as_configured(clamd: PrivateClamd) -> None:
+    discarded = await check(clamd.unix_target, INFECTED, action="discard")
+    quarantined = await check(clamd.tcp_target, INFECTED, action="quarantine")
+    assert (discarded.action, quarantined.action) == (Action.DISCARD, Action.QUARANTINE)
+    assert quarantined.reason == f"virus found: {SIGNATURE}.UNOFFICIAL"
+
+
+@pytest.mark.parametrize("where", ["unix_target", "tcp_target"])
+@pytest_twisted.ensureDeferred
+async def test_a_clean_message_goes_on(clamd: PrivateClamd, where: str) -> None:
+    verdict = await check(getattr(clamd, where), CLEAN)
+    assert (verdict.action, verdict.edits) == (Action.CONTINUE, ())
+    marked = await check(getattr(clamd, where), CLEAN, header="yes")
+    assert [(e.kind, e.name, e.value) for e in marked.edits] == [("add", "X-Virus-Scanned", "clamav")]
+
+
+@pytest.mark.parametrize("where", ["unix_target", "tcp_target"])
+@pytest_twisted.ensureDeferred
+async def test_a_message_over_stream_max_length_gets_the_too_big_outcome(clamd: PrivateClamd, where: str) -> None:
+    """clamd answers while the message is still being sent, and closes: the answer is read all the same."""
+    target = getattr(clamd, where)
+    accepted = await check(target, LONG)
+    assert accepted.action is Action.CONTINUE
+    assert accepted.details == {"too_big": True, "size": len(LONG)}
+    tempfailed = await check(target, LONG, **{"too-big": "tempfail"})
+    refused = await check(target, LONG, **{"too-big": "reject"})
+    assert (tempfailed.action, tempfailed.reply.code) == (Action.TEMPFAIL, 451)
+    assert (refused.action, refused.reply.code) == (Action.REJECT, 552)
+    # The message just under the limit is scanned.
+    assert (await check(target, INFECTED + b"x" * (STREAM_MAX - len(INFECTED) - 10))).action is Action.REJECT
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_clamd_fails_the_check(clamd: PrivateClamd) -> None:
+    clamd.stop()
+    for target in (clamd.unix_target, clamd.tcp_target):
+        with pytest.raises(ConnectError):
+            await check(target, CLEAN)
+        chain = FilterChain([from_spec(target, {}, reactor=reactor)], reactor=reactor).start(Session(hostname="mx.test"))
+        verdict = await chain.stage("message", held(CLEAN))
+        assert (verdict.action, verdict.reply.code, verdict.reply.enhanced) == (Action.TEMPFAIL, 451, "4.7.1")
+
+
+def send(port: int, content: bytes) -> tuple[int, bytes]:
+    """One message; the reply to its end of data (or the refusal)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT) as client:
+        try:
+            client.sendmail("alice@example.org", ["bob@example.org"], content)
+        except smtplib.SMTPDataError as e:
+            return e.smtp_code, e.smtp_error
+        return 250, b""
+
+
+@pytest.mark.skipif(bool(missing_options("--filter")), reason="twistd esmtpkit has no --filter yet")
+def test_twistd_refuses_eicar_and_delivers_the_rest(clamd: PrivateClamd,
+                                                     start_esmtpkit: Callable[..., EsmtpkitProcess]) -> None:
+    """The page's command line (docs/filters/clamd.md), with this clamd's socket."""
+    server = start_esmtpkit("--filter", f"clamd:{clamd.unix_target},header=yes")
+    assert send(server.port, INFECTED) == (554, f"5.7.1 Virus found: {SIGNATURE}.UNOFFICIAL".encode())
+    assert send(server.port, ATTACHED)[0] == 554
+    assert send(server.port, CLEAN) == (250, b"")
+    (stored,) = server.wait_for(1)
+    head = stored.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    assert head.endswith(b"\r\nX-Virus-Scanned: clamav\r\n")
+    assert stored.endswith(b"Hello Bob, the report is attached.\r\n")
+
