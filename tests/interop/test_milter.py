@@ -1,0 +1,128 @@
+"""esmtpkit's milter client against a real milter: OpenDKIM (`tests.opendkimd`), a private instance on a loopback
+port, signing (its DKIM-Signature, applied as the header change it asks for, verifies with esmtpkit's checks
+against the private DNS server) and verifying (its Authentication-Results says pass, then fail once changed)."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet.address import IPv4Address
+
+from esmtpkit.core.address import parse_path
+from esmtpkit.core.session import Session
+from esmtpkit.filters import Action, HeaderEdit, HeldMessage, Verdict
+from esmtpkit.filters.milter import MilterSession, from_spec
+from esmtpkit.mailauth import MailAuth
+from esmtpkit.mailauth.signing import Signer, parse_keys
+
+from ..mailnet import PrivateDNS
+from ..opendkimd import SELECTOR, SKIP, OpenDKIM, milter_daemon, opendkim_dns
+
+pytestmark = SKIP
+
+MESSAGE = (b"From: Alice <alice@good.test>\r\n"
+           b"To: bob@example.net\r\n"
+           b"Subject: hello through a milter,\r\n"
+           b"  folded\r\n"
+           b"Date: Sun, 6 Dec 2026 07:00:00 +0000\r\n"
+           b"Message-ID: <milter@good.test>\r\n"
+           b"\r\n"
+           b".a line with a leading dot\r\n"
+           + b"Hello, Bob. " * 10000 + b"\r\n")  # more than one body chunk
+
+
+@pytest.fixture
+def opendkim(tmp_path: Path) -> OpenDKIM:
+    return OpenDKIM(tmp_path / "opendkim")
+
+
+@pytest.fixture
+def dns(opendkim: OpenDKIM) -> Iterator[PrivateDNS]:
+    with opendkim_dns(opendkim) as server:
+        yield server
+
+
+def held(content: bytes) -> HeldMessage:
+    """``content`` from alice@good.test to bob@example.net, from a client on 127.0.0.1 (internal to OpenDKIM)."""
+    session = Session(hostname="mx.test", peer=IPv4Address("TCP", "127.0.0.1", 40000), helo="client.test",
+                      esmtp=True)
+    session.envelope.id = "MILTER1"
+    session.envelope.sender = parse_path("alice@good.test")
+    session.envelope.recipients.append(parse_path("bob@example.net"))
+    head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    return HeldMessage(session, head, len(content), lambda: io.BytesIO(content))
+
+
+async def check(port: int, content: bytes) -> Verdict:
+    """One SMTP connection's stages through the milter at ``port``; the verdict at the end of the message."""
+    message = held(content)
+    milter = from_spec(f"tcp:127.0.0.1:{port}", {"name": "opendkim"})
+    session = milter.start(message.session)
+    assert isinstance(session, MilterSession)
+    try:
+        for verdict in [await session.connect(), await session.helo("client.test"),
+                        await session.mail(message.sender, {"BODY": "8BITMIME"}),
+                        await session.rcpt("bob@example.net", {})]:
+            assert verdict.action is Action.CONTINUE, verdict
+        return await session.message(message)
+    finally:
+        session.reset()
+        session.close()
+
+
+def applied(edits: tuple[HeaderEdit, ...], content: bytes) -> bytes:
+    """``content`` with the fields the milter added on top or at the end of the header section."""
+    head, body = content.split(b"\r\n\r\n", 1)
+    for edit in edits:
+        line = f"{edit.name}: {edit.value}".encode()
+        if edit.kind == "insert" and edit.index == 0:
+            head = line + b"\r\n" + head
+        else:
+            assert edit.kind == "add", edit
+            head = head + b"\r\n" + line
+    return head + b"\r\n\r\n" + body
+
+
+@pytest_twisted.ensureDeferred
+async def test_opendkim_signs_through_the_milter_and_the_signature_verifies(opendkim: OpenDKIM,
+                                                                            dns: PrivateDNS) -> None:
+    with milter_daemon(opendkim, "sign.conf") as port:
+        verdict = await check(port, MESSAGE)
+    assert verdict.action in (Action.ACCEPT, Action.CONTINUE), verdict
+    [edit] = [e for e in verdict.edits if e.name == "DKIM-Signature"]
+    assert "d=good.test" in edit.value and f"s={SELECTOR}" in edit.value
+
+    checks = MailAuth(dns_servers=dns.servers, authserv_id="mx.test", timeout=(5.0,))
+    try:
+        session = Session(hostname="mx.test", peer=IPv4Address("TCP", "127.0.0.5", 1000), helo="helo.good.test")
+        for content, result in [(applied(verdict.edits, MESSAGE), "pass"),
+                                (applied(verdict.edits, MESSAGE.replace(b"Hello, Bob.", b"Hello, Eve.", 1)),
+                                 "fail")]:
+            verdicts = await checks.check_sender(session, "alice@good.test")
+            head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+            found = await checks.check_message(session, verdicts, head, lambda c=content: io.BytesIO(c))
+            [dkim] = found.dkim
+            assert (dkim.result, dkim.domain, dkim.selector) == (result, "good.test", SELECTOR), dkim
+    finally:
+        checks.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_opendkim_verifies_through_the_milter(opendkim: OpenDKIM, dns: PrivateDNS) -> None:
+    signed = Signer(parse_keys(f"good.test:{SELECTOR}:{opendkim.key}")).fields(MESSAGE) + MESSAGE
+    with milter_daemon(opendkim, "verify.conf") as port:
+        results = []
+        for content in (signed, signed.replace(b"Hello, Bob.", b"Hello, Eve.", 1)):
+            verdict = await check(port, content)
+            assert verdict.action in (Action.ACCEPT, Action.CONTINUE), verdict
+            [edit] = [e for e in verdict.edits if e.name == "Authentication-Results"]
+            assert edit.value.startswith("verifier.test;"), edit
+            match = re.search(r"\bdkim=(\w+)", edit.value)
+            assert match, edit
+            results.append(match.group(1))
+    assert results == ["pass", "fail"]
