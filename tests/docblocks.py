@@ -41,7 +41,7 @@ from types import TracebackType
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 #: Every page whose code blocks a reader may run.
-PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md")), *sorted(DOCS.glob("filters/*.md"))]
 #: The languages a block may be written in; of those, RUNNABLE blocks are run unless marked ``not run``.
 LANGUAGES = frozenset({"python", "sh", "text", "json", "yaml", "promql", "", "{eval-rst}", "{toctree}"})
 RUNNABLE = frozenset({"python", "sh"})
