@@ -1182,3 +1182,51 @@ async def relay_to_sink(policy: Policy | None = None, **relay: Any) -> AsyncIter
                             headers=relay.get("dkim_headers"))
         if signer is not None:
             signer.close()
+
+
+# ---- a filter server that misbehaves --------------------------------------------------------------------------------
+
+class BrokenPeer:
+    """A TCP server on 127.0.0.1 that plays a filter gone wrong, on a thread of its own: it accepts, reads what it is
+    sent, and never answers (``mode="silent"``) or closes the connection once it has read ``after`` octets
+    (``mode="hang-up"``: a filter stopped mid-message). ``received`` counts what it read."""
+
+    def __init__(self, mode: str = "silent", after: int = 1) -> None:
+        import threading
+
+        self.mode = mode
+        self.after = after
+        self.received = 0
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import selectors
+
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        while not self._stop.is_set():
+            for key, _ in selector.select(0.2):
+                if key.fileobj is self._listener:
+                    conn, _ = self._listener.accept()
+                    self.connections += 1
+                    selector.register(conn, selectors.EVENT_READ)
+                    continue
+                conn = key.fileobj  # type: ignore[assignment]
+                data = conn.recv(65536)  # type: ignore[union-attr]
+                self.received += len(data)
+                if not data or (self.mode == "hang-up" and self.received >= self.after):
+                    selector.unregister(conn)
+                    conn.close()  # type: ignore[union-attr]
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        selector.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)

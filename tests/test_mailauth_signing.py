@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import smtplib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -23,18 +22,17 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 import dkim
 
 from esmtpkit.core.session import Session
-from esmtpkit.handlers import Collecting, MessageStore, Queue, Relay
+from esmtpkit.handlers import Queue
 from esmtpkit.mailauth import MailAuth
 from esmtpkit.mailauth.signing import DEFAULT_HEADERS, SigningKey, Signer, parse_headers, parse_keys, signer_for
 from esmtpkit.queue.service import QueueConfig, QueueService
 from esmtpkit.queue.spool_admin import SpoolAdmin
 from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.server.policy import Policy
-from esmtpkit.testing import serve
 
 from .authzone import SELECTOR, AuthWorld, Key, auth_zones, dkim_sign
 from .mailnet import PrivateDNS, ScriptedMX, listen_all, stop_all, until
-from .support import RawClient
+from .support import RawClient, relay_to_sink, smtp_send
 
 AUTHSERV = "mx.test"
 
@@ -392,9 +390,8 @@ async def test_prepare_fails_only_when_the_content_cannot_be_read(world: AuthWor
 
 # ---- the Relay ----------------------------------------------------------------------------------------------------
 
-def _send(port: int, content: bytes) -> Any:
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
-        return client.sendmail("alice@good.test", ["bob@example.net"], content)
+def _send(port: int, content: bytes) -> tuple[int, bytes]:
+    return smtp_send(port, "alice@good.test", content, ("bob@example.net",), "client.test", 30)
 
 def _raw_send(port: int, content: bytes) -> list[bytes]:
     client = RawClient(("127.0.0.1", port))
@@ -417,24 +414,11 @@ def _raw_bdat(port: int, content: bytes) -> list[bytes]:
 
 @pytest_twisted.ensureDeferred
 async def test_the_relay_signs_what_it_sends(world: AuthWorld, keyfiles: dict[str, str]) -> None:
-    from twisted.internet import reactor
-
-    setting = f"good.test:{SELECTOR}:{keyfiles['good.test']}"
-    store = MessageStore()
-    upstream = await serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"))
-    relay = await serve(lambda: Relay(port=upstream.port, timeout=10, dkim_sign=setting),
-                        reactor=reactor, policy=Policy(hostname="relay.test"))
-    try:
-        assert await threads.deferToThread(_send, relay.port, MESSAGE) == {}
-        assert await threads.deferToThread(_send, relay.port, authored("dave@example.net")) == {}
-        signed = await store.next_message()
-        unsigned = await store.next_message()
-    finally:
-        await relay.stop()
-        await upstream.stop()
-        signer = signer_for(setting)
-        assert signer is not None
-        signer.close()
+    async with relay_to_sink(dkim_sign=f"good.test:{SELECTOR}:{keyfiles['good.test']}") as relay:
+        assert (await threads.deferToThread(_send, relay.port, MESSAGE))[0] == 250
+        assert (await threads.deferToThread(_send, relay.port, authored("dave@example.net")))[0] == 250
+        signed = await relay.store.next_message()
+        unsigned = await relay.store.next_message()
     [field] = signatures(signed.data)
     assert signed.data.startswith(field + b"\r\nReceived: from client.test")
     assert signed.data.endswith(b"\r\n" + MESSAGE)
@@ -447,23 +431,12 @@ async def test_the_relay_signs_what_it_sends(world: AuthWorld, keyfiles: dict[st
 async def test_the_relay_answers_451_when_it_cannot_sign(world: AuthWorld, keyfiles: dict[str, str],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The content cannot be prepared for sending: the client keeps the message (451), nothing goes upstream."""
-    from twisted.internet import reactor
-
     monkeypatch.setattr(Signer, "prepare", lambda self, open_content, **kw: fail(OSError("spool lost")))
-    store = MessageStore()
-    upstream = await serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"))
-    setting = f"good.test:{SELECTOR}:{keyfiles['good.test']}"
-    relay = await serve(lambda: Relay(port=upstream.port, timeout=10, dkim_sign=setting),
-                        reactor=reactor, policy=Policy(hostname="relay.test"))
-    try:
-        with pytest.raises(smtplib.SMTPDataError) as caught:
-            await threads.deferToThread(_send, relay.port, MESSAGE)
-    finally:
-        await relay.stop()
-        await upstream.stop()
-    assert caught.value.smtp_code == 451
-    assert caught.value.smtp_error.startswith(b"4.4.1 Upstream 127.0.0.1:")
-    assert store.messages == []
+    async with relay_to_sink(dkim_sign=f"good.test:{SELECTOR}:{keyfiles['good.test']}") as relay:
+        code, text = await threads.deferToThread(_send, relay.port, MESSAGE)
+    assert code == 451
+    assert text.startswith(b"4.4.1 Upstream 127.0.0.1:")
+    assert relay.store.messages == []
 
 
 # ---- the queue ----------------------------------------------------------------------------------------------------
@@ -539,22 +512,10 @@ async def test_the_queue_signs_each_attempt_and_keeps_the_spool_copy_unsigned(
 async def test_the_relay_signs_the_line_ends_it_sends(world: AuthWorld, keyfiles: dict[str, str]) -> None:
     """A server that allows bare CR and LF in content (``bare_newline="allow"``) passes them to the Relay, whose
     client sends each as CRLF: the signature must cover the content as sent, so the next hop can verify it."""
-    from twisted.internet import reactor
-
-    setting = f"good.test:{SELECTOR}:{keyfiles['good.test']}"
-    store = MessageStore()
-    upstream = await serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"))
-    relay = await serve(lambda: Relay(port=upstream.port, timeout=10, dkim_sign=setting), reactor=reactor,
-                        policy=Policy(hostname="relay.test", bare_newline="allow"))
-    try:
+    async with relay_to_sink(Policy(hostname="relay.test", bare_newline="allow"),
+                             dkim_sign=f"good.test:{SELECTOR}:{keyfiles['good.test']}") as relay:
         replies = await threads.deferToThread(_raw_send, relay.port, BARE)
-        relayed = (await store.next_message()).data
-    finally:
-        await relay.stop()
-        await upstream.stop()
-        signer = signer_for(setting)
-        assert signer is not None
-        signer.close()
+        relayed = (await relay.store.next_message()).data
     assert replies[-1].startswith(b"250 "), replies
     assert relayed.endswith(b"\r\n" + SENT)
     assert dkim.verify(relayed, dnsfunc=dnsfunc(world))
@@ -576,22 +537,9 @@ def test_a_binary_body_is_signed_as_it_is(world: AuthWorld) -> None:
 @pytest_twisted.ensureDeferred
 async def test_the_relay_signs_binarymime_content_as_it_is(world: AuthWorld, keyfiles: dict[str, str]) -> None:
     """BODY=BINARYMIME content goes upstream octet for octet (bare CR and LF kept): so is it signed."""
-    from twisted.internet import reactor
-
-    setting = f"good.test:{SELECTOR}:{keyfiles['good.test']}"
-    store = MessageStore()
-    upstream = await serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"))
-    relay = await serve(lambda: Relay(port=upstream.port, timeout=10, trace=False, dkim_sign=setting),
-                        reactor=reactor, policy=Policy(hostname="relay.test"))
-    try:
+    async with relay_to_sink(trace=False, dkim_sign=f"good.test:{SELECTOR}:{keyfiles['good.test']}") as relay:
         said = await threads.deferToThread(_raw_bdat, relay.port, BARE)
-        relayed = await store.next_message()
-    finally:
-        await relay.stop()
-        await upstream.stop()
-        signer = signer_for(setting)
-        assert signer is not None
-        signer.close()
+        relayed = await relay.store.next_message()
     assert [reply[:3] for reply in said] == [b"250", b"250", b"250"], said
     assert relayed.mail_params.get("BODY") == "BINARYMIME"
     [field] = signatures(relayed.data)

@@ -17,17 +17,15 @@ the private DNS server, with the ``test.`` zone that Unbound answers NXDOMAIN by
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
-import smtplib
 import socket
 import struct
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 import pytest_twisted
@@ -35,16 +33,13 @@ from twisted.internet import threads
 from twisted.internet.address import IPv4Address
 
 from esmtpkit.core.session import Session
-from esmtpkit.handlers import Collecting, MessageStore, Relay
 from esmtpkit.mailauth import MailAuth
-from esmtpkit.mailauth.signing import Signer, parse_keys, signer_for
+from esmtpkit.mailauth.signing import Signer, parse_keys
 from esmtpkit.mailauth.verdicts import AuthVerdicts
-from esmtpkit.server.policy import Policy
-from esmtpkit.testing import serve
 
 from ..authzone import auth_zones
 from ..mailnet import PrivateDNS
-from ..support import terminate
+from ..support import relay_to_sink, smtp_send, terminate
 
 TOOLS = ("opendkim", "opendkim-genkey", "opendkim-testmsg")
 FOUND = {name: shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin") for name in TOOLS}
@@ -171,29 +166,13 @@ async def esmtpkit_checks(dns: PrivateDNS, content: bytes) -> AuthVerdicts:
         checks.close()
 
 
-def _send(port: int, content: bytes) -> Any:
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=TIMEOUT) as client:
-        return client.sendmail("alice@good.test", ["bob@example.net"], content)
-
-
 @pytest_twisted.ensureDeferred
 async def test_opendkim_verifies_what_the_relay_signs(opendkim: OpenDKIM, dns: PrivateDNS) -> None:
-    from twisted.internet import reactor
-
-    setting = f"good.test:{SELECTOR}:{opendkim.key}"
-    store = MessageStore()
-    upstream = await serve(Collecting.factory(store), reactor=reactor, policy=Policy(hostname="up.test"))
-    relay = await serve(lambda: Relay(port=upstream.port, timeout=10, dkim_sign=setting),
-                        reactor=reactor, policy=Policy(hostname="relay.test"))
-    try:
-        assert await threads.deferToThread(_send, relay.port, MESSAGE) == {}
-        relayed = (await store.next_message()).data
-    finally:
-        await relay.stop()
-        await upstream.stop()
-        signer = signer_for(setting)
-        assert signer is not None
-        signer.close()
+    async with relay_to_sink(dkim_sign=f"good.test:{SELECTOR}:{opendkim.key}") as relay:
+        code, text = await threads.deferToThread(smtp_send, relay.port, "alice@good.test", MESSAGE,
+                                                 ("bob@example.net",), "client.test", TIMEOUT)
+        assert code == 250, text
+        relayed = (await relay.store.next_message()).data
     assert relayed.startswith(b"DKIM-Signature:") and relayed.endswith(b"\r\n" + MESSAGE)
 
     passed = await opendkim.verify(relayed)
