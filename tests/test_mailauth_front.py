@@ -35,7 +35,7 @@ from esmtpkit.testing import Call, Conversation, RecordingHandler, serve
 
 from .authzone import AUTHSERV, AuthWorld, auth_zones, dkim_sign, mail_auths
 from .mailnet import PrivateDNS
-from .support import Recorder, calls
+from .support import Recorder, calls, smtp_client, smtp_transaction
 
 ADDED = b"X-Added: by the front\r\n"
 
@@ -856,20 +856,7 @@ class Loopback:
         return self
 
     def client(self) -> smtplib.SMTP:
-        client = smtplib.SMTP("127.0.0.1", self.server.port, local_hostname="helo.good.test", timeout=30)
-        client.ehlo()
-        return client
-
-
-def transaction(client: smtplib.SMTP, sender: str, content: bytes) -> tuple[int, bytes]:
-    """MAIL, RCPT, DATA; the first reply that is not a success, else the end of data's."""
-    code, text = client.mail(sender)
-    if code != 250:
-        return code, text
-    code, text = client.rcpt("bob@example.test")
-    if code != 250:
-        return code, text
-    return client.data(content)
+        return smtp_client(self.server.port, timeout=30)
 
 
 def in_thread(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -892,7 +879,7 @@ async def test_signed_message_passes_every_check(make: Any, world: AuthWorld) ->
 
         def run() -> tuple[int, bytes]:
             with server.client() as client:
-                return transaction(client, "alice@good.test", signed)
+                return smtp_transaction(client, "alice@good.test", signed)
 
         code, _ = await in_thread(run)
         assert code == 250
@@ -915,7 +902,7 @@ async def test_forged_results_replaced_over_loopback(make: Any) -> None:
     try:
         def run() -> tuple[int, bytes]:
             with server.client() as client:
-                return transaction(client, "alice@good.test", FORGED)
+                return smtp_transaction(client, "alice@good.test", FORGED)
 
         assert (await in_thread(run))[0] == 250
     finally:
@@ -953,7 +940,7 @@ async def test_spf_reject_defers_a_sender_dns_cannot_answer_for(make: Any) -> No
     try:
         def run() -> tuple[int, bytes]:
             with server.client() as client:
-                return transaction(client, "someone@slow.test", GOOD)
+                return smtp_transaction(client, "someone@slow.test", GOOD)
 
         code, text = await in_thread(run)
     finally:
@@ -969,7 +956,7 @@ async def test_dmarc_reject_refuses_at_the_end_of_data(make: Any) -> None:
     try:
         def run() -> tuple[int, bytes]:
             with server.client() as client:
-                return transaction(client, "alice@good.test", strict)
+                return smtp_transaction(client, "alice@good.test", strict)
 
         code, text = await in_thread(run)
     finally:

@@ -5,9 +5,8 @@ server on 127.0.0.1 (`tests.authzone`'s world), and a mistake on its command lin
 from __future__ import annotations
 
 import re
-import smtplib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 import pytest_twisted
@@ -22,7 +21,7 @@ from esmtpkit.testing import RecordingHandler
 
 from .authzone import AuthWorld, auth_zones, dkim_sign, make_key
 from .mailnet import PrivateDNS
-from .support import Twistd, run_twistd
+from .support import Twistd, run_twistd, smtp_send
 
 BASE = ["--handler", "esmtpkit.handlers.base.MessageHandler"]
 RELAY = ["--handler", "esmtpkit.handlers.relay.Relay"]
@@ -239,16 +238,11 @@ def twistd(tmp_path: Path, dns: PrivateDNS) -> Iterator[Twistd]:
     server.stop()
 
 
-def deliver(port: int, sender: str, content: bytes) -> Any:
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="helo.good.test", timeout=60) as client:
-        return client.sendmail(sender, ["bob@example.test"], content)
-
-
 @pytest_twisted.ensureDeferred
 async def test_twistd_verifies_and_stores_the_results(tmp_path: Path, world: AuthWorld, twistd: Twistd) -> None:
     signed = dkim_sign(GOOD, "good.test", world.keys["good.test"])
-    refused = await threads.deferToThread(deliver, twistd.port, "alice@good.test", signed)
-    assert refused == {}
+    code, text = await threads.deferToThread(smtp_send, twistd.port, "alice@good.test", signed)
+    assert code == 250, text
     stored = list((tmp_path / "Maildir" / "new").iterdir())
     assert len(stored) == 1, twistd.log_text()
     text = stored[0].read_text()
