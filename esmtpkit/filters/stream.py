@@ -108,6 +108,7 @@ class _Exchange(Protocol):
         self.limit = limit
         self.received = bytearray()
         self.finished = False
+        self.lost = False
 
     def connectionMade(self) -> None:
         if self.finished:  # cancelled while connecting
@@ -126,6 +127,7 @@ class _Exchange(Protocol):
         self._parse(closed=False)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.lost = True
         self.sender.stopProducing()
         if not self.finished:
             self._parse(closed=True)
@@ -164,7 +166,7 @@ class _Exchange(Protocol):
     def _close(self) -> None:
         self.sender.stopProducing()
         transport = self.transport
-        if transport is not None and transport.connected:
+        if transport is not None and not self.lost:
             if getattr(transport, "producer", None) is self.sender:
                 transport.unregisterProducer()
             transport.abortConnection()
