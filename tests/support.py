@@ -1218,7 +1218,10 @@ class BrokenPeer:
                     selector.register(conn, selectors.EVENT_READ)
                     continue
                 conn = key.fileobj  # type: ignore[assignment]
-                data = conn.recv(65536)  # type: ignore[union-attr]
+                try:
+                    data = conn.recv(65536)  # type: ignore[union-attr]
+                except ConnectionError:
+                    data = b""  # the server gave up on it (its filter timed out): the same as a close
                 self.received += len(data)
                 if not data or (self.mode == "hang-up" and self.received >= self.after):
                     selector.unregister(conn)
@@ -1228,5 +1231,7 @@ class BrokenPeer:
         selector.close()
 
     def stop(self) -> None:
+        """Stop serving; the port then refuses connections (a filter that is down)."""
         self._stop.set()
         self._thread.join(5)
+        self._listener.close()
