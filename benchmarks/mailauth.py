@@ -58,7 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from run import HOST, BenchError, Client, Server, ServerSpec, cpu_seconds, esmtpkit_python, free_port, twistd_argv
+from run import (HOST, BenchError, Client, Server, ServerSpec, cpu_seconds, esmtpkit_python, free_port, stop_process,
+                 twistd_argv)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -184,13 +185,8 @@ class DNS:
         self.control(f"delay{round(seconds * 1000)}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 def free_udp_tcp_port() -> int:

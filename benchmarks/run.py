@@ -56,6 +56,17 @@ class BenchError(Exception):
     """A server misbehaved (wrong reply, missing reply, died) or a client step ran out of time."""
 
 
+def stop_process(proc: subprocess.Popen[bytes], wait: float = 15) -> None:
+    """SIGTERM, then SIGKILL after ``wait`` seconds: one process started here, stopped by its own pid."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(wait)
+
+
 # ---- /proc sampling ----------------------------------------------------------------------------------------------
 
 def cpu_seconds(pid: int) -> float:
@@ -286,13 +297,7 @@ class Server:
 
     def stop(self) -> None:
         Server.running.discard(self)
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
+        stop_process(self.proc)
 
     def event_log_files(self) -> list[Path]:
         """twistd's log file and the files it rotated out (none for servers that do not write one)."""
