@@ -17,8 +17,8 @@ from esmtpkit.core.reply import Reply
 from esmtpkit.filters.verdict import HeaderEdit
 
 __all__ = ["MilterProtocolError", "Decoder", "Negotiated", "packet", "optneg", "macros", "connect", "helo",
-           "envelope", "header", "parse_optneg", "parse_edit", "parse_replycode", "safe_text", "HeaderReader", "VERSION",
-           "OFFERED_ACTIONS", "OFFERED_PROTOCOL", "MAX_PACKET", "MAX_CHUNK"]
+           "envelope", "header", "parse_optneg", "parse_edit", "parse_replycode", "safe_text", "macro_name",
+           "HeaderReader", "VERSION", "OFFERED_ACTIONS", "OFFERED_PROTOCOL", "MAX_PACKET", "MAX_CHUNK"]
 
 #: The protocol version esmtpkit speaks.
 VERSION = 6
