@@ -105,8 +105,8 @@ async def test_a_stopped_clamd_fails_the_check(clamd: PrivateClamd) -> None:
     for target in (clamd.unix_target, clamd.tcp_target):
         with pytest.raises(ConnectError):
             await check(target, CLEAN)
-        chain = FilterChain([from_spec(target, {}, reactor=reactor)], reactor=reactor).start(Session(hostname="mx.test"))
-        verdict = await chain.stage("message", held(CLEAN))
+        chain = FilterChain([from_spec(target, {}, reactor=reactor)], reactor=reactor)
+        verdict = await chain.start(Session(hostname="mx.test")).stage("message", held(CLEAN))
         assert (verdict.action, verdict.reply.code, verdict.reply.enhanced) == (Action.TEMPFAIL, 451, "4.7.1")
 
 
