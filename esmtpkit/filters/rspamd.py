@@ -40,6 +40,7 @@ from esmtpkit.core.reply import Reply
 from esmtpkit.core.xclient import forwarded_client
 from esmtpkit.filters.base import MessageFilter
 from esmtpkit.filters.interfaces import HeldMessage
+from esmtpkit.filters.stream import common_options
 from esmtpkit.filters.verdict import Action, HeaderEdit, Verdict
 
 __all__ = ["RspamdFilter", "RspamdError", "from_spec", "MAX_ANSWER"]
@@ -54,7 +55,6 @@ SOFT_REJECT_TEXT = "Try again later"
 GREYLIST_TEXT = "Greylisted, try again later"
 SPAM_PREFIX = "***SPAM*** "
 
-_OPTIONS = ("name", "timeout", "on-failure", "password", "header", "pass")
 _FIELD_NAME = re.compile(r"[!-9;-~]+\Z")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
@@ -248,7 +248,7 @@ class RspamdFilter(MessageFilter):
         self.url = check_url(url)
         self.endpoint = self.url.rstrip("/") + "/checkv2"
         if not _FIELD_NAME.match(header):
-            raise ValueError(f"rspamd header={header!r} is not a header field name")
+            raise ValueError(f"header {header!r} is not a header field name")
         self.password = password
         self.header = header
         self.pass_all = pass_all
@@ -329,27 +329,16 @@ def check_url(url: str) -> str:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
             or parts.fragment or parts.username or parts.password:
-        raise ValueError(f"rspamd target {url!r} is not an http:// or https:// URL with a host "
+        raise ValueError(f"the target {url!r} is not an http:// or https:// URL with a host "
                          "(e.g. http://127.0.0.1:11333)")
     return url
 
 
 def from_spec(target: str, options: Mapping[str, str], *, reactor: Any = None) -> RspamdFilter:
     """``--filter rspamd:URL[,password=P][,header=NAME][,pass=all][,name=N][,timeout=S][,on-failure=F]``."""
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise ValueError(f"rspamd has no option {unknown[0]!r} (it takes {', '.join(_OPTIONS)})")
-    timeout = None
-    if "timeout" in options:
-        try:
-            timeout = float(options["timeout"])
-        except ValueError:
-            timeout = 0.0
-        if not 0 < timeout < float("inf"):
-            raise ValueError(f"rspamd timeout={options['timeout']!r} is not a number of seconds above 0")
+    common = common_options(options, ("password", "header", "pass"))
     pass_all = options.get("pass", "").strip().lower()
     if pass_all not in ("", "all"):
-        raise ValueError(f"rspamd pass={options['pass']!r}: the only value is all")
+        raise ValueError(f"pass takes one value, all, not {options['pass']!r}")
     return RspamdFilter(target, password=options.get("password") or None, header=options.get("header", "X-Spam"),
-                        pass_all=pass_all == "all", name=options.get("name") or None, timeout=timeout,
-                        on_failure=options.get("on-failure"), reactor=reactor)
+                        pass_all=pass_all == "all", reactor=reactor, **common)
