@@ -1,11 +1,12 @@
 """DKIM between esmtpkit and OpenDKIM, both ways, offline: keys made by ``opendkim-genkey`` and published by a
 private DNS server on 127.0.0.1 (`tests.mailnet.PrivateDNS`).
 
-OpenDKIM runs from a temporary directory, in its test mode (``opendkim -x CONF -t FILE``: the milter's own code,
-fed one message from a file, printing the fields it would add; a short-lived process) and as a milter in the
-foreground on a loopback port, driven by a minimal milter client (`MilterClient`, the MTA's side) and stopped when
-the test ends. It resolves through libunbound, configured (``ResolverConfiguration``) to forward every query to
-the private DNS server, with the ``test.`` zone that Unbound answers NXDOMAIN by itself (RFC 6761) opened up.
+OpenDKIM, set up by `tests.opendkimd`, runs from a temporary directory, in its test mode (``opendkim -x CONF -t
+FILE``: the milter's own code, fed one message from a file, printing the fields it would add; a short-lived
+process) and as a milter in the foreground on a loopback port, driven by a minimal milter client (`MilterClient`,
+the MTA's side) and stopped when the test ends. It resolves through libunbound, configured
+(``ResolverConfiguration``) to forward every query to the private DNS server, with the ``test.`` zone that Unbound
+answers NXDOMAIN by itself (RFC 6761) opened up.
 
 - esmtpkit signs (a Relay with ``dkim_sign`` and the key opendkim-genkey made) and OpenDKIM verifies: pass, and
   fail once the body changes or a field it signed is added; the same through the milter.
@@ -18,12 +19,9 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 import socket
 import struct
 import subprocess
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -37,21 +35,12 @@ from esmtpkit.mailauth import MailAuth
 from esmtpkit.mailauth.signing import Signer, parse_keys
 from esmtpkit.mailauth.verdicts import AuthVerdicts
 
-from ..authzone import auth_zones
+from ..authzone import AUTHSERV
 from ..mailnet import PrivateDNS
-from ..support import relay_to_sink, smtp_send, terminate
+from ..opendkimd import FOUND, SELECTOR, SKIP, TIMEOUT, OpenDKIM, milter_daemon, opendkim_dns
+from ..support import relay_to_sink, smtp_send
 
-TOOLS = ("opendkim", "opendkim-genkey", "opendkim-testmsg")
-FOUND = {name: shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin") for name in TOOLS}
-MISSING = [name for name, path in FOUND.items() if path is None]
-
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"OpenDKIM is not installed (no {', '.join(MISSING)}; "
-                                                      "apt-get install opendkim opendkim-tools)")
-
-#: A bound on one OpenDKIM run, not an expectation.
-TIMEOUT = 60
-SELECTOR = "sel"
-AUTHSERV = "mx.test"
+pytestmark = SKIP
 
 MESSAGE = (b"From: Alice <alice@good.test>\r\n"
            b"To: bob@example.net\r\n"
@@ -63,80 +52,6 @@ MESSAGE = (b"From: Alice <alice@good.test>\r\n"
            b"Hello, Bob.\r\n")
 
 
-@dataclass
-class Ran:
-    """One OpenDKIM run: the fields it would add (name, value unfolded as printed) and what it said."""
-
-    fields: list[tuple[str, str]]
-    output: str
-
-    def field(self, name: str) -> str:
-        found = [value for n, value in self.fields if n.lower() == name.lower()]
-        assert len(found) == 1, self.output
-        return found[0]
-
-    def dkim(self) -> str:
-        """The dkim= result of its Authentication-Results field."""
-        match = re.search(r"\bdkim=(\w+)", self.field("Authentication-Results"))
-        assert match, self.output
-        return match.group(1)
-
-
-class OpenDKIM:
-    """OpenDKIM's configuration for one test, in ``folder``: a key for good.test made by opendkim-genkey, a
-    verifying and a signing configuration, both resolving through the private DNS server on ``dns_port``."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(mode=0o700)
-        (folder / "tmp").mkdir(mode=0o700)
-        subprocess.run([str(FOUND["opendkim-genkey"]), "-D", str(folder), "-d", "good.test", "-s", SELECTOR],
-                       cwd=folder, check=True, capture_output=True, timeout=TIMEOUT)
-        self.key = folder / f"{SELECTOR}.private"
-        #: The key record as opendkim-genkey wrote it for the zone file (its quoted strings, joined).
-        self.record = "".join(re.findall(r'"([^"]*)"', (folder / f"{SELECTOR}.txt").read_text()))
-        self.runs = 0
-
-    def configure(self, dns_port: int) -> None:
-        (self.folder / "unbound.conf").write_text(
-            "server:\n"
-            "    do-not-query-localhost: no\n"
-            '    local-zone: "test." nodefault\n'
-            "    use-syslog: no\n"
-            "forward-zone:\n"
-            '    name: "."\n'
-            f"    forward-addr: 127.0.0.1@{dns_port}\n")
-        common = (f"Syslog no\nTemporaryDirectory {self.folder / 'tmp'}\n"
-                  f"ResolverConfiguration {self.folder / 'unbound.conf'}\n")
-        (self.folder / "verify.conf").write_text(
-            common + "Mode v\nAuthservID verifier.test\nAlwaysAddARHeader yes\n")
-        (self.folder / "sign.conf").write_text(
-            common + f"Mode s\nDomain good.test\nSelector {SELECTOR}\nKeyFile {self.key}\nRequireSafeKeys false\n"
-            "SignatureAlgorithm rsa-sha256\nCanonicalization relaxed/simple\nOversignHeaders From\n")
-
-    def _run(self, config: str, message: bytes) -> Ran:
-        """``opendkim -t`` on ``message`` (blocking: call it in a thread, the reactor serves the DNS)."""
-        self.runs += 1
-        path = self.folder / f"message{self.runs}.eml"
-        path.write_bytes(message)
-        done = subprocess.run([str(FOUND["opendkim"]), "-x", str(self.folder / config), "-vvv", "-t", str(path)],
-                              cwd=self.folder, capture_output=True, text=True, timeout=TIMEOUT)
-        output = done.stdout + done.stderr
-        assert done.returncode == 0, output
-        fields = re.findall(r"^### (?:INS|ADD)HEADER: (?:idx=\d+ )?hname='([^']+)' hvalue='([^']*)'", done.stdout,
-                            re.MULTILINE)
-        return Ran(fields, output)
-
-    async def verify(self, message: bytes) -> Ran:
-        return await threads.deferToThread(self._run, "verify.conf", message)  # type: ignore[no-any-return]
-
-    async def sign(self, message: bytes) -> bytes:
-        """``message`` with OpenDKIM's DKIM-Signature on top."""
-        ran = await threads.deferToThread(self._run, "sign.conf", message)
-        value = ran.field("DKIM-Signature").replace("\n", "\r\n")
-        return f"DKIM-Signature: {value}\r\n".encode() + message
-
-
 @pytest.fixture
 def opendkim(tmp_path: Path) -> OpenDKIM:
     return OpenDKIM(tmp_path / "opendkim")
@@ -145,13 +60,8 @@ def opendkim(tmp_path: Path) -> OpenDKIM:
 @pytest.fixture
 def dns(opendkim: OpenDKIM) -> Iterator[PrivateDNS]:
     """The test world's zones plus OpenDKIM's key for good.test (selector ``sel``)."""
-    zones = auth_zones().zones
-    record = opendkim.record
-    zones[f"{SELECTOR}._domainkey.good.test"] = {"TXT": [[record[i:i + 250] for i in range(0, len(record), 250)]]}
-    server = PrivateDNS(zones).start()
-    opendkim.configure(server.port)
-    yield server
-    pytest_twisted.blockon(server.stop())
+    with opendkim_dns(opendkim) as server:
+        yield server
 
 
 async def esmtpkit_checks(dns: PrivateDNS, content: bytes) -> AuthVerdicts:
@@ -300,29 +210,8 @@ class MilterClient:
 def milter(opendkim: OpenDKIM, dns: PrivateDNS) -> Iterator[int]:
     """A private ``opendkim`` milter in the foreground on a loopback port, verifying; its port. Stopped (SIGTERM,
     then SIGKILL) when the test ends."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = opendkim.folder / "milter.conf"
-    config.write_text((opendkim.folder / "verify.conf").read_text() + f"Socket inet:{port}@127.0.0.1\n")
-    log = (opendkim.folder / "milter.log").open("wb")
-    process = subprocess.Popen([str(FOUND["opendkim"]), "-f", "-x", str(config)], cwd=opendkim.folder,
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            assert process.poll() is None, (opendkim.folder / "milter.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "opendkim did not listen"
-                time.sleep(0.05)
+    with milter_daemon(opendkim) as port:
         yield port
-    finally:
-        status = terminate(process, TIMEOUT)
-        log.close()
-    assert status == 0, (opendkim.folder / "milter.log").read_text()
 
 
 @pytest_twisted.ensureDeferred
