@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,8 @@ from esmtpkit.filters import Action, FilterChain, HeaderEdit, HeldMessage, Verdi
 from esmtpkit.filters import milter_codec as mc
 from esmtpkit.filters.milter import REJECTED, TEMPFAILED, MilterFilter, MilterProtocol, MilterSession, from_spec
 from esmtpkit.filters.milter_codec import MilterProtocolError, packet
+
+from .docblocks import ROOT, Reader, blocks
 
 OPTNEG = b"O" + struct.pack(">III", 6, 0x131, 0x1FF7FF)
 
@@ -638,3 +641,14 @@ def test_from_spec_refuses_in_one_sentence(target: str, options: dict[str, str],
     with pytest.raises(ValueError, match=message) as raised:
         from_spec(target, options, reactor=Clock())
     assert "\n" not in str(raised.value) and str(raised.value).startswith("milter filter:")
+
+
+def test_the_pages_python_example_runs(tmp_path: Path) -> None:
+    """docs/filters/milter.md's example builds a chain without connecting anywhere."""
+    page = blocks(ROOT / "docs" / "filters" / "milter.md")
+    with Reader(tmp_path / "reader", tmp_path / "logs") as reader:
+        reader.follow(page)
+    [python] = [block for block in page if block.language == "python"]
+    assert reader.output(python).strip() == "('opendkim',) 10.0"
+    assert [block.not_run for block in page if block.language == "sh"] == ["needs a milter listening on "
+                                                                            "127.0.0.1:8891"]
