@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from run import (HOST, BenchError, Client, Server, ServerSpec, cpu_seconds, esmtpkit_python, free_port, stop_process,
-                 twistd_argv)
+from run import (HOST, BenchError, Client, Server, ServerSpec, cpu_model, cpu_seconds, esmtpkit_python, free_port,
+                 stop_process, twistd_argv, version)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -511,20 +511,10 @@ def latency(args: argparse.Namespace, batches: list[list[bytes]], dns: DNS, logd
 
 def versions() -> dict[str, str]:
     """The machine and the software measured."""
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     code = ("import sys, twisted; from importlib.metadata import version as v; "
             "print('Python', sys.version.split()[0] + ', Twisted', twisted.__version__ + ', dkimpy', v('dkimpy')"
             " + ', pyspf', v('pyspf') + ', dmarc', v('dmarc') + ', publicsuffix2', v('publicsuffix2'))")
-    try:
-        software = subprocess.run([esmtpkit_python(), "-c", code], capture_output=True, text=True,
-                                  timeout=60).stdout.strip() or "?"
-    except OSError:
-        software = "?"
+    software = version(esmtpkit_python(), code)
     head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "esmtpkit"],
                            capture_output=True, text=True)
@@ -533,7 +523,7 @@ def versions() -> dict[str, str]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": str(os.cpu_count()),
-        "cpu model": model,
+        "cpu model": cpu_model(),
         "kernel": platform.release(),
         "esmtpkit": f"{software}; {source}" + (" with changes in esmtpkit/" if dirty.stdout.strip() else ""),
     }

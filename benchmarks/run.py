@@ -637,27 +637,31 @@ def _measure(scenario: Scenario, size: tuple[int, int], server: Server, cpu: str
 
 # ---- reporting ---------------------------------------------------------------------------------------------------
 
-def machine(baseline: Path | None = None) -> dict[str, str]:
-    """What the figures were measured on."""
-    model = "unknown"
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" without it)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return "unknown"
 
-    def version(python: str, code: str) -> str:
-        try:
-            out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
-            return out.stdout.strip() or "?"
-        except OSError:
-            return "?"
 
+def version(python: str, code: str) -> str:
+    """What ``python -c code`` prints (a version line), or "?" if it prints nothing or cannot run."""
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
+        return out.stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def machine(baseline: Path | None = None) -> dict[str, str]:
+    """What the figures were measured on."""
     kit = esmtpkit_python()
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": str(os.cpu_count()),
-        "cpu model": model,
+        "cpu model": cpu_model(),
         "kernel": platform.release(),
         "esmtpkit python": version(kit, "import sys; print(sys.version.split()[0])"),
         "esmtpkit twisted": version(kit, "import twisted; print(twisted.__version__)"),
