@@ -4,8 +4,10 @@ JSON, HTTP 500, too long, never coming: cancelling closes the connection)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import shlex
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -19,6 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.client import ResponseNeverReceived
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from esmtpkit.cli import tap
 from esmtpkit.core.address import Address
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.session import Session
@@ -26,6 +29,7 @@ from esmtpkit.core.xclient import Forwarded
 from esmtpkit.filters import Action, HeaderEdit, HeldMessage, IFilter
 from esmtpkit.filters import rspamd
 from esmtpkit.filters.rspamd import MAX_TEXT, RspamdError, RspamdFilter, from_spec
+from tests.docblocks import DOCS, blocks
 from tests.mailnet import until
 
 HEAD = (b"From: Alice <alice@good.test>\r\n"
@@ -369,3 +373,22 @@ def test_from_spec_refuses_in_one_sentence(target: str, options: dict[str, str],
         from_spec(target, options)
     assert "\n" not in str(raised.value)
 
+
+
+def test_the_docs_page_example_prints_what_the_page_shows() -> None:
+    page = blocks(DOCS / "filters" / "rspamd.md")
+    [code] = [b for b in page if b.language == "python"]
+    [shown] = [b for b in page if b.language == "text" and "checkv2" in b.text]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code.text, code.where, "exec"), {"__name__": "docs"})
+    assert printed.getvalue() == shown.text
+
+
+def test_the_docs_page_command_makes_the_filter_it_describes() -> None:
+    [command] = [b for b in blocks(DOCS / "filters" / "rspamd.md") if b.language == "sh"]
+    options = tap.Options()
+    options.parseOptions(shlex.split(command.text)[3:])
+    [made] = options["filter-chain"].filters
+    assert isinstance(made, RspamdFilter)
+    assert (made.endpoint, made.timeout) == ("http://127.0.0.1:11333/checkv2", 20.0)
