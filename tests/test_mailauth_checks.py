@@ -15,7 +15,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from esmtpkit.core.session import Session
 from esmtpkit.mailauth import MailAuth
 from esmtpkit.mailauth.lookups import DNSTempError, Lookups
-from esmtpkit.mailauth.verdicts import AuthVerdicts, SpfVerdict
+from esmtpkit.mailauth.verdicts import AuthVerdicts, DmarcVerdict, SpfVerdict
 from tests.authzone import AUTHSERV, SELECTOR, AuthWorld, Key, arc_seal, auth_zones, dkim_sign, mail_auths
 from tests.mailnet import PrivateDNS
 
@@ -113,6 +113,12 @@ def parsed(verdicts: AuthVerdicts) -> Any:
     text = verdicts.field(AUTHSERV).decode("utf-8")
     assert text.endswith("\r\n")
     return authres.AuthenticationResultsHeader.parse(text[:-2].replace("\r\n\t", " "))
+
+
+def dmarc_of(verdicts: AuthVerdicts) -> DmarcVerdict:
+    """The DMARC verdict, which every message checked with DMARC on gets."""
+    assert verdicts.dmarc is not None
+    return verdicts.dmarc
 
 
 def props(result: Any) -> dict[str, str]:
@@ -305,17 +311,14 @@ async def test_dkim_unsigned_is_none(checks: MailAuth) -> None:
 async def test_dmarc_pass_by_aligned_dkim(checks: MailAuth, keys: dict[str, Key]) -> None:
     verdicts = await full(checks, dkim_sign(message(), "good.test", keys["good.test"]), mailfrom="a@other.test")
     assert verdicts.spf_mailfrom is not None and verdicts.spf_mailfrom.result == "fail"
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(verdicts)
     assert (v.result, v.domain, v.policy, v.disposition) == ("pass", "good.test", "reject", "none")
     assert (v.dkim_aligned, v.spf_aligned) == (True, False)
 
 
 @pytest_twisted.ensureDeferred
 async def test_dmarc_pass_by_aligned_spf_only(checks: MailAuth) -> None:
-    verdicts = await full(checks, message(), mailfrom="a@good.test")
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(await full(checks, message(), mailfrom="a@good.test"))
     assert (v.result, v.spf_aligned, v.dkim_aligned) == ("pass", True, False)
 
 
@@ -324,17 +327,14 @@ async def test_dmarc_other_organization_dkim_does_not_align(checks: MailAuth, ke
     signed = dkim_sign(message(), "other.test", keys["other.test"])
     verdicts = await full(checks, signed, mailfrom="a@other.test")
     assert [(d.result, d.domain) for d in verdicts.dkim] == [("pass", "other.test")]
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(verdicts)
     assert (v.result, v.dkim_aligned, v.disposition) == ("fail", False, "reject")
 
 
 @pytest_twisted.ensureDeferred
 async def test_dmarc_relaxed_alignment_passes(checks: MailAuth, keys: dict[str, Key]) -> None:
     signed = dkim_sign(message("x@sub.good.test"), "good.test", keys["good.test"])
-    verdicts = await full(checks, signed, mailfrom="a@other.test")
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(await full(checks, signed, mailfrom="a@other.test"))
     assert (v.result, v.domain, v.dkim_aligned) == ("pass", "sub.good.test", True)
 
 
@@ -343,8 +343,7 @@ async def test_dmarc_strict_dkim_alignment_fails_for_a_subdomain(checks: MailAut
     signed = dkim_sign(message("x@strict.test"), "sub.strict.test", keys["strict.test"])
     verdicts = await full(checks, signed, mailfrom="a@other.test")
     assert [(d.result, d.domain) for d in verdicts.dkim] == [("pass", "sub.strict.test")]
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(verdicts)
     assert (v.result, v.domain, v.policy, v.disposition, v.dkim_aligned) == ("fail", "strict.test", "reject",
                                                                                "reject", False)
 
@@ -353,25 +352,20 @@ async def test_dmarc_strict_dkim_alignment_fails_for_a_subdomain(checks: MailAut
 async def test_dmarc_strict_spf_alignment_fails_for_a_subdomain(checks: MailAuth) -> None:
     verdicts = await full(checks, message("x@strict.test"), mailfrom="a@sub.strict.test")
     assert verdicts.spf_mailfrom is not None and verdicts.spf_mailfrom.result == "pass"
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(verdicts)
     assert (v.result, v.spf_aligned) == ("fail", False)
 
 
 @pytest_twisted.ensureDeferred
 async def test_dmarc_no_record_is_none(checks: MailAuth) -> None:
-    verdicts = await full(checks, message("x@none.test"), mailfrom="a@none.test")
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(await full(checks, message("x@none.test"), mailfrom="a@none.test"))
     assert (v.result, v.domain) == ("none", "none.test")
 
 
 @pytest_twisted.ensureDeferred
 async def test_dmarc_falls_back_to_the_organizational_domain(checks: MailAuth, dns: PrivateDNS) -> None:
     dns.queries.clear()
-    verdicts = await full(checks, message("x@sub.good.test"), mailfrom="a@other.test")
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(await full(checks, message("x@sub.good.test"), mailfrom="a@other.test"))
     assert (v.result, v.domain, v.policy, v.disposition) == ("fail", "sub.good.test", "reject", "reject")
     asked = [name for name, kind in dns.queries if name.startswith("_dmarc.")]
     assert asked == ["_dmarc.sub.good.test", "_dmarc.good.test"]
@@ -379,9 +373,7 @@ async def test_dmarc_falls_back_to_the_organizational_domain(checks: MailAuth, d
 
 @pytest_twisted.ensureDeferred
 async def test_dmarc_broken_record_is_permerror(checks: MailAuth) -> None:
-    verdicts = await full(checks, message("x@broken.test"), mailfrom="a@other.test")
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(await full(checks, message("x@broken.test"), mailfrom="a@other.test"))
     assert (v.result, v.domain) == ("permerror", "broken.test")
 
 
@@ -392,25 +384,20 @@ async def test_dmarc_broken_record_is_permerror(checks: MailAuth) -> None:
 ])
 @pytest_twisted.ensureDeferred
 async def test_dmarc_record_version(checks: MailAuth, domain: str, result: str, policy: str) -> None:
-    verdicts = await full(checks, message(f"x@{domain}"), mailfrom="a@other.test")
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(await full(checks, message(f"x@{domain}"), mailfrom="a@other.test"))
     assert (v.result, v.domain, v.policy) == (result, domain, policy)
 
 
 @pytest_twisted.ensureDeferred
 async def test_dmarc_silent_dns_is_temperror(checks: MailAuth) -> None:
-    verdicts = await full(checks, message("x@slow.test"), mailfrom="a@other.test")
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(await full(checks, message("x@slow.test"), mailfrom="a@other.test"))
     assert (v.result, v.domain) == ("temperror", "slow.test")
 
 
 @pytest_twisted.ensureDeferred
 async def test_dmarc_quarantine_disposition(checks: MailAuth) -> None:
     verdicts = await full(checks, message("x@quarantine.test"), mailfrom="a@quarantine.test")
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(verdicts)
     assert (v.result, v.policy, v.disposition) == ("fail", "quarantine", "quarantine")
     [result] = [r for r in parsed(verdicts).results if r.method == "dmarc"]
     assert (result.result, props(result)) == ("fail", {"header.from": "quarantine.test"})
@@ -419,9 +406,7 @@ async def test_dmarc_quarantine_disposition(checks: MailAuth) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_dmarc_pct_zero_takes_the_next_policy_down(checks: MailAuth) -> None:
-    verdicts = await full(checks, message("x@pct0.test"), mailfrom="a@pct0.test")
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(await full(checks, message("x@pct0.test"), mailfrom="a@pct0.test"))
     assert (v.result, v.policy, v.disposition) == ("fail", "reject", "quarantine")
 
 
@@ -446,9 +431,7 @@ async def test_dmarc_pct_sampling_follows_the_rng(make: Any) -> None:
 @pytest_twisted.ensureDeferred
 async def test_dmarc_multiple_from_fields_is_permerror(checks: MailAuth, keys: dict[str, Key]) -> None:
     signed = dkim_sign(message("alice@good.test", "mallory@other.test"), "good.test", keys["good.test"])
-    verdicts = await full(checks, signed)
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(await full(checks, signed))
     assert v.result == "permerror"
 
 
@@ -457,8 +440,7 @@ async def test_dmarc_public_suffix_dkim_domain_never_aligns(checks: MailAuth, ke
     signed = dkim_sign(message("x@co.uk"), "co.uk", keys["good.test"])
     verdicts = await full(checks, signed, mailfrom="a@other.test")
     assert [(d.result, d.domain) for d in verdicts.dkim] == [("pass", "co.uk")]
-    v = verdicts.dmarc
-    assert v is not None
+    v = dmarc_of(verdicts)
     assert (v.result, v.dkim_aligned) == ("fail", False)
 
 
