@@ -3,13 +3,14 @@ a private DNS server on 127.0.0.1 (`tests.mailnet.PrivateDNS`), and OpenDKIM run
 
 OpenDKIM runs in its test mode (``opendkim -x CONF -t FILE``: the milter's own code fed one message from a file,
 printing the fields it would add; a short-lived process) or as a milter in the foreground on a loopback port
-(`milter_daemon`), stopped when the test ends. It resolves through libunbound, configured
-(``ResolverConfiguration``) to forward every query to the private DNS server, with the ``test.`` zone that Unbound
-answers NXDOMAIN by itself (RFC 6761) opened up.
+(`milter_daemon`), stopped when the test ends, and driven by esmtpkit's milter client (`through_milter`). It
+resolves through libunbound, configured (``ResolverConfiguration``) to forward every query to the private DNS
+server, with the ``test.`` zone that Unbound answers NXDOMAIN by itself (RFC 6761) opened up.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import socket
@@ -23,13 +24,19 @@ from typing import Iterator
 import pytest
 import pytest_twisted
 from twisted.internet import threads
+from twisted.internet.address import IPv4Address
+
+from esmtpkit.core.address import parse_path
+from esmtpkit.core.session import Session
+from esmtpkit.filters import Action, HeldMessage, Verdict
+from esmtpkit.filters.milter import from_spec
 
 from .authzone import auth_zones
 from .mailnet import PrivateDNS
 from .support import terminate
 
 __all__ = ["TOOLS", "FOUND", "MISSING", "SKIP", "TIMEOUT", "SELECTOR", "Ran", "OpenDKIM", "opendkim_dns",
-           "milter_daemon"]
+           "milter_daemon", "through_milter"]
 
 TOOLS = ("opendkim", "opendkim-genkey", "opendkim-testmsg")
 FOUND = {name: shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin") for name in TOOLS}
@@ -163,3 +170,26 @@ def milter_daemon(opendkim: OpenDKIM, config: str = "verify.conf") -> Iterator[i
         status = terminate(process, TIMEOUT)
         log.close()
     assert status == 0, path.read_text()
+
+
+async def through_milter(port: int, content: bytes) -> Verdict:
+    """One SMTP connection's stages through esmtpkit's milter client to the milter on ``port``, for ``content``
+    from alice@good.test to bob@example.net by a client on 127.0.0.1 (internal to OpenDKIM, which signs for it):
+    each stage must continue; the verdict at the end of the message."""
+    session = Session(hostname="mx.test", peer=IPv4Address("TCP", "127.0.0.1", 40000), helo="client.test",
+                      esmtp=True)
+    session.envelope.id = "MILTER1"
+    session.envelope.sender = parse_path("<alice@good.test>")
+    session.envelope.recipients.append(parse_path("<bob@example.net>"))
+    head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    message = HeldMessage(session, head, len(content), lambda: io.BytesIO(content))
+    milter = from_spec(f"tcp:127.0.0.1:{port}", {"name": "opendkim"}).start(session)
+    try:
+        for verdict in [await milter.connect(), await milter.helo("client.test"),
+                        await milter.mail(message.sender, {"BODY": "8BITMIME"}),
+                        await milter.rcpt("bob@example.net", {})]:
+            assert verdict.action is Action.CONTINUE, verdict
+        return await milter.message(message)
+    finally:
+        milter.reset()
+        milter.close()

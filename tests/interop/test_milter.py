@@ -13,15 +13,13 @@ import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
 
-from esmtpkit.core.address import parse_path
 from esmtpkit.core.session import Session
-from esmtpkit.filters import Action, HeaderEdit, HeldMessage, Verdict
-from esmtpkit.filters.milter import MilterSession, from_spec
+from esmtpkit.filters import Action, HeaderEdit
 from esmtpkit.mailauth import MailAuth
 from esmtpkit.mailauth.signing import Signer, parse_keys
 
 from ..mailnet import PrivateDNS
-from ..opendkimd import SELECTOR, SKIP, OpenDKIM, milter_daemon, opendkim_dns
+from ..opendkimd import SELECTOR, SKIP, OpenDKIM, milter_daemon, opendkim_dns, through_milter
 
 pytestmark = SKIP
 
@@ -47,34 +45,6 @@ def dns(opendkim: OpenDKIM) -> Iterator[PrivateDNS]:
         yield server
 
 
-def held(content: bytes) -> HeldMessage:
-    """``content`` from alice@good.test to bob@example.net, from a client on 127.0.0.1 (internal to OpenDKIM)."""
-    session = Session(hostname="mx.test", peer=IPv4Address("TCP", "127.0.0.1", 40000), helo="client.test",
-                      esmtp=True)
-    session.envelope.id = "MILTER1"
-    session.envelope.sender = parse_path("alice@good.test")
-    session.envelope.recipients.append(parse_path("bob@example.net"))
-    head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-    return HeldMessage(session, head, len(content), lambda: io.BytesIO(content))
-
-
-async def check(port: int, content: bytes) -> Verdict:
-    """One SMTP connection's stages through the milter at ``port``; the verdict at the end of the message."""
-    message = held(content)
-    milter = from_spec(f"tcp:127.0.0.1:{port}", {"name": "opendkim"})
-    session = milter.start(message.session)
-    assert isinstance(session, MilterSession)
-    try:
-        for verdict in [await session.connect(), await session.helo("client.test"),
-                        await session.mail(message.sender, {"BODY": "8BITMIME"}),
-                        await session.rcpt("bob@example.net", {})]:
-            assert verdict.action is Action.CONTINUE, verdict
-        return await session.message(message)
-    finally:
-        session.reset()
-        session.close()
-
-
 def applied(edits: tuple[HeaderEdit, ...], content: bytes) -> bytes:
     """``content`` with the fields the milter added on top or at the end of the header section."""
     head, body = content.split(b"\r\n\r\n", 1)
@@ -92,7 +62,7 @@ def applied(edits: tuple[HeaderEdit, ...], content: bytes) -> bytes:
 async def test_opendkim_signs_through_the_milter_and_the_signature_verifies(opendkim: OpenDKIM,
                                                                             dns: PrivateDNS) -> None:
     with milter_daemon(opendkim, "sign.conf") as port:
-        verdict = await check(port, MESSAGE)
+        verdict = await through_milter(port, MESSAGE)
     assert verdict.action in (Action.ACCEPT, Action.CONTINUE), verdict
     [edit] = [e for e in verdict.edits if e.name == "DKIM-Signature"]
     assert "d=good.test" in edit.value and f"s={SELECTOR}" in edit.value
@@ -118,7 +88,7 @@ async def test_opendkim_verifies_through_the_milter(opendkim: OpenDKIM, dns: Pri
     with milter_daemon(opendkim, "verify.conf") as port:
         results = []
         for content in (signed, signed.replace(b"Hello, Bob.", b"Hello, Eve.", 1)):
-            verdict = await check(port, content)
+            verdict = await through_milter(port, content)
             assert verdict.action in (Action.ACCEPT, Action.CONTINUE), verdict
             [edit] = [e for e in verdict.edits if e.name == "Authentication-Results"]
             assert edit.value.startswith("verifier.test;"), edit

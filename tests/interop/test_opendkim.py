@@ -3,8 +3,8 @@ private DNS server on 127.0.0.1 (`tests.mailnet.PrivateDNS`).
 
 OpenDKIM, set up by `tests.opendkimd`, runs from a temporary directory, in its test mode (``opendkim -x CONF -t
 FILE``: the milter's own code, fed one message from a file, printing the fields it would add; a short-lived
-process) and as a milter in the foreground on a loopback port, driven by a minimal milter client (`MilterClient`,
-the MTA's side) and stopped when the test ends. It resolves through libunbound, configured
+process) and as a milter in the foreground on a loopback port, driven by esmtpkit's milter client
+(`esmtpkit.filters.milter`) and stopped when the test ends. It resolves through libunbound, configured
 (``ResolverConfiguration``) to forward every query to the private DNS server, with the ``test.`` zone that Unbound
 answers NXDOMAIN by itself (RFC 6761) opened up.
 
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import io
 import re
-import socket
-import struct
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -31,13 +29,14 @@ from twisted.internet import threads
 from twisted.internet.address import IPv4Address
 
 from esmtpkit.core.session import Session
+from esmtpkit.filters import Action
 from esmtpkit.mailauth import MailAuth
 from esmtpkit.mailauth.signing import Signer, parse_keys
 from esmtpkit.mailauth.verdicts import AuthVerdicts
 
 from ..authzone import AUTHSERV
 from ..mailnet import PrivateDNS
-from ..opendkimd import FOUND, SELECTOR, SKIP, TIMEOUT, OpenDKIM, milter_daemon, opendkim_dns
+from ..opendkimd import FOUND, SELECTOR, SKIP, TIMEOUT, OpenDKIM, milter_daemon, opendkim_dns, through_milter
 from ..support import relay_to_sink, smtp_send
 
 pytestmark = SKIP
@@ -131,81 +130,6 @@ async def test_an_rsa_sha1_signature_does_not_pass_with_a_sha256_only_key(opendk
 
 # ---- OpenDKIM as a milter ------------------------------------------------------------------------------------------
 
-#: The milter protocol (libmilter's mfdef.h): version 6, every action allowed, no step left out or unanswered.
-MILTER_VERSION, MILTER_ACTIONS, MILTER_PROTOCOL = 6, 0x1FF, 0
-
-
-class MilterClient:
-    """The MTA's side of the milter protocol, enough to have one message checked: each step answered with
-    continue, then the end of the message answered with the header changes the filter asks for."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        self.sock.sendall(self._packet(b"O", struct.pack(">III", MILTER_VERSION, MILTER_ACTIONS, MILTER_PROTOCOL)))
-        command, data = self._read()
-        assert command == b"O", (command, data)
-        self.protocol = struct.unpack(">III", data[:12])[2]
-
-    @staticmethod
-    def _packet(command: bytes, data: bytes = b"") -> bytes:
-        return struct.pack(">I", len(data) + 1) + command + data
-
-    def _read(self) -> tuple[bytes, bytes]:
-        size = struct.unpack(">I", self._exactly(4))[0]
-        packet = self._exactly(size)
-        return packet[:1], packet[1:]
-
-    def _exactly(self, count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            chunk = self.sock.recv(count - len(data))
-            assert chunk, "the milter closed the connection"
-            data += chunk
-        return data
-
-    def step(self, command: bytes, data: bytes = b"") -> None:
-        """Send one step; the filter must answer continue."""
-        self.sock.sendall(self._packet(command, data))
-        answer, detail = self._read()
-        assert answer == b"c", (command, answer, detail)
-
-    def check(self, message: bytes) -> list[tuple[str, str]]:
-        """Have ``message`` (CRLF line ends) checked; the header fields the filter adds or inserts."""
-        self.sock.sendall(self._packet(b"D", b"Cj\0mx.test\0"))
-        self.step(b"C", b"client.test\0" + b"4" + struct.pack(">H", 40000) + b"127.0.0.5\0")
-        self.step(b"H", b"client.test\0")
-        self.sock.sendall(self._packet(b"D", b"Mi\0MILTER1\0"))
-        self.step(b"M", b"<alice@good.test>\0")
-        self.step(b"R", b"<bob@example.net>\0")
-        self.step(b"T")
-        head, body = message.split(b"\r\n\r\n", 1)
-        for field in re.split(rb"\r\n(?![ \t])", head):
-            name, value = field.split(b":", 1)
-            self.step(b"L", name + b"\0" + value.lstrip(b" ") + b"\0")
-        self.step(b"N")
-        for start in range(0, len(body), 65535):
-            self.step(b"B", body[start:start + 65535])
-        self.sock.sendall(self._packet(b"E"))
-        added = []
-        while True:
-            command, data = self._read()
-            if command in (b"h", b"i"):
-                if command == b"i":
-                    data = data[4:]  # the index to insert at
-                name, value = data.rstrip(b"\0").split(b"\0", 1)
-                added.append((name.decode(), value.decode()))
-            elif command in (b"c", b"a"):
-                return added
-            else:
-                assert command in (b"m", b"p"), (command, data)  # a field changed, or progress
-
-    def close(self) -> None:
-        try:
-            self.sock.sendall(self._packet(b"Q"))
-        finally:
-            self.sock.close()
-
-
 @pytest.fixture
 def milter(opendkim: OpenDKIM, dns: PrivateDNS) -> Iterator[int]:
     """A private ``opendkim`` milter in the foreground on a loopback port, verifying; its port. Stopped (SIGTERM,
@@ -222,17 +146,14 @@ async def test_the_opendkim_milter_verifies_what_esmtpkit_signs(opendkim: OpenDK
     signer = Signer(key)
     signed = signer.fields(MESSAGE) + MESSAGE
 
-    def checked(message: bytes) -> str:
-        client = MilterClient(milter)
-        try:
-            added = client.check(message)
-        finally:
-            client.close()
-        [results] = [value for name, value in added if name == "Authentication-Results"]
+    async def checked(message: bytes) -> str:
+        verdict = await through_milter(milter, message)
+        assert verdict.action in (Action.CONTINUE, Action.ACCEPT), verdict
+        [results] = [edit.value for edit in verdict.edits if edit.name == "Authentication-Results"]
         assert results.startswith("verifier.test;"), results
         match = re.search(r"\bdkim=(\w+)", results)
         assert match, results
         return match.group(1)
 
-    assert await threads.deferToThread(checked, signed) == "pass"
-    assert await threads.deferToThread(checked, signed.replace(b"Hello, Bob.", b"Hello, Eve.")) == "fail"
+    assert await checked(signed) == "pass"
+    assert await checked(signed.replace(b"Hello, Bob.", b"Hello, Eve.")) == "fail"
