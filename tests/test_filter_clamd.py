@@ -5,7 +5,11 @@ fake clamd on 127.0.0.1 for the same over real sockets."""
 from __future__ import annotations
 
 import io
+import re
 import struct
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -24,6 +28,10 @@ from esmtpkit.core.session import Session
 from esmtpkit.filters import Action, FilterChain, HeldMessage
 from esmtpkit.filters.clamd import ANSWER_LIMIT, CHUNK, ClamdError, ClamdFilter, from_spec, safe_name
 from esmtpkit.filters.stream import FilterProtocolError
+
+from .docblocks import DOCS, TIMEOUT, blocks, reader_environment
+
+PAGE = DOCS / "filters" / "clamd.md"
 
 
 class Content(io.BytesIO):
@@ -423,3 +431,15 @@ async def test_an_endless_answer_over_a_real_socket_is_cut() -> None:
         await wait_lost(factory, 1)
     finally:
         await port.stopListening()
+
+
+# ---- docs/filters/clamd.md ---------------------------------------------------------------------------------------
+
+def test_the_pages_python_example_prints_what_the_page_says(tmp_path: Path) -> None:
+    """Run as a reader would (``python -`` from an empty folder, the installed package): nothing connects."""
+    (block,) = [b for b in blocks(PAGE) if b.language == "python"]
+    ran = subprocess.run([sys.executable, "-"], input=block.text, capture_output=True, text=True, cwd=tmp_path,
+                         env=reader_environment(), timeout=TIMEOUT)
+    assert ran.returncode == 0, ran.stderr
+    said = re.search(r"It prints `([^`]+)`", PAGE.read_text())
+    assert said is not None and ran.stdout == said.group(1) + "\n"

@@ -4,6 +4,10 @@ spamd on 127.0.0.1. The StringTransport endpoint and counting message are `tests
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +24,10 @@ from esmtpkit.filters.spamd import (ANSWER_LIMIT, MAX_SIZE, SpamdAnswer, SpamdEr
                                     parse_answer)
 from esmtpkit.filters.stream import FilterProtocolError
 
+from .docblocks import DOCS, TIMEOUT, blocks, reader_environment
 from .test_filter_clamd import Endpoint, Held, pump, results
+
+PAGE = DOCS / "filters" / "spamd.md"
 
 MESSAGE = b"From: a@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
 SPAM = b"SPAMD/1.1 0 EX_OK\r\nContent-length: 22\r\nSpam: True ; 1003.3 / 5.0\r\n\r\nGTUBE,MISSING_DATE,X_1"
@@ -264,3 +271,25 @@ async def test_over_a_real_socket() -> None:
         assert held.opened[0].closed
     finally:
         await port.stopListening()
+
+
+# ---- docs/filters/spamd.md ---------------------------------------------------------------------------------------
+
+def test_the_pages_python_example_prints_what_the_page_says(tmp_path: Path) -> None:
+    """Run as a reader would (``python -`` from an empty folder, the installed package): nothing connects."""
+    (block,) = [b for b in blocks(PAGE) if b.language == "python"]
+    ran = subprocess.run([sys.executable, "-"], input=block.text, capture_output=True, text=True, cwd=tmp_path,
+                         env=reader_environment(), timeout=TIMEOUT)
+    assert ran.returncode == 0, ran.stderr
+    said = re.search(r"It prints `([^`]+)`", PAGE.read_text())
+    assert said is not None and ran.stdout == said.group(1) + "\n"
+
+
+def test_the_pages_answer_example_is_what_parse_answer_takes() -> None:
+    """The page's example answer (its Content-length right) and the status field it says it becomes."""
+    (answer,) = [b.text for b in blocks(PAGE) if b.language == "text" and b.text.startswith("SPAMD/")]
+    parsed = parse_answer(answer.rstrip("\n").replace("\n", "\r\n").encode(), False)
+    assert parsed == SpamdAnswer(True, 1003.3, 5.0, ("GTUBE", "MISSING_DATE", "NO_RECEIVED"))
+    status = [e.value for e in SpamdFilter(Endpoint()).verdict(parsed).edits
+              if (e.kind, e.name) == ("add", "X-Spam-Status")]
+    assert f"`X-Spam-Status: {status[0]}`" in PAGE.read_text()

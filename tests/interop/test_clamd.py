@@ -1,16 +1,20 @@
 """ClamAV's clamd as a filter: a private clamd (`tests.clamdaemon`: its own configuration and a one-signature
 database written by the test, no download) on a UNIX socket and a loopback port, asked by `ClamdFilter` and by a
-``twistd esmtpkit --filter clamd:...`` in front of its Maildir.
+``twistd esmtpkit`` with docs/filters/clamd.md's ``--filter clamd:...`` lines in front of its Maildir.
 
 - The EICAR test file is found (as the message's body and as a base64 attachment) and refused, naming the
   signature; a clean message goes on; one longer than clamd's StreamMaxLength gets the ``too-big`` outcome.
 - A stopped clamd makes the check fail (the chain's failure outcome, 451 4.7.1 by default).
+- Through twistd: refused with clamd's signature name, delivered with ``X-Virus-Scanned:``, quarantined apart,
+  too long for clamd tempfailed, as the page's options say.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import os
+import shlex
 import smtplib
 from typing import Any, Callable, Iterator
 
@@ -22,11 +26,15 @@ from twisted.internet.error import ConnectError
 from esmtpkit.core.session import Session
 from esmtpkit.filters import Action, FilterChain, HeldMessage
 from esmtpkit.filters.clamd import from_spec
+from esmtpkit.handlers.maildir import QUARANTINE_FOLDER
 
 from ..clamdaemon import EICAR, SIGNATURE, STREAM_MAX, PrivateClamd, clamd_missing, start_clamd
+from ..docblocks import DOCS, blocks
+from ..support import wait_for
 from .conftest import CLIENT_TIMEOUT, EsmtpkitProcess, missing_options
 
 pytestmark = pytest.mark.skipif(clamd_missing() is not None, reason=clamd_missing() or "")
+PAGE = DOCS / "filters" / "clamd.md"
 
 HEAD = (b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: the report\r\n"
         b"Date: Sun, 06 Dec 2026 10:00:00 +0000\r\nMessage-ID: <clamd@example.org>\r\n")
@@ -120,16 +128,35 @@ def send(port: int, content: bytes) -> tuple[int, bytes]:
         return 250, b""
 
 
+def page_filters() -> list[str]:
+    """The ``--filter`` values of the page's command lines, in page order."""
+    found = []
+    for block in blocks(PAGE):
+        if block.language == "sh":
+            words = shlex.split(block.text.replace("\\\n", " "))
+            found += [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--filter"]
+    return found
+
+
 @pytest.mark.skipif(bool(missing_options("--filter")), reason="twistd esmtpkit has no --filter yet")
-def test_twistd_refuses_eicar_and_delivers_the_rest(clamd: PrivateClamd,
-                                                     start_esmtpkit: Callable[..., EsmtpkitProcess]) -> None:
-    """The page's command line (docs/filters/clamd.md), with this clamd's socket."""
-    server = start_esmtpkit("--filter", f"clamd:{clamd.unix_target},header=yes")
+def test_the_pages_command_lines(clamd: PrivateClamd, start_esmtpkit: Callable[..., EsmtpkitProcess]) -> None:
+    """docs/filters/clamd.md's ``twistd esmtpkit --filter`` lines, with this clamd's sockets for the page's."""
+    plain, configured = page_filters()
+    assert plain == "clamd:unix:/run/clamav/clamd.ctl"
+    server = start_esmtpkit("--filter", plain.replace("unix:/run/clamav/clamd.ctl", clamd.unix_target))
     assert send(server.port, INFECTED) == (554, f"5.7.1 Virus found: {SIGNATURE}.UNOFFICIAL".encode())
     assert send(server.port, ATTACHED)[0] == 554
+    assert send(server.port, CLEAN) == (250, b"")
+    assert server.wait_for(1) == [CLEAN]
+
+    assert configured.startswith("clamd:tcp:127.0.0.1:3310,")
+    server = start_esmtpkit("--filter", configured.replace("tcp:127.0.0.1:3310", clamd.tcp_target))
+    assert send(server.port, LONG) == (451, b"4.3.4 Message too big to scan, try again later")
     assert send(server.port, CLEAN) == (250, b"")
     (stored,) = server.wait_for(1)
     head = stored.split(b"\r\n\r\n", 1)[0] + b"\r\n"
     assert head.endswith(b"\r\nX-Virus-Scanned: clamav\r\n")
-    assert stored.endswith(b"Hello Bob, the report is attached.\r\n")
-
+    assert send(server.port, INFECTED) == (250, b"")  # quarantined: delivered apart, not to the inbox
+    quarantine = server.maildir / QUARANTINE_FOLDER / "new"
+    wait_for(lambda: quarantine.is_dir() and len(os.listdir(quarantine)) == 1, "the quarantined message")
+    assert len(server.stored()) == 1

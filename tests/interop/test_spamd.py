@@ -1,6 +1,6 @@
 """SpamAssassin's spamd as a filter: a private spamd (`tests.spamdaemon`: the packaged rules, local tests only,
-no network) on a loopback port, asked by `SpamdFilter` and by a ``twistd esmtpkit --filter spamd:...`` in front of
-its Maildir.
+no network) on a loopback port, asked by `SpamdFilter` and by a ``twistd esmtpkit`` with docs/filters/spamd.md's
+``--filter spamd:...`` lines in front of its Maildir.
 
 - GTUBE scores as spam: ``X-Spam-Flag: YES`` and ``X-Spam-Status: Yes, ...`` (or a refusal at ``reject-score``);
   a normal message does not (``X-Spam-Status: No, ...``).
@@ -10,6 +10,7 @@ its Maildir.
 from __future__ import annotations
 
 import io
+import shlex
 import smtplib
 from typing import Any, Callable, Iterator
 
@@ -22,10 +23,12 @@ from esmtpkit.core.session import Session
 from esmtpkit.filters import Action, FilterChain, HeldMessage
 from esmtpkit.filters.spamd import from_spec
 
+from ..docblocks import DOCS, blocks
 from ..spamdaemon import GTUBE, PrivateSpamd, spamd_missing, start_spamd
 from .conftest import CLIENT_TIMEOUT, EsmtpkitProcess, missing_options
 
 pytestmark = pytest.mark.skipif(spamd_missing() is not None, reason=spamd_missing() or "")
+PAGE = DOCS / "filters" / "spamd.md"
 
 HEAD = (b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: lunch tomorrow\r\n"
         b"Date: Sun, 06 Dec 2026 10:00:00 +0000\r\nMessage-ID: <spamd.1@example.org>\r\n")
@@ -104,18 +107,31 @@ def send(port: int, content: bytes) -> tuple[int, bytes]:
         return 250, b""
 
 
+def page_filters() -> list[str]:
+    """The ``--filter`` values of the page's command lines, in page order."""
+    found = []
+    for block in blocks(PAGE):
+        if block.language == "sh":
+            words = shlex.split(block.text.replace("\\\n", " "))
+            found += [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--filter"]
+    return found
+
+
 @pytest.mark.skipif(bool(missing_options("--filter")), reason="twistd esmtpkit has no --filter yet")
-def test_twistd_marks_spam_and_refuses_above_the_reject_score(spamd: PrivateSpamd,
-                                                              start_esmtpkit: Callable[..., EsmtpkitProcess]) -> None:
-    """The page's command lines (docs/filters/spamd.md), with this spamd's port; a forged X-Spam-Flag is removed."""
-    marking = start_esmtpkit("--filter", f"spamd:{spamd.target}")
-    assert send(marking.port, b"X-Spam-Flag: NO\r\n" + SPAM) == (250, b"")
-    assert send(marking.port, HAM) == (250, b"")
-    spam, ham = marking.wait_for(2)
+def test_the_pages_command_lines(spamd: PrivateSpamd, start_esmtpkit: Callable[..., EsmtpkitProcess]) -> None:
+    """docs/filters/spamd.md's ``twistd esmtpkit --filter`` lines, with this spamd's port for the page's: spam
+    marked (a forged X-Spam-Flag removed), then refused at reject-score."""
+    marking, refusing = (entry.replace("tcp:127.0.0.1:783", spamd.target) for entry in page_filters())
+    server = start_esmtpkit("--filter", marking)
+    assert send(server.port, b"X-Spam-Flag: NO\r\n" + SPAM) == (250, b"")
+    assert send(server.port, HAM) == (250, b"")
+    spam, ham = server.wait_for(2)
     spam_head, ham_head = (m.split(b"\r\n\r\n", 1)[0] for m in (spam, ham))
     assert b"X-Spam-Flag: NO" not in spam_head
     assert b"\r\nX-Spam-Flag: YES\r\nX-Spam-Status: Yes, score=" in spam_head
     assert b"X-Spam-Flag" not in ham_head and b"\r\nX-Spam-Status: No, score=" in ham_head
-    refusing = start_esmtpkit("--filter", f"spamd:{spamd.target},reject-score=15")
-    assert send(refusing.port, SPAM) == (550, b"5.7.1 Message refused as spam")
-    assert send(refusing.port, HAM) == (250, b"")
+    assert refusing.endswith(",reject-score=15,user=mail,timeout=30")
+    server = start_esmtpkit("--filter", refusing)
+    assert send(server.port, SPAM) == (550, b"5.7.1 Message refused as spam")
+    assert send(server.port, HAM) == (250, b"")
+    assert server.wait_for(1)[0].startswith(HEAD)
