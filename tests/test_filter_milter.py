@@ -604,6 +604,26 @@ def test_cancelling_a_step_closes_the_connection() -> None:
     assert m.sent()[-1:] != [b"Q"]  # no QUIT on an aborted connection
 
 
+def test_cancelling_the_message_mid_body_closes_the_file_and_the_connection() -> None:
+    m = Milter()
+    m.connected(protocol=mc.SMFIP_NOHDRS | mc.SMFIP_NODATA | mc.SMFIP_NOEOH)
+    opened: list[io.BytesIO] = []
+
+    def opener() -> io.BytesIO:
+        opened.append(io.BytesIO(b"A: 1\r\n\r\n" + b"z" * 140000))
+        return opened[-1]
+
+    d = m.milter.message(HeldMessage(m.session, b"A: 1", 140008, opener))
+    assert [len(p) for p in m.sent()] == [65536]
+    d.cancel()
+    with pytest.raises(CancelledError):
+        result(d)
+    assert opened[0].closed and m.endpoint.transport.disconnecting
+    m.milter.reset()
+    m.milter.close()
+    assert m.sent() == []
+
+
 def test_a_chain_timeout_cancels_a_hanging_milter_and_closes_its_connection() -> None:
     clock = Clock()
     endpoint = Endpoint()
