@@ -7,7 +7,9 @@ record with an unknown mechanism, and a DMARC record without p=), ``slow.test`` 
 ``strict.test`` (DMARC adkim=s aspf=s), ``sub.good.test`` (a subdomain, for relaxed alignment), ``other.test``
 (a different organization with its own key), ``quarantine.test`` (p=quarantine).
 
-`mail_auths` makes `MailAuth` checks that ask such a server, and closes them.
+`world_dns` serves a world while a block runs; `mail_auths` makes `MailAuth` checks that ask such a server, and
+closes them; `MESSAGE` is a plain message from alice@good.test. The fixtures ``auth_world`` and ``auth_dns``
+(tests/conftest.py) give a test the world and its server.
 """
 
 from __future__ import annotations
@@ -17,16 +19,28 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
+import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from esmtpkit.mailauth import MailAuth
 
-__all__ = ["Key", "make_key", "auth_zones", "SELECTOR", "AUTHSERV", "dkim_sign", "arc_seal", "mail_auths"]
+from .mailnet import PrivateDNS
+
+__all__ = ["Key", "make_key", "auth_zones", "SELECTOR", "AUTHSERV", "MESSAGE", "dkim_sign", "arc_seal", "world_dns",
+           "mail_auths"]
 
 SELECTOR = "s1"
 #: The authserv-id the tests' checks write their results under.
 AUTHSERV = "mx.test"
+#: A message written by alice@good.test to bob@example.test, unsigned.
+MESSAGE = (b"From: Alice <alice@good.test>\r\n"
+           b"To: bob@example.test\r\n"
+           b"Subject: hello\r\n"
+           b"Date: Sun, 6 Dec 2026 07:00:00 +0000\r\n"
+           b"Message-ID: <1@good.test>\r\n"
+           b"\r\n"
+           b"Hello, Bob.\r\n")
 
 
 @dataclass
@@ -108,6 +122,17 @@ def arc_seal(message: bytes, domain: str, key: Key, srv_id: str, selector: str =
 
     fields = dkim.arc_sign(message, selector.encode(), domain.encode(), key.private, srv_id.encode())
     return b"".join(fields) + message
+
+
+@contextmanager
+def world_dns(world: AuthWorld, **options: Any) -> Iterator[PrivateDNS]:
+    """``world``'s zones served on 127.0.0.1 while the block runs, its silent names never answered (``options``:
+    more `PrivateDNS` keywords, such as ``servfail``). Use it from a fixture run by pytest-twisted."""
+    server = PrivateDNS(world.zones, silent=world.silent, **options).start()
+    try:
+        yield server
+    finally:
+        pytest_twisted.blockon(server.stop())
 
 
 @contextmanager

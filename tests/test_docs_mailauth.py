@@ -9,7 +9,7 @@ import io
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -36,18 +36,12 @@ def the_block(predicate: str, language: str) -> Block:
 
 
 @pytest.fixture
-def world() -> AuthWorld:
+def auth_world() -> AuthWorld:
+    """The test world (this module's, for the ``auth_dns`` fixture) with bank.test, whose SPF never passes here."""
     found = auth_zones()
     found.zones["bank.test"] = {"TXT": ["v=spf1 ip4:192.0.2.0/24 -all"]}
     found.zones["_dmarc.bank.test"] = {"TXT": ["v=DMARC1; p=none"]}
     return found
-
-
-@pytest.fixture
-def dns(world: AuthWorld) -> Iterator[PrivateDNS]:
-    server = PrivateDNS(world.zones, silent=world.silent).start()
-    yield server
-    pytest_twisted.blockon(server.stop())
 
 
 def send(port: int, sender: str, content: bytes) -> tuple[int, bytes]:
@@ -68,13 +62,14 @@ def shown_field() -> str:
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_command_stores_what_the_page_shows(tmp_path: Path, dns: PrivateDNS, world: AuthWorld) -> None:
+async def test_the_command_stores_what_the_page_shows(tmp_path: Path, auth_dns: PrivateDNS,
+                                                      auth_world: AuthWorld) -> None:
     [command] = [line for line in the_block("--verify all", "sh").text.splitlines() if line.strip()]
-    words = shlex.split(command.replace("127.0.0.1:5353", f"127.0.0.1:{dns.port}"))
+    words = shlex.split(command.replace("127.0.0.1:5353", f"127.0.0.1:{auth_dns.port}"))
     assert words[:4] == ["twistd", "-n", "--pidfile=", "esmtpkit"]
     server = Twistd(tmp_path, *words[4:])
     try:
-        signed = dkim_sign(GOOD, "good.test", world.keys["good.test"])
+        signed = dkim_sign(GOOD, "good.test", auth_world.keys["good.test"])
         code, text = await threads.deferToThread(send, server.port, "alice@good.test", signed)
         assert code == 250, text
     finally:
@@ -96,13 +91,14 @@ def test_the_page_shows_every_check_passing() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_python_example_refuses_the_bank_and_keeps_the_rest(dns: PrivateDNS, world: AuthWorld) -> None:
+async def test_the_python_example_refuses_the_bank_and_keeps_the_rest(auth_dns: PrivateDNS,
+                                                                      auth_world: AuthWorld) -> None:
     source = the_block("class StrictAboutTheBank", "python").text
     assert '("127.0.0.1", 5353)' in source
     names: dict[str, Any] = {}
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(source.replace("5353", str(dns.port)), str(PAGE), "exec"), names)
+        exec(compile(source.replace("5353", str(auth_dns.port)), str(PAGE), "exec"), names)
     assert printed.getvalue() == "('spf', 'dkim', 'dmarc', 'arc')\n"
     checks, store = names["checks"], names["store"]
     server = await serve(names["factory"])
@@ -110,7 +106,7 @@ async def test_the_python_example_refuses_the_bank_and_keeps_the_rest(dns: Priva
         code, text = await threads.deferToThread(send, server.port, "alerts@bank.test", BANK)
         assert (code, text) == (550, b"5.7.26 Mail from bank.test must pass DMARC")
         assert len(store.messages) == 0
-        signed = dkim_sign(GOOD, "good.test", world.keys["good.test"])
+        signed = dkim_sign(GOOD, "good.test", auth_world.keys["good.test"])
         code, text = await threads.deferToThread(send, server.port, "alice@good.test", signed)
         assert code == 250, text
     finally:

@@ -16,19 +16,11 @@ from esmtpkit.core.session import Session
 from esmtpkit.mailauth import MailAuth
 from esmtpkit.mailauth.lookups import DNSTempError, Lookups
 from esmtpkit.mailauth.verdicts import AuthVerdicts, DmarcVerdict, SpfVerdict
-from tests.authzone import AUTHSERV, SELECTOR, AuthWorld, Key, arc_seal, auth_zones, dkim_sign, mail_auths
+from tests.authzone import (AUTHSERV, MESSAGE, SELECTOR, AuthWorld, Key, arc_seal, auth_zones, dkim_sign, mail_auths,
+                            world_dns)
 from tests.mailnet import PrivateDNS
 
 CLIENT = "127.0.0.5"
-
-MESSAGE = (b"From: Alice <alice@good.test>\r\n"
-           b"To: bob@example.test\r\n"
-           b"Subject: hello\r\n"
-           b"Date: Sun, 6 Dec 2026 07:00:00 +0000\r\n"
-           b"Message-ID: <1@good.test>\r\n"
-           b"\r\n"
-           b"Hello, Bob.\r\n")
-
 
 def message(author: str = "alice@good.test", *extra_from: str) -> bytes:
     """`MESSAGE` written by ``author`` (and by more From: fields, one per ``extra_from``)."""
@@ -65,9 +57,8 @@ def zones() -> AuthWorld:
 
 @pytest.fixture
 def dns(zones: AuthWorld) -> Iterator[PrivateDNS]:
-    server = PrivateDNS(zones.zones, silent=zones.silent, servfail=["servfail.test"]).start()
-    yield server
-    pytest_twisted.blockon(server.stop())
+    with world_dns(zones, servfail=["servfail.test"]) as server:
+        yield server
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from esmtpkit.server.interfaces import ILMTPHandler
 from esmtpkit.server.policy import Policy
 from esmtpkit.testing import Call, Conversation, RecordingHandler, serve
 
-from .authzone import AUTHSERV, AuthWorld, auth_zones, dkim_sign, mail_auths
+from .authzone import AUTHSERV, MESSAGE, AuthWorld, dkim_sign, mail_auths
 from .mailnet import PrivateDNS
 from .support import Recorder, calls, smtp_client, smtp_transaction
 
@@ -763,15 +763,6 @@ def test_spf_answering_after_the_end_of_data_is_waited_for() -> None:
 
 # ---- end to end, over loopback, with the real checks --------------------------------------------------------------
 
-GOOD = (b"From: Alice <alice@good.test>\r\n"
-        b"To: bob@example.test\r\n"
-        b"Subject: hello\r\n"
-        b"Date: Sun, 6 Dec 2026 07:00:00 +0000\r\n"
-        b"Message-ID: <1@good.test>\r\n"
-        b"\r\n"
-        b"Hello, Bob.\r\n")
-
-
 class Gate:
     """A resolver in front of the real one that holds the queries for ``names`` until `release`."""
 
@@ -809,21 +800,9 @@ class Gate:
 
 
 @pytest.fixture
-def world() -> AuthWorld:
-    return auth_zones()
-
-
-@pytest.fixture
-def dns_server(world: AuthWorld) -> Iterator[PrivateDNS]:
-    server = PrivateDNS(world.zones, silent=world.silent).start()
-    yield server
-    pytest_twisted.blockon(server.stop())
-
-
-@pytest.fixture
-def make(dns_server: PrivateDNS) -> Iterator[Callable[..., MailAuth]]:
+def make(auth_dns: PrivateDNS) -> Iterator[Callable[..., MailAuth]]:
     """``make(**options)``: a MailAuth asking the private name server, closed after the test."""
-    with mail_auths(dns_server.servers, timeout=(0.5,)) as build:
+    with mail_auths(auth_dns.servers, timeout=(0.5,)) as build:
         yield build
 
 
@@ -872,10 +851,10 @@ def first_field(data: bytes) -> bytes:
 
 
 @pytest_twisted.ensureDeferred
-async def test_signed_message_passes_every_check(make: Any, world: AuthWorld) -> None:
+async def test_signed_message_passes_every_check(make: Any, auth_world: AuthWorld) -> None:
     server = await served(make())
     try:
-        signed = dkim_sign(GOOD, "good.test", world.keys["good.test"])
+        signed = dkim_sign(MESSAGE, "good.test", auth_world.keys["good.test"])
 
         def run() -> tuple[int, bytes]:
             with server.client() as client:
@@ -940,7 +919,7 @@ async def test_spf_reject_defers_a_sender_dns_cannot_answer_for(make: Any) -> No
     try:
         def run() -> tuple[int, bytes]:
             with server.client() as client:
-                return smtp_transaction(client, "someone@slow.test", GOOD)
+                return smtp_transaction(client, "someone@slow.test", MESSAGE)
 
         code, text = await in_thread(run)
     finally:
@@ -952,7 +931,7 @@ async def test_spf_reject_defers_a_sender_dns_cannot_answer_for(make: Any) -> No
 @pytest_twisted.ensureDeferred
 async def test_dmarc_reject_refuses_at_the_end_of_data(make: Any) -> None:
     server = await served(make(dmarc_reject=True))
-    strict = GOOD.replace(b"From: Alice <alice@good.test>", b"From: Boss <boss@strict.test>")
+    strict = MESSAGE.replace(b"From: Alice <alice@good.test>", b"From: Boss <boss@strict.test>")
     try:
         def run() -> tuple[int, bytes]:
             with server.client() as client:
@@ -983,7 +962,7 @@ async def test_without_spf_reject_mail_does_not_wait_for_spf(make: Any) -> None:
         gate.release()
         code, _ = await in_thread(client.rcpt, "bob@example.test")
         assert code == 250
-        code, _ = await in_thread(client.data, GOOD)
+        code, _ = await in_thread(client.data, MESSAGE)
         assert code == 250
         await in_thread(client.quit)
     finally:

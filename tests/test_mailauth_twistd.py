@@ -219,28 +219,17 @@ GOOD = (b"From: Alice <alice@good.test>\r\n"
 
 
 @pytest.fixture
-def world() -> AuthWorld:
-    return auth_zones()
-
-
-@pytest.fixture
-def dns(world: AuthWorld) -> Iterator[PrivateDNS]:
-    server = PrivateDNS(world.zones, silent=world.silent).start()
-    yield server
-    pytest_twisted.blockon(server.stop())
-
-
-@pytest.fixture
-def twistd(tmp_path: Path, dns: PrivateDNS) -> Iterator[Twistd]:
+def twistd(tmp_path: Path, auth_dns: PrivateDNS) -> Iterator[Twistd]:
     server = Twistd(tmp_path / "run", "--maildir", str(tmp_path / "Maildir"), "--verify", "all",
-                    "--dns-server", f"127.0.0.1:{dns.port}", "--authserv-id", "mx.test", "--dns-timeout", "3")
+                    "--dns-server", f"127.0.0.1:{auth_dns.port}", "--authserv-id", "mx.test", "--dns-timeout", "3")
     yield server
     server.stop()
 
 
 @pytest_twisted.ensureDeferred
-async def test_twistd_verifies_and_stores_the_results(tmp_path: Path, world: AuthWorld, twistd: Twistd) -> None:
-    signed = dkim_sign(GOOD, "good.test", world.keys["good.test"])
+async def test_twistd_verifies_and_stores_the_results(tmp_path: Path, auth_world: AuthWorld,
+                                                      twistd: Twistd) -> None:
+    signed = dkim_sign(GOOD, "good.test", auth_world.keys["good.test"])
     code, text = await threads.deferToThread(smtp_send, twistd.port, "alice@good.test", signed)
     assert code == 250, text
     stored = list((tmp_path / "Maildir" / "new").iterdir())
