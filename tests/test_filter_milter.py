@@ -322,6 +322,7 @@ def test_the_stages_of_a_message_byte_for_byte() -> None:
     assert m.sent() == []  # the milter ended the transaction with its answer
     m.milter.close()
     assert m.sent() == [b"Q"] and m.endpoint.transport.disconnecting
+    assert m.endpoint.transport.producer is None  # a paused producer would keep the connection open
 
 
 def test_helo_macros_with_tls() -> None:

@@ -142,6 +142,7 @@ class MilterProtocol(Protocol):
         """SMFIC_QUIT, then close."""
         if not self.lost and self.error is None:
             self.transport.write(mc.packet(mc.SMFIC_QUIT))
+            self.transport.unregisterProducer()  # a paused producer would hold the connection open
             self.transport.loseConnection()
         self.error = self.error or ConnectionDone("closed")
 
