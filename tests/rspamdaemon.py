@@ -3,9 +3,11 @@ every path moved into a temporary directory and overrides there, one normal work
 
 Nothing leaves the machine: the modules that ask the internet (RBLs, URL and e-mail lists, fuzzy hashes, DKIM,
 SPF, DMARC and ARC lookups, ASN, phishing feeds, remote maps, updates, HELO checks) are turned off, the ones that
-need Redis turn themselves off (no Redis is configured), and rspamd's DNS goes to a 127.0.0.1 port nobody
-listens on. No controller or proxy worker runs, so nothing asks for a password, and GTUBE still works: rspamd
-checks for it in its core, before any module.
+need Redis turn themselves off (no Redis is configured), and rspamd's only name server is a UDP socket of the
+test's on 127.0.0.1 that never answers: what is left (the reverse lookup of a client without a host name, the
+updates of the maps the package ships a copy of) times out there. No controller or proxy worker runs, so nothing
+asks for a password, and GTUBE still works: rspamd checks for it in its core, before any module. A rule of the
+test's (``ESMTPKIT_ENVELOPE``, score 0) echoes in its options what the request headers told rspamd.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from twisted.names import dns
 
 from tests.support import terminate
 
@@ -69,8 +73,8 @@ def rspamd_missing() -> str | None:
     return None
 
 
-def _free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
+def _free_port() -> int:
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
@@ -82,9 +86,13 @@ class PrivateRspamd:
 
     def __init__(self) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="esmtpkit-rspamd-"))
-        self.port = _free_port(socket.SOCK_STREAM)
-        #: A UDP port nobody listens on: every DNS query rspamd makes fails at once, on this machine.
-        self.dns_port = _free_port(socket.SOCK_DGRAM)
+        self.port = _free_port()
+        #: rspamd's only name server: a UDP socket on 127.0.0.1 that keeps what it gets and never answers, so
+        #: every query rspamd makes times out on this machine (`dns_queries` says which names it asked).
+        self.dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.dns.bind(("127.0.0.1", 0))
+        self.dns.setblocking(False)
+        self.dns_port = int(self.dns.getsockname()[1])
         self.log = self.base / "log" / "rspamd.log"
         self.process: subprocess.Popen[bytes] | None = None
         for name in ("local.d", "override.d", "db", "run", "log"):
@@ -156,6 +164,18 @@ class PrivateRspamd:
             time.sleep(0.1)
         raise AssertionError(f"rspamd did not answer /ping within {TIMEOUT} s:\n{self.log_text()}")
 
+    def dns_queries(self) -> list[str]:
+        """The names rspamd asked its name server about since the last call (what would have left the machine)."""
+        names = []
+        while True:
+            try:
+                packet = self.dns.recv(65535)
+            except BlockingIOError:
+                return names
+            query = dns.Message()
+            query.fromStr(packet)
+            names += [str(q.name) for q in query.queries]
+
     def log_text(self) -> str:
         """What rspamd logged and printed so far."""
         parts = [path.read_text(errors="replace") for path in (self.log, self.base / "log" / "stdout")
@@ -168,5 +188,6 @@ class PrivateRspamd:
             terminate(self.process, TIMEOUT)
 
     def remove(self) -> None:
-        """Remove the temporary directory (after `stop`)."""
+        """Close the name server's socket and remove the temporary directory (after `stop`)."""
+        self.dns.close()
         shutil.rmtree(self.base, ignore_errors=True)

@@ -5,6 +5,7 @@ the Debian package's configuration, its network checks off and its DNS going now
   rspamd's milter headers module asks for (the ``milter`` block, as header edits).
 - What the request headers say (client address, HELO, host name, sender, recipients, queue id, user) is what
   rspamd saw: a rule in the test configuration echoes it into its options, which that field shows.
+- rspamd's DNS queries reach the test's silent name server on 127.0.0.1, nowhere else.
 - A stopped rspamd: the check raises, and a `FilterChain` makes that 451 4.7.1.
 """
 
@@ -98,6 +99,15 @@ async def test_the_request_headers_reach_rspamd(rspamd: PrivateRspamd) -> None:
                                    "user=alice", "qid=4Q7x2Lm9Tz", "from=alice@good.test",
                                    "rcpt=bob@example.net", "rcpt=carol@example.net"]), said
     assert "qid: <4Q7x2Lm9Tz>, ip: 192.0.2.7, user: alice, from: <alice@good.test>" in rspamd.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rspamds_dns_goes_to_the_tests_silent_server(rspamd: PrivateRspamd) -> None:
+    rspamd.dns_queries()
+    nameless = message(HAM, client_name=None)
+    verdict = await RspamdFilter(rspamd.url).check(nameless)
+    assert verdict.action is Action.CONTINUE
+    assert "7.2.0.192.in-addr.arpa" in rspamd.dns_queries()  # no Hostname: rspamd looks the address up itself
 
 
 @pytest_twisted.ensureDeferred
