@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import pytest_twisted
@@ -27,8 +28,8 @@ from esmtpkit.mailauth import MailAuth
 
 from .mailnet import PrivateDNS
 
-__all__ = ["Key", "make_key", "auth_zones", "SELECTOR", "AUTHSERV", "MESSAGE", "dkim_sign", "arc_seal", "world_dns",
-           "mail_auths"]
+__all__ = ["Key", "make_key", "auth_zones", "key_files", "SELECTOR", "AUTHSERV", "MESSAGE", "dkim_sign", "arc_seal",
+           "world_dns", "mail_auths"]
 
 SELECTOR = "s1"
 #: The authserv-id the tests' checks write their results under.
@@ -105,6 +106,16 @@ def auth_zones() -> AuthWorld:
     z["slow.test"] = {"TXT": ["v=spf1 -all"]}
     world.silent = ["slow.test", f"{SELECTOR}._domainkey.slow.test", "_dmarc.slow.test"]
     return world
+
+
+def key_files(world: AuthWorld, folder: Path) -> dict[str, str]:
+    """The private keys of good.test and other.test written as PEM files in ``folder``; domain -> path."""
+    paths = {}
+    for domain in ("good.test", "other.test"):
+        path = folder / f"{domain}.pem"
+        path.write_bytes(world.keys[domain].private)
+        paths[domain] = str(path)
+    return paths
 
 
 def dkim_sign(message: bytes, domain: str, key: Key, selector: str = SELECTOR,

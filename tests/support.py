@@ -18,6 +18,7 @@
   /proc probes `greeting_pid`, `listening_inodes`, `holds_socket`, `alive`.
 - Mail over loopback by smtplib: `smtp_send` (one message), `smtp_client` and `smtp_transaction` (a client kept
   open); a Relay, signing if asked, in front of a sink that keeps what it takes: `relay_to_sink`.
+- The ``twistd esmtpkit`` command line: `tap_options` (parsed), `tap_mistake` (the one-line error it makes).
 
 Test certificates are in `tests.certs`; the private RabbitMQ node is in `tests.rabbitmq`; the code blocks of the
 documentation are read by `tests.docblocks`.
@@ -1235,3 +1236,25 @@ class BrokenPeer:
         self._stop.set()
         self._thread.join(5)
         self._listener.close()
+
+
+# ---- the twistd esmtpkit command line ------------------------------------------------------------------------------
+
+def tap_options(*argv: str) -> Any:
+    """``twistd esmtpkit`` options (`esmtpkit.cli.tap.Options`) parsed from ``argv``."""
+    from esmtpkit.cli import tap
+
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def tap_mistake(*argv: str) -> str:
+    """The usage error ``argv`` makes on the ``twistd esmtpkit`` command line, which must be one stripped line."""
+    from twisted.python import usage
+
+    with pytest.raises(usage.UsageError) as caught:
+        tap_options(*argv)
+    text = str(caught.value)
+    assert "\n" not in text and text == text.strip(), repr(text)
+    return text

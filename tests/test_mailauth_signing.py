@@ -30,7 +30,7 @@ from esmtpkit.queue.spool_admin import SpoolAdmin
 from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.server.policy import Policy
 
-from .authzone import SELECTOR, AuthWorld, Key, auth_zones, dkim_sign
+from .authzone import SELECTOR, AuthWorld, Key, auth_zones, dkim_sign, key_files
 from .mailnet import PrivateDNS, ScriptedMX, listen_all, stop_all, until
 from .support import RawClient, relay_to_sink, smtp_send
 
@@ -68,12 +68,7 @@ def world() -> AuthWorld:
 @pytest.fixture
 def keyfiles(world: AuthWorld, tmp_path: Path) -> dict[str, str]:
     """The private keys of good.test and other.test as PEM files."""
-    paths = {}
-    for domain in ("good.test", "other.test"):
-        path = tmp_path / f"{domain}.pem"
-        path.write_bytes(world.keys[domain].private)
-        paths[domain] = str(path)
-    return paths
+    return key_files(world, tmp_path)
 
 
 def dnsfunc(world: AuthWorld) -> Callable[..., bytes | None]:

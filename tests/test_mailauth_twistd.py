@@ -11,7 +11,6 @@ from typing import Iterator
 import pytest
 import pytest_twisted
 from twisted.internet import threads
-from twisted.python import usage
 
 from esmtpkit.cli import tap
 from esmtpkit.handlers.mailauth import MailAuthFront
@@ -21,26 +20,11 @@ from esmtpkit.testing import RecordingHandler
 
 from .authzone import AuthWorld, auth_zones, dkim_sign, make_key
 from .mailnet import PrivateDNS
-from .support import Twistd, run_twistd, smtp_send
+from .support import Twistd, run_twistd, smtp_send, tap_mistake as mistake, tap_options as parse
 
 BASE = ["--handler", "esmtpkit.handlers.base.MessageHandler"]
 RELAY = ["--handler", "esmtpkit.handlers.relay.Relay"]
 HINT = "see twistd esmtpkit --help"
-
-
-def parse(*argv: str) -> tap.Options:
-    options = tap.Options()
-    options.parseOptions(list(argv))
-    return options
-
-
-def mistake(*argv: str) -> str:
-    """The one-line usage error ``argv`` makes."""
-    with pytest.raises(usage.UsageError) as caught:
-        parse(*argv)
-    text = str(caught.value)
-    assert "\n" not in text and text == text.strip(), repr(text)
-    return text
 
 
 def checks_of(options: tap.Options) -> MailAuth:
