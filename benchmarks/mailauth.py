@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from run import (HOST, BenchError, Client, Server, ServerSpec, cpu_model, cpu_seconds, esmtpkit_python, free_port,
+from run import (HOST, BenchError, Client, Server, ServerSpec, cpu_model, cpu_seconds, esmtpkit_python, fmt, free_port,
                  stop_process, twistd_argv, version)
 
 HERE = Path(__file__).resolve().parent
@@ -527,14 +527,6 @@ def versions() -> dict[str, str]:
         "kernel": platform.release(),
         "esmtpkit": f"{software}; {source}" + (" with changes in esmtpkit/" if dirty.stdout.strip() else ""),
     }
-
-
-def fmt(value: float) -> str:
-    if value >= 100:
-        return f"{value:.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -35,7 +35,7 @@ from esmtpkit.testing import Call, Conversation, RecordingHandler, serve
 
 from .authzone import AUTHSERV, MESSAGE, AuthWorld, dkim_sign, mail_auths
 from .mailnet import PrivateDNS
-from .support import Recorder, calls, smtp_client, smtp_transaction
+from .support import Recorder, calls, smtp_client, smtp_send
 
 ADDED = b"X-Added: by the front\r\n"
 
@@ -837,6 +837,11 @@ class Loopback:
     def client(self) -> smtplib.SMTP:
         return smtp_client(self.server.port, timeout=30)
 
+    async def transaction(self, sender: str, content: bytes) -> tuple[int, bytes]:
+        """One message to bob@example.test by smtplib, in a thread (`smtp_send`); the reply that ended it."""
+        return await in_thread(smtp_send, self.server.port, sender, content, ("bob@example.test",),
+                               "helo.good.test", 30)
+
 
 def in_thread(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
     return threads.deferToThread(function, *args)
@@ -855,12 +860,7 @@ async def test_signed_message_passes_every_check(make: Any, auth_world: AuthWorl
     server = await served(make())
     try:
         signed = dkim_sign(MESSAGE, "good.test", auth_world.keys["good.test"])
-
-        def run() -> tuple[int, bytes]:
-            with server.client() as client:
-                return smtp_transaction(client, "alice@good.test", signed)
-
-        code, _ = await in_thread(run)
+        code, _ = await server.transaction("alice@good.test", signed)
         assert code == 250
     finally:
         await server.server.stop()
@@ -879,11 +879,7 @@ async def test_signed_message_passes_every_check(make: Any, auth_world: AuthWorl
 async def test_forged_results_replaced_over_loopback(make: Any) -> None:
     server = await served(make(dkim=False, dmarc=False, arc=False))
     try:
-        def run() -> tuple[int, bytes]:
-            with server.client() as client:
-                return smtp_transaction(client, "alice@good.test", FORGED)
-
-        assert (await in_thread(run))[0] == 250
+        assert (await server.transaction("alice@good.test", FORGED))[0] == 250
     finally:
         await server.server.stop()
     [message] = server.store.messages
@@ -917,11 +913,7 @@ async def test_spf_reject_refuses_a_failing_sender_at_mail(make: Any) -> None:
 async def test_spf_reject_defers_a_sender_dns_cannot_answer_for(make: Any) -> None:
     server = await served(make(spf_reject=True, timeout=(0.2,)))
     try:
-        def run() -> tuple[int, bytes]:
-            with server.client() as client:
-                return smtp_transaction(client, "someone@slow.test", MESSAGE)
-
-        code, text = await in_thread(run)
+        code, text = await server.transaction("someone@slow.test", MESSAGE)
     finally:
         await server.server.stop()
     assert code == 451 and text.startswith(b"4.7.24 "), (code, text)
@@ -933,11 +925,7 @@ async def test_dmarc_reject_refuses_at_the_end_of_data(make: Any) -> None:
     server = await served(make(dmarc_reject=True))
     strict = MESSAGE.replace(b"From: Alice <alice@good.test>", b"From: Boss <boss@strict.test>")
     try:
-        def run() -> tuple[int, bytes]:
-            with server.client() as client:
-                return smtp_transaction(client, "alice@good.test", strict)
-
-        code, text = await in_thread(run)
+        code, text = await server.transaction("alice@good.test", strict)
     finally:
         await server.server.stop()
     assert code == 550 and text.startswith(b"5.7.26 "), (code, text)
