@@ -23,7 +23,7 @@ from esmtpkit.filters.interfaces import HeldMessage
 from esmtpkit.filters.stream import FilterProtocolError, client_endpoint, common_options, converse, flag
 from esmtpkit.filters.verdict import CONTINUE, Action, HeaderEdit, Verdict
 
-__all__ = ["ClamdFilter", "ClamdError", "from_spec", "ANSWER_LIMIT", "CHUNK"]
+__all__ = ["ClamdFilter", "ClamdError", "from_spec", "parse_answer", "safe_name", "ANSWER_LIMIT", "CHUNK"]
 
 #: The most octets of clamd's answer read: one line naming a signature is far shorter.
 ANSWER_LIMIT = 4096
