@@ -172,7 +172,9 @@ def test_option_negotiation_fails_on_what_was_not_offered_or_is_malformed(answer
 def test_header_changes_become_header_edits() -> None:
     assert mc.parse_edit(b"h", b"X-Spam\0yes\0") == HeaderEdit("add", "X-Spam", "yes")
     assert mc.parse_edit(b"i", struct.pack(">I", 0) + b"DKIM-Signature\0v=1;\n\ta=rsa\0") == HeaderEdit(
-        "insert", "DKIM-Signature", "v=1;\ta=rsa", 0)
+        "insert", "DKIM-Signature", "v=1;\n\ta=rsa", 0)
+    assert HeaderEdit("add", "DKIM-Signature", "v=1;\n\ta=rsa").line == b"DKIM-Signature: v=1;\r\n\ta=rsa\r\n"
+    assert mc.parse_edit(b"h", b"X\0caf\xc3\xa9 \xff\x01\0") == HeaderEdit("add", "X", "caf\u00e9 \udcff ")
     assert mc.parse_edit(b"m", struct.pack(">I", 2) + b"Subject\0new\0") == HeaderEdit("change", "Subject", "new", 2)
     assert mc.parse_edit(b"m", struct.pack(">I", 1) + b"Subject\0\0") == HeaderEdit("delete", "Subject", index=1)
     assert mc.parse_edit(b"m", struct.pack(">I", 0) + b"Subject\0\0") == HeaderEdit("delete", "Subject", index=1)

@@ -199,9 +199,19 @@ def safe_text(raw: bytes) -> str:
     return "".join(c if c.isprintable() or c == "\t" else " " for c in text)
 
 
+def header_value(raw: bytes) -> str:
+    """A header value a milter sent, as `HeaderEdit` takes it: its folds kept (a line end before a space or a tab,
+    written back as CRLF), any other line end dropped, other control characters made spaces, and octets that are
+    not UTF-8 kept as surrogate escapes (so they go back into the message as they came)."""
+    text = raw.decode("utf-8", "surrogateescape")
+    text = re.sub(r"[\r\n]+(?![ \t])", "", re.sub(r"\r?\n(?=[ \t])", "\n", text))
+    return "".join(c if c in "\t\n" or " " <= c <= "~" or ord(c) >= 0xA0 or 0xDC80 <= ord(c) <= 0xDCFF else " "
+                   for c in text)
+
+
 def parse_edit(command: bytes, data: bytes, leading_space: bool = False) -> HeaderEdit:
     """SMFIR_ADDHEADER, SMFIR_INSHEADER or SMFIR_CHGHEADER as a `HeaderEdit` (a change to an empty value is a
-    delete; an index 0 to change or delete means the first field). Folded values are unfolded; with
+    delete; an index 0 to change or delete means the first field). Folds are kept (`header_value`); with
     SMFIP_HDR_LEADSPC the one space after the colon is the milter's and is taken off."""
     index = 0
     if command in (SMFIR_INSHEADER, SMFIR_CHGHEADER):
@@ -213,7 +223,7 @@ def parse_edit(command: bytes, data: bytes, leading_space: bool = False) -> Head
     if len(parts) != 2:
         raise MilterProtocolError("a header change is a name and a value")
     name = parts[0].decode("ascii", "replace")
-    value = safe_text(parts[1])
+    value = header_value(parts[1])
     if leading_space and value.startswith(" "):
         value = value[1:]
     try:

@@ -49,7 +49,7 @@ def applied(edits: tuple[HeaderEdit, ...], content: bytes) -> bytes:
     """``content`` with the fields the milter added on top or at the end of the header section."""
     head, body = content.split(b"\r\n\r\n", 1)
     for edit in edits:
-        line = f"{edit.name}: {edit.value}".encode()
+        line = edit.line[:-2]  # the field as the front writes it, folds and all
         if edit.kind == "insert" and edit.index == 0:
             head = line + b"\r\n" + head
         else:
