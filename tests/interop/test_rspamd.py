@@ -7,13 +7,15 @@ the Debian package's configuration, its network checks off and its DNS going now
   rspamd saw: a rule in the test configuration echoes it into its options, which that field shows.
 - rspamd's DNS queries reach the test's silent name server on 127.0.0.1, nowhere else.
 - A stopped rspamd: the check raises, and a `FilterChain` makes that 451 4.7.1.
+- ``twistd esmtpkit --filter rspamd:URL``: GTUBE gets 550 5.7.1 over SMTP and nothing is stored; a plain message
+  is stored with the ``X-Spamd-Result`` field rspamd asked for, and without the one the client forged.
 """
 
 from __future__ import annotations
 
 import io
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import pytest_twisted
@@ -26,6 +28,8 @@ from esmtpkit.filters import FILTER_FAILED, Action, FilterChain, HeaderEdit, Hel
 from esmtpkit.filters.rspamd import RspamdFilter
 
 from ..rspamdaemon import GTUBE, PrivateRspamd, rspamd_missing
+from ..support import smtp_send
+from .conftest import EsmtpkitProcess, missing_options
 
 pytestmark = pytest.mark.skipif(rspamd_missing() is not None, reason=str(rspamd_missing()))
 
@@ -125,3 +129,21 @@ async def test_a_stopped_rspamd_fails_the_check_and_the_chain_tempfails() -> Non
     held = message(SPAM)
     verdict = await FilterChain([checker]).start(held.session).stage("message", held)
     assert (verdict.action, verdict.reply) == (Action.TEMPFAIL, FILTER_FAILED)
+
+
+def test_twistd_with_an_rspamd_filter(rspamd: PrivateRspamd,
+                                      start_esmtpkit: Callable[..., EsmtpkitProcess]) -> None:
+    if missing_options("--filter"):
+        pytest.skip("twistd esmtpkit --help does not list --filter")
+    server = start_esmtpkit("--filter", f"rspamd:{rspamd.url},timeout=30")
+    code, text = smtp_send(server.port, "alice@good.test", SPAM, ("bob@example.net",), helo="client.good.test")
+    assert (code, text) == (550, b"5.7.1 Gtube pattern"), rspamd.log_text()[-3000:]
+    forged = b"X-Spamd-Result: default: False [-100.00 / 15.00]\r\n" + HAM
+    code, text = smtp_send(server.port, "alice@good.test", forged, ("bob@example.net",), helo="client.good.test")
+    assert code == 250, (code, text)
+    [stored] = server.wait_for(1)
+    head = stored.split(b"\r\n\r\n", 1)[0]
+    [result] = re.findall(rb"^X-Spamd-Result: (.*(?:\r\n[ \t].*)*)", head, re.MULTILINE)
+    assert result.startswith(b"default: False ["), head
+    assert b"-100.00" not in result and b"ESMTPKIT_ENVELOPE" in result, head
+    assert stored.endswith(HAM.split(b"\r\n\r\n", 1)[1])
