@@ -8,6 +8,8 @@ import contextlib
 import io
 import json
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -392,3 +394,12 @@ def test_the_docs_page_command_makes_the_filter_it_describes() -> None:
     [made] = options["filter-chain"].filters
     assert isinstance(made, RspamdFilter)
     assert (made.endpoint, made.timeout) == ("http://127.0.0.1:11333/checkv2", 20.0)
+
+
+def test_from_spec_leaves_the_reactor_alone() -> None:
+    """Made while ``twistd`` reads its options, the filter must not install the default reactor (twistd installs
+    the one asked for); it looks it up at its first check."""
+    code = ("import sys; from esmtpkit.filters.rspamd import from_spec; from_spec('http://127.0.0.1:11333', {}); "
+            "print('twisted.internet.reactor' in sys.modules)")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (ran.returncode, ran.stdout.strip()) == (0, "False"), ran.stderr

@@ -27,6 +27,7 @@ import re
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
@@ -237,7 +238,8 @@ class RspamdFilter(MessageFilter):
     """Asks the rspamd worker at ``url`` (``http://127.0.0.1:11333``) about each whole message; see the module
     docstring. ``password`` goes in the ``Password`` header (a controller with one), ``header`` names the field
     "add header" adds, ``pass_all`` sends ``Pass: all`` (every rule runs, even after a reject is certain).
-    ``client`` is a treq ``HTTPClient`` (one with a non-persistent pool on ``reactor`` by default)."""
+    ``client`` is a treq ``HTTPClient`` (by default one with a non-persistent pool on ``reactor``, the global
+    reactor when None). Nothing connects before a check."""
 
     name = "rspamd"
 
@@ -253,17 +255,23 @@ class RspamdFilter(MessageFilter):
         self.header = header
         self.pass_all = pass_all
         self.max_answer = max_answer
-        if reactor is None:
+        self.reactor = reactor
+        self._client = client
+        self._cooperator: Cooperator | None = None
+
+    def _http(self) -> tuple[Any, Cooperator]:
+        """The HTTP client and the cooperator that feeds request bodies, made on first use (the global reactor is
+        looked up only then, when none was given)."""
+        if self.reactor is None:
             from twisted.internet import reactor as default
 
-            reactor = default
-        self.reactor = reactor
-        self.cooperator = Cooperator(scheduler=lambda step: reactor.callLater(0, step))
-        if client is None:
-            from treq.client import HTTPClient
-
-            client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-        self.client = client
+            self.reactor = default
+        reactor = self.reactor
+        if self._cooperator is None:
+            self._cooperator = Cooperator(scheduler=lambda step: reactor.callLater(0, step))
+        if self._client is None:
+            self._client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        return self._client, self._cooperator
 
     def request_headers(self, message: HeldMessage) -> Headers:
         """The protocol headers for ``message`` (see the module docstring)."""
@@ -292,10 +300,11 @@ class RspamdFilter(MessageFilter):
         return Deferred.fromCoroutine(self._check(message))
 
     async def _check(self, message: HeldMessage) -> Verdict:
+        client, cooperator = self._http()
         stream = message.open()
         try:
-            producer = FileBodyProducer(stream, cooperator=self.cooperator)
-            response: IResponse = await self.client.request(
+            producer = FileBodyProducer(stream, cooperator=cooperator)
+            response: IResponse = await client.request(
                 "POST", self.endpoint, headers=self.request_headers(message), data=producer, unbuffered=True,
                 allow_redirects=False)
             reader = _BoundedBody(self.max_answer, response.length)
