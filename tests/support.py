@@ -806,7 +806,7 @@ def every_event(text: str = "") -> list[dict[str, Any]]:
     monitor.connection_closed(session, 1.0, "QUIT" + text)
     monitor.client_replaced(session, "XCLIENT", "192.0.2.9" + text)
     monitor.checked(session, "dkim", "fail", "example.org" + text, 0.25)
-    monitor.filtered(session, "rspamd" + text, "message", "reject", 0.5)
+    monitor.filtered(session, "rspamd" + text, "message", "reject", 0.5, "Gtube pattern" + text)
     return events
 
 

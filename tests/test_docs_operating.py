@@ -60,7 +60,7 @@ def emitted_events() -> dict[str, set[str]]:
     log.message_rejected(session, envelope, 10, refused)
     log.message_aborted(session, envelope, 0, "reset by RSET")
     log.checked(session, "spf.mailfrom", "pass", "example.org", 0.01)
-    log.filtered(session, "rspamd", "message", "reject", 0.2)
+    log.filtered(session, "rspamd", "message", "reject", 0.2, "Gtube pattern")
     return {e["event"]: {k for k in e if not k.startswith("log_")} for e in events}
 
 

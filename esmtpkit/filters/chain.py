@@ -129,7 +129,8 @@ class ChainSession:
                     member.broken = True
                     self._close(member)
                 verdict = self._failed(member, f"{type(e).__name__}: {e}"[:200])
-        self.chain.monitor.filtered(self.session, name, stage, verdict.action.value, time.monotonic() - started)
+        self.chain.monitor.filtered(self.session, name, stage, verdict.action.value, time.monotonic() - started,
+                                    verdict.reason)
         return verdict
 
     @staticmethod

@@ -148,7 +148,8 @@ class Metrics(Monitor):
         self._child(self.mailauth, method, result).inc()
         self._child(self.mailauth_seconds, method).observe(seconds)
 
-    def filtered(self, session: Session, name: str, stage: str, action: str, seconds: float) -> None:
+    def filtered(self, session: Session, name: str, stage: str, action: str, seconds: float,
+                 reason: str = "") -> None:
         self._child(self.filters, name, stage, action).inc()
         self._child(self.filter_seconds, name).observe(seconds)
 

@@ -110,9 +110,11 @@ class Monitor:
         """A mail-authentication check gave a verdict (`esmtpkit.mailauth`): ``method`` is ``spf.mailfrom``,
         ``spf.helo``, ``dkim`` (once per signature), ``arc`` or ``dmarc``; ``seconds`` the time it took."""
 
-    def filtered(self, session: Session, name: str, stage: str, action: str, seconds: float) -> None:
+    def filtered(self, session: Session, name: str, stage: str, action: str, seconds: float,
+                 reason: str = "") -> None:
         """A filter (`esmtpkit.filters`) answered ``action`` (``continue``, ``accept``, ``reject``, ``tempfail``,
-        ``discard``, ``quarantine``) at ``stage`` (``connect``, ``helo``, ``mail``, ``rcpt``, ``message``)."""
+        ``discard``, ``quarantine``) at ``stage`` (``connect``, ``helo``, ``mail``, ``rcpt``, ``message``), for
+        ``reason`` (what it found, or why it failed; may be empty)."""
 
 
 class Monitors(Monitor):
@@ -347,12 +349,13 @@ class EventLog(Monitor):
         self._emit("message {id} aborted: {reason} from=<{sender}> recipients={recipients} size={size} "
                    "conn={conn} peer={peer}", fields)
 
-    def filtered(self, session: Session, name: str, stage: str, action: str, seconds: float) -> None:
+    def filtered(self, session: Session, name: str, stage: str, action: str, seconds: float,
+                 reason: str = "") -> None:
         fields = _common("filter.verdict", session)
         fields.update(id=session.envelope.id, filter=escape(name), stage=stage, action=action,
-                      elapsed=round(seconds, 3))
-        self._emit("filter {filter} {stage}={action} elapsed={elapsed}s message={id} conn={conn} peer={peer}",
-                   fields)
+                      elapsed=round(seconds, 3), reason=escape(reason))
+        self._emit("filter {filter} {stage}={action} elapsed={elapsed}s message={id} conn={conn} peer={peer} "
+                   "reason={reason}", fields)
 
     def checked(self, session: Session, method: str, result: str, domain: str, seconds: float) -> None:
         fields = _common("mailauth.verdict", session)
