@@ -14,12 +14,12 @@ from twisted.python import usage
 
 from esmtpkit.mailauth.checks import CHECKS
 from esmtpkit.mailauth.lookups import parse_servers
-from esmtpkit.mailauth.signing import parse_headers, parse_keys
+from esmtpkit.mailauth.signing import parse_headers, parse_keys, parse_sign_from
 
 __all__ = ["MailAuthOptions", "build_mail_auth", "check_mail_auth", "SIGNING_KWARGS"]
 
 #: The handler keywords the signing options fill in, for handlers that send mail on (Queue, Relay).
-SIGNING_KWARGS = ("dkim_sign", "dkim_headers", "arc_seal", "authserv_id")
+SIGNING_KWARGS = ("dkim_sign", "dkim_headers", "dkim_sign_from", "arc_seal", "authserv_id")
 
 
 def _seconds(value: str) -> float:
@@ -40,7 +40,7 @@ class MailAuthOptions(usage.Options):
         ["spf-reject", None, "With --verify spf: refuse MAIL FROM when SPF says fail (550 5.7.23), and defer it "
          "when SPF could not be checked (451 4.7.24)."],
         ["dmarc-reject", None, "With --verify dmarc: refuse a message that fails DMARC when its author domain "
-         "publishes p=reject (550 5.7.26)."],
+         "publishes p=reject (550 5.7.26; 451 4.7.26 when a temporary DNS error may explain the failure)."],
     ]
     optParameters = [
         ["authserv-id", None, None, "The name this server gives in Authentication-Results fields (default: "
@@ -49,6 +49,9 @@ class MailAuthOptions(usage.Options):
          _seconds],
         ["dkim-headers", None, None, "With --dkim-sign: the header fields to sign, as NAME:NAME:... (From always; "
          "default: From, Reply-To, Subject, Date, To, Cc, Message-ID and the other fields RFC 6376 recommends)."],
+        ["dkim-sign-from", None, None, "With --dkim-sign: NETWORKS, comma-separated IPs and CIDRs of the clients "
+         "whose mail is signed without authenticating (authenticated sessions always are); none: authenticated "
+         "sessions only (default: 127.0.0.0/8,::1)."],
         ["arc-seal", None, None, "DOMAIN:SELECTOR:KEYFILE: Queue and Relay handlers seal the messages they "
          "forward (those checked here) with an ARC set (RFC 8617). Needs --verify arc."],
     ]
@@ -114,6 +117,13 @@ def check_mail_auth(options: usage.Options) -> None:
             parse_headers(options["dkim-headers"])
         except ValueError as e:
             raise usage.UsageError(f"--dkim-headers: {e}") from None
+    if options["dkim-sign-from"] is not None:
+        if not options["dkim-sign"]:
+            raise usage.UsageError("--dkim-sign-from needs --dkim-sign")
+        try:
+            parse_sign_from(options["dkim-sign-from"])
+        except ValueError as e:
+            raise usage.UsageError(f"--dkim-sign-from: {e}") from None
     if options["dkim-sign"]:
         try:
             parse_keys(options["dkim-sign"])
@@ -138,6 +148,8 @@ def signing_kwargs(options: usage.Options) -> dict[str, Any]:
         kwargs["dkim_sign"] = ",".join(options["dkim-sign"])
         if options["dkim-headers"]:
             kwargs["dkim_headers"] = options["dkim-headers"]
+        if options["dkim-sign-from"] is not None:
+            kwargs["dkim_sign_from"] = options["dkim-sign-from"]
     if options["arc-seal"]:
         kwargs["arc_seal"] = options["arc-seal"]
         kwargs["authserv_id"] = authserv_id(options) or _fqdn()

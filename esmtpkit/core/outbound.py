@@ -171,6 +171,10 @@ class Message:
     What the client asked of the next hops: ``requiretls`` (RFC 8689: only over verified TLS, only to hops that
     offer REQUIRETLS), ``priority`` (RFC 6710 MT-PRIORITY, -9 to 9; None when not given, which counts as 0) and
     ``deliver_by`` (RFC 2852 BY, counted from ``arrived``).
+
+    ``sign`` is True when the message is this server's users' own (an authenticated client, or one inside the
+    handler's ``dkim_sign_from``; a notice made here): only such a message is DKIM-signed on its way out, so an
+    outsider cannot get a signature for a ``From:`` in our domains. Decided when it is accepted.
     """
 
     id: str
@@ -190,6 +194,7 @@ class Message:
     requiretls: bool = False
     priority: int | None = None
     deliver_by: By | None = None
+    sign: bool = False
 
     @property
     def rank(self) -> int:
@@ -237,6 +242,8 @@ class Message:
             data["priority"] = self.priority
         if self.deliver_by is not None:
             data["by"] = self.deliver_by.param()
+        if self.sign:
+            data["sign"] = True
         return data
 
     @classmethod
@@ -251,4 +258,5 @@ class Message:
             extra=dict(data.get("extra") or {}), requiretls=bool(data.get("requiretls")),
             priority=int(data["priority"]) if data.get("priority") is not None else None,
             deliver_by=_stored_param(parse_by, data["by"]) if data.get("by") else None,
+            sign=data.get("sign") is True,
         )

@@ -33,6 +33,7 @@ from esmtpkit.core.session import Session
 from esmtpkit.core.trace import received_header
 from esmtpkit.handlers.access import DEFAULT_NETWORKS, may_relay, parse_networks
 from esmtpkit.handlers.base import MessageHandler
+from esmtpkit.mailauth.signing import parse_sign_from
 from esmtpkit.queue.interfaces import IQueueEntry, IQueueStore, MessageTooBig
 from esmtpkit.queue.service import QueueConfig, QueueService
 
@@ -176,7 +177,10 @@ class Queue(MessageHandler):
     ``max_backoff``, ``lifetime``, ``bounce_lifetime``, ``delay_warning``; ``concurrency``; ``runner=no`` to
     accept only (another process delivers, such as ``esmtpkit-queue run``); ``hostname``; ``local_addresses``
     (this host's addresses, never delivered to by MX); ``attempt_timeout`` (AMQP). A message that arrives with
-    more than `HOP_LIMIT` ``Received:`` fields gets `TOO_MANY_HOPS`.
+    more than `HOP_LIMIT` ``Received:`` fields gets `TOO_MANY_HOPS`. With ``dkim_sign`` keys, only the mail of
+    this server's own users is DKIM-signed: from an authenticated session or a client inside ``dkim_sign_from``
+    (IPs and CIDRs; default this host, ``none``: authenticated sessions only), judged when the message is accepted
+    and kept with it (`Message.sign`).
     ``store`` (tests: a `esmtpkit.queue.memory.MemoryStore`) or ``service`` replace the shared service's.
     """
 
@@ -193,7 +197,8 @@ class Queue(MessageHandler):
                  amqp_url: str | None = None, amqp_queue: str | None = None, hostname: str | None = None,
                  local_addresses: str | None = None, attempt_timeout: float | str | None = None,
                  dkim_sign: str | None = None, dkim_headers: str | None = None, arc_seal: str | None = None,
-                 authserv_id: str | None = None, reactor: Any = None, store: IQueueStore | None = None,
+                 authserv_id: str | None = None, dkim_sign_from: str | Iterable[str] | None = None,
+                 reactor: Any = None, store: IQueueStore | None = None,
                  service: QueueService | None = None) -> None:
         try:
             self.networks = parse_networks(networks)
@@ -205,7 +210,8 @@ class Queue(MessageHandler):
             min_backoff=min_backoff, max_backoff=max_backoff, lifetime=lifetime, bounce_lifetime=bounce_lifetime,
             delay_warning=delay_warning, concurrency=concurrency, runner=runner, hostname=hostname,
             local_addresses=local_addresses, attempt_timeout=attempt_timeout, dkim_sign=dkim_sign,
-            dkim_headers=dkim_headers, arc_seal=arc_seal, authserv_id=authserv_id)
+            dkim_headers=dkim_headers, arc_seal=arc_seal, authserv_id=authserv_id, dkim_sign_from=dkim_sign_from)
+        self.sign_from = parse_sign_from(self.config.dkim_sign_from)
         self.reactor = reactor
         if service is None:
             if store is not None:
@@ -317,6 +323,10 @@ class Queue(MessageHandler):
         message = to_message(session, self.message_id, self._size, self._now())
         if message.body == "8BITMIME" and self._scan.ascii:
             message.body = None
+        message.sign = may_relay(session, self.sign_from)
+        if not message.sign and self.service.config.dkim_sign:
+            self.log.info("{queue_id}: not DKIM-signed: client {client} neither authenticated nor in "
+                          "dkim_sign_from", queue_id=message.id, client=escape(session.peer_ip) or "unknown")
         try:
             committing = entry.commit(message)
         except Exception:

@@ -22,19 +22,20 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from esmtpkit.client.options import ClientOptions, Timeouts
-from esmtpkit.client.session import Attempt, send
+from esmtpkit.client.session import send
 from esmtpkit.core.address import Address
 from esmtpkit.core.content import ContentMode
 from esmtpkit.core.escape import escape
 from esmtpkit.core.outbound import Message, Outcome
 from esmtpkit.core.reply import Reply
+from esmtpkit.core.session import Session
 from esmtpkit.core.stuffing import DotStuffer
 from esmtpkit.core.trace import received_header
 from esmtpkit.handlers.access import DEFAULT_NETWORKS, may_relay, parse_networks
 from esmtpkit.handlers.base import MessageHandler
 from esmtpkit.handlers.queue import to_message
 from esmtpkit.handlers.settings import flag
-from esmtpkit.mailauth.signing import signer_for
+from esmtpkit.mailauth.signing import parse_sign_from, signer_for
 
 __all__ = ["Relay", "DEFAULT_NETWORKS", "DotStuffer", "parse_networks", "TLS_MODES", "relay_reply"]
 
@@ -118,7 +119,9 @@ class Relay(MessageHandler):
     (``DOMAIN:SELECTOR:KEYFILE``, comma-separated) DKIM-signs mail from those domains, covering the fields named in
     ``dkim_headers`` (``From:To:Subject``; `DEFAULT_HEADERS` when not given); ``arc_seal`` (one such key)
     seals mail checked here (it carries an ``Authentication-Results:`` by ``authserv_id``) with an ARC set
-    (`esmtpkit.mailauth.signing`).
+    (`esmtpkit.mailauth.signing`). Only the mail of this server's own users is DKIM-signed: from an authenticated
+    session or a client inside ``dkim_sign_from`` (IPs and CIDRs; default this host, ``none``: authenticated
+    sessions only).
     """
 
     content_mode = ContentMode.RAW
@@ -129,7 +132,8 @@ class Relay(MessageHandler):
                  password: str | None = None, tls: str = "none", tls_hostname: str | None = None,
                  ca_file: str | None = None, timeout: float | str = 60.0, spool_max: int | str = 1024 * 1024,
                  trace: bool | str = True, dkim_sign: str | None = None, dkim_headers: str | None = None,
-                 arc_seal: str | None = None, authserv_id: str | None = None, reactor: Any = None,
+                 arc_seal: str | None = None, authserv_id: str | None = None,
+                 dkim_sign_from: str | Iterable[str] | None = None, reactor: Any = None,
                  endpoint: Any = None) -> None:
         self.host = str(host)
         self.port = int(port)
@@ -153,6 +157,10 @@ class Relay(MessageHandler):
                              "sent in clear")
         self.options = self._client_options()
         self.signer = signer_for(dkim_sign, arc_seal, authserv_id, reactor, headers=dkim_headers)
+        try:
+            self.sign_from = parse_sign_from(dkim_sign_from)
+        except ValueError as e:
+            raise ValueError(f"dkim_sign_from: {e}") from None
         self._spool: Any = None
         self._sending = False
         self._eight_bit = False
@@ -213,30 +221,41 @@ class Relay(MessageHandler):
             self.log.failure("cannot start relaying to {where}", where=self.where)
             return Reply(451, (f"Upstream {self.where} unavailable, try again later",), "4.4.1")
         self._sending = True
+        return Deferred.fromCoroutine(self._relay(session, message, spool, reactor, endpoint, options))
+
+    async def _relay(self, session: Session, message: Message, spool: IO[bytes], reactor: Any, endpoint: Any,
+                     options: ClientOptions) -> Reply:
+        """Sign (when there is anything to add) and send; a failure to read the message for signing and a failure
+        of the send itself are each logged as what they are, and answered 451 4.4.1."""
+        unavailable = Reply(451, (f"Upstream {self.where} unavailable, try again later",), "4.4.1")
+
         def content() -> IO[bytes]:
             return _SpoolReader(spool)  # type: ignore[return-value]
 
-        if self.signer is None:
-            sending = send(reactor, endpoint, message, content, options, host=self.host)
-        else:
-            sending = self.signer.prepare(content, binary=message.body == "BINARYMIME").addCallback(
-                lambda signed: send(reactor, endpoint, message, signed, options, host=self.host))
-
-        def answer(attempt: Attempt) -> Reply:
+        opener: Any = content
+        try:
+            sign = may_relay(session, self.sign_from)
+            if self.signer is not None and self.signer.acts_on(sign=sign):
+                if not sign and self.signer.keys:
+                    self.log.info("{id}: not DKIM-signed: client {client} neither authenticated nor in "
+                                  "dkim_sign_from", id=message.id, client=escape(session.peer_ip) or "unknown")
+                try:
+                    opener = await self.signer.prepare(content, binary=message.body == "BINARYMIME", sign=sign)
+                except Exception:
+                    self.log.failure("cannot read the message to sign it for {where}", where=self.where)
+                    return unavailable
+            try:
+                attempt = await send(reactor, endpoint, message, opener, options, host=self.host)
+            except Exception:
+                self.log.failure("cannot send the message to {where}", where=self.where)
+                return unavailable
+        finally:
             self._sending = False
             spool.close()
-            reply = relay_reply(message, attempt.outcomes, self.where)
-            if reply.code != 250:
-                self.log.warn("not relayed to {where}: {reply}", where=self.where, reply=escape(str(reply)))
-            return reply
-
-        def unsent(failure: Any) -> Reply:
-            self._sending = False
-            spool.close()
-            self.log.failure("cannot sign the message for {where}", failure, where=self.where)
-            return Reply(451, (f"Upstream {self.where} unavailable, try again later",), "4.4.1")
-
-        return sending.addCallbacks(answer, unsent)
+        reply = relay_reply(message, attempt.outcomes, self.where)
+        if reply.code != 250:
+            self.log.warn("not relayed to {where}: {reply}", where=self.where, reply=escape(str(reply)))
+        return reply
 
     def abort(self, reason: str) -> None:
         """Drop the spooled message (a send already under way is left to finish)."""

@@ -6,12 +6,17 @@ the author's domain (the From: field) or the nearest parent domain that has one,
 unsigned. With an ARC key, a message that carries this server's own ``Authentication-Results:`` (it was
 received and checked here, and is being forwarded) is also sealed. Signing reads and hashes the whole message,
 so it runs in a worker thread; the content sent is the signature fields followed by the stored content.
+Only this server's users' own mail is DKIM-signed (OpenDKIM's InternalHosts rule): the handler decides when it
+accepts a message (an authenticated session, or a client inside `parse_sign_from`'s networks) and passes
+``sign=False`` for any other; ARC sealing does not depend on it.
 """
 
 from __future__ import annotations
 
 import io
+import ipaddress
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Sequence
 
@@ -26,7 +31,8 @@ from twisted.python.threadpool import ThreadPool
 from esmtpkit.mailauth.dkim import header_section
 from esmtpkit.mailauth.dmarc import author_domain
 
-__all__ = ["SigningKey", "Signer", "parse_keys", "parse_headers", "signer_for", "DEFAULT_HEADERS"]
+__all__ = ["SigningKey", "Signer", "parse_keys", "parse_headers", "parse_sign_from", "signer_for", "oversigned",
+           "DEFAULT_HEADERS", "DEFAULT_SIGN_FROM"]
 
 #: The fields signed when present (RFC 6376 §5.4.1's recommendations, From: always): each listed once more than
 #: it appears ("oversigning"), so none can be added after signing without breaking the signature.
@@ -35,6 +41,9 @@ DEFAULT_HEADERS: tuple[bytes, ...] = (
     b"mime-version", b"content-type", b"content-transfer-encoding", b"list-id", b"list-unsubscribe",
     b"list-unsubscribe-post",
 )
+
+#: The clients whose mail is DKIM-signed without authenticating (OpenDKIM's InternalHosts default): this host.
+DEFAULT_SIGN_FROM = "127.0.0.0/8,::1"
 
 #: A line end as the client sends it: every bare CR and bare LF goes as CRLF (`esmtpkit.core.stuffing`).
 _LINE_END = re.compile(rb"\r\n?|\n")
@@ -69,6 +78,33 @@ def parse_headers(text: str | Iterable[str] | None) -> tuple[bytes, ...]:
         if name not in names:
             names.append(name)
     return tuple(names)
+
+
+def parse_sign_from(text: str | Iterable[str] | None) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """The client networks whose mail is signed without authenticating, from IPs and CIDRs (comma- or
+    space-separated text, or a list); `DEFAULT_SIGN_FROM` for None, none at all for ``none``. ValueError names
+    an entry that is not an IP address or network."""
+    if text is None:
+        text = DEFAULT_SIGN_FROM
+    words = text.replace(",", " ").split() if isinstance(text, str) else [str(t).strip() for t in text]
+    items = [word for word in words if word]
+    if [item.lower() for item in items] == ["none"]:
+        return ()
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network (give IPs and CIDRs, or none)") from None
+    return tuple(networks)
+
+
+def oversigned(names: Sequence[bytes], head: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+    """dkimpy's ``include_headers`` for signing ``names`` in a header section ``head``: each name once more than
+    it appears (RFC 6376 §5.4.2, §8.15), so that none of its instances can be added without breaking the
+    signature (dkimpy picks instances from the bottom up, then a missing one, which a field added later fills)."""
+    counts = Counter(n.lower() for n, _ in head)
+    return [name for name in names for _ in range(counts[name] + 1)]
 
 
 def parse_keys(text: str | Iterable[str]) -> tuple[SigningKey, ...]:
@@ -154,10 +190,16 @@ class Signer:
                 return key
         return None
 
-    def fields(self, message: bytes, *, binary: bool = False) -> bytes:
+    def acts_on(self, *, sign: bool = True) -> bool:
+        """Whether `prepare` may add anything: an ARC set (with an ARC key), or a DKIM-Signature (with keys, for a
+        message that ``sign`` says may be signed)."""
+        return self.arc is not None or (sign and bool(self.keys))
+
+    def fields(self, message: bytes, *, binary: bool = False, sign: bool = True) -> bytes:
         """The fields to put on top of ``message``: an ARC set (when forwarding and sealing), then a
-        DKIM-Signature (when its author domain has a key). Blocking (hashing). Unless ``binary``
-        (BODY=BINARYMIME, sent as it is), the message is signed with CRLF for each bare CR and LF, as it is sent."""
+        DKIM-Signature (when ``sign`` and its author domain has a key). Blocking (hashing). Unless ``binary``
+        (BODY=BINARYMIME, sent as it is), the message is signed with CRLF for each bare CR and LF, as it is sent.
+        ``sign`` false: the message is not this server's users' own (see ``dkim_sign_from``), only sealed."""
         if not binary:
             message = _LINE_END.sub(b"\r\n", message)
         head = header_section(message[:message.find(b"\r\n\r\n") + 2] if b"\r\n\r\n" in message else message)
@@ -167,13 +209,13 @@ class Signer:
             sealed = dkim.arc_sign(message, self.arc.selector.encode(), self.arc.domain.encode(), self.arc.private,
                                    self.authserv_id.encode())
             added = b"".join(sealed)
-        domain = author_domain(authors)
+        domain = author_domain(authors) if sign else None
         key = self.key_for(domain) if domain else None
         if key is not None:
             present = {n.lower() for n, _ in head}
             signed = [h for h in self.headers if h in present] or [b"from"]
             signature = dkim.sign(added + message, key.selector.encode(), key.domain.encode(), key.private,
-                                  include_headers=signed + [h for h in signed])
+                                  include_headers=oversigned(signed, header_section(added) + head))
             added = signature + added
         return added
 
@@ -201,15 +243,16 @@ class Signer:
         if pool is not None:
             pool.stop()
 
-    def prepare(self, open_content: Callable[[], IO[bytes]], *,
-                binary: bool = False) -> "Deferred[Callable[[], IO[bytes]]]":
+    def prepare(self, open_content: Callable[[], IO[bytes]], *, binary: bool = False,
+                sign: bool = True) -> "Deferred[Callable[[], IO[bytes]]]":
         """An opener of the content to send: the signature fields on top of what ``open_content`` opens (the
-        same opener when nothing is added). ``binary``: see `fields`. Fails only if the content cannot be read."""
+        same opener when nothing is added). ``binary``, ``sign``: see `fields`. Fails only if the content cannot
+        be read."""
         def compute() -> bytes:
             with open_content() as stream:
                 message = stream.read()
             try:
-                return self.fields(message, binary=binary)
+                return self.fields(message, binary=binary, sign=sign)
             except Exception:  # a message dkimpy cannot sign (broken header fields) still goes, unsigned
                 self.log.failure("not signed: dkimpy could not sign the message")
                 return b""

@@ -134,8 +134,9 @@ class QueueRunner:
     for the recipients of one domain, firing with ``{index: Outcome}``), retrying on ``schedule``.
 
     ``hostname`` names this host in the notices (Reporting-MTA). ``signer`` (an `esmtpkit.mailauth.signing.Signer`)
-    DKIM-signs and ARC-seals each message before an attempt. `start` hands the runner to the store as its
-    worker; `stop` waits for the attempts under way.
+    ARC-seals each message before an attempt, and DKIM-signs those accepted from this server's own users
+    (`Message.sign`, decided by the handler) and the notices it writes. `start` hands the runner to the store as
+    its worker; `stop` waits for the attempts under way.
     """
 
     def __init__(self, store: IQueueStore, deliverer: Any, *, reactor: Any, schedule: Schedule, hostname: str,
@@ -166,9 +167,10 @@ class QueueRunner:
     async def _attempt(self, message: Message, open_content: OpenContent) -> Message:
         started = self.reactor.seconds()
         self.monitor.attempt_started(message)
-        if self.signer is not None and message.pending:
+        if self.signer is not None and message.pending and self.signer.acts_on(sign=message.sign):
             try:
-                open_content = await self.signer.prepare(open_content, binary=message.body == "BINARYMIME")
+                open_content = await self.signer.prepare(open_content, binary=message.body == "BINARYMIME",
+                                                         sign=message.sign)
             except Exception:
                 self.log.failure("message {queue_id}: cannot read it to sign it", queue_id=message.id)
         try:
@@ -378,6 +380,7 @@ class QueueRunner:
             if not notice.arrived:
                 notice.arrived = now
             notice.requiretls = notice.requiretls or message.requiretls  # RFC 8689 §5: the notice keeps it
+            notice.sign = True  # written here: this server's own mail
             try:
                 await self.store.enqueue(notice, data)
             except Exception:

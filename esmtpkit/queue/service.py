@@ -17,7 +17,7 @@ import re
 import socket
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet.defer import Deferred, succeed
@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from esmtpkit.core.schedule import Schedule
 from esmtpkit.queue.interfaces import IQueueStore
-from esmtpkit.mailauth.signing import parse_headers, parse_keys, signer_for
+from esmtpkit.mailauth.signing import DEFAULT_SIGN_FROM, parse_headers, parse_keys, parse_sign_from, signer_for
 from esmtpkit.queue.runner import Monitors, QueueMonitor, QueueRunner
 from esmtpkit.queue.shared import DefaultReactor
 
@@ -205,7 +205,9 @@ class QueueConfig:
     ``local_addresses`` are this host's own addresses, never delivered to by MX (a mail loop, RFC 5321 §5.1);
     None: the addresses the server listens on, on ``port``, when they are concrete. ``attempt_timeout`` bounds one
     attempt with the AMQP backend. ``verify`` needs ``tls`` required or implicit: opportunistic TLS would fall
-    back to plaintext when the check fails.
+    back to plaintext when the check fails. ``dkim_sign_from``: the clients (IPs and CIDRs, or ``none``) whose
+    mail is DKIM-signed without authenticating; the handler judges it when it accepts a message, so it is no part
+    of what makes the queue (handlers that differ only in it share one).
     """
 
     spool: str = "queue"
@@ -230,6 +232,7 @@ class QueueConfig:
     dkim_headers: str = ""
     arc_seal: str = ""
     authserv_id: str = ""
+    dkim_sign_from: str = field(default=DEFAULT_SIGN_FROM, compare=False)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -269,6 +272,10 @@ class QueueConfig:
             parse_headers(self.dkim_headers)
         except ValueError as e:
             raise ValueError(f"dkim_headers: {e}") from None
+        try:
+            parse_sign_from(self.dkim_sign_from)
+        except ValueError as e:
+            raise ValueError(f"dkim_sign_from: {e}") from None
         if self.arc_seal and not self.authserv_id:
             raise ValueError("arc_seal needs authserv_id (the name in this server's Authentication-Results)")
 
@@ -284,7 +291,8 @@ class QueueConfig:
                      local_addresses: str | None = None,
                      attempt_timeout: float | str | None = None, dkim_sign: str | None = None,
                      dkim_headers: str | None = None, arc_seal: str | None = None,
-                     authserv_id: str | None = None) -> "QueueConfig":
+                     authserv_id: str | None = None,
+                     dkim_sign_from: str | Iterable[str] | None = None) -> "QueueConfig":
         """A configuration from settings given as text (``--handler-option key=value``) or as values;
         ValueError naming the setting when one is wrong. Without ``backend``, it is amqp when ``amqp_url`` is
         given, else spool; without ``tls``, required with ``verify``, else opportunistic."""
@@ -322,6 +330,8 @@ class QueueConfig:
                              else DEFAULT_ATTEMPT_TIMEOUT),
             dkim_sign=dkim_sign or "", dkim_headers=dkim_headers or "", arc_seal=arc_seal or "",
             authserv_id=authserv_id or "",
+            dkim_sign_from=(DEFAULT_SIGN_FROM if dkim_sign_from is None else dkim_sign_from
+                            if isinstance(dkim_sign_from, str) else ",".join(dkim_sign_from)),
         )
 
 
