@@ -4,8 +4,6 @@ the one line each mistake gets."""
 from __future__ import annotations
 
 import pytest
-from twisted.python import usage
-
 from esmtpkit.cli import tap
 from esmtpkit.filters import Action, FilterChain
 from esmtpkit.filters.registry import parse_spec
@@ -13,21 +11,17 @@ from esmtpkit.handlers.filtering import FilterFront
 from esmtpkit.handlers.mailauth import MailAuthFront
 from esmtpkit.testing import RecordingHandler
 
+from .support import tap_mistake, tap_options
+
 BASE = ["--handler", "esmtpkit.handlers.base.MessageHandler"]
 
 
 def parse(*argv: str) -> tap.Options:
-    options = tap.Options()
-    options.parseOptions([*BASE, *argv])
-    return options
+    return tap_options(*BASE, *argv)
 
 
 def mistake(*argv: str) -> str:
-    with pytest.raises(usage.UsageError) as caught:
-        parse(*argv)
-    text = str(caught.value)
-    assert "\n" not in text and text == text.strip(), repr(text)
-    return text
+    return tap_mistake(*BASE, *argv)
 
 
 def test_without_filters_there_is_no_chain() -> None:

@@ -21,16 +21,9 @@ from esmtpkit.mailauth.checks import DMARC_DEFERRED, DMARC_REJECTED
 from esmtpkit.mailauth.lookups import Lookups
 from esmtpkit.mailauth.dkim import MAX_ARC_KEYS, signers
 from esmtpkit.mailauth.verdicts import AuthVerdicts, DkimVerdict, DmarcVerdict, SpfVerdict
-from tests.authzone import AUTHSERV, SELECTOR, AuthWorld, arc_seal, auth_zones, dkim_sign, mail_auths
+from tests.authzone import AUTHSERV, MESSAGE, SELECTOR, arc_seal, auth_zones, dkim_sign, mail_auths
 from tests.mailnet import PrivateDNS
 from tests.support import Twistd, read_reply
-
-MESSAGE = (b"From: Alice <alice@good.test>\r\n"
-           b"To: bob@example.test\r\n"
-           b"Subject: hello\r\n"
-           b"\r\n"
-           b"Hello, Bob.\r\n")
-
 
 def arc_fields(count: int, *, same_instance: bool = False, kind: bytes = b"ARC-Seal") -> bytes:
     """``count`` ARC fields, each naming a key of its own (instance 1 every time when ``same_instance``)."""
@@ -105,15 +98,8 @@ def reader(content: bytes) -> Any:
 
 
 @pytest.fixture
-def world() -> AuthWorld:
-    return auth_zones()
-
-
-@pytest.fixture
-def dns(world: AuthWorld) -> Iterator[PrivateDNS]:
-    server = PrivateDNS(world.zones, silent=world.silent).start()
-    yield server
-    pytest_twisted.blockon(server.stop())
+def dns(auth_dns: PrivateDNS) -> PrivateDNS:
+    return auth_dns
 
 
 @pytest.fixture
