@@ -532,3 +532,23 @@ def start_postfix() -> Iterator[Callable[..., PrivatePostfix]]:
         shutil.rmtree(instance.base, ignore_errors=True)
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+# ---- OpenDKIM (tests/opendkimd.py) ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def opendkim(tmp_path: Path) -> Any:
+    """OpenDKIM's files (keys, configurations) in a folder of the test's; its daemons are started by the tests."""
+    from tests.opendkimd import OpenDKIM
+
+    return OpenDKIM(tmp_path / "opendkim")
+
+
+@pytest.fixture
+def opendkim_zones(opendkim: Any) -> Iterator[Any]:
+    """The test world's zones plus OpenDKIM's key for good.test (selector ``sel``), on a private name server."""
+    from tests.opendkimd import opendkim_dns
+
+    with opendkim_dns(opendkim) as server:
+        yield server
+

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import re
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 import pytest_twisted
@@ -19,7 +17,7 @@ from esmtpkit.mailauth import MailAuth
 from esmtpkit.mailauth.signing import Signer, parse_keys
 
 from ..mailnet import PrivateDNS
-from ..opendkimd import SELECTOR, SKIP, OpenDKIM, milter_daemon, opendkim_dns, through_milter
+from ..opendkimd import SELECTOR, SKIP, OpenDKIM, milter_daemon, through_milter
 
 pytestmark = SKIP
 
@@ -35,14 +33,8 @@ MESSAGE = (b"From: Alice <alice@good.test>\r\n"
 
 
 @pytest.fixture
-def opendkim(tmp_path: Path) -> OpenDKIM:
-    return OpenDKIM(tmp_path / "opendkim")
-
-
-@pytest.fixture
-def dns(opendkim: OpenDKIM) -> Iterator[PrivateDNS]:
-    with opendkim_dns(opendkim) as server:
-        yield server
+def dns(opendkim_zones: PrivateDNS) -> PrivateDNS:
+    return opendkim_zones
 
 
 def applied(edits: tuple[HeaderEdit, ...], content: bytes) -> bytes:

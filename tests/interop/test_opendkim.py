@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import re
 import subprocess
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -36,7 +35,7 @@ from esmtpkit.mailauth.verdicts import AuthVerdicts
 
 from ..authzone import AUTHSERV
 from ..mailnet import PrivateDNS
-from ..opendkimd import FOUND, SELECTOR, SKIP, TIMEOUT, OpenDKIM, milter_daemon, opendkim_dns, through_milter
+from ..opendkimd import FOUND, SELECTOR, SKIP, TIMEOUT, OpenDKIM, milter_daemon, through_milter
 from ..support import relay_to_sink, smtp_send
 
 pytestmark = SKIP
@@ -52,15 +51,8 @@ MESSAGE = (b"From: Alice <alice@good.test>\r\n"
 
 
 @pytest.fixture
-def opendkim(tmp_path: Path) -> OpenDKIM:
-    return OpenDKIM(tmp_path / "opendkim")
-
-
-@pytest.fixture
-def dns(opendkim: OpenDKIM) -> Iterator[PrivateDNS]:
-    """The test world's zones plus OpenDKIM's key for good.test (selector ``sel``)."""
-    with opendkim_dns(opendkim) as server:
-        yield server
+def dns(opendkim_zones: PrivateDNS) -> PrivateDNS:
+    return opendkim_zones
 
 
 async def esmtpkit_checks(dns: PrivateDNS, content: bytes) -> AuthVerdicts:
