@@ -28,7 +28,7 @@ from esmtpkit.mailauth.verdicts import (MAX_REASON, ArcVerdict, AuthVerdicts, Dk
 from esmtpkit.server.policy import Policy
 from esmtpkit.testing import Conversation, RecordingHandler
 
-from .authzone import AUTHSERV, SELECTOR, AuthWorld, auth_zones, dkim_sign, mail_auths
+from .authzone import AUTHSERV, MESSAGE, SELECTOR, AuthWorld, dkim_sign, mail_auths
 from .mailnet import PrivateDNS
 
 # ---- reading a field back ------------------------------------------------------------------------------------------
@@ -210,25 +210,9 @@ def test_random_hostile_text_always_reads_back() -> None:
 
 CLIENT = "127.0.0.5"
 
-MESSAGE = (b"From: Alice <alice@good.test>\r\n"
-           b"To: bob@example.test\r\n"
-           b"Subject: hello\r\n"
-           b"Date: Sun, 6 Dec 2026 07:00:00 +0000\r\n"
-           b"Message-ID: <1@good.test>\r\n"
-           b"\r\n"
-           b"Hello, Bob.\r\n")
-
-
 @pytest.fixture
-def world() -> AuthWorld:
-    return auth_zones()
-
-
-@pytest.fixture
-def dns(world: AuthWorld) -> Iterator[PrivateDNS]:
-    server = PrivateDNS(world.zones, silent=world.silent).start()
-    yield server
-    pytest_twisted.blockon(server.stop())
+def dns(auth_dns: PrivateDNS) -> PrivateDNS:
+    return auth_dns
 
 
 @pytest.fixture
@@ -252,8 +236,8 @@ SIGNATURES = [
 
 
 @pytest_twisted.ensureDeferred
-async def test_hostile_signatures_read_back_as_the_results_decided(checks: MailAuth, world: AuthWorld) -> None:
-    signed = dkim_sign(MESSAGE, "good.test", world.keys["good.test"])
+async def test_hostile_signatures_read_back_as_the_results_decided(checks: MailAuth, auth_world: AuthWorld) -> None:
+    signed = dkim_sign(MESSAGE, "good.test", auth_world.keys["good.test"])
     content = b"".join(hostile_signature(tags) for tags in SIGNATURES) + signed
     session = Session(hostname=AUTHSERV, helo="helo.good.test", peer=IPv4Address("TCP", CLIENT, 1000))
     verdicts = await checks.check_sender(session, "alice@good.test")
@@ -507,12 +491,12 @@ def test_null_sender_with_a_domain_helo_checks_postmaster_at_it(monkeypatch: pyt
 # ---- what the documentation says of short keys ---------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
-async def test_a_key_shorter_than_the_minimum_gives_permerror(dns: PrivateDNS, world: AuthWorld) -> None:
+async def test_a_key_shorter_than_the_minimum_gives_permerror(dns: PrivateDNS, auth_world: AuthWorld) -> None:
     """docs/mail-authentication.md: a key shorter than ``minkey`` is a ``permerror`` (dkimpy's KeyFormatError),
     not a ``fail``."""
     with mail_auths(dns.servers, timeout=(0.3,), rng=random.Random(1)) as build:
         strict = build(authserv_id=AUTHSERV, minkey=2048)
-        content = dkim_sign(MESSAGE, "good.test", world.keys["good.test"])
+        content = dkim_sign(MESSAGE, "good.test", auth_world.keys["good.test"])
         session = Session(hostname=AUTHSERV, helo="helo.good.test", peer=IPv4Address("TCP", CLIENT, 1000))
         head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n"
         verdicts = await strict.check_message(session, AuthVerdicts(), head, lambda: io.BytesIO(content))
