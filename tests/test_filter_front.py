@@ -206,3 +206,19 @@ class FilterFrontTests(ScratchPaths, SynchronousTestCase):
         scripted.answers = {}
         self.assertEqual(talk.message("a@example.org", ["b@example.net"], CONTENT, ehlo=None).code, 250)
         self.assertEqual(len(os.listdir(os.path.join(path, "new"))), 1)
+
+    def test_the_queue_holds_a_quarantined_message(self) -> None:
+        from esmtpkit.handlers import Queue
+        from esmtpkit.queue.memory import MemoryStore
+
+        clock = Clock()
+        store = MemoryStore(reactor=clock)
+        scripted = Scripted(message=Verdict(Action.QUARANTINE, reason="suspicious"))
+        front = FilterFront(Queue(store=store, reactor=clock, hostname="mx.test"),
+                            FilterChain([scripted], reactor=clock))
+        talk = Conversation(front, Policy(hostname="mx.test"), clock=clock)
+        self.addCleanup(talk.protocol.transport.loseConnection)
+        self.assertEqual(talk.message("a@example.org", ["b@example.net"], CONTENT).code, 250)
+        scripted.answers = {}
+        self.assertEqual(talk.message("a@example.org", ["b@example.net"], CONTENT, ehlo=None).code, 250)
+        self.assertEqual(sorted(m.held for m in store.messages.values()), [False, True])

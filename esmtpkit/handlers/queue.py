@@ -310,7 +310,7 @@ class Queue(MessageHandler):
         """Commit the envelope with the content; 250 once the store made both durable, 552 5.3.4 when it can never
         hold the message (`MessageTooBig`), 451 4.3.0 on any other failure; 554 5.4.6 (and nothing queued) for a
         message with more than `HOP_LIMIT` ``Received:`` fields. 8BITMIME content that is all ASCII is queued
-        as 7BIT."""
+        as 7BIT. A message a filter quarantined (``envelope.quarantine``) is queued held."""
         if self._scan.received > HOP_LIMIT:
             self.log.warn("message {queue_id} refused: {count} Received: fields, a mail loop",
                           queue_id=self.message_id, count=self._scan.received)
@@ -324,6 +324,15 @@ class Queue(MessageHandler):
         if message.body == "8BITMIME" and self._scan.ascii:
             message.body = None
         message.sign = may_relay(session, self.sign_from)
+        if session.envelope.quarantine:
+            if hasattr(self.service.store, "hold"):
+                message.held = True  # kept in the queue until released (esmtpkit-queue release ID)
+                self.log.warn("{queue_id}: held: quarantined by a filter: {reason}", queue_id=message.id,
+                              reason=escape(session.envelope.quarantine))
+            else:
+                self.log.warn("{queue_id}: quarantined by a filter ({reason}), but this store cannot hold "
+                              "messages: queued as any other", queue_id=message.id,
+                              reason=escape(session.envelope.quarantine))
         if not message.sign and self.service.config.dkim_sign:
             self.log.info("{queue_id}: not DKIM-signed: client {client} neither authenticated nor in "
                           "dkim_sign_from", queue_id=message.id, client=escape(session.peer_ip) or "unknown")
