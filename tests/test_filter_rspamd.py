@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import shlex
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web.resource import Resource
 from twisted.web.client import ResponseNeverReceived
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -30,7 +32,7 @@ from esmtpkit.core.session import Session
 from esmtpkit.core.xclient import Forwarded
 from esmtpkit.filters import Action, HeaderEdit, HeldMessage, IFilter
 from esmtpkit.filters import rspamd
-from esmtpkit.filters.rspamd import MAX_TEXT, RspamdError, RspamdFilter, from_spec
+from esmtpkit.filters.rspamd import MAX_HEAD, MAX_TEXT, RspamdError, RspamdFilter, from_spec
 from tests.docblocks import DOCS, blocks
 from tests.mailnet import until
 
@@ -333,6 +335,76 @@ async def test_cancelling_a_check_closes_its_connection(fake: tuple[FakeRspamd, 
     if raised.type is not CancelledError:
         assert raised.value.reasons[0].check(CancelledError)
     await until(lambda: server.lost, "the server sees the connection closed")
+
+
+class EndlessHeaders(Protocol):
+    """A broken rspamd: answers a request with a status line, then header lines without end, as fast as the
+    connection takes them (a pull producer: what it counts as sent is what the kernel took, give or take a
+    write), until `LIMIT` octets, when it closes."""
+
+    LIMIT = 16 * 1024 * 1024
+    LINE = b"X-Hn: " + b"a" * 1000 + b"\r\n"
+
+    def __init__(self, sent: list[int], lost: list[bool]) -> None:
+        self.sent, self.lost = sent, lost
+        self.started = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.started:
+            return
+        self.started = True
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        self._write(b"HTTP/1.1 200 OK\r\n")
+        self.transport.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        if self.sent[0] >= self.LIMIT:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+            return
+        self._write(self.LINE * 16)
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _write(self, data: bytes) -> None:
+        self.sent[0] += len(data)
+        self.transport.write(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.append(True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_endless_answer_headers_are_cut_off() -> None:
+    """Everything read on the connection is bounded, the status line and header fields too (Twisted's parser
+    would keep any number of header lines): past the answer's bound and `MAX_HEAD`, the check fails and the
+    connection is closed."""
+    sent, lost = [0], []
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: EndlessHeaders(sent, lost)), interface="127.0.0.1")
+    try:
+        with pytest.raises(RspamdError, match="longer than the 66536 octets read on a connection"):
+            await RspamdFilter(f"http://127.0.0.1:{port.getHost().port}", max_answer=1000).check(held())
+        await until(lambda: lost, "the fake sees the connection closed")
+    finally:
+        await port.stopListening()
+    assert MAX_HEAD < sent[0] < MAX_HEAD + 1000 + 1024 * 1024  # the bound, and what was in flight when cut
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_answer_headers_within_the_bound_are_read(fake: tuple[FakeRspamd, str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    server, url = fake
+    original = FakeRspamd.render_POST
+
+    def padded(self: FakeRspamd, request: Request) -> Any:
+        for n in range(40):
+            request.setHeader(f"X-Pad-{n}", "p" * 1000)
+        return original(self, request)
+
+    monkeypatch.setattr(FakeRspamd, "render_POST", padded)
+    verdict = await ask(url, answer("reject"), server, max_answer=1000)
+    assert verdict.action is Action.REJECT
 
 
 @pytest_twisted.ensureDeferred

@@ -29,13 +29,18 @@ from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (URI, Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool,
+                                ResponseDone, ResponseFailed)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
+from zope.interface import implementer
 
 from esmtpkit.core.reply import Reply
 from esmtpkit.core.xclient import forwarded_client
@@ -44,10 +49,12 @@ from esmtpkit.filters.interfaces import HeldMessage
 from esmtpkit.filters.stream import common_options
 from esmtpkit.filters.verdict import Action, HeaderEdit, Verdict
 
-__all__ = ["RspamdFilter", "RspamdError", "from_spec", "MAX_ANSWER"]
+__all__ = ["RspamdFilter", "RspamdError", "from_spec", "MAX_ANSWER", "MAX_HEAD"]
 
-#: The most octets of an answer read (rspamd's are a few KiB; its URL lists are what grows).
+#: The most octets of an answer's body read (rspamd's are a few KiB; its URL lists are what grows).
 MAX_ANSWER = 2 * 1024 * 1024
+#: The most octets read on a connection besides the body: the status line, the header fields, chunk framing.
+MAX_HEAD = 64 * 1024
 #: The longest reply text taken from rspamd's ``smtp_message``.
 MAX_TEXT = 200
 
@@ -105,6 +112,68 @@ class _BoundedBody(Protocol):
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.stopProducing()
+
+
+class _Capped(ProtocolWrapper):
+    """Passes on at most ``factory.limit`` octets of what the connection brings (Twisted's HTTP client keeps any
+    number of header lines); past that it aborts the connection, and the request fails with `RspamdError`."""
+
+    factory: "_CappedFactory"
+    received = 0
+    cut: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.cut is not None:
+            return
+        self.received += len(data)
+        if self.received > self.factory.limit:
+            self.cut = Failure(RspamdError(f"rspamd's answer is longer than the {self.factory.limit} octets read "
+                                           "on a connection"))
+            self.transport.abortConnection()
+            return
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(self.cut or reason)
+
+
+class _CappedFactory(WrappingFactory):
+    protocol = _Capped
+
+    def __init__(self, wrapped: IProtocolFactory, limit: int) -> None:
+        super().__init__(wrapped)
+        self.limit = limit
+
+
+@implementer(IStreamClientEndpoint)
+class _CappedEndpoint:
+    """``endpoint``, its connections' protocols wrapped in `_Capped` (the caller gets its own protocol back)."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, limit: int) -> None:
+        self.endpoint = endpoint
+        self.limit = limit
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        connecting = self.endpoint.connect(_CappedFactory(factory, self.limit))
+        return connecting.addCallback(lambda wrapper: wrapper.wrappedProtocol)
+
+
+@implementer(IAgentEndpointFactory)
+class _CappedEndpoints:
+    """The endpoints Twisted's Agent uses by default (TCP, TLS for https), each reading at most ``limit``
+    octets."""
+
+    def __init__(self, reactor: Any, limit: int) -> None:
+        self.reactor = reactor
+        self.limit = limit
+        self.policy = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii").strip("[]"),
+                                                           uri.port)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self.policy.creatorForNetloc(uri.host, uri.port), endpoint)
+        return _CappedEndpoint(endpoint, self.limit)
 
 
 def safe_text(text: Any, default: str) -> str:
@@ -239,7 +308,8 @@ class RspamdFilter(MessageFilter):
     docstring. ``password`` goes in the ``Password`` header (a controller with one), ``header`` names the field
     "add header" adds, ``pass_all`` sends ``Pass: all`` (every rule runs, even after a reject is certain).
     ``client`` is a treq ``HTTPClient`` (by default one with a non-persistent pool on ``reactor``, the global
-    reactor when None). Nothing connects before a check."""
+    reactor when None, that reads at most ``max_answer`` + `MAX_HEAD` octets on a connection). Nothing connects
+    before a check."""
 
     name = "rspamd"
 
@@ -270,7 +340,9 @@ class RspamdFilter(MessageFilter):
         if self._cooperator is None:
             self._cooperator = Cooperator(scheduler=lambda step: reactor.callLater(0, step))
         if self._client is None:
-            self._client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+            endpoints = _CappedEndpoints(reactor, self.max_answer + MAX_HEAD)
+            self._client = HTTPClient(Agent.usingEndpointFactory(
+                reactor, endpoints, pool=HTTPConnectionPool(reactor, persistent=False)))
         return self._client, self._cooperator
 
     def request_headers(self, message: HeldMessage) -> Headers:
@@ -310,6 +382,11 @@ class RspamdFilter(MessageFilter):
             reader = _BoundedBody(self.max_answer, response.length)
             response.deliverBody(reader)
             body = await reader.done
+        except ResponseFailed as failed:
+            for reason in failed.reasons:
+                if reason.check(RspamdError):
+                    raise reason.value from None
+            raise
         finally:
             stream.close()
         if response.code != 200:
