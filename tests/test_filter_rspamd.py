@@ -242,6 +242,42 @@ async def test_rewrite_subject_uses_rspamds_subject_or_a_prefix(fake: tuple[Fake
     assert none.edits == (HeaderEdit("add", "Subject", "***SPAM***"),)
 
 
+@pytest.mark.parametrize("subject", [b"caf\xe9 cr\xe8me", "caf\u00e9 \u2603".encode()], ids=["latin-1", "utf-8"])
+@pytest_twisted.ensureDeferred
+async def test_the_prefix_keeps_an_8bit_subjects_octets(fake: tuple[FakeRspamd, str], subject: bytes) -> None:
+    server, url = fake
+    content = b"From: a@good.test\r\nSubject: " + subject + b"\r\n\r\nHi\r\n"
+    verdict = await ask(url, answer("rewrite subject"), server, held(content))
+    [edit] = verdict.edits
+    assert (edit.kind, edit.index) == ("change", 1)
+    assert edit.line == b"Subject: ***SPAM*** " + subject + b"\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_lone_surrogates_rspamd_sends_cannot_break_writing_a_field(fake: tuple[FakeRspamd, str]) -> None:
+    """JSON may escape a lone surrogate (``\\ud800``), which no field can be written with: it becomes U+FFFD."""
+    server, url = fake
+    milter = {"add_headers": {"X-Odd": "a\ud800b\udc80c"}}
+    verdict = await ask(url, answer("rewrite subject", subject="[SPAM] \ud83d", milter=milter), server)
+    assert [edit.line for edit in verdict.edits] == ["X-Odd: a\ufffdb\ufffdc\r\n".encode(),
+                                                     "Subject: [SPAM] \ufffd\r\n".encode()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_reason_is_printable_and_bounded(fake: tuple[FakeRspamd, str]) -> None:
+    """The reason goes into the log (``filter.verdict``) and a quarantine mark: one line, printable, bounded."""
+    server, url = fake
+    hostile = "quarantine\r\nfilter x stage=message \x1b[31m\u00e9" + "y" * 1000
+    verdict = await ask(url, Script({"action": hostile, "score": 1e300, "required_score": 15.0}), server)
+    assert verdict.action is Action.CONTINUE
+    assert verdict.reason.startswith("rspamd: quarantine filter x stage=message ?[31m?yyy")
+    assert len(verdict.reason) == MAX_TEXT and all(" " <= c <= "~" for c in verdict.reason)
+    action = verdict.details["action"]
+    assert len(action) == MAX_TEXT and action.startswith("quarantine filter x") and action.isprintable()
+    quarantined = await ask(url, answer("quarantine"), server)
+    assert quarantined.reason == "rspamd: quarantine (16.50/15.00)"
+
+
 @pytest.mark.parametrize("action, expected", [("no action", Action.CONTINUE), ("discard", Action.DISCARD),
                                               ("quarantine", Action.QUARANTINE),
                                               ("my custom action", Action.CONTINUE)])

@@ -66,6 +66,7 @@ SPAM_PREFIX = "***SPAM*** "
 _FIELD_NAME = re.compile(r"[!-9;-~]+\Z")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RspamdError(Exception):
@@ -185,15 +186,22 @@ def safe_text(text: Any, default: str) -> str:
     return cleaned or default
 
 
-def _value(text: str) -> str:
-    """A header field value as rspamd gives it (folded), unfolded and without line ends or NULs."""
+def _unfold(text: str) -> str:
+    """A header field value unfolded, without line ends or NULs."""
     return re.sub(r"[\r\n\0]", " ", _FOLD.sub("", text))
 
 
+def _value(text: str) -> str:
+    """A header field value as rspamd gives it (folded): unfolded, and any surrogate (JSON can escape a lone one,
+    which no field could be written with) made U+FFFD."""
+    return _unfold(_SURROGATE.sub("\ufffd", text))
+
+
 def _header_fields(head: bytes) -> list[tuple[str, str]]:
-    """The fields of a header section: (name, value unfolded), in order."""
+    """The fields of a header section: (name, value unfolded), in order; octets that are not UTF-8 are kept as
+    surrogate escapes (`HeaderEdit.line` writes them back as they came)."""
     fields: list[tuple[str, str]] = []
-    for line in head.decode("utf-8", "replace").split("\n"):
+    for line in head.decode("utf-8", "surrogateescape").split("\n"):
         line = line.rstrip("\r")
         if not line:
             break
@@ -261,14 +269,15 @@ def verdict_of(answer: Any, head: bytes, spam_header: str = "X-Spam") -> Verdict
     score, required = answer.get("score"), answer.get("required_score")
     symbols = answer.get("symbols")
     details: dict[str, Any] = {
-        "action": action,
+        "action": safe_text(action, "?"),
         "score": score if isinstance(score, (int, float)) else None,
         "required_score": required if isinstance(required, (int, float)) else None,
         "symbols": sorted(str(s) for s in symbols) if isinstance(symbols, dict) else [],
     }
-    reason = f"rspamd: {action}"
+    reason = f"rspamd: {details['action']}"
     if details["score"] is not None and details["required_score"] is not None:
         reason += f" ({details['score']:.2f}/{details['required_score']:.2f})"
+    reason = safe_text(reason, "rspamd")
     messages = answer.get("messages")
     smtp_message = messages.get("smtp_message") if isinstance(messages, dict) else None
     if action == "reject":
@@ -294,7 +303,7 @@ def verdict_of(answer: Any, head: bytes, spam_header: str = "X-Spam") -> Verdict
 
 def _subject_edit(subject: Any, head: bytes) -> HeaderEdit:
     old = [value for name, value in _header_fields(head) if name.lower() == "subject"]
-    new = _value(subject) if isinstance(subject, str) else SPAM_PREFIX + _value(old[0] if old else "")
+    new = _value(subject) if isinstance(subject, str) else SPAM_PREFIX + _unfold(old[0] if old else "")
     return HeaderEdit("change", "Subject", new.rstrip(), 1) if old else HeaderEdit("add", "Subject", new.rstrip())
 
 
