@@ -140,6 +140,8 @@ class FilterFrontTests(ScratchPaths, SynchronousTestCase):
         marks: list[Any] = []
 
         class Marking(Collecting):
+            quarantines = True
+
             def eom(self) -> Any:
                 marks.append(self.session.envelope.quarantine)
                 return super().eom()
@@ -222,3 +224,62 @@ class FilterFrontTests(ScratchPaths, SynchronousTestCase):
         scripted.answers = {}
         self.assertEqual(talk.message("a@example.org", ["b@example.net"], CONTENT, ehlo=None).code, 250)
         self.assertEqual(sorted(m.held for m in store.messages.values()), [False, True])
+
+    def test_a_handler_that_cannot_quarantine_refuses_the_message(self) -> None:
+        talk, store, _ = self.talk(message=Verdict(Action.QUARANTINE, reason="odd"))
+        reply = talk.message("a@example.org", ["b@example.net"], CONTENT)
+        self.assertEqual((reply.code, reply.enhanced), (550, "5.7.1"))
+        self.assertEqual(store.messages, [])
+
+    def test_a_refused_helo_refuses_the_client_from_then_on(self) -> None:
+        talk, _, scripted = self.talk(helo=Verdict(Action.REJECT, Reply.of(550, "Bad name")))
+        self.assertEqual(talk.send("EHLO client.test").code, 550)
+        for command in ("EHLO other.test", "HELO other.test", "MAIL FROM:<a@example.org>"):
+            self.assertEqual(talk.send(command).code, 554 if "MAIL" not in command else 503)
+        self.assertEqual([s[0] for s in scripted.seen], ["connect", "helo"])
+
+    def test_a_deferred_helo_closes_the_connection(self) -> None:
+        talk, _, _ = self.talk(helo=Verdict(Action.TEMPFAIL))
+        self.assertEqual(talk.send("EHLO client.test").code, 421)
+        self.assertTrue(talk.closed)
+
+    def test_a_client_gone_while_the_filters_decide_gets_nothing_delivered(self) -> None:
+        pending: Deferred[Verdict] = Deferred()
+        talk, store, scripted = self.talk(message=pending)
+        talk.write(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n" + CONTENT
+                   + b".\r\n")
+        self.assertEqual([s[0] for s in scripted.seen][-1], "message")
+        talk.protocol.transport.loseConnection()
+        self.assertTrue(pending.called)  # cancelled: the filter need not go on
+        self.assertEqual(store.messages, [])
+        self.assertEqual([s[0] for s in scripted.seen][-2:], ["message", "close"])
+
+    def test_edits_to_the_same_field_the_last_one_wins(self) -> None:
+        cases = [
+            ((HeaderEdit("change", "Subject", "A", 1), HeaderEdit("change", "Subject", "B", 1)),
+             b"Subject: B\r\n", 1),
+            ((HeaderEdit("change", "Subject", "A", 1), HeaderEdit("delete", "Subject", index=1)), b"", 0),
+            ((HeaderEdit("delete", "Subject", index=1), HeaderEdit("change", "Subject", "C", 1)),
+             b"Subject: C\r\n", 1),
+            ((HeaderEdit("change", "Subject", "Z"),), b"Subject: Z\r\n", 1),
+            ((HeaderEdit("delete", "Received"), HeaderEdit("change", "Received", "kept", 2)),
+             b"Received: kept\r\n", 1),
+        ]
+        for edits, expected, subjects in cases:
+            talk, store, _ = self.talk(message=Verdict(edits=edits))
+            self.assertEqual(talk.message("a@example.org", ["b@example.net"], CONTENT).code, 250)
+            data = store.messages[0].data
+            name = edits[0].name.encode()
+            self.assertEqual(data.count(name + b":"), subjects, (edits, data))
+            if expected:
+                self.assertIn(expected, data)
+
+    def test_a_field_longer_than_998_octets_is_folded(self) -> None:
+        value = " ".join(f"SYMBOL_{n}(0.5)" for n in range(300))
+        talk, store, _ = self.talk(message=Verdict(edits=(HeaderEdit("add", "X-Spamd-Result", value),)))
+        talk.message("a@example.org", ["b@example.net"], CONTENT)
+        data = store.messages[0].data
+        self.assertTrue(all(len(line) <= 998 for line in data.split(b"\r\n")))
+        head = data.split(b"\r\n\r\n")[0]
+        unfolded = head.replace(b"\r\n ", b" ")
+        self.assertIn(b"X-Spamd-Result: " + value.encode() + b"\r\n", unfolded + b"\r\n")

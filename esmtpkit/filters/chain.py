@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from esmtpkit.core.session import Session
@@ -46,15 +46,21 @@ class FilterChain:
         for one in filters:
             if not IFilter.providedBy(one):
                 raise TypeError(f"{one!r} is not a filter (it does not provide IFilter)")
-        if reactor is None:
-            from twisted.internet import reactor as default
-
-            reactor = default
         self.filters = tuple(filters)
         self.timeout = timeout
         self.on_failure = parse_failure(on_failure)
-        self.reactor = reactor
+        self._reactor = reactor
         self.monitor = guarded(monitor if monitor is not None else EventLog())
+
+    @property
+    def reactor(self) -> Any:
+        """The reactor the timeouts run on: the one given, else the global one, imported at first use (so that
+        making a chain, as parsing options does, installs no reactor)."""
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -76,6 +82,7 @@ class _Member:
     accepted: bool = False  # ACCEPT for this transaction
     done: bool = False  # ACCEPT at connect or HELO: for the whole connection
     broken: bool = False
+    closed: bool = False
 
 
 class ChainSession:
@@ -123,6 +130,11 @@ class ChainSession:
                 verdict = await d
                 if not isinstance(verdict, Verdict):
                     raise TypeError(f"{stage} answered {verdict!r}, not a Verdict")
+            except CancelledError:  # not its timeout (that is a TimeoutError): the stage was called off
+                if not member.stateless:
+                    member.broken = True
+                    self._close(member)
+                verdict = self._failed(member, "called off: the client went away")
             except Exception as e:
                 self.chain.log.failure("filter {name} failed at {stage}", name=name, stage=stage)
                 if not member.stateless:
@@ -155,6 +167,9 @@ class ChainSession:
             self._close(member)
 
     def _close(self, member: _Member) -> None:
+        if member.closed:
+            return
+        member.closed = True
         try:
             member.session.close()
         except Exception:

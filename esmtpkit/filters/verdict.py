@@ -17,6 +17,7 @@ __all__ = ["Action", "HeaderEdit", "Verdict", "CONTINUE", "FILTER_FAILED"]
 
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
+_SPACE = re.compile(rb"[ \t]")
 #: A line end that is not a fold (not followed by a space or a tab).
 _UNFOLDED = re.compile(r"(?:\r\n|\r|\n)(?![ \t])")
 
@@ -71,9 +72,31 @@ class HeaderEdit:
     @property
     def line(self) -> bytes:
         """The field as it goes into the message: ``Name: value``, its folds ending in CRLF, and CRLF. The value
-        is UTF-8, and octets a filter sent that are not (kept as surrogate escapes) go back as they came."""
+        is UTF-8, and octets a filter sent that are not (kept as surrogate escapes) go back as they came. A line
+        longer than RFC 5322's 998 octets is folded at its spaces (a field that fits is left as the filter wrote
+        it: a signature over it must still verify)."""
         value = _LINE_END.sub("\r\n", self.value)
-        return f"{self.name}: {value}\r\n".encode("utf-8", "surrogateescape")
+        lines = f"{self.name}: {value}".encode("utf-8", "surrogateescape").split(b"\r\n")
+        return b"".join(piece + b"\r\n" for line in lines for piece in _folded(line))
+
+
+def _folded(line: bytes, limit: int = 998, width: int = 78) -> list[bytes]:
+    """``line`` as it is when it fits in ``limit`` octets; else cut before spaces or tabs into lines of about
+    ``width`` (a run with no space in it stays whole, however long)."""
+    if len(line) <= limit:
+        return [line]
+    pieces: list[bytes] = []
+    start = 0
+    for match in _SPACE.finditer(line, 1):
+        at = match.start()
+        if at - start > width and at > start:
+            last = line.rfind(b" ", start + 1, start + width + 1)
+            last = max(last, line.rfind(b"\t", start + 1, start + width + 1))
+            cut = last if last > start else at
+            pieces.append(line[start:cut])
+            start = cut
+    pieces.append(line[start:])
+    return [p for p in pieces if p.strip()] or [line]
 
 
 @dataclass(frozen=True)

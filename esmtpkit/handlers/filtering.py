@@ -5,11 +5,14 @@ as they come; the message at the end of data, held by the `Front` (memory, then 
 to each filter. What the filters answer:
 
 - REJECT / TEMPFAIL: that reply goes to the client for that verb (a refused connection gets ``554``, and every
-  later command ``503``; a deferred one ``421``, and it closes); the handler behind never sees the verb, or the
+  later command ``503``; a deferred one ``421``, and it closes; a HELO refused gets the filter's reply and every
+  later command ``554``, a HELO deferred ``421``, and it closes); the handler behind never sees the verb, or the
   end of that message (it is told ``abort``);
 - DISCARD: the client is told the message was accepted, the handler behind is told ``abort`` and nothing is
   delivered (at connect or HELO: every message of the connection; at RCPT: the whole message);
-- QUARANTINE: the message goes on with ``envelope.quarantine`` set to the reason;
+- QUARANTINE: the message goes on with ``envelope.quarantine`` set to the reason, to a handler that keeps such
+  messages apart (it says so with ``quarantines = True``: Maildir, Queue); any other refuses it (``550 5.7.1``),
+  since passing it on would deliver it as if nothing had been found;
 - header edits are made as the message is passed on.
 
 A filter that is down or too slow counts as its ``on_failure`` outcome (`esmtpkit.filters.chain`): by default a
@@ -40,6 +43,11 @@ DISCARDED = Reply.of(250, "Ok: message accepted", enhanced="2.0.0")
 #: A refused connection: every later command but QUIT gets 503 (`IMessageHandler.connect`).
 CONNECTION_REFUSED = Reply.of(554, "Service refused by a message filter", enhanced="5.7.1")
 CONNECTION_DEFERRED = Reply.of(421, "Service deferred by a message filter, try again later", enhanced="4.7.1")
+#: Every command after a filter refused the client at HELO (as after a refused connection).
+SERVICE_REFUSED = Reply.of(554, "Service refused by a message filter", enhanced="5.7.1")
+#: A quarantined message, when the handler behind cannot keep it apart (it has no ``quarantines = True``).
+CANNOT_QUARANTINE = Reply.of(550, "Message refused: a filter quarantined it and it cannot be held here",
+                             enhanced="5.7.1")
 
 
 def _reply(verdict: Verdict) -> Reply:
@@ -62,6 +70,8 @@ class FilterFront(Front):
         self._discard = False
         self._quarantine: str | None = None
         self._open = False  # the filters have seen MAIL of a transaction not yet ended
+        self._refused = False  # a filter refused the client at HELO: nothing more is taken
+        self._deciding: Deferred[Decision] | None = None
 
     # ---- the conversation ---------------------------------------------------------------------------------------
 
@@ -99,10 +109,15 @@ class FilterFront(Front):
 
     def _greeted(self, domain: str, passed: Callable[[str], Any]) -> Any:
         self._end_transaction()
+        if self._refused:
+            return SERVICE_REFUSED
 
         async def run() -> Any:
             verdict = await self.filters.stage("helo", domain)  # type: ignore[union-attr]
-            if verdict.final and verdict.action is not Action.DISCARD:
+            if verdict.action is Action.TEMPFAIL:
+                return CONNECTION_DEFERRED  # 421: the connection closes (a new HELO name would not change it)
+            if verdict.action is Action.REJECT:
+                self._refused = True  # nor would another HELO name: the client is refused from now on
                 return _reply(verdict)
             if verdict.action is Action.DISCARD:
                 self._discard_all = True
@@ -114,6 +129,8 @@ class FilterFront(Front):
 
     def mail(self, sender: Address, params: Mapping[str, Any]) -> Any:
         self._end_transaction()
+        if self._refused:
+            return SERVICE_REFUSED
 
         async def run() -> Any:
             self._open = True
@@ -130,6 +147,9 @@ class FilterFront(Front):
         return Deferred.fromCoroutine(run())
 
     def rcpt(self, recipient: Address, params: Mapping[str, Any]) -> Any:
+        if self._refused:
+            return SERVICE_REFUSED
+
         async def run() -> Any:
             verdict = await self.filters.stage("rcpt", str(recipient), params)  # type: ignore[union-attr]
             if verdict.action in (Action.REJECT, Action.TEMPFAIL):
@@ -149,6 +169,9 @@ class FilterFront(Front):
         self._end_transaction()
 
     def connection_lost(self) -> None:
+        deciding, self._deciding = self._deciding, None
+        if deciding is not None:
+            deciding.cancel()  # no filter need go on with a message that goes no further (see Front)
         self._end_transaction()
         if self.filters is not None:
             self.filters.close()
@@ -163,7 +186,14 @@ class FilterFront(Front):
     # ---- the end of data ----------------------------------------------------------------------------------------
 
     def decide(self) -> "Deferred[Decision]":
-        return Deferred.fromCoroutine(self._decide())
+        deciding = self._deciding = Deferred.fromCoroutine(self._decide())
+
+        def done(result: Any) -> Any:
+            if self._deciding is deciding:
+                self._deciding = None
+            return result
+
+        return deciding.addBoth(done)
 
     async def _decide(self) -> Decision:
         session = self.session
@@ -180,6 +210,8 @@ class FilterFront(Front):
         if verdict.action is Action.QUARANTINE:
             quarantine = quarantine or verdict.reason or "quarantined by a filter"
         if quarantine is not None:
+            if not getattr(self.behind, "quarantines", False):
+                return Decision(CANNOT_QUARANTINE)
             session.envelope.quarantine = quarantine  # type: ignore[union-attr]
         return Decision(edits=verdict.edits)
 

@@ -78,6 +78,55 @@ class _TooLong(Exception):
     """A header field longer than `MAX_FIELD`."""
 
 
+class _EditPlan:
+    """Header edits (`esmtpkit.filters.HeaderEdit`) made ready to apply in one pass over the header section as
+    received. Positions and field counts are those of the section as received; of several edits to the same field
+    (a ``change`` or ``delete`` of the same name and index, or a ``delete`` of every field of that name) the last
+    one wins; a ``change`` or ``delete`` with index 0 means the first field of that name, but ``delete`` with index
+    0 every one; a ``change`` of a field the section does not have adds it at the end; what goes at the end (adds,
+    such changes, inserts past the last field) goes in the order of the edits."""
+
+    def __init__(self, edits: Sequence[Any]) -> None:
+        self._inserts: dict[int, list[tuple[int, bytes]]] = {}
+        self._adds: list[tuple[int, bytes]] = []
+        self._targets: dict[tuple[bytes, int], tuple[int, Any]] = {}
+        self._every: dict[bytes, int] = {}
+        for order, edit in enumerate(edits):
+            name = edit.name.lower().encode("ascii")
+            if edit.kind == "add":
+                self._adds.append((order, edit.line))
+            elif edit.kind == "insert":
+                self._inserts.setdefault(edit.index, []).append((order, edit.line))
+            elif edit.kind == "delete" and edit.index == 0:
+                self._every[name] = order
+                self._targets = {k: v for k, v in self._targets.items() if k[0] != name}
+            else:
+                self._targets[(name, max(edit.index, 1))] = (order, edit)
+
+    def before(self, position: int) -> bytes:
+        """The fields to insert before the field at ``position``."""
+        return b"".join(line for _, line in self._inserts.pop(position, ()))
+
+    def field(self, name: bytes, count: int) -> tuple[bool, bytes]:
+        """For the ``count``-th field named ``name`` (lower case): whether an edit decides it, and what replaces it
+        (nothing, to remove it)."""
+        target = self._targets.pop((name, count), None)
+        every = self._every.get(name)
+        if target is None:
+            return (True, b"") if every is not None else (False, b"")
+        edit = target[1]
+        if edit.kind == "delete" or not edit.value:
+            return True, b""
+        return True, edit.line
+
+    def tail(self) -> bytes:
+        """What goes after the last field, in the order of the edits: the inserts past it, the changes of fields
+        it did not have, the added fields."""
+        late = [item for items in self._inserts.values() for item in items] + self._adds
+        late += [(order, edit.line) for order, edit in self._targets.values() if edit.kind == "change" and edit.value]
+        return b"".join(line for _, line in sorted(late))
+
+
 class _Remover:
     """The header section, fed in pieces, without the fields ``remove`` picks (raw name, value unfolded).
 
@@ -93,7 +142,7 @@ class _Remover:
         self.done = False
         self._field = bytearray()
         self._line = b""
-        self._edits = list(edits)
+        self._plan = _EditPlan(edits) if edits else None
         self._position = 0  # the fields of the section as received, so far
         self._seen: dict[bytes, int] = {}  # of each field name (lower case)
 
@@ -159,40 +208,29 @@ class _Remover:
         self._field = bytearray()
         if not field:
             return
-        if not self._edits:
+        plan = self._plan
+        if plan is None:
             if not self._picked(field):
                 out += field
             return
-        self._inserts(out, self._position)
+        out += plan.before(self._position)
         self._position += 1
         name = field.partition(b":")[0].strip().lower()
         count = self._seen[name] = self._seen.get(name, 0) + 1
-        for edit in self._edits:
-            if edit.kind in ("change", "delete") and edit.name.lower().encode() == name \
-                    and (edit.index == count or (edit.kind == "delete" and edit.index == 0)):
-                if edit.kind == "change":
-                    self._edits.remove(edit)
-                    if edit.value:
-                        out += edit.line
-                return
-        if not self._picked(field):
+        found, replacement = plan.field(name, count)
+        if found:
+            out += replacement
+        elif not self._picked(field):
             out += field
 
-    def _inserts(self, out: bytearray, position: int | None) -> None:
-        """The fields to insert before the field at ``position`` (None: every one left, at the section's end)."""
-        for edit in [e for e in self._edits if e.kind == "insert" and (position is None or e.index == position)]:
-            self._edits.remove(edit)
-            out += edit.line
-
     def _tail(self, out: bytearray, ending: bytes) -> None:
-        """The section ends before ``ending``: the inserts past its last field, the changes of fields it did not
-        have, and the added fields go there (with an empty line, if ``ending`` was not one)."""
-        if not self._edits:
+        """The section ends before ``ending``: what the edits put after its last field goes there (with an empty
+        line, if ``ending`` was not one)."""
+        plan, self._plan = self._plan, None
+        if plan is None:
             return
-        self._inserts(out, None)
-        tail = [e.line for e in self._edits if e.kind == "add" or (e.kind == "change" and e.value)]
-        self._edits = []
-        out += b"".join(tail)
+        tail = plan.tail()
+        out += tail
         if tail and ending != b"\r\n":
             out += b"\r\n"
 
@@ -280,6 +318,9 @@ class Front:
         self._file: Any = None
         self._head = bytearray()
         self._head_done = False
+        #: The connection has ended (`connection_lost`).
+        self.lost = False
+        self._ending = False
         if ILMTPHandler.providedBy(behind):
             alsoProvides(self, ILMTPHandler)
 
@@ -336,7 +377,14 @@ class Front:
         return self.behind.unknown(command)
 
     def connection_lost(self) -> None:
-        """The connection ended: the handler behind is told too, if it listens."""
+        """The connection ended: the handler behind is told too, if it listens; while the end of a message is
+        being decided or passed on, only once that has stopped (the message then goes no further: the client
+        never heard it was taken, so it will send it again)."""
+        self.lost = True
+        if not self._ending:
+            self._tell_lost()
+
+    def _tell_lost(self) -> None:
         lost = getattr(self.behind, "connection_lost", None)
         if lost is not None:
             lost()
@@ -428,6 +476,15 @@ class Front:
         return Deferred.fromCoroutine(self._end(per_recipient=True))
 
     async def _end(self, per_recipient: bool) -> Any:
+        self._ending = True
+        try:
+            return await self._ended(per_recipient)
+        finally:
+            self._ending = False
+            if self.lost:
+                self._tell_lost()
+
+    async def _ended(self, per_recipient: bool) -> Any:
         if not self._head_done:
             self._whole_head()  # no empty line: the whole message is its header section
         try:
@@ -436,6 +493,8 @@ class Front:
             self._drop()
             self.behind.abort("the front in front of the handler failed")
             raise
+        if self.lost:
+            return self._gone()
         if decision.reply is not None:
             return self._refuse(decision.reply, per_recipient)
         try:
@@ -446,10 +505,17 @@ class Front:
             self._drop()
             self.behind.abort("passing the message on failed")
             raise
+        if self.lost:
+            return self._gone()
         self._drop()
         if per_recipient:
             return await _settled(self.behind.eom_per_recipient())
         return await _settled(self.behind.eom())
+
+    def _gone(self) -> None:
+        """The connection ended before the message was passed on: the handler behind drops it."""
+        self._drop()
+        self.behind.abort("connection lost")
 
     def _refuse(self, reply: Reply, per_recipient: bool) -> Any:
         self._drop()

@@ -75,6 +75,9 @@ class Maildir(MessageHandler):
     content_mode = ContentMode.RAW
     log = Logger()
 
+    #: A message a filter quarantined goes into the ``.Quarantine`` folder (`esmtpkit.handlers.filtering`).
+    quarantines = True
+
     def __init__(self, path: str = "Maildir") -> None:
         self.path = os.path.abspath(os.path.expanduser(str(path)))
         self._file: BinaryIO | None = None

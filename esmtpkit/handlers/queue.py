@@ -245,6 +245,14 @@ class Queue(MessageHandler):
             return TOO_BIG
         return super().mail(sender, params)
 
+    @property
+    def quarantines(self) -> bool:  # type: ignore[override]
+        """Whether a message a filter quarantined can be kept apart: queued held, when the store can hold."""
+        try:
+            return hasattr(self.service.store, "hold")
+        except Exception:  # the store cannot be made: DATA says so with 451
+            return False
+
     def max_size(self) -> int:
         """The largest message the store can hold (its ``max_size``, in octets), or 0 when it sets no limit."""
         try:
