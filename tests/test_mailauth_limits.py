@@ -213,3 +213,15 @@ def test_dmarc_reject_defers_what_a_temporary_error_may_explain(verdicts: AuthVe
 
 def test_dmarc_deferred_reply() -> None:
     assert (DMARC_DEFERRED.code, DMARC_DEFERRED.enhanced) == (451, "4.7.26")
+
+
+# ---- what DMARC looks up for an author ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("author, domain", [
+    ("x@good.test", "good.test"), ("x@Sub.Good.Test.", "sub.good.test"), ("x@bücher.test", "xn--bcher-kva.test"),
+    ("x@a%b.test", None), ("x@a!b.test", None), ("x@-a.test", None), ("x@[192.0.2.1]", None), ("x@localhost", None),
+])
+def test_only_a_domain_name_is_an_author_domain(author: str, domain: str | None) -> None:
+    from esmtpkit.mailauth.dmarc import author_domain
+
+    assert author_domain([author]) == domain

@@ -62,7 +62,7 @@ class _Organizations:
 
 def author_domain(from_values: Iterable[str]) -> str | None:
     """The domain of the one author in the From: field(s) given; None unless there is exactly one From: field
-    with exactly one address that has a domain (RFC 7489 §6.6.1)."""
+    with exactly one address whose domain is a domain name (RFC 7489 §6.6.1)."""
     values = list(from_values)
     if len(values) != 1:
         return None
@@ -73,10 +73,14 @@ def author_domain(from_values: Iterable[str]) -> str | None:
     if not domain or "." not in domain or domain.startswith("["):
         return None
     try:
-        return domain.encode("idna").decode("ascii")
+        domain = domain.encode("idna").decode("ascii")
     except UnicodeError:
         return None
+    return domain if _HOSTNAME.fullmatch(domain) else None  # a%b.test is no domain: nothing to look up
 
+
+#: A domain name DNS can be asked about: labels of letters, digits, hyphens (and underscores), at most 63 each.
+_HOSTNAME = re.compile(r"(?=.{1,253}$)(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)+[a-z0-9-]{1,63}")
 
 #: The start of a DMARC policy record: its version tag, with the whitespace RFC 7489 §6.4 allows around ``=``.
 _VERSION = re.compile(r"v[ \t]*=[ \t]*DMARC1(?=[ \t;]|$)")
