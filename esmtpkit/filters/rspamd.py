@@ -5,7 +5,8 @@ headers rspamd's protocol documents: ``IP``, ``Helo``, ``Hostname`` (only when t
 without it rspamd looks the name up itself), ``From`` (``<>`` for the null sender), one ``Rcpt`` per recipient,
 ``Queue-Id``, ``User`` (after AUTH), ``TLS-Cipher``/``TLS-Version`` (after STARTTLS), ``Password`` when
 configured and ``Pass: all`` when asked. The client XFORWARD named for the message takes the place of the
-connection's, as in the trace field.
+connection's, as in the trace field. Everything read on the connection is bounded: the answer's body
+(`MAX_ANSWER`) and, besides it, the status line and header fields (`MAX_HEAD`).
 
 The answer's ``action`` becomes: ``reject`` 550 5.7.1, ``soft reject`` 451 4.7.1 (with rspamd's
 ``messages.smtp_message`` as the text when it gives one, made printable ASCII and bounded), ``greylist`` 451
