@@ -3,6 +3,8 @@ as (with `task.Clock`, no network)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -195,3 +197,21 @@ def test_only_filters_go_in_a_chain() -> None:
 def test_bad_header_edits(kind: str, name: str, value: str) -> None:
     with pytest.raises(ValueError):
         HeaderEdit(kind, name, value)
+
+
+def test_a_chain_made_without_a_reactor_installs_none_until_it_needs_one() -> None:
+    """Options are parsed (and the chain made) before twistd installs its reactor: the global one is imported at
+    the first use of ``reactor``, not when the chain is made."""
+    script = ("import sys\n"
+              "from esmtpkit.filters.chain import FilterChain\n"
+              "chain = FilterChain([])\n"
+              "assert 'twisted.internet.reactor' not in sys.modules, 'the chain installed a reactor'\n"
+              "from twisted.internet import reactor\n"
+              "assert chain.reactor is reactor\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_chain_keeps_the_reactor_it_was_given() -> None:
+    clock = Clock()
+    assert FilterChain([], reactor=clock).reactor is clock

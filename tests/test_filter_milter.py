@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +158,8 @@ def test_option_negotiation_round_trips_with_macro_lists() -> None:
     struct.pack(">II", 6, 0),  # short
     struct.pack(">III", 7, 0, 0),  # a version esmtpkit does not speak
     struct.pack(">III", 1, 0, 0),
-    struct.pack(">III", 6, mc.SMFIF_CHGBODY, 0),  # body replacement
-    struct.pack(">III", 6, mc.SMFIF_ADDRCPT | mc.SMFIF_ADDHDRS, 0),  # recipients
-    struct.pack(">III", 6, mc.SMFIF_CHGFROM, 0),  # the sender
+    struct.pack(">III", 2, 0, 0),  # older versions: fewer commands than esmtpkit sends
+    struct.pack(">III", 5, 0, 0),
     struct.pack(">III", 6, 0, mc.SMFIP_RCPT_REJ),  # a protocol flag not offered
     struct.pack(">III", 6, 0, 0) + struct.pack(">I", 9) + b"i\0",  # an unknown macro stage
     struct.pack(">III", 6, 0, 0) + struct.pack(">I", 0) + b"j",  # no NUL
@@ -167,6 +168,21 @@ def test_option_negotiation_round_trips_with_macro_lists() -> None:
 def test_option_negotiation_fails_on_what_was_not_offered_or_is_malformed(answer: bytes) -> None:
     with pytest.raises(MilterProtocolError):
         mc.parse_optneg(answer)
+
+
+@pytest.mark.parametrize("version", [2, 3, 4, 5])
+def test_a_milter_of_an_older_version_fails_negotiation_clearly(version: int) -> None:
+    with pytest.raises(MilterProtocolError, match=f"version {version}; esmtpkit speaks version 6 only"):
+        mc.parse_optneg(struct.pack(">III", version, mc.SMFIF_ADDHDRS, 0))
+
+
+def test_actions_not_offered_are_masked_off() -> None:
+    """rspamd's proxy answers with what it was offered plus recipient and body changes: it is held to the
+    offer."""
+    extra = mc.SMFIF_ADDRCPT | mc.SMFIF_DELRCPT | mc.SMFIF_CHGBODY | mc.SMFIF_CHGFROM | mc.SMFIF_ADDRCPT_PAR
+    got = mc.parse_optneg(struct.pack(">III", 6, mc.OFFERED_ACTIONS | extra, mc.SMFIP_NR_HDR))
+    assert got.actions == mc.OFFERED_ACTIONS
+    assert mc.parse_optneg(struct.pack(">III", 6, 0xFFFFFFFF, 0)).actions == mc.OFFERED_ACTIONS
 
 
 def test_header_changes_become_header_edits() -> None:
@@ -364,13 +380,24 @@ def test_a_large_body_goes_in_chunks_each_answered() -> None:
 
 def test_skip_ends_the_body_early() -> None:
     m = Milter()
-    m.connected(protocol=mc.SMFIP_NOHDRS | mc.SMFIP_NODATA | mc.SMFIP_NOEOH)
+    m.connected(protocol=mc.SMFIP_NOHDRS | mc.SMFIP_NODATA | mc.SMFIP_NOEOH | mc.SMFIP_SKIP)
     d = m.milter.message(held(m.session, b"A: 1\r\n\r\n" + b"z" * 140000))
     assert len(m.sent()) == 1
     m.answer(b"s")
     assert m.sent() == [b"DEi\0Q1\0", b"E"]
     m.answer(b"c")
     assert result(d).action is Action.CONTINUE
+
+
+def test_skip_in_the_body_without_smfip_skip_fails() -> None:
+    m = Milter()
+    m.connected(protocol=mc.SMFIP_NOHDRS | mc.SMFIP_NODATA | mc.SMFIP_NOEOH)
+    d = m.milter.message(held(m.session, b"A: 1\r\n\r\n" + b"z" * 140000))
+    assert len(m.sent()) == 1
+    m.answer(b"s")
+    with pytest.raises(MilterProtocolError, match="where it may not"):
+        result(d)
+    assert m.endpoint.transport.disconnecting
 
 
 def test_skip_is_no_answer_outside_the_body() -> None:
@@ -558,11 +585,26 @@ def test_an_oversized_packet_fails_the_step() -> None:
         result(d)
 
 
-def test_a_milter_that_needs_what_esmtpkit_does_not_do_fails_negotiation() -> None:
+def test_a_milter_that_asks_for_more_actions_goes_on_with_those_offered() -> None:
+    """As rspamd's proxy does: the extra actions are masked off, and the conversation goes on."""
     m = Milter()
-    d = m.milter.connect()
-    m.answer(b"O" + struct.pack(">III", 6, mc.SMFIF_CHGBODY | mc.SMFIF_ADDHDRS, 0))
-    with pytest.raises(MilterProtocolError, match="body replacement"):
+    extra = mc.SMFIF_ADDRCPT | mc.SMFIF_DELRCPT | mc.SMFIF_CHGBODY
+    assert m.connected(actions=mc.OFFERED_ACTIONS | extra, protocol=ALL_NO).action is Action.CONTINUE
+    assert m.milter.negotiated is not None and m.milter.negotiated.actions == mc.OFFERED_ACTIONS
+    d = m.milter.message(held(m.session, CONTENT))
+    assert m.sent() == [b"DEi\0Q1\0", b"E"]
+    m.answer(b"hX-Spam\0no\0", b"c")
+    assert result(d).edits == (HeaderEdit("add", "X-Spam", "no"),)
+
+
+@pytest.mark.parametrize("change", [b"+<eve@evil.test>\0", b"-<bob@example.net>\0", b"bnew body\r\n",
+                                    b"eevil@evil.test\0"])
+def test_a_milter_that_uses_an_action_it_asked_for_but_was_not_offered_fails(change: bytes) -> None:
+    m = Milter()
+    m.connected(actions=0x1FF, protocol=ALL_NO)
+    d = m.milter.message(held(m.session, CONTENT))
+    m.answer(change, b"c")
+    with pytest.raises(MilterProtocolError):
         result(d)
     assert m.endpoint.transport.disconnecting
 
@@ -647,13 +689,34 @@ def test_from_spec() -> None:
     two = from_spec("unix:/run/opendkim/opendkim.sock", {"name": "opendkim", "timeout": "2.5",
                                                         "on-failure": "accept"}, reactor=clock)
     assert (two.name, two.timeout, two.on_failure) == ("opendkim", 2.5, Action.ACCEPT)
+    for target in ("tcp:host=127.0.0.1:port=8891:timeout=3", "tcp:127.0.0.1:65535:bindAddress=127.0.0.2",
+                   "tcp:localhost:1", "unix:path=/run/x.sock:timeout=2"):
+        assert from_spec(target, {}, reactor=clock).endpoint is not None
     assert clock.getDelayedCalls() == []
+
+
+def test_from_spec_without_a_reactor_installs_none() -> None:
+    """Options are parsed before twistd installs its reactor: the milter's endpoint looks it up at connect."""
+    script = ("import sys\n"
+              "from esmtpkit.filters.milter import from_spec\n"
+              "made = from_spec('tcp:127.0.0.1:8891', {})\n"
+              "assert 'twisted.internet.reactor' not in sys.modules, 'from_spec installed a reactor'\n"
+              "assert made.endpoint.target == 'tcp:127.0.0.1:8891'\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("target,options,message", [
     ("", {}, "no target"),
     ("nonsense:1", {}, "not a client endpoint"),
     ("tcp:127.0.0.1", {}, "not a client endpoint"),
+    ("unix:", {}, "names no socket path"),
+    ("tcp:127.0.0.1:99999999", {}, "the port is a number from 1 to 65535, not '99999999'"),
+    ("tcp:127.0.0.1:-5", {}, "the port is a number from 1 to 65535, not '-5'"),
+    ("tcp:127.0.0.1:0", {}, "the port is a number from 1 to 65535"),
+    ("tcp:127.0.0.1:1:bindAddress=zzz", {}, "bindAddress is an IP address, not 'zzz'"),
+    ("unix:/run/x.sock:checkPID=1", {}, "'checkPID' is not one of path, timeout"),
+    ("unix:/run/x.sock:timeout=1.5", {}, "timeout is a whole number of seconds above 0, not '1.5'"),
     ("tcp:127.0.0.1:8891", {"size": "1"}, "unknown option 'size'"),
     ("tcp:127.0.0.1:8891", {"timeout": "0"}, "timeout"),
     ("tcp:127.0.0.1:8891", {"timeout": "soon"}, "timeout"),

@@ -223,6 +223,8 @@ def test_from_spec() -> None:
 
 @pytest.mark.parametrize("target, options, says", [
     ("localhost:783", {}, "'localhost:783' is not a client endpoint"),
+    ("tcp:127.0.0.1:65536", {}, "the port is a number from 1 to 65535, not '65536'"),
+    ("unix:", {}, "'unix:' names no socket path"),
     ("tcp:127.0.0.1:783", {"user": "two words"}, "user is one word of printable ASCII"),
     ("tcp:127.0.0.1:783", {"user": "a\r\nb"}, "user is one word of printable ASCII"),
     ("tcp:127.0.0.1:783", {"reject-score": "high"}, "reject-score is a number, not 'high'"),

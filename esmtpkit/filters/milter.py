@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -25,6 +24,7 @@ from esmtpkit.filters import milter_codec as mc
 from esmtpkit.filters.base import FilterSession, parse_failure
 from esmtpkit.filters.interfaces import HeldMessage, IFilter, IFilterSession
 from esmtpkit.filters.milter_codec import MilterProtocolError
+from esmtpkit.filters.stream import client_endpoint
 from esmtpkit.filters.verdict import CONTINUE, Action, HeaderEdit, Verdict
 
 __all__ = ["MilterFilter", "MilterSession", "MilterProtocolError", "from_spec", "REJECTED", "TEMPFAILED"]
@@ -303,7 +303,7 @@ class MilterSession(FilterSession):
             reply = mc.parse_replycode(data)
             action = Action.TEMPFAIL if reply.code < 500 else Action.REJECT
             return Verdict(action, reply, reason=f"{action.value} from the milter: {reply.code}")
-        if command == mc.SMFIR_SKIP and body:
+        if command == mc.SMFIR_SKIP and body and self.negotiated is not None and self.negotiated.has(mc.SMFIP_SKIP):
             return _SKIP
         raise MilterProtocolError(f"the milter answered {command!r} where it may not")
 
@@ -433,21 +433,18 @@ class MilterFilter:
 
 
 def from_spec(target: str, options: Mapping[str, str], *, reactor: Any = None) -> MilterFilter:
-    """``--filter milter:TARGET[,name=N][,timeout=S][,on-failure=tempfail|accept]``; TARGET is a Twisted client
-    endpoint (``tcp:127.0.0.1:8891``, ``unix:/run/opendkim/opendkim.sock``)."""
+    """``--filter milter:TARGET[,name=N][,timeout=S][,on-failure=tempfail|accept]``; TARGET is a client endpoint
+    (``tcp:127.0.0.1:8891``, ``unix:/run/opendkim/opendkim.sock``), checked by `client_endpoint`; without
+    ``reactor`` the global one is looked up only when connecting."""
     unknown = sorted(set(options) - {"name", "timeout", "on-failure"})
     if unknown:
         raise ValueError(f"milter filter: unknown option {unknown[0]!r} (name, timeout, on-failure)")
-    if reactor is None:
-        from twisted.internet import reactor as default
-
-        reactor = default
     if not target:
         raise ValueError("milter filter: no target (a client endpoint such as tcp:127.0.0.1:8891)")
     try:
-        endpoint = clientFromString(reactor, target)
-    except Exception as e:
-        raise ValueError(f"milter filter: {target!r} is not a client endpoint ({e})") from None
+        endpoint = client_endpoint(target, reactor)
+    except ValueError as e:
+        raise ValueError(f"milter filter: {e}") from None
     timeout = None
     if "timeout" in options:
         try:

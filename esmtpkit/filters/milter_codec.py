@@ -51,7 +51,8 @@ SMFIP_NR_DATA, SMFIP_NR_UNKN, SMFIP_NR_EOH, SMFIP_NR_BODY = 0x10000, 0x20000, 0x
 SMFIP_HDR_LEADSPC = 0x100000
 
 #: What esmtpkit applies: add and insert, change and delete header fields, quarantine, and a milter's own macro
-#: lists. Not body replacement, nor recipient or sender changes: a milter that needs them fails negotiation.
+#: lists. Not body replacement, nor recipient or sender changes: a milter that asks for them anyway is held to
+#: what was offered (`parse_optneg`), and fails the message when it sends one.
 OFFERED_ACTIONS = SMFIF_ADDHDRS | SMFIF_CHGHDRS | SMFIF_QUARANTINE | SMFIF_SETSYMLIST
 #: Every step may be left out or left unanswered; SMFIS_SKIP and leading spaces understood. Not RCPT_REJ
 #: (refused recipients are not sent) and no larger packets than libmilter's default.
@@ -160,16 +161,22 @@ def _strings(data: bytes, what: str) -> list[bytes]:
 
 
 def parse_optneg(data: bytes, actions: int = OFFERED_ACTIONS, protocol: int = OFFERED_PROTOCOL) -> Negotiated:
-    """The milter's SMFIC_OPTNEG answer, checked against what was offered: a version from 2 to 6, no action and
-    no protocol flag that was not offered."""
+    """The milter's SMFIC_OPTNEG answer, checked against what was offered.
+
+    The version must be 6: versions 2 to 5 know fewer commands (no SMFIC_DATA before 4, no SMFIC_UNKNOWN before 3)
+    and other protocol flags, so rather than a second, rarely exercised conversation for them, an older milter
+    fails here, clearly (libmilter has spoken 6 since Sendmail 8.14, 2007; OpenDKIM, OpenDMARC, clamav-milter and
+    rspamd all do). The milter's action bits are masked to what was offered: a milter may answer with more than it
+    was offered (rspamd's proxy adds recipient and body changes to whatever it is offered), and what matters is
+    what it then sends, a reply for an action it does not hold failing the step. Protocol flags that were not
+    offered fail negotiation: each changes what the milter expects to be sent."""
     if len(data) < 12:
         raise MilterProtocolError("option negotiation: fewer than 12 octets")
     version, wanted, flags = struct.unpack_from(">III", data)
-    if not 2 <= version <= VERSION:
-        raise MilterProtocolError(f"option negotiation: the milter speaks version {version}, not 2 to {VERSION}")
-    if wanted & ~actions:
-        raise MilterProtocolError(f"option negotiation: the milter needs actions {wanted & ~actions:#x} that "
-                                  "esmtpkit does not apply (body replacement, recipient or sender changes)")
+    if version != VERSION:
+        raise MilterProtocolError(f"option negotiation: the milter speaks milter protocol version {version}; "
+                                  f"esmtpkit speaks version {VERSION} only")
+    wanted &= actions
     if flags & ~protocol:
         raise MilterProtocolError(f"option negotiation: the milter needs protocol flags {flags & ~protocol:#x}")
     lists: dict[bytes, tuple[str, ...]] = {}

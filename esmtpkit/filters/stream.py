@@ -9,6 +9,7 @@ beyond a limit. Cancelling the Deferred closes the connection.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Callable, Collection, Iterator, Mapping, TypeVar
 
 from twisted.internet.defer import Deferred
@@ -31,18 +32,92 @@ class FilterProtocolError(Exception):
     """The filter server said something we cannot take: garbage, an answer too long, an early close."""
 
 
+#: The keywords a target may give, by kind: what `client_endpoint` can check (no ``checkPID``, no TLS).
+_KEYWORDS = {"tcp": ("host", "port", "timeout", "bindAddress"), "unix": ("path", "timeout")}
+#: The longest UNIX socket path (Linux's sun_path holds 108 octets, its NUL included).
+_MAX_PATH = 107
+
+
 def client_endpoint(target: str, reactor: Any) -> IStreamClientEndpoint:
-    """``target`` (``tcp:HOST:PORT``, ``tcp:host=H:port=P``, ``unix:PATH``) as a client endpoint on ``reactor``
-    (None: the global reactor, looked up only when connecting). ValueError naming ``target`` when it is not one."""
-    if not target.startswith(("tcp:", "unix:")):
-        raise ValueError(f"{target!r} is not a client endpoint (tcp:HOST:PORT or unix:PATH)")
+    """``target`` (``tcp:HOST:PORT``, ``tcp:host=H:port=P``, ``unix:PATH``, maybe ``timeout=SECONDS``, and for
+    tcp ``bindAddress=IP``) as a client endpoint on ``reactor`` (None: the global reactor, looked up only when
+    connecting). Checked whole here, so a bad one fails at start rather than at every connection: a port from 1
+    to 65535, a non-empty socket path, a whole timeout above 0, no keyword that cannot be checked. ValueError
+    naming ``target``."""
+    _fields(target)
     try:
         endpoint = clientFromString(reactor if reactor is not None else object(), target)
     except Exception as e:
         raise ValueError(f"{target!r} is not a client endpoint (tcp:HOST:PORT or unix:PATH): {e}") from None
-    if target.startswith("unix:") and not getattr(endpoint, "_path", "x"):
-        raise ValueError(f"{target!r} names no socket path (unix:PATH)")
     return endpoint if reactor is not None else _GlobalReactorEndpoint(target)
+
+
+def _split(text: str) -> list[str]:
+    """``text`` cut at each colon, as Twisted's endpoint strings are (a backslash escapes the next character)."""
+    parts, current, escaped = [], [], False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _fields(target: str) -> dict[str, str]:
+    """The checked fields of ``target`` by name (``host``, ``port``, ``path``, ``timeout``, ``bindAddress``)."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{target!r} is not a client endpoint (tcp:HOST:PORT or unix:PATH): {why}")
+
+    kind, _, rest = target.partition(":")
+    if kind not in _KEYWORDS or not _:
+        raise bad("it names no tcp or unix endpoint")
+    allowed = _KEYWORDS[kind]
+    positional = allowed[:2] if kind == "tcp" else allowed[:1]
+    fields: dict[str, str] = {}
+    places = 0
+    for part in _split(rest):
+        key, equals, value = part.partition("=")
+        if not equals:
+            key, value = "", part
+        if not key:
+            if places >= len(positional):
+                raise bad(f"one field too many, {part!r}")
+            key = positional[places]
+            places += 1
+        elif key not in allowed:
+            raise bad(f"{key!r} is not one of {', '.join(allowed)}")
+        if key in fields:
+            raise bad(f"{key} is given twice")
+        fields[key] = value
+    if kind == "unix":
+        path = fields.get("path", "")
+        if not path:
+            raise ValueError(f"{target!r} names no socket path (unix:PATH)")
+        if len(path.encode("utf-8", "surrogateescape")) > _MAX_PATH or "\0" in path:
+            raise bad(f"a socket path is at most {_MAX_PATH} octets, without NUL")
+    else:
+        host = fields.get("host", "")
+        if not host or any(c.isspace() for c in host):
+            raise bad("no host")
+        port = fields.get("port", "")
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise bad(f"the port is a number from 1 to 65535, not {port!r}" if port else "no port")
+        if "bindAddress" in fields:
+            try:
+                ipaddress.ip_address(fields["bindAddress"])
+            except ValueError:
+                raise bad(f"bindAddress is an IP address, not {fields['bindAddress']!r}") from None
+    seconds = fields.get("timeout", "1")
+    if not (seconds.isascii() and seconds.isdigit() and int(seconds) > 0):
+        raise bad(f"timeout is a whole number of seconds above 0, not {seconds!r}")
+    return fields
 
 
 @implementer(IStreamClientEndpoint)
