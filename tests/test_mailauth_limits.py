@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task, threads
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactor
 
 from esmtpkit.core.session import Session
@@ -40,7 +41,7 @@ def arc_names(found: Any) -> set[str]:
 def test_thousands_of_arc_fields_ask_for_no_key() -> None:
     found = signers(arc_fields(5000) + MESSAGE)
     assert arc_names(found) == set()
-    assert found.arc_problem == "more than 50 ARC sets"
+    assert found.arc_problem == "ARC instance 51 out of range"
 
 
 def test_a_repeated_instance_fails_the_chain_without_lookups() -> None:
@@ -191,10 +192,10 @@ async def test_twistd_stops_while_an_spf_check_waits_on_dns(tmp_path: Path, dns:
 
 # ---- --dmarc-reject when a check could not complete ---------------------------------------------------------------
 
-def failed_dmarc(spf: str = "fail", *dkim: tuple[str, str]) -> AuthVerdicts:
-    """Verdicts of a message from bank.test that failed DMARC under p=reject, with SPF's result ``spf`` and
-    signatures ``(result, domain)``."""
-    return AuthVerdicts(spf_mailfrom=SpfVerdict(spf, "mailfrom", "a@bank.test", "bank.test"),
+def failed_dmarc(spf: str = "fail", *dkim: tuple[str, str], sender: str = "a@bank.test") -> AuthVerdicts:
+    """Verdicts of a message from bank.test that failed DMARC under p=reject, with SPF's result ``spf`` for
+    ``sender`` and signatures ``(result, domain)``."""
+    return AuthVerdicts(spf_mailfrom=SpfVerdict(spf, "mailfrom", sender, sender.rpartition("@")[2]),
                         dkim=tuple(DkimVerdict(result, domain, "s1") for result, domain in dkim),
                         dmarc=DmarcVerdict("fail", "bank.test", "reject", "reject"))
 
@@ -202,6 +203,8 @@ def failed_dmarc(spf: str = "fail", *dkim: tuple[str, str]) -> AuthVerdicts:
 @pytest.mark.parametrize("verdicts, reply", [
     (failed_dmarc(), DMARC_REJECTED),
     (failed_dmarc("temperror"), DMARC_DEFERRED),
+    (failed_dmarc("temperror", sender="a@mail.bank.test"), DMARC_DEFERRED),
+    (failed_dmarc("temperror", sender="spoofer@attacker.example"), DMARC_REJECTED),
     (failed_dmarc("fail", ("temperror", "mail.bank.test")), DMARC_DEFERRED),
     (failed_dmarc("fail", ("temperror", "elsewhere.test"), ("fail", "bank.test")), DMARC_REJECTED),
     (failed_dmarc("softfail", ("permerror", "bank.test")), DMARC_REJECTED),
@@ -225,3 +228,61 @@ def test_only_a_domain_name_is_an_author_domain(author: str, domain: str | None)
     from esmtpkit.mailauth.dmarc import author_domain
 
     assert author_domain([author]) == domain
+
+
+# ---- what stopping calls off -----------------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_draining_calls_off_the_key_lookups_too(make: Any, dns: PrivateDNS, auth_world: Any) -> None:
+    checks: MailAuth = make(timeout=(120,), dmarc=False, arc=False)
+    signed = dkim_sign(MESSAGE.replace(b"good.test", b"slow.test"), "slow.test", auth_world.keys["good.test"])
+    pending = checks.check_message(session(), AuthVerdicts(), signed, reader(signed))
+    await asked(dns, f"{SELECTOR}._domainkey.slow.test")
+    draining = checks.drain()
+    assert checks.lookups._queries == set()  # every query in flight was called off at once
+    await draining
+    verdicts = await pending
+    assert [v.result for v in verdicts.dkim] == ["temperror"]
+
+
+class QueuedCalls:
+    """A reactor whose callFromThread only queues the call, for the test to run later."""
+
+    def __init__(self) -> None:
+        self.queued: list[Any] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.queued.append((f, args))
+
+
+class Asked:
+    def __init__(self) -> None:
+        self.queries: list[Any] = []
+
+    def query(self, query: Any, timeout: Any = None) -> Deferred[Any]:
+        self.queries.append(query)
+        return Deferred()
+
+
+def test_a_worker_that_gave_up_asks_nothing_later() -> None:
+    import threading
+
+    from esmtpkit.mailauth.lookups import DNSTempError
+
+    resolver = Asked()
+    lookups = Lookups(QueuedCalls(), resolver=resolver, timeout=(0.05,))
+    failed: list[Any] = []
+
+    def worker() -> None:
+        try:
+            lookups.answer_from_worker("x.test", "TXT", timeout=0.05)
+        except DNSTempError as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(10)
+    assert len(failed) == 1
+    for f, args in lookups.reactor.queued:
+        f(*args)
+    assert resolver.queries == [] and lookups._queries == set()

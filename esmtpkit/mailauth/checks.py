@@ -50,7 +50,8 @@ class MailAuth:
     say (451 4.7.24); ``dmarc_reject`` refuses at end of data a message whose author domain asks ``p=reject``
     and that failed (550 5.7.26), or asks it to try again later (451 4.7.26) when the failure may be SPF's or a
     signature's temporary DNS error. ``threads`` bound each of the two worker pools, one running pyspf and one
-    dkimpy, and so the messages held in memory while they are verified. ``monitor`` hears every verdict (`Monitor.checked`).
+    dkimpy, and so the messages held in memory while they are verified. ``monitor`` hears every verdict
+    (`Monitor.checked`).
     """
 
     log = Logger()
@@ -112,17 +113,22 @@ class MailAuth:
     def _pool_named(self, name: str) -> ThreadPool:
         pool = self._pools.get(name)
         if pool is None:
-            if not self._pools:
-                self._triggers = [self.reactor.addSystemEventTrigger("before", "shutdown", self.drain),
-                                  self.reactor.addSystemEventTrigger("during", "shutdown", self.close)]
+            self._stop_with_the_reactor()
             pool = self._pools[name] = ThreadPool(minthreads=0, maxthreads=self.threads,
                                                   name=f"esmtpkit-mailauth-{name}")
             pool.start()
         return pool
 
+    def _stop_with_the_reactor(self) -> None:
+        """Have the reactor's shutdown call `drain`, then `close` (once, from the first check or pool on)."""
+        if not self._triggers:
+            self._triggers = [self.reactor.addSystemEventTrigger("before", "shutdown", self.drain),
+                              self.reactor.addSystemEventTrigger("during", "shutdown", self.close)]
+
     def _track(self, d: "Deferred[Any]") -> "Deferred[Any]":
         """Count ``d`` among the checks in flight until it fires (`drain` waits for them); call it with the
         check's whole chain, so that what `drain` releases never sees a half-made result."""
+        self._stop_with_the_reactor()
         settled: Deferred[None] = Deferred()
         self._in_flight.add(settled)
 
@@ -264,12 +270,15 @@ def _in_pool(checks: MailAuth, function: Callable[..., Any], *args: Any, **kwarg
 def _maybe_temporary(verdicts: AuthVerdicts, author: str) -> bool:
     """Whether a DMARC failure for ``author`` may be a temporary one: SPF could not say, or a signature whose
     domain could align (the author's organization) could not be checked."""
-    if verdicts.spf_mailfrom is not None and verdicts.spf_mailfrom.result == "temperror":
-        return True
     organization = dmarc_check.organizational_domain(author) if author else ""
-    return any(v.result == "temperror" and (not organization or not v.domain
-                                            or dmarc_check.organizational_domain(v.domain) == organization)
-               for v in verdicts.dkim)
+
+    def aligns(domain: str) -> bool:
+        return not organization or not domain or dmarc_check.organizational_domain(domain) == organization
+
+    spf = verdicts.spf_mailfrom
+    if spf is not None and spf.result == "temperror" and aligns(spf.domain):
+        return True
+    return any(v.result == "temperror" and aligns(v.domain) for v in verdicts.dkim)
 
 
 def _printable(text: str) -> str:

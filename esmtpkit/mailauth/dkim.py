@@ -129,7 +129,7 @@ def signers(head: bytes, max_signatures: int = 5, *, arc: bool = True) -> Signer
                 arc_names.add(_key_name(tags))
     found.arc_sets = max(instances, default=0)
     if found.arc_sets > MAX_ARC_SETS:
-        found.arc_problem = f"more than {MAX_ARC_SETS} ARC sets"
+        found.arc_problem = found.arc_problem or f"more than {MAX_ARC_SETS} ARC sets"
     elif len(arc_names) > MAX_ARC_KEYS:
         found.arc_problem = found.arc_problem or f"more than {MAX_ARC_KEYS} ARC keys"
     if not found.arc_problem:

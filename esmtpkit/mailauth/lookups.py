@@ -90,7 +90,7 @@ class Lookups:
         self.stopping = False
         self._lock = threading.Lock()
         self._waiting: set[threading.Event] = set()
-        self._for_workers: set[Deferred[Any]] = set()
+        self._queries: set[Deferred[Any]] = set()
 
     @property
     def worker_wait(self) -> float:
@@ -98,14 +98,15 @@ class Lookups:
         return sum(self.timeout) + 5.0
 
     def stop(self) -> None:
-        """Fail every query worker threads are waiting for, and those they ask from now on (the reactor's thread
-        calls it as the server stops, so no worker is left waiting for a reactor that no longer answers)."""
+        """Fail every query in flight (each becomes its check's temperror) and those asked from now on, and
+        release the worker threads waiting for one: the reactor's thread calls it as the server stops, so that no
+        check keeps the server waiting on a name server, and no worker waits for a reactor that no longer answers."""
         with self._lock:
             self.stopping = True
             waiting = list(self._waiting)
         for event in waiting:
             event.set()
-        for d in list(self._for_workers):
+        for d in list(self._queries):
             d.cancel()
 
     def resume(self) -> None:
@@ -113,9 +114,17 @@ class Lookups:
         with self._lock:
             self.stopping = False
 
-    def answer_from_worker(self, name: str, kind: str) -> list[tuple[tuple[str, str], Any]]:
+    def answer_from_worker(self, name: str, kind: str,
+                           timeout: float | None = None) -> list[tuple[tuple[str, str], Any]]:
         """`spf_answers`, asked from a worker thread and waited for there (never from the reactor's thread): the
-        reactor's resolver answers it. Bounded by `worker_wait`; fails with `DNSTempError` once `stop` is called."""
+        reactor's resolver answers it. Waits at most ``timeout`` seconds (what pyspf has left of its query time)
+        and `worker_wait`; fails with `DNSTempError` once `stop` is called."""
+        wait = self.worker_wait
+        try:
+            if timeout is not None and float(timeout) > 0:
+                wait = min(float(timeout), wait)
+        except (TypeError, ValueError):
+            pass
         done = threading.Event()
         box: list[Any] = []
         with self._lock:
@@ -124,14 +133,11 @@ class Lookups:
             self._waiting.add(done)
 
         def start() -> None:
-            if self.stopping:
-                done.set()
-                return
+            if done.is_set():
+                return  # the worker stopped waiting (its time ran out, or the server is stopping): ask nothing
             d = self.spf_answers(name, kind)
-            self._for_workers.add(d)
 
             def settle(result: Any) -> None:
-                self._for_workers.discard(d)
                 box.append(result)
                 done.set()
 
@@ -139,10 +145,11 @@ class Lookups:
 
         try:
             self.reactor.callFromThread(start)
-            done.wait(self.worker_wait)
+            done.wait(wait)
         finally:
             with self._lock:
                 self._waiting.discard(done)
+            done.set()
         if not box:
             raise DNSTempError(f"{kind} {name}: " + ("the server is stopping" if self.stopping else "no answer"))
         if isinstance(box[0], Failure):
@@ -166,12 +173,20 @@ class Lookups:
                 return None
             raise DNSTempError(f"{kind} {name}: {_reason(failure)}")
 
+        if self.stopping:
+            return defer.fail(DNSTempError(f"{kind} {name}: the server is stopping"))
         try:
             query = dns.Query(name.encode("idna"), qtype, dns.IN)
         except UnicodeError:
             return defer.succeed(None)
         d = defer.maybeDeferred(self.resolver.query, query, self.timeout)
-        return d.addCallbacks(answered, failed)
+        self._queries.add(d)
+
+        def settled(result: Any) -> Any:
+            self._queries.discard(d)
+            return result
+
+        return d.addBoth(settled).addCallbacks(answered, failed)
 
     def txt(self, name: str) -> "Deferred[list[bytes] | None]":
         """Each TXT record at ``name`` with its strings joined, as `records` says for the rest."""
@@ -227,7 +242,7 @@ def _install() -> None:
         if lookups is None:
             return own(name, qtype, strict, timeout)
         try:
-            return lookups.answer_from_worker(name, qtype)
+            return lookups.answer_from_worker(name, qtype, timeout)
         except DNSTempError as e:
             raise spf.TempError(f"DNS {e}") from None
 
