@@ -283,3 +283,6 @@ class FilterFrontTests(ScratchPaths, SynchronousTestCase):
         head = data.split(b"\r\n\r\n")[0]
         unfolded = head.replace(b"\r\n ", b" ")
         self.assertIn(b"X-Spamd-Result: " + value.encode() + b"\r\n", unfolded + b"\r\n")
+
+    def test_a_fold_of_blanks_only_is_dropped(self) -> None:
+        self.assertEqual(HeaderEdit("add", "X", "a\n \n\t\n b").line, b"X: a\r\n b\r\n")

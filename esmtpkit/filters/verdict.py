@@ -76,7 +76,8 @@ class HeaderEdit:
         longer than RFC 5322's 998 octets is folded at its spaces (a field that fits is left as the filter wrote
         it: a signature over it must still verify)."""
         value = _LINE_END.sub("\r\n", self.value)
-        lines = f"{self.name}: {value}".encode("utf-8", "surrogateescape").split(b"\r\n")
+        first, *rest = f"{self.name}: {value}".encode("utf-8", "surrogateescape").split(b"\r\n")
+        lines = [first] + [line for line in rest if line.strip()]  # a line of blanks would end the header section
         return b"".join(piece + b"\r\n" for line in lines for piece in _folded(line))
 
 
