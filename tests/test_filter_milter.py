@@ -239,6 +239,12 @@ def test_a_line_that_is_not_a_field_starts_the_body() -> None:
     assert b"".join(reader.chunks()) == b" starts folded\r\n\r\n"
 
 
+def test_a_bare_lf_is_part_of_its_line_as_the_server_reads_it() -> None:
+    reader = mc.HeaderReader(io.BytesIO(b"A: 1\nB: 2\r\nC: 3\r\n\nnot the end\r\n\r\nbody"))
+    assert list(reader.fields()) == [(b"A", b" 1\nB: 2"), (b"C", b" 3")]
+    assert b"".join(reader.chunks()) == b"\nnot the end\r\n\r\nbody"
+
+
 def test_a_long_field_is_cut_and_the_rest_read_past() -> None:
     content = b"A: " + b"x" * 300 + b"\r\n\t" + b"y" * 300 + b"\r\nB : 2\r\n\r\nbody"
     reader = mc.HeaderReader(io.BytesIO(content), limit=100)

@@ -297,16 +297,23 @@ class HeaderReader:
         self._leftover = b""
 
     def _line(self) -> tuple[bytes, bool]:
-        """The next piece of a line, and whether it is the line's end (or the content's)."""
-        piece = self.stream.readline(self.limit + 2)
-        return piece, piece.endswith(b"\n") or len(piece) < self.limit + 2
+        """The next piece of a line, and whether it is the line's end (or the content's). Lines end at CRLF only,
+        as the server's parser and the front that applies the milter's changes read them: a bare LF (let in with
+        ``bare_newline="allow"``) is part of its line, so the fields the milter counts are the front's."""
+        piece = b""
+        while True:
+            more = self.stream.readline(self.limit + 2 - len(piece))
+            piece += more
+            if not more or piece.endswith(b"\r\n") or len(piece) >= self.limit + 2:
+                break
+        return piece, piece.endswith(b"\r\n") or len(piece) < self.limit + 2
 
     def fields(self) -> Iterator[tuple[bytes, bytes]]:
         """Each field as (name, value): the value as after the colon, folds as LF, its line end taken off."""
         current: bytearray | None = None
         while True:
             piece, whole = self._line()
-            if not piece or piece in (b"\r\n", b"\n"):
+            if not piece or piece == b"\r\n":
                 break
             if piece[:1] in (b" ", b"\t") and current is not None:
                 pass
