@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import shlex
+from pathlib import Path
+
+import pytest
 
 from esmtpkit.cli import tap
 
@@ -24,7 +27,8 @@ def test_the_filter_of_your_own_prints_what_the_page_shows() -> None:
     assert printed.getvalue() == shown.text
 
 
-def test_the_command_builds_the_chain_it_shows() -> None:
+def test_the_command_builds_the_chain_it_shows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # its --maildir Maildir is made where the reader runs it
     [command] = [b for b in BLOCKS if b.language == "sh"]
     argv = shlex.split(command.text.replace("\\\n", " "))
     assert argv[:3] == ["twistd", "-n", "esmtpkit"]
