@@ -732,7 +732,7 @@ def test_from_spec_without_a_reactor_installs_none() -> None:
 def test_from_spec_refuses_in_one_sentence(target: str, options: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message) as raised:
         from_spec(target, options, reactor=Clock())
-    assert "\n" not in str(raised.value) and str(raised.value).startswith("milter filter:")
+    assert "\n" not in str(raised.value) and "milter" not in str(raised.value)  # the registry names the kind
 
 
 def test_the_pages_python_example_runs(tmp_path: Path) -> None:

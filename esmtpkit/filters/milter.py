@@ -438,13 +438,13 @@ def from_spec(target: str, options: Mapping[str, str], *, reactor: Any = None) -
     ``reactor`` the global one is looked up only when connecting."""
     unknown = sorted(set(options) - {"name", "timeout", "on-failure"})
     if unknown:
-        raise ValueError(f"milter filter: unknown option {unknown[0]!r} (name, timeout, on-failure)")
+        raise ValueError(f"unknown option {unknown[0]!r} (name, timeout, on-failure)")
     if not target:
-        raise ValueError("milter filter: no target (a client endpoint such as tcp:127.0.0.1:8891)")
+        raise ValueError("no target (a client endpoint such as tcp:127.0.0.1:8891)")
     try:
         endpoint = client_endpoint(target, reactor)
     except ValueError as e:
-        raise ValueError(f"milter filter: {e}") from None
+        raise ValueError(f"{e}") from None
     timeout = None
     if "timeout" in options:
         try:
@@ -452,11 +452,11 @@ def from_spec(target: str, options: Mapping[str, str], *, reactor: Any = None) -
         except ValueError:
             timeout = -1.0
         if not 0 < timeout < float("inf"):
-            raise ValueError(f"milter filter: timeout must be a number of seconds above 0, not "
+            raise ValueError(f"timeout must be a number of seconds above 0, not "
                              f"{options['timeout']!r}")
     try:
         on_failure = parse_failure(options.get("on-failure"))
     except ValueError as e:
-        raise ValueError(f"milter filter: {e}") from None
+        raise ValueError(f"{e}") from None
     name = options.get("name") or "milter"
     return MilterFilter(endpoint, name=name, timeout=timeout, on_failure=on_failure)
