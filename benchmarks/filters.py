@@ -78,7 +78,8 @@ LABELS = {
     "postfix": "Postfix, no milter",
     "postfix-milter": "Postfix + milter (OpenDKIM, signing)",
 }
-VERDICT = re.compile(rb"filter[=.:\s]+(\w[\w-]*).*?\baction[=:\s]+(\w+)")
+#: A filter's verdict on a message in the event log: ``filter NAME message=ACTION elapsed=...``.
+VERDICT = re.compile(rb"\] filter (\S+) (message=\w+) ")
 
 
 def message() -> bytes:
@@ -235,14 +236,14 @@ class Esmtpkit(Target):
         self.server.stop()
 
     def verdicts(self) -> str:
-        """What the filters answered, from the event log (warm-up included); after `stop`."""
+        """What the filters answered at the end of data, from the event log (warm-up included); after `stop`."""
         counts: Counter[str] = Counter()
         for path in self.server.event_log_files():
             with open(path, "rb") as log:
                 for line in log:
-                    if b"filter" in line and b"verdict" in line:
-                        found = VERDICT.search(line)
-                        counts[b" ".join(found.groups()).decode() if found else "verdict"] += 1
+                    found = VERDICT.search(line)
+                    if found:
+                        counts[b" ".join(found.groups()).decode()] += 1
         return ", ".join(f"{what}×{n}" for what, n in sorted(counts.items()))
 
 
