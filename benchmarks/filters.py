@@ -70,13 +70,13 @@ LABELS = {
     "esmtpkit": "esmtpkit, no filter",
     "continue": "esmtpkit + in-process CONTINUE",
     "continue-read": "esmtpkit + in-process CONTINUE, reads the message",
-    "milter": "esmtpkit + milter (OpenDKIM, signing)",
+    "milter": "esmtpkit + milter (OpenDKIM, signing), TCP",
     "milter-unix": "esmtpkit + milter (OpenDKIM, signing), UNIX socket",
     "clamd": "esmtpkit + clamd",
     "spamd": "esmtpkit + spamd",
     "rspamd": "esmtpkit + rspamd",
     "postfix": "Postfix, no milter",
-    "postfix-milter": "Postfix + milter (OpenDKIM, signing)",
+    "postfix-milter": "Postfix + milter (OpenDKIM, signing), TCP",
 }
 #: A filter's verdict on a message in the event log: ``filter NAME message=ACTION elapsed=...``.
 VERDICT = re.compile(rb"\] filter (\S+) (message=\w+) ")
