@@ -73,6 +73,9 @@ class MilterProtocol(Protocol):
         self.paused: Deferred[None] | None = None
 
     def connectionMade(self) -> None:
+        nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if nodelay is not None:
+            nodelay(True)  # a step is a few small packets and a wait for the answer: Nagle would hold the last one
         self.transport.registerProducer(self, True)
 
     def send(self, data: bytes) -> None:
@@ -231,6 +234,7 @@ class MilterSession(FilterSession):
 
     async def _connect(self) -> Verdict:
         factory = Factory.forProtocol(MilterProtocol)
+        factory.noisy = False  # one connection per SMTP connection: not worth two log lines each
         self.connecting = self.owner.endpoint.connect(factory)
         try:
             protocol = await self.connecting

@@ -141,6 +141,7 @@ class _Capped(ProtocolWrapper):
 
 class _CappedFactory(WrappingFactory):
     protocol = _Capped
+    noisy = False  # a connection per message: not worth two log lines each
 
     def __init__(self, wrapped: IProtocolFactory, limit: int) -> None:
         super().__init__(wrapped)

@@ -189,6 +189,9 @@ class _Exchange(Protocol):
         if self.finished:  # cancelled while connecting
             self.transport.abortConnection()
             return
+        nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if nodelay is not None:
+            nodelay(True)  # the last frame and the wait for the answer: Nagle would hold it
         self.transport.write(self.head)
         self.transport.registerProducer(self.sender, False)
 
@@ -269,7 +272,9 @@ def converse(endpoint: IStreamClientEndpoint, head: bytes, chunks: Iterator[byte
         if not result.called:  # else cancelled while connecting: the CancelledError is already the result's
             result.errback(failure)
 
-    connecting = endpoint.connect(Factory.forProtocol(lambda: exchange))  # type: ignore[arg-type]
+    factory = Factory.forProtocol(lambda: exchange)  # type: ignore[arg-type]
+    factory.noisy = False  # a connection per message: not worth two log lines each
+    connecting = endpoint.connect(factory)
     connecting.addErrback(failed)
     return result
 
