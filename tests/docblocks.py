@@ -127,6 +127,16 @@ def fenced(page: Path, language: str) -> list[str]:
     return [block.text for block in blocks(page) if block.language == language]
 
 
+def filter_values(page: Path) -> list[str]:
+    """The ``--filter`` values of the ``sh`` command lines of ``page``, in page order."""
+    found = []
+    for block in blocks(page):
+        if block.language == "sh":
+            words = shlex.split(block.text.replace("\\\n", " "))
+            found += [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--filter"]
+    return found
+
+
 def commands(text: str) -> list[str]:
     """The command lines of an ``sh`` block: continuation lines joined, blank and comment-only lines left out."""
     lines = text.replace("\\\n", " ").splitlines()

@@ -14,8 +14,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import shlex
-import smtplib
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -29,8 +27,8 @@ from esmtpkit.filters.clamd import from_spec
 from esmtpkit.handlers.maildir import QUARANTINE_FOLDER
 
 from ..clamdaemon import EICAR, SIGNATURE, STREAM_MAX, PrivateClamd, clamd_missing, start_clamd
-from ..docblocks import DOCS, blocks
-from ..support import wait_for
+from ..docblocks import DOCS, filter_values
+from ..support import smtp_send, wait_for
 from .conftest import CLIENT_TIMEOUT, EsmtpkitProcess, missing_options
 
 pytestmark = pytest.mark.skipif(clamd_missing() is not None, reason=clamd_missing() or "")
@@ -119,44 +117,29 @@ async def test_a_stopped_clamd_fails_the_check(clamd: PrivateClamd) -> None:
 
 
 def send(port: int, content: bytes) -> tuple[int, bytes]:
-    """One message; the reply to its end of data (or the refusal)."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT) as client:
-        try:
-            client.sendmail("alice@example.org", ["bob@example.org"], content)
-        except smtplib.SMTPDataError as e:
-            return e.smtp_code, e.smtp_error
-        return 250, b""
-
-
-def page_filters() -> list[str]:
-    """The ``--filter`` values of the page's command lines, in page order."""
-    found = []
-    for block in blocks(PAGE):
-        if block.language == "sh":
-            words = shlex.split(block.text.replace("\\\n", " "))
-            found += [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--filter"]
-    return found
+    """One message from alice to bob: the reply to its end of data (or the refusal)."""
+    return smtp_send(port, "alice@example.org", content, ("bob@example.org",), timeout=CLIENT_TIMEOUT)
 
 
 @pytest.mark.skipif(bool(missing_options("--filter")), reason="twistd esmtpkit has no --filter yet")
 def test_the_pages_command_lines(clamd: PrivateClamd, start_esmtpkit: Callable[..., EsmtpkitProcess]) -> None:
     """docs/filters/clamd.md's ``twistd esmtpkit --filter`` lines, with this clamd's sockets for the page's."""
-    plain, configured = page_filters()
+    plain, configured = filter_values(PAGE)
     assert plain == "clamd:unix:/run/clamav/clamd.ctl"
     server = start_esmtpkit("--filter", plain.replace("unix:/run/clamav/clamd.ctl", clamd.unix_target))
     assert send(server.port, INFECTED) == (554, f"5.7.1 Virus found: {SIGNATURE}.UNOFFICIAL".encode())
     assert send(server.port, ATTACHED)[0] == 554
-    assert send(server.port, CLEAN) == (250, b"")
+    assert send(server.port, CLEAN)[0] == 250
     assert server.wait_for(1) == [CLEAN]
 
     assert configured.startswith("clamd:tcp:127.0.0.1:3310,")
     server = start_esmtpkit("--filter", configured.replace("tcp:127.0.0.1:3310", clamd.tcp_target))
     assert send(server.port, LONG) == (451, b"4.3.4 Message too big to scan, try again later")
-    assert send(server.port, CLEAN) == (250, b"")
+    assert send(server.port, CLEAN)[0] == 250
     (stored,) = server.wait_for(1)
     head = stored.split(b"\r\n\r\n", 1)[0] + b"\r\n"
     assert head.endswith(b"\r\nX-Virus-Scanned: clamav\r\n")
-    assert send(server.port, INFECTED) == (250, b"")  # quarantined: delivered apart, not to the inbox
+    assert send(server.port, INFECTED)[0] == 250  # quarantined: delivered apart, not to the inbox
     quarantine = server.maildir / QUARANTINE_FOLDER / "new"
     wait_for(lambda: quarantine.is_dir() and len(os.listdir(quarantine)) == 1, "the quarantined message")
     assert len(server.stored()) == 1

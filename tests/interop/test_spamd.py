@@ -10,8 +10,6 @@ no network) on a loopback port, asked by `SpamdFilter` and by a ``twistd esmtpki
 from __future__ import annotations
 
 import io
-import shlex
-import smtplib
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -23,8 +21,9 @@ from esmtpkit.core.session import Session
 from esmtpkit.filters import Action, FilterChain, HeldMessage
 from esmtpkit.filters.spamd import from_spec
 
-from ..docblocks import DOCS, blocks
+from ..docblocks import DOCS, filter_values
 from ..spamdaemon import GTUBE, PrivateSpamd, spamd_missing, start_spamd
+from ..support import smtp_send
 from .conftest import CLIENT_TIMEOUT, EsmtpkitProcess, missing_options
 
 pytestmark = pytest.mark.skipif(spamd_missing() is not None, reason=spamd_missing() or "")
@@ -98,33 +97,18 @@ async def test_a_stopped_spamd_fails_the_check(spamd: PrivateSpamd) -> None:
 
 
 def send(port: int, content: bytes) -> tuple[int, bytes]:
-    """One message; the reply to its end of data (or the refusal)."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT) as client:
-        try:
-            client.sendmail("alice@example.org", ["bob@example.org"], content)
-        except smtplib.SMTPDataError as e:
-            return e.smtp_code, e.smtp_error
-        return 250, b""
-
-
-def page_filters() -> list[str]:
-    """The ``--filter`` values of the page's command lines, in page order."""
-    found = []
-    for block in blocks(PAGE):
-        if block.language == "sh":
-            words = shlex.split(block.text.replace("\\\n", " "))
-            found += [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--filter"]
-    return found
+    """One message from alice to bob: the reply to its end of data (or the refusal)."""
+    return smtp_send(port, "alice@example.org", content, ("bob@example.org",), timeout=CLIENT_TIMEOUT)
 
 
 @pytest.mark.skipif(bool(missing_options("--filter")), reason="twistd esmtpkit has no --filter yet")
 def test_the_pages_command_lines(spamd: PrivateSpamd, start_esmtpkit: Callable[..., EsmtpkitProcess]) -> None:
     """docs/filters/spamd.md's ``twistd esmtpkit --filter`` lines, with this spamd's port for the page's: spam
     marked (a forged X-Spam-Flag removed), then refused at reject-score."""
-    marking, refusing = (entry.replace("tcp:127.0.0.1:783", spamd.target) for entry in page_filters())
+    marking, refusing = (entry.replace("tcp:127.0.0.1:783", spamd.target) for entry in filter_values(PAGE))
     server = start_esmtpkit("--filter", marking)
-    assert send(server.port, b"X-Spam-Flag: NO\r\n" + SPAM) == (250, b"")
-    assert send(server.port, HAM) == (250, b"")
+    assert send(server.port, b"X-Spam-Flag: NO\r\n" + SPAM)[0] == 250
+    assert send(server.port, HAM)[0] == 250
     spam, ham = server.wait_for(2)
     spam_head, ham_head = (m.split(b"\r\n\r\n", 1)[0] for m in (spam, ham))
     assert b"X-Spam-Flag: NO" not in spam_head
@@ -133,5 +117,5 @@ def test_the_pages_command_lines(spamd: PrivateSpamd, start_esmtpkit: Callable[.
     assert refusing.endswith(",reject-score=15,user=mail,timeout=30")
     server = start_esmtpkit("--filter", refusing)
     assert send(server.port, SPAM) == (550, b"5.7.1 Message refused as spam")
-    assert send(server.port, HAM) == (250, b"")
+    assert send(server.port, HAM)[0] == 250
     assert server.wait_for(1)[0].startswith(HEAD)
