@@ -1,6 +1,6 @@
 """`SpamdFilter` without spamd: the request it sends, the answers it takes (in pieces, with and without
 Content-length, non-zero codes, garbage, too long, an early close), the fields it adds, cancellation, and a tiny fake
-spamd on 127.0.0.1. The StringTransport endpoint and counting message are `tests.test_filter_clamd`'s."""
+spamd on 127.0.0.1. The StringTransport endpoint and counting message are `tests.filterfakes`'."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from esmtpkit.filters.spamd import (ANSWER_LIMIT, MAX_SIZE, SpamdAnswer, SpamdEr
 from esmtpkit.filters.stream import FilterProtocolError
 
 from .docblocks import DOCS, TIMEOUT, blocks, reader_environment
-from .test_filter_clamd import Endpoint, Held, pump, results
+from .filterfakes import Endpoint, Held, pump, results
 
 PAGE = DOCS / "filters" / "spamd.md"
 
