@@ -18,7 +18,6 @@ from twisted.internet import threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail, succeed
 from twisted.logger import globalLogPublisher
-from twisted.python import usage
 
 from esmtpkit.cli import tap
 from esmtpkit.core.outbound import Message, Outcome, Recipient
@@ -34,10 +33,11 @@ from esmtpkit.server.policy import Policy
 from esmtpkit.server.sasl import portal_from_strings
 from esmtpkit.testing import serve
 
+from . import authzone
 from .authzone import SELECTOR, AuthWorld, auth_zones
 from .mailnet import until
 from .support import Queue as RunnerQueue
-from .support import QUEUE_CONTENT, RecordingStore
+from .support import QUEUE_CONTENT, RecordingStore, tap_mistake, tap_options
 
 AUTHSERV = "mx.test"
 
@@ -60,12 +60,7 @@ def world() -> AuthWorld:
 @pytest.fixture
 def key_files(world: AuthWorld, tmp_path: Path) -> dict[str, str]:
     """The private keys of good.test and other.test as PEM files."""
-    paths = {}
-    for domain in ("good.test", "other.test"):
-        path = tmp_path / f"{domain}.pem"
-        path.write_bytes(world.keys[domain].private)
-        paths[domain] = str(path)
-    return paths
+    return authzone.key_files(world, tmp_path)
 
 
 @pytest.fixture
@@ -143,33 +138,22 @@ def test_the_queue_and_relay_check_the_setting_at_start(setting: str, tmp_path: 
     assert other == config  # judged by the handler: no second queue on the same spool for it
 
 
-def mistake(*argv: str) -> str:
-    """The usage error ``twistd esmtpkit`` stops with for ``argv``: one line."""
-    with pytest.raises(usage.UsageError) as caught:
-        tap.Options().parseOptions(list(argv))
-    text = str(caught.value)
-    assert "\n" not in text and text == text.strip(), repr(text)
-    return text
-
-
 RELAY = ["--handler", "esmtpkit.handlers.relay.Relay"]
 
 
 def test_the_option_reaches_the_handler(key_files: dict[str, str]) -> None:
     key = f"good.test:s1:{key_files['good.test']}"
-    options = tap.Options()
-    options.parseOptions([*RELAY, "--dkim-sign", key, "--dkim-sign-from", "127.0.0.1,192.0.2.0/24"])
+    options = tap_options(*RELAY, "--dkim-sign", key, "--dkim-sign-from", "127.0.0.1,192.0.2.0/24")
     assert options["handler-kwargs"]["dkim_sign_from"] == "127.0.0.1,192.0.2.0/24"
-    options = tap.Options()
-    options.parseOptions([*RELAY, "--dkim-sign", key])
+    options = tap_options(*RELAY, "--dkim-sign", key)
     assert "dkim_sign_from" not in options["handler-kwargs"]  # the handler's default: this host
 
 
 def test_a_bad_network_is_one_line(key_files: dict[str, str]) -> None:
     key = f"good.test:s1:{key_files['good.test']}"
-    text = mistake(*RELAY, "--dkim-sign", key, "--dkim-sign-from", "127.0.0.1,10.0.0.0/33")
+    text = tap_mistake(*RELAY, "--dkim-sign", key, "--dkim-sign-from", "127.0.0.1,10.0.0.0/33")
     assert text.startswith("--dkim-sign-from: '10.0.0.0/33' is not an IP address or network"), text
-    assert mistake(*RELAY, "--dkim-sign-from", "none").startswith("--dkim-sign-from needs --dkim-sign")
+    assert tap_mistake(*RELAY, "--dkim-sign-from", "none").startswith("--dkim-sign-from needs --dkim-sign")
 
 
 # ---- the Relay ----------------------------------------------------------------------------------------------------
