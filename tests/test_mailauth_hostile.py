@@ -54,23 +54,19 @@ def read_back(field: bytes) -> list[tuple[str, str, str | None, dict[str, str]]]
             for r in header.results]
 
 
+def _comment(depth: int) -> str:
+    """RFC 5322's ``comment``, nested at most ``depth`` deep: ctext, quoted-pairs and comments inside parentheses."""
+    inner = r"[^()\\]|\\." + (f"|{_comment(depth - 1)}" if depth > 1 else "")
+    return rf"\((?:{inner})*\)"
+
+
+#: Text whose comments close (nested up to 8 deep), its quoted-strings and quoted-pairs read as RFC 5322 reads them.
+CLOSED = re.compile(rf'(?:[^"()\\]|\\.|"(?:[^"\\]|\\.)*"|{_comment(8)})*', re.S)
+
+
 def balanced(text: str) -> bool:
-    """True when every comment in ``text`` closes, quoted-strings and quoted pairs aside."""
-    depth, quoted, escaped = 0, False, False
-    for char in text:
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == '"' and not depth:
-            quoted = not quoted
-        elif char == "(" and not quoted:
-            depth += 1
-        elif char == ")" and not quoted:
-            depth -= 1
-            if depth < 0:
-                return False
-    return depth == 0 and not quoted and not escaped
+    """True when every comment in ``text`` closes, quoted-strings and quoted pairs aside (by RFC 5322's grammar)."""
+    return CLOSED.fullmatch(text) is not None
 
 
 def decided(verdicts: AuthVerdicts) -> list[tuple[str, str]]:
