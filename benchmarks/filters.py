@@ -48,11 +48,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from queue_throughput import PrivatePostfix, postfix_missing, tool, tree_cpu  # puts the checkout on sys.path
-from run import (HOST, BenchError, Client, Server, ServerSpec, cpu_model, esmtpkit_python, fmt, stop_process,
-                 twistd_argv, version)
+from run import (HOST, BenchError, Client, Server, ServerSpec, cpu_model, esmtpkit_python, fmt, interrupted,
+                 stop_process, twistd_argv, version, workspace)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -472,25 +472,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def workspace() -> Iterator[tuple[Path, list[bool]]]:
-    """A temporary folder, removed at the end unless the caller marks it to keep (``keep[0] = True``)."""
-    path = Path(tempfile.mkdtemp(prefix="esmtpkit-filters-"))
-    path.chmod(0o755)  # Postfix's daemons (user postfix) must reach their queue below it
-    keep = [False]
-    try:
-        yield path, keep
-    finally:
-        if keep[0]:
-            print(f"logs kept in {path}", file=sys.stderr)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -502,12 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     if postfix_why and any(n.startswith("postfix") for n in args.names):
         print(f"note: no Postfix rows: {postfix_why}", flush=True)
         args.names = [n for n in args.names if not n.startswith("postfix")]
-    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     with contextlib.suppress(OSError, ValueError):
         os.sched_setaffinity(0, {int(args.client_cpu)})  # the daemons started from here inherit it
     started = time.monotonic()
     failed = False
-    with workspace() as (work, keep), contextlib.ExitStack() as stack:
+    # 0o755: Postfix's daemons (user postfix) must reach their queue below the folder.
+    with workspace("esmtpkit-filters-", 0o755) as (work, keep), contextlib.ExitStack() as stack:
         stack.callback(Server.stop_all)
         keep[0] = args.keep
         try:

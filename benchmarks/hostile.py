@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from run import (HOST, MIB, BenchError, RSSPoller, cpu_seconds, esmtpkit_python, free_port, memory_kib,
-                 reset_peak, twistd_argv)
+from run import (HOST, MIB, BenchError, RSSPoller, cpu_seconds, esmtpkit_python, free_port, interrupted,
+                 memory_kib, reset_peak, stop_process, twistd_argv)
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("nonreading", "burst", "auth")
@@ -145,13 +145,7 @@ class Server:
         return memory_kib(self.pid)["VmRSS"] / 1024
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
+        stop_process(self.proc)
 
 
 def server(options: Sequence[str]) -> tuple[Server, tempfile.TemporaryDirectory[str]]:
@@ -479,10 +473,6 @@ def run_auth(part: Part, options: Sequence[str], results: Results) -> None:
 
 # ---- the run -----------------------------------------------------------------------------------------------------
 
-def _interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter waits: 30 s give-up, one burst, 15 s of AUTH")
@@ -505,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path("/proc/self/status").exists():
         print("needs Linux (/proc)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     part = Part(args.quick, args.auth_seconds)
     results = Results()
     runners = {"nonreading": run_non_reading, "burst": run_burst, "auth": run_auth}

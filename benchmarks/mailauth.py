@@ -50,16 +50,15 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from run import (HOST, BenchError, Client, Server, ServerSpec, cpu_model, cpu_seconds, esmtpkit_python, fmt, free_port,
-                 stop_process, twistd_argv, version)
+                 interrupted, stop_process, twistd_argv, version, workspace)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -588,24 +587,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def workspace() -> Iterator[tuple[Path, list[bool]]]:
-    """A temporary folder, removed at the end unless the caller marks it to keep (``keep[0] = True``)."""
-    path = Path(tempfile.mkdtemp(prefix="esmtpkit-mailauth-"))
-    keep = [False]
-    try:
-        yield path, keep
-    finally:
-        if keep[0]:
-            print(f"logs kept in {path}", file=sys.stderr)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_dns"]:
@@ -617,12 +598,12 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"{tool} is missing (util-linux)", file=sys.stderr)
             return 2
-    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     with contextlib.suppress(OSError, ValueError):
         os.sched_setaffinity(0, {int(args.client_cpu)})  # the DNS server and the probes inherit it
     started = time.monotonic()
     dns: DNS | None = None
-    with workspace() as (logdir, keep):
+    with workspace("esmtpkit-mailauth-") as (logdir, keep):
         try:
             print("\n".join(f"{k}: {v}" for k, v in versions().items()))
             print(f"command: benchmarks/mailauth.py {' '.join(argv)}".rstrip(), flush=True)

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Callable, Iterator  # noqa: E402
 
 from run import (HOST, RECIPIENT, SENDER, TICKS, BenchError, Client, Server, ServerSpec, esmtpkit_python,  # noqa: E402
-                 fmt, free_port, machine, memory_kib, message_1k, reset_peak, twistd_argv)
+                 fmt, free_port, interrupted, machine, memory_kib, message_1k, reset_peak, stop_process,
+                 twistd_argv)
 
 from esmtpkit.core.ids import new_id  # noqa: E402
 from esmtpkit.core.outbound import Message, Recipient  # noqa: E402
@@ -159,17 +160,6 @@ class TreeSampler:
         self._stop.set()
         self._thread.join(5)
         self.sample()
-
-
-def stop_process(proc: subprocess.Popen[bytes], wait: float = 15) -> None:
-    """SIGTERM, then SIGKILL after ``wait`` seconds: one process started here, by its own pid."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(wait)
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -747,10 +737,6 @@ def load_average() -> str:
     return "?"
 
 
-def _interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 @contextlib.contextmanager
 def workspace() -> Iterator[Path]:
     """A temporary folder the postfix user can traverse, removed at the end with everything in it."""
@@ -774,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with contextlib.suppress(OSError, ValueError):
         os.sched_setaffinity(0, {int(args.client_cpu)})
-    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     print("\n".join(f"{k}: {v}" for k, v in machine().items() if k != "peers"))
     print(f"load average before: {load_average()}")
     print(f"command: benchmarks/queue_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip() + "\n",

@@ -836,8 +836,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupted(signum: int, frame: object) -> None:
+def interrupted(signum: int, frame: object) -> None:
+    """A SIGTERM handler: stop as Ctrl-C does, so the servers started here are stopped on the way out."""
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def workspace(prefix: str, mode: int | None = None) -> Iterator[tuple[Path, list[bool]]]:
+    """A temporary folder (made ``mode`` if given), removed at the end unless the caller marks it to keep
+    (``keep[0] = True``)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if mode is not None:
+        path.chmod(mode)
+    keep = [False]
+    try:
+        yield path, keep
+    finally:
+        if keep[0]:
+            print(f"logs kept in {path}", file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -852,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     # The raw-socket clients run in this process: pin it to the client core (servers get theirs through taskset).
     with contextlib.suppress(OSError, ValueError):
         os.sched_setaffinity(0, {int(args.client_cpu)})
-    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     logdir = Path(tempfile.mkdtemp(prefix="esmtpkit-bench-"))
     keep_logs = True
     try:
