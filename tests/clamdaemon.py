@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
-import pytest
-
-from .support import terminate
+from .daemons import Daemon, free_port, private
 
 CLAMD = shutil.which("clamd", path="/usr/sbin:/usr/bin:/sbin:/bin")
 #: The EICAR anti-virus test file (https://www.eicar.org): harmless, and found by every scanner.
@@ -34,19 +29,16 @@ def clamd_missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class PrivateClamd:
+class PrivateClamd(Daemon):
     """clamd running from ``base`` (a short path: a UNIX socket's name is limited to about 100 octets)."""
+
+    name = "clamd"
+    timeout = TIMEOUT
 
     def __init__(self, base: Path, stream_max: int = STREAM_MAX) -> None:
         self.base = base
         self.socket = base / "clamd.sock"
-        self.port = _free_port()
+        self.port = free_port()
         self.log = base / "clamd.log"
         database = base / "db"
         database.mkdir()
@@ -62,14 +54,7 @@ class PrivateClamd:
             f"PidFile {base / 'clamd.pid'}\n"
             f"StreamMaxLength {stream_max}\n"
             f"TemporaryDirectory {base}\n")
-        self._output = open(base / "clamd.out", "wb")
-        self.process = subprocess.Popen([str(CLAMD), "-c", str(base / "clamd.conf")], cwd=base,
-                                        stdout=self._output, stderr=subprocess.STDOUT)
-        try:
-            self._wait()
-        except BaseException:
-            self.stop()
-            raise
+        self.launch([str(CLAMD), "-c", str(base / "clamd.conf")], base, base / "clamd.out")
 
     @property
     def unix_target(self) -> str:
@@ -81,7 +66,7 @@ class PrivateClamd:
         """Its TCP port as a client endpoint string."""
         return f"tcp:127.0.0.1:{self.port}"
 
-    def text(self) -> str:
+    def log_text(self) -> str:
         """Its log and anything it printed, so far."""
         return "\n".join(p.read_text(errors="replace") for p in (self.log, self.base / "clamd.out") if p.exists())
 
@@ -99,33 +84,7 @@ class PrivateClamd:
                 return False
         return True
 
-    def _wait(self) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while not self.ping():
-            if self.process.poll() is not None:
-                raise AssertionError(f"clamd exited with {self.process.returncode}:\n{self.text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"clamd did not answer PING within {TIMEOUT} s:\n{self.text()}")
-            time.sleep(0.1)
-
-    def stop(self) -> int:
-        """Stop clamd (SIGTERM, SIGKILL after a bound); its exit status."""
-        status = terminate(self.process, TIMEOUT)
-        self._output.close()
-        return status
-
 
 def start_clamd(stream_max: int = STREAM_MAX) -> Iterator[PrivateClamd]:
     """A private clamd for a fixture: skipped without clamd; stopped and its folder removed afterwards."""
-    missing = clamd_missing()
-    if missing:
-        pytest.skip(missing)
-    base = Path(tempfile.mkdtemp(prefix="esmtpkit-clamd-"))
-    try:
-        clamd = PrivateClamd(base, stream_max)
-        try:
-            yield clamd
-        finally:
-            clamd.stop()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    yield from private("esmtpkit-clamd-", clamd_missing(), lambda base: PrivateClamd(base, stream_max))

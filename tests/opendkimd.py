@@ -15,7 +15,6 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from esmtpkit.filters import Action, HeldMessage, Verdict
 from esmtpkit.filters.milter import from_spec
 
 from .authzone import auth_zones
+from .daemons import free_port, wait_until
 from .mailnet import PrivateDNS
 from .support import terminate
 
@@ -145,9 +145,7 @@ def milter_daemon(opendkim: OpenDKIM, config: str = "verify.conf") -> Iterator[i
     """A private ``opendkim`` milter in the foreground on a loopback port, with ``config`` (``verify.conf`` or
     ``sign.conf``; call `OpenDKIM.configure` first); its port. Stopped (SIGTERM, then SIGKILL) at the end, which
     fails the test if it did not exit cleanly."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     stem = Path(config).stem
     conf = opendkim.folder / f"milter-{stem}.conf"
     conf.write_text((opendkim.folder / config).read_text() + f"Socket inet:{port}@127.0.0.1\n")
@@ -156,20 +154,21 @@ def milter_daemon(opendkim: OpenDKIM, config: str = "verify.conf") -> Iterator[i
     process = subprocess.Popen([str(FOUND["opendkim"]), "-f", "-x", str(conf)], cwd=opendkim.folder,
                                stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            assert process.poll() is None, path.read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "opendkim did not listen"
-                time.sleep(0.05)
+        wait_until(lambda: _listening(port), process, "opendkim", "listen", TIMEOUT, path.read_text)
         yield port
     finally:
         status = terminate(process, TIMEOUT)
         log.close()
     assert status == 0, path.read_text()
+
+
+def _listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1 at ``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 async def through_milter(port: int, content: bytes) -> Verdict:

@@ -15,15 +15,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 from twisted.names import dns
 
-from tests.support import terminate
+from tests.daemons import Daemon, free_port
 
 __all__ = ["RSPAMD", "PrivateRspamd", "rspamd_missing", "GTUBE"]
 
@@ -73,20 +71,18 @@ def rspamd_missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class PrivateRspamd:
+class PrivateRspamd(Daemon):
     """rspamd under a new temporary directory (short: rspamd makes a control socket there): ``local.d``,
     ``override.d``, ``db``, ``run``, ``log``. `start` runs it in the foreground and waits for ``/ping``; `stop`
     ends it and removes the directory. ``url`` is its normal worker, ``http://127.0.0.1:PORT``."""
 
+    name = "rspamd"
+    ready = "answer /ping"
+    timeout = TIMEOUT
+
     def __init__(self) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="esmtpkit-rspamd-"))
-        self.port = _free_port()
+        self.port = free_port()
         #: rspamd's only name server: a UDP socket on 127.0.0.1 that keeps what it gets and never answers, so
         #: every query rspamd makes times out on this machine (`dns_queries` says which names it asked).
         self.dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -94,7 +90,6 @@ class PrivateRspamd:
         self.dns.setblocking(False)
         self.dns_port = int(self.dns.getsockname()[1])
         self.log = self.base / "log" / "rspamd.log"
-        self.process: subprocess.Popen[bytes] | None = None
         for name in ("local.d", "override.d", "db", "run", "log"):
             (self.base / name).mkdir()
         self._configure()
@@ -136,33 +131,16 @@ class PrivateRspamd:
 
     def start(self) -> "PrivateRspamd":
         """Start rspamd and wait until its normal worker answers ``/ping``; fails showing its log otherwise."""
-        output = open(self.base / "log" / "stdout", "wb")
-        try:
-            self.process = subprocess.Popen(self.argv(), cwd=self.base, stdout=output, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
-        finally:
-            output.close()
-        try:
-            self._wait()
-        except BaseException:
-            self.stop()
-            raise
+        self.launch(self.argv(), self.base, self.base / "log" / "stdout")
         return self
 
-    def _wait(self) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        assert self.process is not None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"rspamd exited with {self.process.returncode}:\n{self.log_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=5) as answer:
-                    if answer.read().strip() == b"pong":
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"rspamd did not answer /ping within {TIMEOUT} s:\n{self.log_text()}")
+    def ping(self) -> bool:
+        """Whether its normal worker answers ``/ping``."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=5) as answer:
+                return answer.read().strip() == b"pong"
+        except OSError:
+            return False
 
     def dns_queries(self) -> list[str]:
         """The names rspamd asked its name server about since the last call (what would have left the machine)."""
@@ -181,11 +159,6 @@ class PrivateRspamd:
         parts = [path.read_text(errors="replace") for path in (self.log, self.base / "log" / "stdout")
                  if path.exists()]
         return "\n".join(parts)
-
-    def stop(self) -> None:
-        """Stop rspamd (SIGTERM, then SIGKILL after a bound); its workers go with it."""
-        if self.process is not None:
-            terminate(self.process, TIMEOUT)
 
     def remove(self) -> None:
         """Close the name server's socket and remove the temporary directory (after `stop`)."""

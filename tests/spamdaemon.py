@@ -11,15 +11,11 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
-import pytest
-
-from .support import terminate
+from .daemons import Daemon, free_port, private
 
 SPAMD = shutil.which("spamd", path="/usr/sbin:/usr/bin:/sbin:/bin")
 #: The rules as the package ships them (sa-update would put newer ones under /var/lib/spamassassin).
@@ -43,18 +39,15 @@ def spamd_missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class PrivateSpamd:
+class PrivateSpamd(Daemon):
     """spamd running from ``base``, listening on 127.0.0.1 at ``port``."""
+
+    name = "spamd"
+    timeout = TIMEOUT
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.port = _free_port()
+        self.port = free_port()
         self.log = base / "spamd.log"
         site = base / "site"
         site.mkdir()
@@ -71,20 +64,14 @@ class PrivateSpamd:
             for folder in (base, site):
                 folder.chmod(0o755)
             argv += ["--username", "nobody"]
-        self._output = open(base / "spamd.out", "wb")
-        self.process = subprocess.Popen(argv, cwd=base, stdout=self._output, stderr=subprocess.STDOUT)
-        try:
-            self._wait()
-        except BaseException:
-            self.stop()
-            raise
+        self.launch(argv, base, base / "spamd.out")
 
     @property
     def target(self) -> str:
         """Its port as a client endpoint string."""
         return f"tcp:127.0.0.1:{self.port}"
 
-    def text(self) -> str:
+    def log_text(self) -> str:
         """Its log and anything it printed, so far."""
         return "\n".join(p.read_text(errors="replace") for p in (self.log, self.base / "spamd.out") if p.exists())
 
@@ -97,23 +84,13 @@ class PrivateSpamd:
         except OSError:
             return False
 
-    def _wait(self) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while not self.ping():
-            if self.process.poll() is not None:
-                raise AssertionError(f"spamd exited with {self.process.returncode}:\n{self.text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"spamd did not answer PING within {TIMEOUT} s:\n{self.text()}")
-            time.sleep(0.1)
-
     def children(self) -> list[int]:
         """The child processes it said it started."""
-        return [int(pid) for pid in re.findall(r"spawned child process, pid (\d+)", self.text())]
+        return [int(pid) for pid in re.findall(r"spawned child process, pid (\d+)", self.log_text())]
 
-    def stop(self) -> int:
+    def stop(self) -> int | None:
         """Stop spamd (SIGTERM: it stops its children; SIGKILL after a bound); its exit status."""
-        status = terminate(self.process, TIMEOUT)
-        self._output.close()
+        status = super().stop()
         deadline = time.monotonic() + TIMEOUT
         for pid in self.children():
             while _alive(pid) and time.monotonic() < deadline:
@@ -135,15 +112,4 @@ def _alive(pid: int) -> bool:
 
 def start_spamd() -> Iterator[PrivateSpamd]:
     """A private spamd for a fixture: skipped without spamd; stopped and its folder removed afterwards."""
-    missing = spamd_missing()
-    if missing:
-        pytest.skip(missing)
-    base = Path(tempfile.mkdtemp(prefix="esmtpkit-spamd-"))
-    try:
-        spamd = PrivateSpamd(base)
-        try:
-            yield spamd
-        finally:
-            spamd.stop()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    yield from private("esmtpkit-spamd-", spamd_missing(), PrivateSpamd)

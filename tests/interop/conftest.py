@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
+from ..daemons import free_port
 from ..support import TWISTD, terminate, wait_for_port
 
 
@@ -349,13 +350,6 @@ def _instance_processes(config_dir: Path) -> list[int]:
         if state not in (b"Z", b"X"):
             found.append(int(entry))
     return found
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class PrivatePostfix:

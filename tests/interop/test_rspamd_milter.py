@@ -25,7 +25,8 @@ from esmtpkit.filters import Action, HeldMessage, Verdict
 from esmtpkit.filters import milter_codec as mc
 from esmtpkit.filters.milter import from_spec
 
-from ..rspamdaemon import GTUBE, TIMEOUT, PrivateRspamd, _free_port, rspamd_missing
+from ..daemons import free_port
+from ..rspamdaemon import GTUBE, TIMEOUT, PrivateRspamd, rspamd_missing
 from ..support import smtp_send
 from .conftest import EsmtpkitProcess, missing_options
 
@@ -47,7 +48,7 @@ class MilterRspamd(PrivateRspamd):
     """A private rspamd with its proxy worker in milter mode on ``milter_port``, scanning with the normal worker."""
 
     def __init__(self) -> None:
-        self.milter_port = _free_port()
+        self.milter_port = free_port()
         super().__init__()
 
     def _configure(self) -> None:
