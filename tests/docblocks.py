@@ -137,6 +137,20 @@ def filter_values(page: Path) -> list[str]:
     return found
 
 
+def run_python(text: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    """``text`` run as a reader runs a page's Python block: ``python -`` in ``folder``, only the installed package
+    found (`reader_environment`); its output as text."""
+    return subprocess.run([sys.executable, "-"], input=text, capture_output=True, text=True, cwd=folder,
+                          env=reader_environment(), timeout=TIMEOUT)
+
+
+def said_printed(page: Path) -> str:
+    """What ``page`` says its example prints: the text in backquotes after ``It prints``."""
+    said = re.search(r"It prints `([^`]+)`", page.read_text())
+    assert said is not None, f"{page} does not say what its example prints"
+    return said.group(1)
+
+
 def commands(text: str) -> list[str]:
     """The command lines of an ``sh`` block: continuation lines joined, blank and comment-only lines left out."""
     lines = text.replace("\\\n", " ").splitlines()

@@ -1,15 +1,18 @@
 """Fakes for the unit tests of the stream filters (clamd, spamd): a held message that counts what is read of it, and
-an endpoint that connects each protocol to a `StringTransport` when the test says so."""
+an endpoint that connects each protocol to a `StringTransport` when the test says so, and the one-line error a
+filter's ``from_spec`` refuses a setting with."""
 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Callable
+
+import pytest
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from zope.interface import implementer
 
 from esmtpkit.core.session import Session
@@ -88,3 +91,12 @@ def pump(transport: StringTransport, times: int = 1000) -> None:
             return
         transport.producer.resumeProducing()
     raise AssertionError("the producer never finished")
+
+
+def spec_mistake(from_spec: Callable[..., Any], target: str, options: dict[str, str]) -> str:
+    """The error a filter's ``from_spec`` refuses ``target`` and ``options`` with, which must be one line."""
+    with pytest.raises(ValueError) as caught:
+        from_spec(target, options, reactor=MemoryReactor())
+    text = str(caught.value)
+    assert "\n" not in text, text
+    return text

@@ -4,9 +4,6 @@ spamd on 127.0.0.1. The StringTransport endpoint and counting message are `tests
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +21,8 @@ from esmtpkit.filters.spamd import (ANSWER_LIMIT, MAX_SIZE, SpamdAnswer, SpamdEr
                                     parse_answer)
 from esmtpkit.filters.stream import FilterProtocolError
 
-from .docblocks import DOCS, TIMEOUT, blocks, reader_environment
-from .filterfakes import Endpoint, Held, pump, results
+from .docblocks import DOCS, blocks, run_python, said_printed
+from .filterfakes import Endpoint, Held, pump, results, spec_mistake
 
 PAGE = DOCS / "filters" / "spamd.md"
 
@@ -235,9 +232,7 @@ def test_from_spec() -> None:
     ("tcp:127.0.0.1:783", {"score": "5"}, "unknown option 'score'"),
 ])
 def test_from_spec_refuses_in_one_sentence(target: str, options: dict[str, str], says: str) -> None:
-    with pytest.raises(ValueError) as caught:
-        from_spec(target, options, reactor=MemoryReactor())
-    assert says in str(caught.value) and "\n" not in str(caught.value)
+    assert says in spec_mistake(from_spec, target, options)
 
 
 # ---- a fake spamd on 127.0.0.1 ------------------------------------------------------------------------------------
@@ -280,11 +275,9 @@ async def test_over_a_real_socket() -> None:
 def test_the_pages_python_example_prints_what_the_page_says(tmp_path: Path) -> None:
     """Run as a reader would (``python -`` from an empty folder, the installed package): nothing connects."""
     (block,) = [b for b in blocks(PAGE) if b.language == "python"]
-    ran = subprocess.run([sys.executable, "-"], input=block.text, capture_output=True, text=True, cwd=tmp_path,
-                         env=reader_environment(), timeout=TIMEOUT)
+    ran = run_python(block.text, tmp_path)
     assert ran.returncode == 0, ran.stderr
-    said = re.search(r"It prints `([^`]+)`", PAGE.read_text())
-    assert said is not None and ran.stdout == said.group(1) + "\n"
+    assert ran.stdout == said_printed(PAGE) + "\n"
 
 
 def test_the_pages_answer_example_is_what_parse_answer_takes() -> None:
