@@ -144,6 +144,14 @@ def run_python(text: str, folder: Path) -> subprocess.CompletedProcess[str]:
                           env=reader_environment(), timeout=TIMEOUT)
 
 
+def example_output(page: Path, folder: Path) -> str:
+    """What the one Python block of ``page`` prints, run by `run_python` in ``folder``; it must exit with 0."""
+    (block,) = [b for b in blocks(page) if b.language == "python"]
+    ran = run_python(block.text, folder)
+    assert ran.returncode == 0, ran.stderr
+    return ran.stdout
+
+
 def said_printed(page: Path) -> str:
     """What ``page`` says its example prints: the text in backquotes after ``It prints``."""
     said = re.search(r"It prints `([^`]+)`", page.read_text())

@@ -23,7 +23,7 @@ from esmtpkit.filters import Action, FilterChain
 from esmtpkit.filters.clamd import ANSWER_LIMIT, CHUNK, ClamdError, ClamdFilter, from_spec, safe_name
 from esmtpkit.filters.stream import FilterProtocolError
 
-from .docblocks import DOCS, blocks, run_python, said_printed
+from .docblocks import DOCS, example_output, said_printed
 from .filterfakes import Endpoint, Held, pump, results, spec_mistake
 
 PAGE = DOCS / "filters" / "clamd.md"
@@ -361,7 +361,4 @@ async def test_an_endless_answer_over_a_real_socket_is_cut() -> None:
 
 def test_the_pages_python_example_prints_what_the_page_says(tmp_path: Path) -> None:
     """Run as a reader would (``python -`` from an empty folder, the installed package): nothing connects."""
-    (block,) = [b for b in blocks(PAGE) if b.language == "python"]
-    ran = run_python(block.text, tmp_path)
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stdout == said_printed(PAGE) + "\n"
+    assert example_output(PAGE, tmp_path) == said_printed(PAGE) + "\n"

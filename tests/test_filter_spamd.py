@@ -21,7 +21,7 @@ from esmtpkit.filters.spamd import (ANSWER_LIMIT, MAX_SIZE, SpamdAnswer, SpamdEr
                                     parse_answer)
 from esmtpkit.filters.stream import FilterProtocolError
 
-from .docblocks import DOCS, blocks, run_python, said_printed
+from .docblocks import DOCS, blocks, example_output, said_printed
 from .filterfakes import Endpoint, Held, pump, results, spec_mistake
 
 PAGE = DOCS / "filters" / "spamd.md"
@@ -274,10 +274,7 @@ async def test_over_a_real_socket() -> None:
 
 def test_the_pages_python_example_prints_what_the_page_says(tmp_path: Path) -> None:
     """Run as a reader would (``python -`` from an empty folder, the installed package): nothing connects."""
-    (block,) = [b for b in blocks(PAGE) if b.language == "python"]
-    ran = run_python(block.text, tmp_path)
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stdout == said_printed(PAGE) + "\n"
+    assert example_output(PAGE, tmp_path) == said_printed(PAGE) + "\n"
 
 
 def test_the_pages_answer_example_is_what_parse_answer_takes() -> None:
