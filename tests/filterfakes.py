@@ -1,6 +1,6 @@
-"""Fakes for the unit tests of the stream filters (clamd, spamd): a held message that counts what is read of it, and
-an endpoint that connects each protocol to a `StringTransport` when the test says so, and the one-line error a
-filter's ``from_spec`` refuses a setting with."""
+"""Fakes for the tests of the stream filters (clamd, spamd): a message held as the server holds it, one that counts
+what is read of it, an endpoint that connects each protocol to a `StringTransport` when the test says so, and the
+one-line error a filter's ``from_spec`` refuses a setting with."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ from zope.interface import implementer
 
 from esmtpkit.core.session import Session
 from esmtpkit.filters import HeldMessage
+
+
+def held_message(content: bytes) -> HeldMessage:
+    """``content`` held for the filters as the server holds it: its head, its size, and a way to read it."""
+    return HeldMessage(Session(hostname="mx.test"), content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n", len(content),
+                       lambda: io.BytesIO(content))
 
 
 class Content(io.BytesIO):

@@ -12,7 +12,6 @@ database written by the test, no download) on a UNIX socket and a loopback port,
 from __future__ import annotations
 
 import base64
-import io
 import os
 from typing import Any, Callable, Iterator
 
@@ -22,12 +21,13 @@ from twisted.internet import reactor
 from twisted.internet.error import ConnectError
 
 from esmtpkit.core.session import Session
-from esmtpkit.filters import Action, FilterChain, HeldMessage
+from esmtpkit.filters import Action, FilterChain
 from esmtpkit.filters.clamd import from_spec
 from esmtpkit.handlers.maildir import QUARANTINE_FOLDER
 
 from ..clamdaemon import EICAR, SIGNATURE, STREAM_MAX, PrivateClamd, clamd_missing, start_clamd
 from ..docblocks import DOCS, filter_values
+from ..filterfakes import held_message
 from ..support import smtp_send, wait_for
 from .conftest import CLIENT_TIMEOUT, EsmtpkitProcess, missing_options
 
@@ -52,13 +52,8 @@ def clamd() -> Iterator[PrivateClamd]:
     yield from start_clamd()
 
 
-def held(content: bytes) -> HeldMessage:
-    return HeldMessage(Session(hostname="mx.test"), content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n", len(content),
-                       lambda: io.BytesIO(content))
-
-
 async def check(target: str, content: bytes, **options: str) -> Any:
-    return await from_spec(target, options, reactor=reactor).check(held(content))
+    return await from_spec(target, options, reactor=reactor).check(held_message(content))
 
 
 @pytest.mark.parametrize("where", ["unix_target", "tcp_target"])
@@ -112,7 +107,7 @@ async def test_a_stopped_clamd_fails_the_check(clamd: PrivateClamd) -> None:
         with pytest.raises(ConnectError):
             await check(target, CLEAN)
         chain = FilterChain([from_spec(target, {}, reactor=reactor)], reactor=reactor)
-        verdict = await chain.start(Session(hostname="mx.test")).stage("message", held(CLEAN))
+        verdict = await chain.start(Session(hostname="mx.test")).stage("message", held_message(CLEAN))
         assert (verdict.action, verdict.reply.code, verdict.reply.enhanced) == (Action.TEMPFAIL, 451, "4.7.1")
 
 

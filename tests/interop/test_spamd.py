@@ -9,7 +9,6 @@ no network) on a loopback port, asked by `SpamdFilter` and by a ``twistd esmtpki
 
 from __future__ import annotations
 
-import io
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -18,10 +17,11 @@ from twisted.internet import reactor
 from twisted.internet.error import ConnectError
 
 from esmtpkit.core.session import Session
-from esmtpkit.filters import Action, FilterChain, HeldMessage
+from esmtpkit.filters import Action, FilterChain
 from esmtpkit.filters.spamd import from_spec
 
 from ..docblocks import DOCS, filter_values
+from ..filterfakes import held_message
 from ..spamdaemon import GTUBE, PrivateSpamd, spamd_missing, start_spamd
 from ..support import smtp_send
 from .conftest import CLIENT_TIMEOUT, EsmtpkitProcess, missing_options
@@ -40,13 +40,8 @@ def spamd() -> Iterator[PrivateSpamd]:
     yield from start_spamd()
 
 
-def held(content: bytes) -> HeldMessage:
-    return HeldMessage(Session(hostname="mx.test"), content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n", len(content),
-                       lambda: io.BytesIO(content))
-
-
 async def check(target: str, content: bytes, **options: str) -> Any:
-    return await from_spec(target, options, reactor=reactor).check(held(content))
+    return await from_spec(target, options, reactor=reactor).check(held_message(content))
 
 
 def fields(verdict: Any) -> list[tuple[str, str, str]]:
@@ -92,7 +87,7 @@ async def test_a_stopped_spamd_fails_the_check(spamd: PrivateSpamd) -> None:
     with pytest.raises(ConnectError):
         await check(spamd.target, HAM)
     chain = FilterChain([from_spec(spamd.target, {}, reactor=reactor)], reactor=reactor)
-    verdict = await chain.start(Session(hostname="mx.test")).stage("message", held(HAM))
+    verdict = await chain.start(Session(hostname="mx.test")).stage("message", held_message(HAM))
     assert (verdict.action, verdict.reply.code, verdict.reply.enhanced) == (Action.TEMPFAIL, 451, "4.7.1")
 
 
