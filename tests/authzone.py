@@ -28,8 +28,8 @@ from esmtpkit.mailauth import MailAuth
 
 from .mailnet import PrivateDNS
 
-__all__ = ["Key", "make_key", "auth_zones", "key_files", "SELECTOR", "AUTHSERV", "MESSAGE", "dkim_sign", "arc_seal",
-           "world_dns", "mail_auths"]
+__all__ = ["Key", "make_key", "auth_zones", "key_files", "txt_lookup", "SELECTOR", "AUTHSERV", "MESSAGE", "OUTBOUND",
+           "dkim_sign", "arc_seal", "world_dns", "mail_auths"]
 
 SELECTOR = "s1"
 #: The authserv-id the tests' checks write their results under.
@@ -42,6 +42,8 @@ MESSAGE = (b"From: Alice <alice@good.test>\r\n"
            b"Message-ID: <1@good.test>\r\n"
            b"\r\n"
            b"Hello, Bob.\r\n")
+#: `MESSAGE` to bob@example.net, outside the test zones: the mail the signing tests sign and send out.
+OUTBOUND = MESSAGE.replace(b"To: bob@example.test", b"To: bob@example.net")
 
 
 @dataclass
@@ -116,6 +118,18 @@ def key_files(world: AuthWorld, folder: Path) -> dict[str, str]:
         path.write_bytes(world.keys[domain].private)
         paths[domain] = str(path)
     return paths
+
+
+def txt_lookup(world: AuthWorld) -> Callable[..., bytes | None]:
+    """dkimpy's TXT lookup (its ``dnsfunc``) answered from ``world``'s zones."""
+    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
+        records = world.zones.get(name.decode().rstrip(".").lower(), {}).get("TXT")
+        if not records:
+            return None
+        first = records[0]
+        return ("".join(first) if isinstance(first, list) else first).encode()
+
+    return lookup
 
 
 def dkim_sign(message: bytes, domain: str, key: Key, selector: str = SELECTOR,

@@ -34,20 +34,14 @@ from esmtpkit.server.sasl import portal_from_strings
 from esmtpkit.testing import serve
 
 from . import authzone
-from .authzone import SELECTOR, AuthWorld, auth_zones
+from .authzone import OUTBOUND, SELECTOR, AuthWorld, auth_zones, txt_lookup
 from .mailnet import until
 from .support import Queue as RunnerQueue
 from .support import QUEUE_CONTENT, RecordingStore, tap_mistake, tap_options
 
 AUTHSERV = "mx.test"
 
-MESSAGE = (b"From: Alice <alice@good.test>\r\n"
-           b"To: bob@example.net\r\n"
-           b"Subject: hello\r\n"
-           b"Date: Sun, 6 Dec 2026 07:00:00 +0000\r\n"
-           b"Message-ID: <1@good.test>\r\n"
-           b"\r\n"
-           b"Hello, Bob.\r\n")
+MESSAGE = OUTBOUND
 
 CHECKED = (f"Authentication-Results: {AUTHSERV}; spf=pass smtp.mailfrom=alice@good.test\r\n").encode() + MESSAGE
 
@@ -71,18 +65,6 @@ def setting(key_files: dict[str, str]) -> Iterator[str]:
     signer = signer_for(text)
     assert signer is not None
     signer.close()
-
-
-def lookup(world: AuthWorld) -> Any:
-    """dkimpy's TXT lookup answered from ``world``'s zones."""
-    def txt(name: bytes, timeout: float = 5) -> bytes | None:
-        records = world.zones.get(name.decode().rstrip(".").lower(), {}).get("TXT")
-        if not records:
-            return None
-        first = records[0]
-        return ("".join(first) if isinstance(first, list) else first).encode()
-
-    return txt
 
 
 def field_names(content: bytes) -> list[bytes]:
@@ -184,7 +166,7 @@ async def test_the_relay_signs_only_its_own_users_mail(world: AuthWorld, setting
     assert signed(relayed) is expected
     assert relayed.endswith(b"\r\n" + MESSAGE)
     if expected:
-        assert dkim.verify(relayed, dnsfunc=lookup(world))
+        assert dkim.verify(relayed, dnsfunc=txt_lookup(world))
 
 
 @pytest_twisted.ensureDeferred
@@ -210,7 +192,7 @@ async def test_the_relay_seals_an_outsiders_checked_mail_without_signing_it(worl
         sealer.close()
     assert field_names(relayed)[:3] == [b"arc-seal", b"arc-message-signature", b"arc-authentication-results"]
     assert not signed(relayed)
-    cv, _, reason = dkim.arc_verify(relayed, dnsfunc=lookup(world))
+    cv, _, reason = dkim.arc_verify(relayed, dnsfunc=txt_lookup(world))
     assert cv == b"pass", reason
 
 
@@ -270,7 +252,7 @@ async def test_the_queue_decides_at_acceptance_keeps_it_in_the_spool_and_signs_a
     by_number = {int(m.data.split(b"Message-ID: <", 1)[1][:1]): m.data for m in store.messages}
     assert [signed(by_number[n]) for n in range(3)] == [True, False, True]
     for n in (0, 2):
-        assert dkim.verify(by_number[n], dnsfunc=lookup(world))
+        assert dkim.verify(by_number[n], dnsfunc=txt_lookup(world))
 
 
 class RecordingSigner:
@@ -349,7 +331,7 @@ def test_a_field_present_twice_is_signed_three_times(world: AuthWorld) -> None:
     h = added.split(b"h=", 1)[1].split(b";", 1)[0].replace(b"\r\n", b"").replace(b" ", b"").replace(b"\t", b"")
     assert h.lower().split(b":").count(b"to") == 3
     assert h.lower().split(b":").count(b"from") == 2
-    txt = lookup(world)
+    txt = txt_lookup(world)
     assert dkim.verify(added + message, dnsfunc=txt)
     assert not dkim.verify(b"To: mallory@example.net\r\n" + added + message, dnsfunc=txt)
 

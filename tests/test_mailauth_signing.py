@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
@@ -30,19 +30,13 @@ from esmtpkit.queue.spool_admin import SpoolAdmin
 from esmtpkit.server.factory import ESMTPFactory
 from esmtpkit.server.policy import Policy
 
-from .authzone import SELECTOR, AuthWorld, Key, auth_zones, dkim_sign, key_files
+from .authzone import OUTBOUND, SELECTOR, AuthWorld, Key, auth_zones, dkim_sign, key_files, txt_lookup
 from .mailnet import PrivateDNS, ScriptedMX, listen_all, stop_all, until
 from .support import RawClient, relay_to_sink, smtp_send
 
 AUTHSERV = "mx.test"
 
-MESSAGE = (b"From: Alice <alice@good.test>\r\n"
-           b"To: bob@example.net\r\n"
-           b"Subject: hello\r\n"
-           b"Date: Sun, 6 Dec 2026 07:00:00 +0000\r\n"
-           b"Message-ID: <1@good.test>\r\n"
-           b"\r\n"
-           b"Hello, Bob.\r\n")
+MESSAGE = OUTBOUND
 
 CHECKED = (f"Authentication-Results: {AUTHSERV}; spf=pass smtp.mailfrom=alice@good.test;\r\n"
            "\tdkim=pass header.d=good.test\r\n").encode() + MESSAGE
@@ -69,18 +63,6 @@ def world() -> AuthWorld:
 def keyfiles(world: AuthWorld, tmp_path: Path) -> dict[str, str]:
     """The private keys of good.test and other.test as PEM files."""
     return key_files(world, tmp_path)
-
-
-def dnsfunc(world: AuthWorld) -> Callable[..., bytes | None]:
-    """dkimpy's TXT lookup answered from ``world``'s zones."""
-    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
-        records = world.zones.get(name.decode().rstrip(".").lower(), {}).get("TXT")
-        if not records:
-            return None
-        first = records[0]
-        return ("".join(first) if isinstance(first, list) else first).encode()
-
-    return lookup
 
 
 def signing_key(world: AuthWorld, domain: str = "good.test") -> SigningKey:
@@ -202,7 +184,7 @@ def test_only_the_fields_named_are_signed(world: AuthWorld, keyfiles: dict[str, 
     assert signer is not None and signer is not signer_for(f"good.test:s1:{keyfiles['good.test']}")
     added = signer.fields(MESSAGE)
     assert sorted(tags(signatures(added)[0])["h"].lower().split(":")) == ["from", "from", "subject", "subject"]
-    lookup = dnsfunc(world)
+    lookup = txt_lookup(world)
     assert dkim.verify(added + MESSAGE, dnsfunc=lookup)
     assert dkim.verify(added + MESSAGE.replace(b"To: ", b"To: eve@example.net, "), dnsfunc=lookup)
     assert not dkim.verify(added + MESSAGE.replace(b"Subject: hello", b"Subject: pay now"), dnsfunc=lookup)
@@ -239,7 +221,7 @@ def test_the_signature_is_by_the_authors_organization(world: AuthWorld, author: 
     added = signer.fields(message)
     [field] = signatures(added)
     assert (tags(field)["d"], tags(field)["s"]) == (domain, SELECTOR)
-    assert dkim.verify(added + message, dnsfunc=dnsfunc(world))
+    assert dkim.verify(added + message, dnsfunc=txt_lookup(world))
 
 
 @pytest.mark.parametrize("author", ["dave@example.net", "eve@notgood.test", "undisclosed-recipients:;"])
@@ -255,7 +237,7 @@ def test_mail_without_from_is_not_signed(world: AuthWorld) -> None:
 
 def test_the_signature_verifies_and_breaks_when_the_body_changes(world: AuthWorld) -> None:
     signed = Signer([signing_key(world)]).fields(MESSAGE) + MESSAGE
-    lookup = dnsfunc(world)
+    lookup = txt_lookup(world)
     assert dkim.verify(signed, dnsfunc=lookup)
     assert not dkim.verify(signed.replace(b"Hello, Bob.", b"Hello, Eve."), dnsfunc=lookup)
     assert not dkim.verify(signed + b"P.S. send money\r\n", dnsfunc=lookup)
@@ -271,7 +253,7 @@ def test_each_signed_field_is_oversigned(world: AuthWorld) -> None:
     for name in ("from", "to", "subject", "date", "message-id", "reply-to"):
         assert signed_fields.count(name) == 2, (name, signed_fields)
     assert "received" not in signed_fields and "cc" not in signed_fields
-    lookup = dnsfunc(world)
+    lookup = txt_lookup(world)
     assert dkim.verify(added + message, dnsfunc=lookup)
     for extra in (b"Subject: pay now\r\n", b"From: ceo@good.test\r\n", b"Cc: everyone@example.net\r\n"):
         if extra.startswith(b"Cc"):
@@ -316,12 +298,12 @@ def test_mail_checked_here_gets_an_arc_set_that_verifies(world: AuthWorld) -> No
     names = [line.split(b":", 1)[0].lower() for line in added.split(b"\r\n") if line and line[:1] not in b" \t"]
     assert names == [b"dkim-signature", b"arc-seal", b"arc-message-signature", b"arc-authentication-results"]
     sealed = added + CHECKED
-    cv, _, reason = dkim.arc_verify(sealed, dnsfunc=dnsfunc(world))
+    cv, _, reason = dkim.arc_verify(sealed, dnsfunc=txt_lookup(world))
     assert cv == b"pass", reason
     [seal] = signatures(added, b"arc-seal")
     assert b"i=1" in seal and b"cv=none" in seal and b"d=other.test" in seal
-    assert dkim.verify(sealed, dnsfunc=dnsfunc(world))
-    cv, _, _ = dkim.arc_verify(sealed.replace(b"Hello, Bob.", b"Hello, Eve."), dnsfunc=dnsfunc(world))
+    assert dkim.verify(sealed, dnsfunc=txt_lookup(world))
+    cv, _, _ = dkim.arc_verify(sealed.replace(b"Hello, Bob.", b"Hello, Eve."), dnsfunc=txt_lookup(world))
     assert cv == b"fail"
 
 
@@ -361,7 +343,7 @@ async def test_prepare_puts_the_fields_on_top_of_the_content(world: AuthWorld) -
     finally:
         signer.close()
     assert signed.endswith(b"\r\n" + MESSAGE) and len(signatures(signed)) == 1
-    assert dkim.verify(signed, dnsfunc=dnsfunc(world))
+    assert dkim.verify(signed, dnsfunc=txt_lookup(world))
     assert len(opened) == 3  # once to sign, once per reading
 
 
@@ -417,8 +399,8 @@ async def test_the_relay_signs_what_it_sends(world: AuthWorld, keyfiles: dict[st
     [field] = signatures(signed.data)
     assert signed.data.startswith(field + b"\r\nReceived: from client.test")
     assert signed.data.endswith(b"\r\n" + MESSAGE)
-    assert dkim.verify(signed.data, dnsfunc=dnsfunc(world))
-    assert not dkim.verify(signed.data.replace(b"Hello, Bob.", b"Hello, Eve."), dnsfunc=dnsfunc(world))
+    assert dkim.verify(signed.data, dnsfunc=txt_lookup(world))
+    assert not dkim.verify(signed.data.replace(b"Hello, Bob.", b"Hello, Eve."), dnsfunc=txt_lookup(world))
     assert signatures(unsigned.data) == [] and unsigned.data.endswith(b"\r\n" + authored("dave@example.net"))
 
 
@@ -499,7 +481,7 @@ async def test_the_queue_signs_each_attempt_and_keeps_the_spool_copy_unsigned(
         assert transaction.content.startswith(b"DKIM-Signature:")
         assert transaction.content.endswith(b"\r\n" + kept.replace(BARE, SENT if body == "data" else BARE))
         assert transaction.mail_params.get("BODY") == ("BINARYMIME" if body == "binarymime" else None)
-        assert dkim.verify(transaction.content, dnsfunc=dnsfunc(world))
+        assert dkim.verify(transaction.content, dnsfunc=txt_lookup(world))
 
 
 
@@ -513,14 +495,14 @@ async def test_the_relay_signs_the_line_ends_it_sends(world: AuthWorld, keyfiles
         relayed = (await relay.store.next_message()).data
     assert replies[-1].startswith(b"250 "), replies
     assert relayed.endswith(b"\r\n" + SENT)
-    assert dkim.verify(relayed, dnsfunc=dnsfunc(world))
+    assert dkim.verify(relayed, dnsfunc=txt_lookup(world))
 
 
 def test_a_binary_body_is_signed_as_it_is(world: AuthWorld) -> None:
     """BODY=BINARYMIME goes without any change to its line ends: so is it signed. Otherwise a bare CR or LF is
     signed as the CRLF the client sends for it."""
     signer = Signer([signing_key(world)])
-    lookup = dnsfunc(world)
+    lookup = txt_lookup(world)
     as_is = signer.fields(BARE, binary=True) + BARE
     assert dkim.verify(as_is, dnsfunc=lookup)
     sent = signer.fields(BARE) + SENT
@@ -539,4 +521,4 @@ async def test_the_relay_signs_binarymime_content_as_it_is(world: AuthWorld, key
     assert relayed.mail_params.get("BODY") == "BINARYMIME"
     [field] = signatures(relayed.data)
     assert relayed.data == field + b"\r\n" + BARE
-    assert dkim.verify(relayed.data, dnsfunc=dnsfunc(world))
+    assert dkim.verify(relayed.data, dnsfunc=txt_lookup(world))
