@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -495,7 +496,8 @@ def test_the_docs_page_example_prints_what_the_page_shows() -> None:
     assert printed.getvalue() == shown.text
 
 
-def test_the_docs_page_command_makes_the_filter_it_describes() -> None:
+def test_the_docs_page_command_makes_the_filter_it_describes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # its handler's Maildir is made where the reader runs the command
     [command] = [b for b in blocks(DOCS / "filters" / "rspamd.md") if b.language == "sh"]
     options = tap.Options()
     options.parseOptions(shlex.split(command.text)[3:])

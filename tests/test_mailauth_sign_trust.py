@@ -37,7 +37,7 @@ from . import authzone
 from .authzone import OUTBOUND, SELECTOR, AuthWorld, auth_zones, txt_lookup
 from .mailnet import until
 from .support import Queue as RunnerQueue
-from .support import QUEUE_CONTENT, RecordingStore, tap_mistake, tap_options
+from .support import QUEUE_CONTENT, tap_mistake, tap_options
 
 AUTHSERV = "mx.test"
 
