@@ -286,3 +286,76 @@ class FilterFrontTests(ScratchPaths, SynchronousTestCase):
 
     def test_a_fold_of_blanks_only_is_dropped(self) -> None:
         self.assertEqual(HeaderEdit("add", "X", "a\n \n\t\n b").line, b"X: a\r\n b\r\n")
+
+    def test_a_client_gone_gets_nothing_delivered_even_when_failures_are_accepted(self) -> None:
+        pending: Deferred[Verdict] = Deferred()
+        store = MessageStore()
+        scripted = Scripted(message=pending)
+        chain = FilterChain([scripted], reactor=Clock(), on_failure="accept")
+        talk = Conversation(FilterFront(Collecting(store), chain), Policy(hostname="mx.test"))
+        talk.write(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n" + CONTENT
+                   + b".\r\n")
+        talk.protocol.transport.loseConnection()
+        self.assertEqual(store.messages, [])
+
+    def test_a_client_gone_calls_off_a_filter_front_behind_another_front(self) -> None:
+        from esmtpkit.handlers.front import Front
+
+        pending: Deferred[Verdict] = Deferred()
+        store = MessageStore()
+        scripted = Scripted(message=pending)
+        inner = FilterFront(Collecting(store), FilterChain([scripted], reactor=Clock(), on_failure="accept"))
+        talk = Conversation(Front(inner, Clock()), Policy(hostname="mx.test"))
+        talk.write(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n" + CONTENT
+                   + b".\r\n")
+        talk.protocol.transport.loseConnection()
+        self.assertTrue(pending.called)  # called off at once, not after its verdict
+        self.assertEqual(store.messages, [])
+        self.assertEqual([s[0] for s in scripted.seen][-1], "close")
+
+    def test_an_edit_after_a_bdat_message_that_ends_inside_a_field(self) -> None:
+        talk, store, _ = self.talk(message=Verdict(edits=(HeaderEdit("add", "X-Spam", "yes"),)))
+        content = b"Subject: hi\r\nFrom: a@x.org"
+        talk.send("EHLO client.test")
+        talk.send("MAIL FROM:<a@example.org>")
+        talk.send("RCPT TO:<b@example.net>")
+        talk.write(b"BDAT %d LAST\r\n" % len(content) + content)
+        self.assertEqual([r.code for r in talk.replies()], [250])
+        self.assertEqual(store.messages[0].data, b"Subject: hi\r\nFrom: a@x.org\r\nX-Spam: yes\r\n\r\n")
+
+    def test_xclient_starts_the_filters_over_for_the_client_it_names(self) -> None:
+        from esmtpkit.core.xclient import XClient
+
+        seen: list[Any] = []
+
+        @implementer(IFilter)
+        class ByAddress:
+            name, timeout, on_failure = "by-address", None, None
+
+            def start(self, session: Any) -> Any:
+                class One(FilterSession):
+                    def connect(self) -> Any:
+                        seen.append(("connect", session.peer_ip))
+                        return Verdict(Action.ACCEPT) if session.peer_ip == "127.0.0.1" else CONTINUE
+
+                    def message(self, message: Any) -> Any:
+                        seen.append(("message", session.peer_ip))
+                        return Verdict(Action.REJECT)
+
+                    def close(self) -> None:
+                        seen.append(("close", session.peer_ip))
+
+                return One(session)
+
+        store = MessageStore()
+        front = FilterFront(Collecting(store), FilterChain([ByAddress()], reactor=Clock()))
+        talk = Conversation(front, Policy(hostname="mx.test", extensions=(XClient(),),
+                                          trusted_networks=("127.0.0.0/8",)))
+        self.addCleanup(talk.protocol.transport.loseConnection)
+        talk.send("EHLO proxy.test")
+        self.assertEqual(talk.send("XCLIENT ADDR=203.0.113.9").code, 220)
+        reply = talk.message("a@example.org", ["b@example.net"], CONTENT, ehlo="client.example")
+        self.assertEqual(reply.code, 550)
+        self.assertEqual(store.messages, [])
+        self.assertEqual(seen, [("connect", "127.0.0.1"), ("close", "203.0.113.9"), ("connect", "203.0.113.9"),
+                                ("message", "203.0.113.9")])

@@ -85,12 +85,22 @@ class _Member:
     closed: bool = False
 
 
+def _expected(error: Exception) -> bool:
+    """Whether ``error`` is a filter's ordinary trouble (down, slow, a broken answer), not a bug to trace."""
+    if isinstance(error, TimeoutError):
+        return True
+    module = type(error).__module__
+    return module.startswith(("twisted.internet.error", "twisted.web", "esmtpkit.filters", "twisted.internet.defer"))
+
+
 class ChainSession:
     """Runs the chain's stages for one connection; see the module docstring."""
 
     def __init__(self, chain: FilterChain, session: Session) -> None:
         self.chain = chain
         self.session = session
+        #: Set by `close`: the connection ended.
+        self.closed = False
         self.members = [_Member(f, f.start(session), f.timeout or chain.timeout,
                                 f.on_failure or chain.on_failure, bool(getattr(f, "stateless", False)))
                         for f in chain.filters]
@@ -101,6 +111,8 @@ class ChainSession:
         edits: list[HeaderEdit] = []
         quarantine: Verdict | None = None
         for member in self.members:
+            if self.closed:
+                break  # called off (the connection ended): no filter after it is asked
             if member.accepted or member.done:
                 continue
             verdict = await self._ask(member, stage, args)
@@ -136,7 +148,11 @@ class ChainSession:
                     self._close(member)
                 verdict = self._failed(member, "called off: the client went away")
             except Exception as e:
-                self.chain.log.failure("filter {name} failed at {stage}", name=name, stage=stage)
+                if _expected(e):  # the documented outcomes of a filter that is down or slow: one line
+                    self.chain.log.warn("filter {name} failed at {stage}: {error}", name=name, stage=stage,
+                                        error=f"{type(e).__name__}: {e}"[:300])
+                else:
+                    self.chain.log.failure("filter {name} failed at {stage}", name=name, stage=stage)
                 if not member.stateless:
                     member.broken = True
                     self._close(member)
@@ -162,7 +178,8 @@ class ChainSession:
                     self.chain.log.failure("filter {name} failed to reset", name=member.filter.name)
 
     def close(self) -> None:
-        """The connection ended: every filter releases what it holds."""
+        """The connection ended: every filter releases what it holds, and no stage asks any more."""
+        self.closed = True
         for member in self.members:
             self._close(member)
 

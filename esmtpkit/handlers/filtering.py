@@ -71,22 +71,44 @@ class FilterFront(Front):
         self._quarantine: str | None = None
         self._open = False  # the filters have seen MAIL of a transaction not yet ended
         self._refused = False  # a filter refused the client at HELO: nothing more is taken
+        self._client: Any = None  # who the filters were told connected (peer, name, login)
         self._deciding: Deferred[Decision] | None = None
 
     # ---- the conversation ---------------------------------------------------------------------------------------
 
     def connect(self, session: Session) -> Any:
         self.session = session
-        self.filters = self.chain.start(session)
 
         async def run() -> Any:
-            verdict = await self.filters.stage("connect")  # type: ignore[union-attr]
-            refusal = self._connection_verdict(verdict)
+            refusal = await self._connected()
             if refusal is not None:
                 return refusal
             return await _settled(self.behind.connect(session))
 
         return Deferred.fromCoroutine(run())
+
+    async def _connected(self) -> Reply | None:
+        """A new chain session for the client the session names, and its connect stage: the refusal, if any."""
+        session = self.session
+        self._client = (session.peer, session.client_name, session.authenticated)  # type: ignore[union-attr]
+        self.filters = self.chain.start(session)  # type: ignore[arg-type]
+        verdict = await self.filters.stage("connect")
+        return self._connection_verdict(verdict)
+
+    async def _client_replaced(self) -> Reply | None:
+        """XCLIENT named another client (the session's peer, name or login changed since connect): what the
+        filters said of the proxy does not hold for it, so they start over, with this client's connect stage."""
+        session = self.session
+        if (session.peer, session.client_name, session.authenticated) == self._client:  # type: ignore[union-attr]
+            return None
+        if self.filters is not None:
+            self.filters.close()
+        self._discard_all, self._quarantine_all, self._refused = False, None, False
+        refusal = await self._connected()
+        if refusal is not None:
+            self._refused = True  # as after a refused HELO: every later command is refused
+            return SERVICE_REFUSED if refusal.code != 421 else refusal
+        return None
 
     def _connection_verdict(self, verdict: Verdict) -> Reply | None:
         """A verdict at connect or HELO: the reply that refuses, else None (DISCARD and QUARANTINE then hold for
@@ -113,6 +135,9 @@ class FilterFront(Front):
             return SERVICE_REFUSED
 
         async def run() -> Any:
+            replaced = await self._client_replaced()
+            if replaced is not None:
+                return replaced
             verdict = await self.filters.stage("helo", domain)  # type: ignore[union-attr]
             if verdict.action is Action.TEMPFAIL:
                 return CONNECTION_DEFERRED  # 421: the connection closes (a new HELO name would not change it)
@@ -169,9 +194,10 @@ class FilterFront(Front):
         self._end_transaction()
 
     def connection_lost(self) -> None:
+        self.lost = True  # first: a cancelled decision must find the message going no further (see Front)
         deciding, self._deciding = self._deciding, None
         if deciding is not None:
-            deciding.cancel()  # no filter need go on with a message that goes no further (see Front)
+            deciding.cancel()
         self._end_transaction()
         if self.filters is not None:
             self.filters.close()

@@ -230,6 +230,8 @@ class _Remover:
         if plan is None:
             return
         tail = plan.tail()
+        if tail and out and not out.endswith(b"\r\n"):
+            out += b"\r\n"  # the content ended inside its last field (BDAT need not end in CRLF)
         out += tail
         if tail and ending != b"\r\n":
             out += b"\r\n"
@@ -321,6 +323,7 @@ class Front:
         #: The connection has ended (`connection_lost`).
         self.lost = False
         self._ending = False
+        self._told_lost = False
         if ILMTPHandler.providedBy(behind):
             alsoProvides(self, ILMTPHandler)
 
@@ -381,10 +384,13 @@ class Front:
         being decided or passed on, only once that has stopped (the message then goes no further: the client
         never heard it was taken, so it will send it again)."""
         self.lost = True
-        if not self._ending:
-            self._tell_lost()
+        if not self._ending or isinstance(self.behind, Front):
+            self._tell_lost()  # a front behind holds its own handler back the same way, and calls off its work now
 
     def _tell_lost(self) -> None:
+        if self._told_lost:
+            return
+        self._told_lost = True
         lost = getattr(self.behind, "connection_lost", None)
         if lost is not None:
             lost()
