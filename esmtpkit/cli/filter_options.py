@@ -9,17 +9,9 @@ from typing import Any
 
 from twisted.python import usage
 
+from esmtpkit.cli.mailauth_options import finite_seconds
+
 __all__ = ["FilterOptions", "build_filters"]
-
-
-def _seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise usage.UsageError(f"--filter-timeout takes seconds, not {value!r}") from None
-    if not 0 < number < float("inf"):
-        raise usage.UsageError(f"--filter-timeout takes a finite number of seconds above 0, not {value!r}")
-    return number
 
 
 def _failure(value: str) -> str:
@@ -33,7 +25,7 @@ class FilterOptions(usage.Options):
 
     optParameters = [
         ["filter-timeout", None, 60.0, "Seconds a filter may take to answer one stage (connect, HELO, MAIL, RCPT, "
-         "the message) before it counts as failed.", _seconds],
+         "the message) before it counts as failed.", finite_seconds("filter-timeout")],
         ["filter-failure", None, "tempfail", "What a filter that is down, fails or takes too long counts as: "
          "tempfail (451 4.7.1: the client tries again later) or accept (the message goes on unfiltered by it).",
          _failure],

@@ -8,7 +8,7 @@ what they may refuse, which DNS servers they ask, and the keys the Queue and Rel
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Callable
 
 from twisted.python import usage
 
@@ -22,15 +22,19 @@ __all__ = ["MailAuthOptions", "build_mail_auth", "check_mail_auth", "SIGNING_KWA
 SIGNING_KWARGS = ("dkim_sign", "dkim_headers", "dkim_sign_from", "arc_seal", "authserv_id")
 
 
-def _seconds(value: str) -> float:
-    """A usage error of its own, not twistd's "Parameter type enforcement failed" prefix (as ``tap``'s do)."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise usage.UsageError(f"--dns-timeout takes seconds, not {value!r}") from None
-    if not 0 < number < float("inf"):
-        raise usage.UsageError(f"--dns-timeout takes a finite number of seconds above 0, not {value!r}")
-    return number
+def finite_seconds(option: str) -> Callable[[str], float]:
+    """The parser of ``--OPTION SECONDS``, a finite number above 0, with a usage error of its own (not twistd's
+    "Parameter type enforcement failed" prefix)."""
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise usage.UsageError(f"--{option} takes seconds, not {value!r}") from None
+        if not 0 < number < float("inf"):
+            raise usage.UsageError(f"--{option} takes a finite number of seconds above 0, not {value!r}")
+        return number
+
+    return parse
 
 
 class MailAuthOptions(usage.Options):
@@ -46,7 +50,7 @@ class MailAuthOptions(usage.Options):
         ["authserv-id", None, None, "The name this server gives in Authentication-Results fields (default: "
          "--hostname, or this host's FQDN)."],
         ["dns-timeout", None, 4.0, "Seconds a DNS query of the checks may take before it is a temperror.",
-         _seconds],
+         finite_seconds("dns-timeout")],
         ["dkim-headers", None, None, "With --dkim-sign: the header fields to sign, as NAME:NAME:... (From always; "
          "default: From, Reply-To, Subject, Date, To, Cc, Message-ID and the other fields RFC 6376 recommends)."],
         ["dkim-sign-from", None, None, "With --dkim-sign: NETWORKS, comma-separated IPs and CIDRs of the clients "
